@@ -1,0 +1,664 @@
+//! Configuration: the TOML file, the environment and the flags, merged and validated once.
+//!
+//! Two layers. The raw layer is the file as a TOML table read key by key by [`FileValues`], which
+//! remembers which keys it was asked for so that every other key is reported as unknown. The
+//! validated layer is [`Config`]: plain types that cannot hold an invalid value. [`load`] merges
+//! flags (and clap's environment variables) over the file over the defaults and collects *every*
+//! mistake into [`ConfigErrors`] before anything starts, each naming its key and where it came from.
+//!
+//! A hand-rolled table reader is used instead of `#[serde(deny_unknown_fields)]` structs because
+//! serde stops at the first mistake; an operator fixing a unit file wants all of them at once.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::{LogFormat, ProxyArgs, RestartPolicy, ServeArgs};
+
+/// Everything the gateway needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file the settings were read from, if any (for messages).
+    pub file: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub proxy: ProxyConfig,
+    pub health: HealthConfig,
+    pub drain_timeout: Duration,
+    pub log: LogConfig,
+    pub metrics_merge_upstream: bool,
+    /// Present only for `gateway serve`.
+    pub serve: Option<ServeConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme and authority (and any path prefix), without a trailing slash or `/v1`.
+    pub base: String,
+    pub api_key: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Keys clients must present; empty means the gateway does not check.
+    pub api_keys: Vec<Secret>,
+    pub max_body_bytes: u64,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    /// `None` leaves CORS off: no CORS headers are added and none are stripped.
+    pub cors: Option<Cors>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cors {
+    AnyOrigin,
+    Origins(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model: String,
+    pub vllm_bin: String,
+    /// Never 0 once [`Config::resolve_vllm_port`] ran.
+    pub vllm_port: u16,
+    pub vllm_args: Vec<String>,
+    pub child_env: Vec<(String, String)>,
+    pub restart: RestartPolicy,
+    pub backoff: BackoffConfig,
+    pub restart_prevent_exit_codes: Vec<i32>,
+    pub startup_poll_interval: Duration,
+    pub startup_timeout: Duration,
+    pub health_failures: u32,
+    pub ready_wait_timeout: Duration,
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BackoffConfig {
+    pub delay: Duration,
+    pub max_delay: Duration,
+    pub reset_after: Duration,
+    pub max_restarts: u32,
+}
+
+/// A credential. Its `Debug` never shows the value, so it cannot leak through a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// What `load` is validating for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Standalone,
+    Serve,
+    /// `gateway config check`: every key is checked, but keys that depend on the mode
+    /// (`llm_api_base`, `model`) may be missing.
+    Check,
+}
+
+/// One mistake in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `Some(file)` when the value came from the file; `None` for flags and the environment.
+    pub file: Option<PathBuf>,
+    pub key: String,
+    pub message: String,
+}
+
+/// Every mistake found, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("\n")?;
+            }
+            match &error.file {
+                Some(file) => write!(f, "{}: key `{}`: {}", file.display(), error.key, error.message)?,
+                None => write!(f, "`{}`: {}", error.key, error.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+pub const DEFAULT_PORT: u16 = 9000;
+pub const DEFAULT_VLLM_PORT: u16 = 8000;
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Merges flags over the environment over the file over the defaults and validates the result.
+///
+/// `env` looks up environment variables; main passes `std::env::var`, tests pass a map.
+pub fn load(
+    proxy_args: &ProxyArgs,
+    serve_args: Option<&ServeArgs>,
+    mode: Mode,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut file = match &proxy_args.config {
+        Some(path) => FileValues::read(path).map_err(|error| ConfigErrors(vec![error]))?,
+        None => FileValues::empty(),
+    };
+    let default_serve = ServeArgs::default();
+    let serve_args = serve_args.unwrap_or(&default_serve);
+    let a = proxy_args;
+
+    // Every file key is read before anything is decided, so that each one is validated even
+    // when a flag overrides it.
+    let llm_api_base = a.llm_api_base.clone().or(file.string("llm_api_base"));
+    let host = a.host.clone().or(file.string("host")).unwrap_or_else(|| "0.0.0.0".into());
+    let port = a.port.or(file.integer("port")).unwrap_or(DEFAULT_PORT);
+    let upstream_api_key = a
+        .upstream_api_key
+        .clone()
+        .or_else(|| env("GATEWAY_UPSTREAM_API_KEY"))
+        .or_else(|| env("OPENAI_API_KEY"))
+        .or_else(|| env("VLLM_API_KEY"))
+        .or(file.string("upstream_api_key"))
+        .filter(|key| !key.is_empty());
+    let file_api_keys = file.string_list("api_keys");
+    let api_keys = if a.api_keys.is_empty() { file_api_keys.unwrap_or_default() } else { a.api_keys.clone() };
+    let file_origins = file.string_list("cors_allowed_origins");
+    let origins =
+        if a.cors_allowed_origins.is_empty() { file_origins.unwrap_or_default() } else { a.cors_allowed_origins.clone() };
+    let connect_timeout = a.connect_timeout.or(file.duration("connect_timeout")).unwrap_or(secs(10));
+    let request_timeout = a.request_timeout.or(file.duration("request_timeout")).unwrap_or(secs(600));
+    let first_byte_timeout = a.first_byte_timeout.or(file.duration("first_byte_timeout")).unwrap_or(secs(600));
+    let stream_idle_timeout = a.stream_idle_timeout.or(file.duration("stream_idle_timeout")).unwrap_or(secs(300));
+    let pool_idle_timeout = a.pool_idle_timeout.or(file.duration("pool_idle_timeout")).unwrap_or(secs(4));
+    let max_body_bytes = a.max_body_bytes.or(file.integer("max_body_bytes")).unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let drain_timeout = a.drain_timeout.or(file.duration("drain_timeout")).unwrap_or(secs(30));
+    let health_interval = a.health_interval.or(file.duration("health_interval")).unwrap_or(secs(5));
+    let health_timeout = a.health_timeout.or(file.duration("health_timeout")).unwrap_or(secs(5));
+    let log_level = a.log_level.clone().or(file.string("log_level")).unwrap_or_else(|| "info".into());
+    let log_format = a.log_format.or(file.parsed("log_format", "one of auto, text, json, journald", parse_log_format));
+    let access_log = a.access_log.or(file.boolean("access_log")).unwrap_or(true);
+    let metrics_merge_upstream = a.metrics_merge_upstream.or(file.boolean("metrics_merge_upstream")).unwrap_or(false);
+
+    let s = serve_args;
+    let model = s.model.clone().or(file.string("model"));
+    let vllm_bin = s.vllm_bin.clone().or(file.string("vllm_bin")).unwrap_or_else(|| "vllm".into());
+    let vllm_port = s.vllm_port.or(file.integer("vllm_port")).unwrap_or(DEFAULT_VLLM_PORT);
+    let file_vllm_args = file.string_list("vllm_args");
+    let vllm_args = if s.vllm_args.is_empty() { file_vllm_args.unwrap_or_default() } else { s.vllm_args.clone() };
+    let file_child_env = file.string_list("child_env");
+    let child_env = if s.child_env.is_empty() { file_child_env.unwrap_or_default() } else { s.child_env.clone() };
+    let restart = s.restart.or(file.parsed("restart", "one of no, on-failure, always", parse_restart));
+    let restart_delay = s.restart_delay.or(file.duration("restart_delay")).unwrap_or(secs(1));
+    let restart_max_delay = s.restart_max_delay.or(file.duration("restart_max_delay")).unwrap_or(secs(60));
+    let restart_reset_after = s.restart_reset_after.or(file.duration("restart_reset_after")).unwrap_or(secs(300));
+    let max_restarts = s.max_restarts.or(file.integer("max_restarts")).unwrap_or(5);
+    let file_prevent = file.integer_list("restart_prevent_exit_codes");
+    let restart_prevent_exit_codes = if s.restart_prevent_exit_codes.is_empty() {
+        file_prevent.unwrap_or_default()
+    } else {
+        s.restart_prevent_exit_codes.clone()
+    };
+    let startup_poll_interval =
+        s.startup_poll_interval.or(file.duration("startup_poll_interval")).unwrap_or(Duration::from_millis(500));
+    let startup_timeout = s.startup_timeout.or(file.duration("startup_timeout")).unwrap_or(secs(1800));
+    let health_failures = s.health_failures.or(file.integer("health_failures")).unwrap_or(3);
+    let ready_wait_timeout = s.ready_wait_timeout.or(file.duration("ready_wait_timeout")).unwrap_or(secs(30));
+    let stop_timeout = s.stop_timeout.or(file.duration("stop_timeout")).unwrap_or(secs(30));
+
+    errors.append(&mut file.finish());
+    let file_path = file.path.clone();
+    let mut error = |key: &str, message: String| {
+        // A value is blamed on the file only when no flag or variable could have supplied it;
+        // that is imprecise for overridden keys, but those were valid enough to parse.
+        errors.push(ConfigError { file: file_path.clone(), key: key.into(), message });
+    };
+
+    let ip: Option<IpAddr> = match host.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            error("host", format!("expected an IP address such as 0.0.0.0 or ::1, got {host:?}"));
+            None
+        }
+    };
+    let base = match (mode, &llm_api_base) {
+        (Mode::Serve, Some(_)) => {
+            error("llm_api_base", "cannot be used with `serve`: the gateway proxies to the vLLM it starts".into());
+            None
+        }
+        (Mode::Serve, None) => Some(format!("http://127.0.0.1:{vllm_port}")),
+        (_, Some(url)) => match normalise_base_url(url) {
+            Ok(base) => Some(base),
+            Err(message) => {
+                error("llm_api_base", message);
+                None
+            }
+        },
+        (Mode::Standalone, None) => {
+            error("llm_api_base", "is required: pass --llm-api-base http://127.0.0.1:8000, or use `gateway serve`".into());
+            None
+        }
+        (Mode::Check, None) => Some(String::new()),
+    };
+    if mode == Mode::Serve && model.as_deref().is_none_or(str::is_empty) {
+        error("model", "is required: `gateway serve <MODEL>` or `model = \"...\"` in the config file".into());
+    }
+    let cors = if origins.is_empty() {
+        None
+    } else if origins.iter().any(|origin| origin == "*") {
+        Some(Cors::AnyOrigin)
+    } else {
+        for origin in &origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) || http::HeaderValue::from_str(origin).is_err() {
+                error("cors_allowed_origins", format!("expected origins like \"https://app.example\" or \"*\", got {origin:?}"));
+            }
+        }
+        Some(Cors::Origins(origins))
+    };
+    let mut api_key_secrets = Vec::with_capacity(api_keys.len());
+    for key in api_keys {
+        if key.is_empty() || http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
+            error("api_keys", "every key must be non-empty printable ASCII".into());
+        } else {
+            api_key_secrets.push(Secret(key));
+        }
+    }
+    if let Some(key) = &upstream_api_key {
+        if http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
+            error("upstream_api_key", "must be printable ASCII".into());
+        }
+    }
+    for (key, value) in [
+        ("connect_timeout", connect_timeout),
+        ("request_timeout", request_timeout),
+        ("first_byte_timeout", first_byte_timeout),
+        ("stream_idle_timeout", stream_idle_timeout),
+        ("health_interval", health_interval),
+        ("health_timeout", health_timeout),
+        ("startup_poll_interval", startup_poll_interval),
+        ("startup_timeout", startup_timeout),
+        ("restart_max_delay", restart_max_delay),
+        ("pool_idle_timeout", pool_idle_timeout),
+    ] {
+        if value.is_zero() {
+            error(key, "must be greater than zero".into());
+        }
+    }
+    if max_body_bytes == 0 {
+        error("max_body_bytes", "must be greater than zero".into());
+    }
+    if restart_delay > restart_max_delay {
+        error("restart_delay", format!("must not exceed restart_max_delay ({})", humantime::format_duration(restart_max_delay)));
+    }
+    if health_failures == 0 {
+        error("health_failures", "must be at least 1".into());
+    }
+    if log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        error("log_level", format!("expected a level or filter such as \"info\" or \"gateway=debug\", got {log_level:?}"));
+    }
+    let mut child_env_pairs = Vec::with_capacity(child_env.len());
+    for pair in &child_env {
+        match pair.split_once('=') {
+            Some((name, value)) if !name.is_empty() && !name.contains('\0') && !value.contains('\0') => {
+                child_env_pairs.push((name.to_string(), value.to_string()));
+            }
+            _ => error("child_env", format!("expected K=V, got {pair:?}")),
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let (Some(ip), Some(base)) = (ip, base) else {
+        unreachable!("every None above pushed an error")
+    };
+    let serve = (mode == Mode::Serve).then(|| ServeConfig {
+        model: model.unwrap_or_default(),
+        vllm_bin,
+        vllm_port,
+        vllm_args,
+        child_env: child_env_pairs,
+        restart: restart.unwrap_or(RestartPolicy::OnFailure),
+        backoff: BackoffConfig {
+            delay: restart_delay,
+            max_delay: restart_max_delay,
+            reset_after: restart_reset_after,
+            max_restarts,
+        },
+        restart_prevent_exit_codes,
+        startup_poll_interval,
+        startup_timeout,
+        health_failures,
+        ready_wait_timeout,
+        stop_timeout,
+    });
+    Ok(Config {
+        file: file.path,
+        listen: SocketAddr::new(ip, port),
+        upstream: UpstreamConfig { base, api_key: upstream_api_key.map(Secret) },
+        proxy: ProxyConfig {
+            api_keys: api_key_secrets,
+            max_body_bytes,
+            connect_timeout,
+            request_timeout,
+            first_byte_timeout,
+            stream_idle_timeout,
+            pool_idle_timeout,
+            cors,
+        },
+        health: HealthConfig { interval: health_interval, timeout: health_timeout },
+        drain_timeout,
+        log: LogConfig { level: log_level, format: log_format.unwrap_or(LogFormat::Auto), access_log },
+        metrics_merge_upstream,
+        serve,
+    })
+}
+
+impl Config {
+    /// For `--vllm-port 0`: asks the kernel for a free loopback port and points the upstream at it.
+    pub fn resolve_vllm_port(&mut self) -> std::io::Result<()> {
+        let Some(serve) = &mut self.serve else { return Ok(()) };
+        if serve.vllm_port == 0 {
+            let probe = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            serve.vllm_port = probe.local_addr()?.port();
+            self.upstream.base = format!("http://127.0.0.1:{}", serve.vllm_port);
+        }
+        Ok(())
+    }
+}
+
+/// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
+fn normalise_base_url(url: &str) -> Result<String, String> {
+    let expected = "expected an http:// or https:// URL such as http://127.0.0.1:8000";
+    let uri: http::Uri = url.parse().map_err(|_| format!("{expected}, got {url:?}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("{expected}, got {url:?}")),
+    }
+    if uri.authority().is_none() || uri.query().is_some() {
+        return Err(format!("{expected}, got {url:?}"));
+    }
+    let mut base = url.trim_end_matches('/');
+    if let Some(stripped) = base.strip_suffix("/v1") {
+        base = stripped;
+    }
+    Ok(base.trim_end_matches('/').to_string())
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn parse_log_format(text: &str) -> Option<LogFormat> {
+    clap::ValueEnum::from_str(text, false).ok()
+}
+
+fn parse_restart(text: &str) -> Option<RestartPolicy> {
+    clap::ValueEnum::from_str(text, false).ok()
+}
+
+/// The raw layer: the config file's table, read one typed key at a time.
+struct FileValues {
+    path: Option<PathBuf>,
+    table: toml::Table,
+    /// Keys asked for so far; whatever else the table holds is unknown.
+    known: BTreeSet<&'static str>,
+    errors: Vec<ConfigError>,
+}
+
+impl FileValues {
+    fn empty() -> Self {
+        FileValues { path: None, table: toml::Table::new(), known: BTreeSet::new(), errors: Vec::new() }
+    }
+
+    fn read(path: &Path) -> Result<Self, ConfigError> {
+        let whole_file = |message: String| ConfigError { file: Some(path.to_path_buf()), key: "(file)".into(), message };
+        let text = std::fs::read_to_string(path).map_err(|err| whole_file(format!("cannot read the file: {err}")))?;
+        let table: toml::Table =
+            text.parse().map_err(|err: toml::de::Error| whole_file(format!("not valid TOML: {}", err.message())))?;
+        Ok(FileValues { path: Some(path.to_path_buf()), table, known: BTreeSet::new(), errors: Vec::new() })
+    }
+
+    fn take(&mut self, key: &'static str) -> Option<toml::Value> {
+        self.known.insert(key);
+        self.table.get(key).cloned()
+    }
+
+    fn mistake(&mut self, key: &str, expected: &str, found: &toml::Value) {
+        let found = match found {
+            toml::Value::String(text) => format!("{text:?}"),
+            other => other.to_string(),
+        };
+        self.errors.push(ConfigError {
+            file: self.path.clone(),
+            key: key.into(),
+            message: format!("expected {expected}, found {found}"),
+        });
+    }
+
+    fn string(&mut self, key: &'static str) -> Option<String> {
+        match self.take(key)? {
+            toml::Value::String(text) => Some(text),
+            other => {
+                self.mistake(key, "a string", &other);
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &'static str) -> Option<bool> {
+        match self.take(key)? {
+            toml::Value::Boolean(value) => Some(value),
+            other => {
+                self.mistake(key, "true or false", &other);
+                None
+            }
+        }
+    }
+
+    fn integer<T: FileInteger>(&mut self, key: &'static str) -> Option<T> {
+        let value = self.take(key)?;
+        let expected = format!("an integer from 0 to {}", T::MAX);
+        match value {
+            toml::Value::Integer(number) => match T::try_from(number) {
+                Ok(converted) if number >= 0 => Some(converted),
+                _ => {
+                    self.mistake(key, &expected, &value);
+                    None
+                }
+            },
+            other => {
+                self.mistake(key, &expected, &other);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &'static str) -> Option<Duration> {
+        let value = self.take(key)?;
+        let parsed = match &value {
+            toml::Value::String(text) => crate::cli::parse_duration(text).ok(),
+            _ => None,
+        };
+        if parsed.is_none() {
+            self.mistake(key, "a duration string like \"500ms\", \"30s\" or \"10m\"", &value);
+        }
+        parsed
+    }
+
+    fn parsed<T>(&mut self, key: &'static str, expected: &str, parse: fn(&str) -> Option<T>) -> Option<T> {
+        let value = self.take(key)?;
+        let parsed = value.as_str().and_then(parse);
+        if parsed.is_none() {
+            self.mistake(key, expected, &value);
+        }
+        parsed
+    }
+
+    fn string_list(&mut self, key: &'static str) -> Option<Vec<String>> {
+        let value = self.take(key)?;
+        let list = value.as_array().and_then(|items| {
+            items.iter().map(|item| item.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+        });
+        if list.is_none() {
+            self.mistake(key, "an array of strings", &value);
+        }
+        list
+    }
+
+    fn integer_list(&mut self, key: &'static str) -> Option<Vec<i32>> {
+        let value = self.take(key)?;
+        let list = value.as_array().and_then(|items| {
+            items
+                .iter()
+                .map(|item| item.as_integer().and_then(|number| i32::try_from(number).ok()))
+                .collect::<Option<Vec<_>>>()
+        });
+        if list.is_none() {
+            self.mistake(key, "an array of integers", &value);
+        }
+        list
+    }
+
+    /// Reports every key nobody asked for.
+    fn finish(&mut self) -> Vec<ConfigError> {
+        let mut errors = std::mem::take(&mut self.errors);
+        for key in self.table.keys() {
+            if !self.known.contains(key.as_str()) {
+                errors.push(ConfigError {
+                    file: self.path.clone(),
+                    key: key.clone(),
+                    message: "unknown key (see config.example.toml for the keys there are)".into(),
+                });
+            }
+        }
+        errors
+    }
+}
+
+/// The unsigned integer types a file key can hold, with their bound for messages.
+trait FileInteger: TryFrom<i64> {
+    const MAX: u64;
+}
+
+impl FileInteger for u16 {
+    const MAX: u64 = u16::MAX as u64;
+}
+
+impl FileInteger for u32 {
+    const MAX: u64 = u32::MAX as u64;
+}
+
+impl FileInteger for u64 {
+    const MAX: u64 = i64::MAX as u64;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load_file(text: &str, mode: Mode) -> Result<Config, ConfigErrors> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).expect("write");
+        let args = ProxyArgs { config: Some(path), ..ProxyArgs::default() };
+        load(&args, None, mode, &no_env)
+    }
+
+    #[test]
+    fn config_example_parses_with_every_key_documented() {
+        let text = include_str!("../config.example.toml");
+        // The example keeps keys commented out at their defaults; uncommenting every one must
+        // still be a valid file.
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = load_file(&uncommented, Mode::Check).expect("the example is valid");
+        assert_eq!(config.listen.port(), DEFAULT_PORT);
+        assert_eq!(config.proxy.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn every_mistake_is_reported_at_once_with_key_and_file() {
+        let err = load_file("port = \"x\"\nconnect_timeout = \"soon\"\nbogus = 1\n", Mode::Check).expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(text.contains("key `port`: expected an integer from 0 to 65535"), "{text}");
+        assert!(text.contains("key `connect_timeout`: expected a duration"), "{text}");
+        assert!(text.contains("key `bogus`: unknown key"), "{text}");
+        assert!(text.contains("gateway.toml"), "{text}");
+    }
+
+    #[test]
+    fn trailing_v1_on_the_base_url_is_normalised() {
+        assert_eq!(normalise_base_url("http://127.0.0.1:8000/v1/").as_deref(), Ok("http://127.0.0.1:8000"));
+        assert_eq!(normalise_base_url("https://h/prefix/v1").as_deref(), Ok("https://h/prefix"));
+        assert!(normalise_base_url("127.0.0.1:8000").is_err());
+        assert!(normalise_base_url("ftp://h").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_environment_keys_and_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, "llm_api_base = \"http://a:1\"\nport = 1111\nupstream_api_key = \"file-key\"\n").expect("write");
+        let args = ProxyArgs { config: Some(path), port: Some(2222), ..ProxyArgs::default() };
+        let env: HashMap<&str, &str> = HashMap::from([("VLLM_API_KEY", "env-key")]);
+        let config = load(&args, None, Mode::Standalone, &|name| env.get(name).map(|v| v.to_string())).expect("valid");
+        assert_eq!(config.listen.port(), 2222);
+        assert_eq!(config.upstream.api_key.as_ref().map(Secret::expose), Some("env-key"));
+        assert_eq!(config.upstream.base, "http://a:1");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = load_file("llm_api_base = \"http://a:1\"\nupstream_api_key = \"sk-topsecret\"\n", Mode::Standalone)
+            .expect("valid");
+        assert!(!format!("{config:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn serve_requires_a_model_and_rejects_a_base_url() {
+        let err = load_file("llm_api_base = \"http://a:1\"\n", Mode::Serve).expect_err("invalid");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["llm_api_base", "model"]);
+    }
+}

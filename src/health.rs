@@ -1,0 +1,118 @@
+//! Health in both directions: the endpoints the gateway answers for orchestrators
+//! (`/livez`, `/readyz`, `/health`, `/metrics`), the upstream `/health` probe, and the poller that
+//! keeps the standalone [`UpstreamStatus`] current.
+//!
+//! Probes use their own client that never reuses a connection: a pooled connection that the
+//! upstream closed while idle would otherwise fail the next probe and make readiness flap.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthConfig;
+use crate::proxy::AppState;
+use crate::status::{ExternalHealth, Probe, UpstreamStatus};
+
+/// 200 while the process serves (and, under `serve`, while the supervisor loop runs: it publishes
+/// `Exited` when it stops).
+pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
+    let status = state.status.borrow().clone();
+    let ready = status.is_ready(state.probe_freshness) && !state.draining.is_cancelled();
+    let mut report = status.report(ready, state.draining.is_cancelled());
+    let alive = match &status {
+        UpstreamStatus::Child(child) => !matches!(child.state, crate::supervisor::state::ChildState::Exited { .. }),
+        UpstreamStatus::External(_) => true,
+    };
+    report.status = if alive { "alive" } else { "dead" };
+    let code = if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(report)).into_response()
+}
+
+/// 200 when the upstream is ready to serve and the gateway is not draining, else 503.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let draining = state.draining.is_cancelled();
+    let status = state.status.borrow().clone();
+    let ready = !draining && status.is_ready(state.probe_freshness);
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(status.report(ready, draining))).into_response()
+}
+
+/// Prometheus text exposition, optionally followed by the upstream's own metrics.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response();
+    };
+    let mut body = handle.render();
+    if state.metrics_merge_upstream {
+        let url = format!("{}/metrics", state.upstream_base);
+        match state.client.get(url).timeout(Duration::from_secs(5)).send().await {
+            Ok(response) if response.status().is_success() => {
+                if let Ok(text) = response.text().await {
+                    if !body.ends_with('\n') {
+                        body.push('\n');
+                    }
+                    body.push_str(&text);
+                }
+            }
+            Ok(response) => tracing::debug!(status = %response.status(), "upstream /metrics failed"),
+            Err(error) => tracing::debug!(error = %error, "upstream /metrics failed"),
+        }
+    }
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// A client for probes: no pooling, so every probe opens a fresh connection.
+pub fn probe_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .http1_only()
+        .build()
+        .expect("a client without TLS or proxies always builds")
+}
+
+/// One GET of `{base}/health`; Ok when it answers 200 within `timeout`.
+pub async fn probe(client: &reqwest::Client, base: &str, timeout: Duration) -> Result<(), String> {
+    let url = format!("{base}/health");
+    match client.get(&url).timeout(timeout).send().await {
+        Ok(response) if response.status() == StatusCode::OK => Ok(()),
+        Ok(response) => Err(format!("upstream /health answered {}", response.status())),
+        Err(error) if error.is_timeout() => {
+            Err(format!("upstream /health did not answer within {}", humantime::format_duration(timeout)))
+        }
+        Err(error) if error.is_connect() => Err("upstream /health: connection refused".into()),
+        Err(_) => Err("upstream /health: connection failed".into()),
+    }
+}
+
+/// Standalone mode: probes the upstream every interval and publishes the outcome.
+pub async fn poll_upstream(base: String, health: HealthConfig, status: watch::Sender<UpstreamStatus>, cancel: CancellationToken) {
+    let client = probe_client();
+    let mut interval = tokio::time::interval(health.interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_ok = None;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let outcome = probe(&client, &base, health.timeout).await;
+        let ok = outcome.is_ok();
+        if was_ok != Some(ok) {
+            match &outcome {
+                Ok(()) => tracing::info!(upstream = %base, "upstream is healthy"),
+                Err(reason) => tracing::warn!(upstream = %base, %reason, "upstream is not healthy"),
+            }
+            was_ok = Some(ok);
+        }
+        let probe = Probe { ok, at: Instant::now(), detail: outcome.err().unwrap_or_default() };
+        status.send_replace(UpstreamStatus::External(ExternalHealth { last_probe: Some(probe) }));
+    }
+}

@@ -1,0 +1,235 @@
+//! `gateway`: a supervisor and reverse proxy for vLLM's OpenAI-compatible API.
+//!
+//! # Codemap
+//!
+//! - `cli`: the command line (clap); options only, no defaults.
+//! - `config`: file + environment + flags merged and validated into [`config::Config`].
+//! - `proxy`: the HTTP surface. `proxy::forward` forwards one request; `proxy::headers` holds the
+//!   hop-by-hop rules; `proxy::body` wraps bodies with limits and timeouts; `proxy::errors` shapes
+//!   every error as OpenAI JSON or a final SSE `error` event.
+//! - `health`: `/livez`, `/readyz`, `/health`, `/metrics`, and the upstream `/health` probe.
+//! - `status`: [`status::UpstreamStatus`], the one value on a `watch` channel that tells the proxy
+//!   and the health endpoints whether the upstream can serve.
+//! - `supervisor`: `gateway serve`. `state` is the child's state machine, `child` spawns and stops
+//!   process groups, `reaper` owns every `waitpid`, `backoff` decides restarts, `output` relays the
+//!   child's stdout/stderr into the log. The supervisor is an actor: one task owns the child.
+//! - `signals`: the one task that turns signals into stop requests or forwards them to the child.
+//! - `notify`: systemd `sd_notify` (readiness, status, watchdog).
+//! - `telemetry`: logging setup, Prometheus metrics, one access-log record per request.
+//!
+//! # Flow
+//!
+//! A request enters `proxy::app`, reaches `forward::forward`, waits (under `serve`) until the
+//! status says the child accepts requests, is rewritten and sent over the pooled upstream client;
+//! the answer streams back frame by frame through `body::UpstreamBody`.
+//! Under `serve`, `run` starts the supervisor, waits for the first `Ready`, and only then binds the
+//! listener. On SIGTERM readiness turns 503, the listener closes, in-flight requests drain, then the
+//! supervisor stops the child's whole process group.
+//!
+//! # Invariants
+//!
+//! - The proxy never touches child processes; it only reads the status watch.
+//! - Only the supervisor task mutates the child state, and only through `state::transition`.
+//! - Only the reaper calls `waitpid`; nothing else reaps, so no exit status is ever stolen.
+//! - Every signal to the child goes to its whole process group.
+//! - Stream bodies are never collected: frames are forwarded as they arrive.
+//! - No secret is ever formatted into a log line or an error (`config::Secret` has a redacting `Debug`).
+
+#![warn(clippy::unwrap_used)]
+
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod notify;
+pub mod proxy;
+pub mod signals;
+pub mod status;
+pub mod supervisor;
+pub mod telemetry;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::proxy::AppState;
+use crate::signals::Shutdown;
+use crate::status::{ExternalHealth, UpstreamStatus};
+use crate::supervisor::{Control, Outcome};
+
+/// Exit code when the gateway cannot start or gives up on vLLM.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Everything after configuration: signals, metrics, then [`run`]. Returns the process exit code.
+pub async fn main(config: Config) -> u8 {
+    let signals = match signals::install() {
+        Ok(signals) => signals,
+        Err(error) => {
+            tracing::error!(%error, "cannot install signal handlers");
+            return EXIT_FAILURE;
+        }
+    };
+    let metrics = match telemetry::init_metrics() {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            tracing::warn!(%error, "metrics are disabled");
+            None
+        }
+    };
+    if let Some(handle) = &metrics {
+        tokio::spawn(telemetry::run_metrics_upkeep(handle.clone()));
+    }
+    let shutdown = Shutdown::new();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let signal_task = tokio::spawn(signals::handle(signals, shutdown.clone(), control_tx));
+    let code = match run(config, shutdown, control_rx, metrics).await {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            EXIT_FAILURE
+        }
+    };
+    signal_task.abort();
+    code
+}
+
+/// Runs the gateway until shutdown. `shutdown` is the trigger (tests cancel it directly);
+/// `control` carries signals to forward to the child.
+pub async fn run(
+    config: Config,
+    shutdown: Shutdown,
+    control: mpsc::UnboundedReceiver<Control>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<u8> {
+    supervisor::reaper::start();
+    match config.serve.clone() {
+        None => run_standalone(config, shutdown, metrics).await,
+        Some(_) => run_serve(config, shutdown, control, metrics).await,
+    }
+}
+
+async fn run_standalone(
+    config: Config,
+    shutdown: Shutdown,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<u8> {
+    let (status_tx, status_rx) = watch::channel(UpstreamStatus::External(ExternalHealth::default()));
+    let listener = bind(&config).await?;
+    let tracker = TaskTracker::new();
+    tracker.spawn(health::poll_upstream(config.upstream.base.clone(), config.health, status_tx, shutdown.graceful.clone()));
+    let state = Arc::new(AppState::new(&config, status_rx, metrics, shutdown.graceful.clone())?);
+    notify::ready("ready (standalone proxy)");
+    tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
+    proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
+    notify::stopping();
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("gateway stopped");
+    Ok(0)
+}
+
+async fn run_serve(
+    config: Config,
+    shutdown: Shutdown,
+    control: mpsc::UnboundedReceiver<Control>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<u8> {
+    let serve = config.serve.clone().expect("run_serve is only called with a serve config");
+    let serve_startup_timeout = serve.startup_timeout;
+    // The supervisor stops the child when this is cancelled: after the drain, not at the signal.
+    let stop_child = tokio_util::sync::CancellationToken::new();
+    let (status_rx, supervisor_task) =
+        supervisor::start(serve, config.upstream.base.clone(), config.health, control, stop_child.clone());
+    let notifier = tokio::spawn(notify::follow(status_rx.clone(), serve_startup_timeout));
+
+    // The listener opens only once the child is ready the first time.
+    let mut first_ready = status_rx.clone();
+    let became_ready = tokio::select! {
+        result = first_ready.wait_for(|status| status.accepts_requests() || !status.may_become_ready()) => {
+            result.is_ok_and(|status| status.accepts_requests())
+        }
+        () = shutdown.graceful.cancelled() => false,
+    };
+    let exit = if became_ready {
+        // Draining starts at a stop signal, or when the child is gone for good.
+        let draining = shutdown.graceful.child_token();
+        let state = Arc::new(AppState::new(&config, status_rx.clone(), metrics, draining.clone())?);
+        let listener = bind(&config).await?;
+        notify::ready("ready");
+        tracing::info!(listen = %config.listen, "gateway listening");
+        let mut gone = status_rx.clone();
+        let watch_child = {
+            let draining = draining.clone();
+            tokio::spawn(async move {
+                let _ = gone.wait_for(|status| !status.may_become_ready()).await;
+                draining.cancel();
+            })
+        };
+        proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
+        watch_child.abort();
+        notify::stopping();
+        stop_child.cancel();
+        supervisor_task.await?
+    } else {
+        notify::stopping();
+        stop_child.cancel();
+        supervisor_task.await?
+    };
+    notifier.abort();
+    Ok(match exit {
+        Outcome::Stopped => 0,
+        Outcome::ChildExited(info) => {
+            tracing::info!(exit = %info, "vLLM exited and the restart policy does not restart it");
+            u8::try_from(info.exit_code()).unwrap_or(EXIT_FAILURE)
+        }
+        Outcome::GaveUp(reason) => {
+            tracing::error!(%reason, "giving up on vLLM");
+            EXIT_FAILURE
+        }
+    })
+}
+
+async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))
+}
+
+/// `gateway healthcheck`: 0 when the URL answers 200, 1 otherwise.
+pub fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(_) => return ExitCode::from(EXIT_FAILURE),
+    };
+    let ok = runtime.block_on(async {
+        let client = health::probe_client();
+        matches!(client.get(url).timeout(timeout).send().await, Ok(response) if response.status().is_success())
+    });
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("gateway healthcheck: {url} is not ready");
+        ExitCode::from(EXIT_FAILURE)
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit, as vLLM does: each proxied stream holds two
+/// sockets, and systemd's default soft limit (1024) would cap the gateway near 500 streams.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "cannot raise the open-files limit");
+            } else {
+                tracing::debug!(from = soft, to = hard, "raised the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-files limit"),
+    }
+}

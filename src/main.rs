@@ -1,0 +1,60 @@
+//! The `gateway` binary: parse the command line, load and validate the configuration, set up
+//! logging, then hand over to [`gateway::run`]. See `lib.rs` for the codemap.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gateway::cli::{Cli, Command, ConfigCommand, ProxyArgs};
+use gateway::config::{self, Mode};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (mode, proxy_args, serve_args) = match &cli.command {
+        None => (Mode::Standalone, &cli.proxy, None),
+        Some(Command::Serve(serve)) => (Mode::Serve, &serve.proxy, Some(serve)),
+        Some(Command::Config(ConfigCommand::Check { file })) => return check_config(file),
+        Some(Command::Healthcheck(args)) => return gateway::healthcheck(&args.url, args.timeout),
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let mut config = match config::load(proxy_args, serve_args, mode, &env) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("gateway: invalid configuration:\n{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = gateway::telemetry::init_logging(&config.log.level, config.log.format) {
+        eprintln!("gateway: cannot set up logging: {error}");
+        return ExitCode::from(2);
+    }
+    if let Err(error) = config.resolve_vllm_port() {
+        eprintln!("gateway: cannot pick a free port for vLLM: {error}");
+        return ExitCode::from(1);
+    }
+    gateway::raise_open_files_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("gateway: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(gateway::main(config));
+    // Tasks still draining after the deadline are abandoned rather than awaited.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    ExitCode::from(code)
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let args = ProxyArgs { config: Some(file.to_path_buf()), ..ProxyArgs::default() };
+    match config::load(&args, None, Mode::Check, &|_| None) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Body wrappers on the hot path. They forward `Bytes` frames as they arrive (no collecting, no
+//! re-framing) and add only what the proxy must enforce:
+//!
+//! - [`LimitedBody`]: the request body, cut off with [`BodyTooLarge`] past `max_body_bytes`.
+//! - [`UpstreamBody`]: the response body, with the stream-idle or whole-request deadline, ending an
+//!   event stream that broke with a final SSE `error` event instead of a hang or a silent cut.
+//!
+//! Backpressure is preserved: a frame is read from the upstream only when the client side polls
+//! for the next one, so a slow client slows the upstream instead of growing a buffer here.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
+use crate::telemetry::RequestRecord;
+
+/// The request body grew past the configured limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit")]
+pub struct BodyTooLarge;
+
+pub struct LimitedBody {
+    inner: axum::body::Body,
+    remaining: u64,
+}
+
+impl LimitedBody {
+    pub fn new(inner: axum::body::Body, limit: u64) -> Self {
+        LimitedBody { inner, remaining: limit }
+    }
+}
+
+/// A stream rather than a `Body`, because reqwest only takes `Sync` bodies and a stream it wraps
+/// itself. Trailers are not forwarded: vLLM never reads request trailers.
+impl futures_util::Stream for LimitedBody {
+    type Item = Result<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            let Some(frame) = ready!(Pin::new(&mut self.inner).poll_frame(cx)) else { return Poll::Ready(None) };
+            let data = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_trailers) => continue,
+                },
+                Err(error) => return Poll::Ready(Some(Err(error.into()))),
+            };
+            let len = data.len() as u64;
+            if len > self.remaining {
+                self.remaining = 0;
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+            }
+            self.remaining -= len;
+            return Poll::Ready(Some(Ok(data)));
+        }
+    }
+}
+
+/// How a response body is timed.
+pub enum Timing {
+    /// An event stream: the deadline moves forward by `idle` with every frame.
+    Stream { idle: Duration },
+    /// Any other body: one deadline for the whole response.
+    Whole,
+}
+
+pub struct UpstreamBody {
+    inner: reqwest::Body,
+    timing: Timing,
+    deadline: Pin<Box<Sleep>>,
+    /// Whether the bytes forwarded so far end on an SSE event boundary (`\n\n`), so a final
+    /// error event can be framed correctly.
+    at_boundary: bool,
+    /// Set once the body has ended, normally or with the final error event.
+    done: bool,
+    record: RequestRecord,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: reqwest::Body, timing: Timing, deadline: Instant, record: RequestRecord) -> Self {
+        let deadline = match timing {
+            Timing::Stream { idle } => Instant::now() + idle,
+            Timing::Whole => deadline,
+        };
+        UpstreamBody { inner, timing, deadline: Box::pin(tokio::time::sleep_until(deadline)), at_boundary: true, done: false, record }
+    }
+
+    fn fail(&mut self, error: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BodyFailed>>> {
+        self.done = true;
+        tracing::warn!(request_id = %self.record.request_id(), error = %error, "upstream response broke off");
+        self.record.set_error(&error);
+        match self.timing {
+            Timing::Stream { .. } => {
+                let event = error.sse_event(self.at_boundary);
+                self.record.add_bytes(event.len());
+                Poll::Ready(Some(Ok(Frame::data(event))))
+            }
+            // A plain body cannot carry an error once its headers went out; failing the body makes
+            // the server abort the connection, so the client sees a truncated response, not a hang.
+            Timing::Whole => Poll::Ready(Some(Err(BodyFailed(error)))),
+        }
+    }
+}
+
+/// The error a plain response body ends with when the upstream broke off.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyFailed(ProxyError);
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyFailed;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !data.is_empty() {
+                        this.at_boundary = data.ends_with(b"\n\n");
+                    }
+                    this.record.add_bytes(data.len());
+                }
+                if let Timing::Stream { idle } = this.timing {
+                    this.deadline.as_mut().reset(Instant::now() + idle);
+                }
+                // The server stops polling once a sized body is complete, so completion is
+                // noted here rather than at the final `None`.
+                if this.inner.is_end_stream() {
+                    this.record.set_complete();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                tracing::debug!(request_id = %this.record.request_id(), error = %error, "upstream body error");
+                this.fail(ProxyError::Unavailable(Unavailable::Reset))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                this.record.set_complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                ready!(this.deadline.as_mut().poll(cx));
+                let kind = match this.timing {
+                    Timing::Stream { .. } => TimeoutKind::StreamIdle,
+                    Timing::Whole => TimeoutKind::Request,
+                };
+                this.fail(ProxyError::Timeout(kind))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

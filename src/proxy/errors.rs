@@ -1,0 +1,165 @@
+//! The proxy's errors and how they look to a client: OpenAI-shaped JSON bodies
+//! (`{"error":{"message","type","param","code"}}`), or, once an event stream has begun,
+//! a final SSE `error` event. Messages name what went wrong, never internals such as
+//! upstream addresses or keys; the details go to the log.
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("invalid request: {0}")]
+    BadRequest(&'static str),
+    #[error("the model server is not ready")]
+    NotReady { retry_after_secs: u64 },
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("the model server is unavailable: {0}")]
+    Unavailable(Unavailable),
+    #[error("the model server did not answer in time: {0}")]
+    Timeout(TimeoutKind),
+}
+
+/// Why the upstream could not be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Refused or unreachable: nothing was sent.
+    Connect,
+    /// The connection broke before a complete response arrived.
+    Reset,
+}
+
+/// Which of the proxy's timeouts expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    Connect,
+    FirstByte,
+    Request,
+    StreamIdle,
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unavailable::Connect => "connection refused or unreachable",
+            Unavailable::Reset => "connection closed before the response completed",
+        })
+    }
+}
+
+impl std::fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::Connect => "connect timeout",
+            TimeoutKind::FirstByte => "no response headers within first_byte_timeout",
+            TimeoutKind::Request => "response not complete within request_timeout",
+            TimeoutKind::StreamIdle => "no stream data within stream_idle_timeout",
+        })
+    }
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotReady { .. } | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unavailable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The OpenAI `type` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized | ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => {
+                "invalid_request_error"
+            }
+            ProxyError::NotReady { .. } | ProxyError::ShuttingDown => "server_error",
+            ProxyError::Unavailable(_) | ProxyError::Timeout(_) => "upstream_error",
+        }
+    }
+
+    /// The OpenAI `code` field: stable, for clients to match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "invalid_api_key",
+            ProxyError::BodyTooLarge { .. } => "request_too_large",
+            ProxyError::BadRequest(_) => "invalid_request",
+            ProxyError::NotReady { .. } => "upstream_not_ready",
+            ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::Unavailable(_) => "upstream_unavailable",
+            ProxyError::Timeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// The `{"error":{...}}` object every OpenAI client understands.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "param": null,
+                "code": self.code(),
+            }
+        })
+    }
+
+    /// A final SSE event for a stream that broke after its headers were sent. It carries both the
+    /// Responses API's `error` event fields and the nested `error` object, which the OpenAI SDKs
+    /// turn into an exception. It starts with a blank line so that it is dispatched on its own
+    /// even when the upstream died halfway through an event.
+    pub fn sse_event(&self, at_event_boundary: bool) -> Bytes {
+        let data = serde_json::json!({
+            "type": "error",
+            "code": self.code(),
+            "message": self.to_string(),
+            "param": null,
+            "error": self.body()["error"],
+        });
+        let prefix = if at_event_boundary { "" } else { "\n\n" };
+        Bytes::from(format!("{prefix}event: error\ndata: {data}\n\n"))
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let ProxyError::NotReady { retry_after_secs } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_openai_shaped() {
+        let body = ProxyError::Unavailable(Unavailable::Connect).body();
+        assert_eq!(body["error"]["code"], "upstream_unavailable");
+        assert_eq!(body["error"]["type"], "upstream_error");
+        assert!(body["error"]["param"].is_null());
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    #[test]
+    fn sse_error_event_is_framed_and_parses() {
+        let event = ProxyError::Timeout(TimeoutKind::StreamIdle).sse_event(false);
+        let text = std::str::from_utf8(&event).expect("utf-8");
+        assert!(text.starts_with("\n\nevent: error\ndata: {"));
+        assert!(text.ends_with("}\n\n"));
+        let data = text.trim().strip_prefix("event: error\ndata: ").expect("data line");
+        let value: serde_json::Value = serde_json::from_str(data).expect("json");
+        assert_eq!(value["type"], "error");
+        assert_eq!(value["error"]["code"], "upstream_timeout");
+    }
+}

@@ -1,0 +1,227 @@
+//! Forwarding one request: authorise, hold it while a supervised child is not ready, rewrite the
+//! headers, stream the body up, stream the answer back. Nothing is buffered and nothing is parsed.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+
+use crate::proxy::AppState;
+use crate::proxy::body::{BodyTooLarge, LimitedBody, Timing, UpstreamBody};
+use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
+use crate::proxy::headers;
+use crate::telemetry::RequestRecord;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// The fallback handler: everything the gateway does not answer itself goes upstream.
+pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let request_id = request_id(request.headers());
+    let mut record = RequestRecord::new(request_id.clone(), request.method(), request.uri().path(), state.access_log);
+    let result = proxy(&state, request, &request_id, &mut record).await;
+    let mut response = match result {
+        Ok((response, upstream_body, timing)) => {
+            let stream = matches!(timing, Timing::Stream { .. });
+            record.set_response(response.status().as_u16(), stream);
+            let deadline = Instant::now() + state.proxy.request_timeout;
+            let body = UpstreamBody::new(upstream_body, timing, deadline, record);
+            response.map(|()| Body::new(body))
+        }
+        Err(error) => {
+            match &error {
+                ProxyError::Unavailable(_) | ProxyError::Timeout(_) => {
+                    tracing::warn!(request_id = %record.request_id(), error = %error, "upstream request failed");
+                }
+                _ => tracing::debug!(request_id = %record.request_id(), error = %error, "request refused"),
+            }
+            record.set_failed(&error);
+            drop(record);
+            error.into_response()
+        }
+    };
+    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response
+}
+
+type Forwarded = (http::Response<()>, reqwest::Body, Timing);
+
+async fn proxy(
+    state: &AppState,
+    request: Request,
+    request_id: &HeaderValue,
+    record: &mut RequestRecord,
+) -> Result<Forwarded, ProxyError> {
+    let started = Instant::now();
+    let (mut parts, body) = request.into_parts();
+    authorize(state, &mut parts.headers)?;
+    let limit = state.proxy.max_body_bytes;
+    if content_length(&parts.headers).is_some_and(|length| length > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    wait_until_ready(state).await?;
+
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut url = String::with_capacity(state.upstream_base.len() + path_and_query.len());
+    url.push_str(&state.upstream_base);
+    url.push_str(path_and_query);
+    let url = reqwest::Url::parse(&url).map_err(|_| ProxyError::BadRequest("the request path is not a valid URL path"))?;
+
+    headers::strip_hop_by_hop(&mut parts.headers);
+    // reqwest sets Host from the upstream URL.
+    parts.headers.remove(header::HOST);
+    if let Some(auth) = &state.upstream_auth {
+        if !parts.headers.contains_key(header::AUTHORIZATION) {
+            parts.headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+    }
+    parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+
+    let mut upstream_request = reqwest::Request::new(parts.method, url);
+    *upstream_request.headers_mut() = parts.headers;
+    // A request without a body (most GETs) must stay without one, rather than become an empty
+    // chunked body.
+    if !http_body::Body::is_end_stream(&body) {
+        *upstream_request.body_mut() = Some(reqwest::Body::wrap_stream(LimitedBody::new(body, limit)));
+    }
+
+    let header_timeout = state.proxy.first_byte_timeout.min(state.proxy.request_timeout);
+    let header_kind =
+        if state.proxy.first_byte_timeout <= state.proxy.request_timeout { TimeoutKind::FirstByte } else { TimeoutKind::Request };
+    let response = match tokio::time::timeout_at(started + header_timeout, state.client.execute(upstream_request)).await {
+        Err(_) => return Err(ProxyError::Timeout(header_kind)),
+        Ok(Err(error)) => return Err(classify(&error, limit, record)),
+        Ok(Ok(response)) => response,
+    };
+
+    let response: http::Response<reqwest::Body> = response.into();
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if state.proxy.cors.is_some() {
+        headers::strip_cors(&mut parts.headers);
+    }
+    let timing = if headers::is_event_stream(&parts.headers) {
+        parts.headers.insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
+        Timing::Stream { idle: state.proxy.stream_idle_timeout }
+    } else {
+        Timing::Whole
+    };
+    Ok((http::Response::from_parts(parts, ()), body, timing))
+}
+
+/// Checks the client's key when the gateway has its own keys. A client key is for the gateway
+/// only: it is removed, and the upstream key (if any) is injected in its place.
+fn authorize(state: &AppState, headers: &mut HeaderMap) -> Result<(), ProxyError> {
+    if state.proxy.api_keys.is_empty() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else { return Err(ProxyError::Unauthorized) };
+    // Compare against every key without stopping early, so timing does not tell which matched.
+    let matched = state.proxy.api_keys.iter().fold(false, |matched, key| matched | constant_time_eq(key.expose(), presented));
+    if !matched {
+        return Err(ProxyError::Unauthorized);
+    }
+    headers.remove(header::AUTHORIZATION);
+    Ok(())
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Under `serve`, holds the request while the child is not ready, up to `ready_wait_timeout`.
+async fn wait_until_ready(state: &AppState) -> Result<(), ProxyError> {
+    let Some(wait) = state.ready_wait_timeout else { return Ok(()) };
+    if state.status.borrow().accepts_requests() {
+        return Ok(());
+    }
+    let not_ready = || ProxyError::NotReady { retry_after_secs: state.status.borrow().retry_after_secs() };
+    if wait.is_zero() || !state.status.borrow().may_become_ready() {
+        return Err(not_ready());
+    }
+    let mut status = state.status.clone();
+    tokio::select! {
+        result = tokio::time::timeout(wait, status.wait_for(|status| status.accepts_requests() || !status.may_become_ready())) => {
+            match result {
+                Ok(Ok(status)) if status.accepts_requests() => Ok(()),
+                _ => Err(not_ready()),
+            }
+        }
+        () = state.draining.cancelled() => Err(ProxyError::ShuttingDown),
+    }
+}
+
+/// Maps a failed upstream exchange to what the client is told.
+fn classify(error: &reqwest::Error, limit: u64, record: &RequestRecord) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if cause.is::<BodyTooLarge>() {
+            return ProxyError::BodyTooLarge { limit };
+        }
+        source = cause.source();
+    }
+    tracing::debug!(request_id = %record.request_id(), error = ?error, "upstream error");
+    if error.is_timeout() {
+        ProxyError::Timeout(TimeoutKind::Connect)
+    } else if error.is_connect() {
+        ProxyError::Unavailable(Unavailable::Connect)
+    } else {
+        ProxyError::Unavailable(Unavailable::Reset)
+    }
+}
+
+/// The client's `x-request-id` when it is sane (bounded length, URL-safe characters), else a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get(&X_REQUEST_ID) {
+        let bytes = value.as_bytes();
+        let sane = !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if sane {
+            return value.clone();
+        }
+    }
+    let mut buffer = [0u8; 32];
+    let id = fastrand::u128(..);
+    for (index, byte) in buffer.iter_mut().enumerate() {
+        let nibble = ((id >> (124 - 4 * index)) & 0xf) as u8;
+        *byte = b"0123456789abcdef"[nibble as usize];
+    }
+    HeaderValue::from_bytes(&buffer).expect("hex digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sane_client_request_ids_are_kept_and_others_replaced() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
+        assert_eq!(request_id(&headers), "abc-123_x.y:z");
+        headers.insert(&X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
+        let generated = request_id(&headers);
+        assert_eq!(generated.len(), 32);
+        assert!(generated.to_str().expect("ascii").bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(generated, request_id(&headers), "fresh ids differ");
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq("abc", "abc"));
+        assert!(!constant_time_eq("abc", "abd"));
+        assert!(!constant_time_eq("abc", "abcd"));
+    }
+}

@@ -1,0 +1,112 @@
+//! The one task that reads process signals and turns them into decisions.
+//!
+//! SIGTERM/SIGINT: graceful stop; a second one: fast stop (skip the drain).
+//! SIGHUP/SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`).
+//! SIGQUIT: forwarded, then a graceful stop.
+
+use futures_util::StreamExt;
+use nix::sys::signal::Signal;
+use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::supervisor::Control;
+
+/// The gateway's shutdown triggers. `main` makes them; `run` and its tasks watch them.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled on the first stop request: readiness turns 503, the listener closes, draining begins.
+    pub graceful: CancellationToken,
+    /// Cancelled on the second: the drain is cut short.
+    pub fast: CancellationToken,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Shutdown::default()
+    }
+
+    /// A stop request: graceful the first time, fast after that.
+    pub fn request(&self) {
+        if self.graceful.is_cancelled() {
+            self.fast.cancel();
+        } else {
+            self.graceful.cancel();
+        }
+    }
+}
+
+/// What a received signal means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalAction {
+    Stop,
+    Forward(Signal),
+    ForwardThenStop(Signal),
+}
+
+pub fn action_for(signal: i32) -> Option<SignalAction> {
+    Some(match signal {
+        SIGTERM | SIGINT => SignalAction::Stop,
+        SIGHUP => SignalAction::Forward(Signal::SIGHUP),
+        SIGUSR1 => SignalAction::Forward(Signal::SIGUSR1),
+        SIGUSR2 => SignalAction::Forward(Signal::SIGUSR2),
+        SIGQUIT => SignalAction::ForwardThenStop(Signal::SIGQUIT),
+        _ => return None,
+    })
+}
+
+/// Installs the handlers. Done before anything else starts so that no signal is lost to the
+/// default action (which for SIGTERM would kill the gateway without stopping the child).
+pub fn install() -> std::io::Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT])
+}
+
+/// Reads signals until the process ends. Forwarded signals go to `forward`; with no child they are
+/// logged and dropped.
+pub async fn handle(mut signals: Signals, shutdown: Shutdown, forward: mpsc::UnboundedSender<Control>) {
+    while let Some(signal) = signals.next().await {
+        let Some(action) = action_for(signal) else { continue };
+        let name = Signal::try_from(signal).map_or("unknown", Signal::as_str);
+        match action {
+            SignalAction::Stop => {
+                if shutdown.graceful.is_cancelled() {
+                    tracing::warn!(signal = name, "second stop signal: skipping the drain");
+                } else {
+                    tracing::info!(signal = name, "stop signal: shutting down gracefully");
+                }
+                shutdown.request();
+            }
+            SignalAction::Forward(signal) => {
+                tracing::info!(signal = name, "forwarding signal to vLLM");
+                let _ = forward.send(Control::Forward(signal));
+            }
+            SignalAction::ForwardThenStop(signal) => {
+                tracing::info!(signal = name, "forwarding signal to vLLM, then shutting down");
+                let _ = forward.send(Control::Forward(signal));
+                shutdown.request();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_stop_request_skips_the_drain() {
+        let shutdown = Shutdown::new();
+        shutdown.request();
+        assert!(shutdown.graceful.is_cancelled() && !shutdown.fast.is_cancelled());
+        shutdown.request();
+        assert!(shutdown.fast.is_cancelled());
+    }
+
+    #[test]
+    fn signals_map_to_actions() {
+        assert_eq!(action_for(SIGTERM), Some(SignalAction::Stop));
+        assert_eq!(action_for(SIGHUP), Some(SignalAction::Forward(Signal::SIGHUP)));
+        assert_eq!(action_for(SIGQUIT), Some(SignalAction::ForwardThenStop(Signal::SIGQUIT)));
+    }
+}

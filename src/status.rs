@@ -1,0 +1,132 @@
+//! The upstream's state as the proxy, the health endpoints and the notifier see it: one value on a
+//! `tokio::sync::watch` channel. In standalone mode the health poller writes it; under `serve` the
+//! supervisor does. Readers only ever borrow it.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::supervisor::state::{ChildState, ExitInfo};
+
+#[derive(Debug, Clone)]
+pub enum UpstreamStatus {
+    /// Standalone: a vLLM we do not own, known only through its /health.
+    External(ExternalHealth),
+    /// `serve`: the child the supervisor owns.
+    Child(ChildStatus),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExternalHealth {
+    /// The last probe's outcome; `None` before the first probe finished.
+    pub last_probe: Option<Probe>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub ok: bool,
+    pub at: Instant,
+    /// Why it failed, in words (empty when ok).
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChildStatus {
+    pub state: ChildState,
+    /// Restarts since the gateway started.
+    pub restarts: u32,
+    pub last_exit: Option<ExitInfo>,
+}
+
+/// The JSON body of /livez, /readyz and /health.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+}
+
+impl UpstreamStatus {
+    /// Whether readiness probes should pass. `fresh_within` bounds how old a standalone
+    /// probe may be.
+    pub fn is_ready(&self, fresh_within: Duration) -> bool {
+        match self {
+            UpstreamStatus::External(health) => {
+                health.last_probe.as_ref().is_some_and(|probe| probe.ok && probe.at.elapsed() <= fresh_within)
+            }
+            UpstreamStatus::Child(child) => matches!(child.state, ChildState::Ready { .. }),
+        }
+    }
+
+    /// Whether the proxy forwards requests now rather than holding them until ready. A child whose
+    /// /health just failed once still serves; only a child that is not running holds requests.
+    /// A vLLM we do not own is always tried: its /health poll may lag behind.
+    pub fn accepts_requests(&self) -> bool {
+        match self {
+            UpstreamStatus::External(_) => true,
+            UpstreamStatus::Child(child) => {
+                matches!(child.state, ChildState::Ready { .. } | ChildState::Unhealthy { .. })
+            }
+        }
+    }
+
+    /// Whether waiting could still help: false once the child is gone for good.
+    pub fn may_become_ready(&self) -> bool {
+        match self {
+            UpstreamStatus::External(_) => true,
+            UpstreamStatus::Child(child) => !matches!(child.state, ChildState::Exited { .. } | ChildState::Stopping { .. }),
+        }
+    }
+
+    /// A hint for `Retry-After`, in whole seconds.
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            UpstreamStatus::Child(ChildStatus { state: ChildState::Backoff { until, .. }, .. }) => {
+                until.saturating_duration_since(Instant::now()).as_secs().max(1)
+            }
+            _ => 5,
+        }
+    }
+
+    pub fn report(&self, ready: bool, draining: bool) -> StatusReport {
+        let status = if draining {
+            "draining"
+        } else if ready {
+            "ready"
+        } else {
+            "not_ready"
+        };
+        match self {
+            UpstreamStatus::External(health) => StatusReport {
+                status,
+                reason: match &health.last_probe {
+                    None => Some("upstream /health not probed yet".into()),
+                    Some(probe) if !probe.ok => Some(probe.detail.clone()),
+                    Some(_) if !ready => Some("last upstream /health probe is stale".into()),
+                    Some(_) => None,
+                },
+                state: None,
+                pid: None,
+                restarts: None,
+                last_exit: None,
+            },
+            UpstreamStatus::Child(child) => StatusReport {
+                status,
+                reason: (!ready).then(|| child.state.describe()),
+                state: Some(child.state.name()),
+                pid: child.state.pid(),
+                restarts: Some(child.restarts),
+                last_exit: child.last_exit,
+            },
+        }
+    }
+}

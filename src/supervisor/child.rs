@@ -1,0 +1,131 @@
+//! Spawning and signalling the vLLM child.
+//!
+//! The child is spawned as the leader of a new process group, from one long-lived spawner thread:
+//! PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so forking from a
+//! short-lived pool thread would kill vLLM at a random moment. The parent-death signal is SIGTERM,
+//! which lets vLLM take its engine and worker processes down with it if the gateway is SIGKILLed.
+//! Every signal goes to the whole group; ESRCH (nobody left) counts as success.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc as std_mpsc;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+use crate::config::ServeConfig;
+use crate::supervisor::reaper;
+use crate::supervisor::state::ExitInfo;
+
+/// Environment variables that belong to the gateway's own service manager, never to vLLM.
+const SYSTEMD_VARS: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
+/// A running child.
+pub struct Spawned {
+    pub pid: u32,
+    /// Resolves when the reaper collected the child.
+    pub exit: oneshot::Receiver<ExitInfo>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// The command line: `<vllm_bin> serve <model> --host 127.0.0.1 --port <port> <args>`.
+pub fn command(serve: &ServeConfig) -> Command {
+    let mut command = Command::new(&serve.vllm_bin);
+    command
+        .arg("serve")
+        .arg(&serve.model)
+        .args(["--host", "127.0.0.1", "--port"])
+        .arg(serve.vllm_port.to_string())
+        .args(&serve.vllm_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for name in SYSTEMD_VARS {
+        command.env_remove(name);
+    }
+    // vLLM gives up on its engine after VLLM_ENGINE_READY_TIMEOUT_S (600 s by default); a model
+    // that may take startup_timeout to load must not be cut short by that.
+    if std::env::var_os("VLLM_ENGINE_READY_TIMEOUT_S").is_none() {
+        command.env("VLLM_ENGINE_READY_TIMEOUT_S", serve.startup_timeout.as_secs().max(1).to_string());
+    }
+    for (name, value) in &serve.child_env {
+        command.env(name, value);
+    }
+    let parent = std::process::id();
+    // SAFETY: between fork and exec only async-signal-safe calls are made (prctl, getppid, kill).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            // The gateway may have died between fork and prctl: then nobody would ever signal us.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                nix::sys::signal::raise(Signal::SIGTERM)?;
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// The program and arguments, for the log.
+pub fn describe(command: &Command) -> String {
+    let mut words: Vec<OsString> = vec![command.get_program().to_os_string()];
+    words.extend(command.get_args().map(|arg| arg.to_os_string()));
+    words.iter().map(|word| word.to_string_lossy()).collect::<Vec<_>>().join(" ")
+}
+
+type SpawnRequest = (Command, oneshot::Sender<std::io::Result<Spawned>>);
+
+/// Spawns `command` on the spawner thread, registering its pid with the reaper before any
+/// SIGCHLD for it can be handled.
+pub async fn spawn(command: Command) -> std::io::Result<Spawned> {
+    static SPAWNER: OnceLock<std_mpsc::Sender<SpawnRequest>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (sender, receiver) = std_mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                // This thread lives as long as the process: it is the parent that PDEATHSIG watches.
+                for (mut command, reply) in receiver {
+                    let _ = reply.send(spawn_now(&mut command));
+                }
+            })
+            .expect("the spawner thread starts at most once");
+        sender
+    });
+    let (reply, result) = oneshot::channel();
+    spawner
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    result.await.map_err(|_| std::io::Error::other("the spawner thread dropped the request"))?
+}
+
+fn spawn_now(command: &mut Command) -> std::io::Result<Spawned> {
+    let mut table = reaper::lock();
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    let exit = reaper::register(&mut table, pid as i32);
+    drop(table);
+    Ok(Spawned { pid, exit, stdout: child.stdout.take().map(OwnedFd::from), stderr: child.stderr.take().map(OwnedFd::from) })
+}
+
+/// Sends `signal` to the process group led by `pid`. A group with nobody left is not an error.
+pub fn signal_group(pid: u32, signal: Signal) -> Result<(), Errno> {
+    match killpg(Pid::from_raw(pid as i32), signal) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Logs instead of failing: a signal that cannot be delivered must not stop the supervisor.
+pub fn signal_group_logged(pid: u32, signal: Signal) {
+    if let Err(error) = signal_group(pid, signal) {
+        tracing::warn!(pid, signal = signal.as_str(), %error, "cannot signal vLLM's process group");
+    }
+}

@@ -1,0 +1,416 @@
+//! `gateway serve`: the actor that owns the vLLM child from spawn to last breath.
+//!
+//! One task ([`Supervisor::run`]) owns the child and its state. It `select!`s on the child's exit,
+//! one timer (next probe, startup deadline, kill deadline or end of backoff), the in-flight health
+//! probe, the control queue (signals to forward), the stop token and the watchdog tick, and
+//! publishes every state change on a `watch` channel. Nothing else mutates the state.
+
+pub mod backoff;
+pub mod child;
+pub mod output;
+pub mod reaper;
+pub mod state;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HealthConfig, ServeConfig};
+use crate::status::{ChildStatus, UpstreamStatus};
+use crate::supervisor::backoff::{Decision, End, EndCause, History};
+use crate::supervisor::state::{ChildState, ExitInfo, StopReason, transition};
+
+/// Messages to the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Deliver this signal to the child's process group.
+    Forward(Signal),
+}
+
+/// Why the supervisor ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Asked to stop; the child was stopped.
+    Stopped,
+    /// The child exited and the restart policy does not restart it.
+    ChildExited(ExitInfo),
+    /// Too many starts in a row never became ready (or the child could not be spawned).
+    GaveUp(String),
+}
+
+/// Starts the supervisor task. It stops the child and returns when `stop` is cancelled, or earlier
+/// when the restart policy ends it.
+pub fn start(
+    serve: ServeConfig,
+    upstream_base: String,
+    health: HealthConfig,
+    control: mpsc::UnboundedReceiver<Control>,
+    stop: CancellationToken,
+) -> (watch::Receiver<UpstreamStatus>, JoinHandle<Outcome>) {
+    let initial = ChildStatus { state: ChildState::Idle, restarts: 0, last_exit: None };
+    let (status_tx, status_rx) = watch::channel(UpstreamStatus::Child(initial.clone()));
+    let supervisor = Supervisor {
+        serve,
+        upstream_base,
+        health,
+        control,
+        stop,
+        status_tx,
+        status: initial,
+        child: None,
+        probe: None,
+        next_probe: Instant::now(),
+        kill_at: None,
+        history: History::default(),
+        probe_client: crate::health::probe_client(),
+    };
+    (status_rx, tokio::spawn(supervisor.run()))
+}
+
+type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// The running child, as far as the supervisor needs it.
+struct Running {
+    pid: u32,
+    exit: oneshot::Receiver<ExitInfo>,
+    spawned_at: Instant,
+    ready_since: Option<Instant>,
+}
+
+struct Supervisor {
+    serve: ServeConfig,
+    upstream_base: String,
+    health: HealthConfig,
+    control: mpsc::UnboundedReceiver<Control>,
+    stop: CancellationToken,
+    status_tx: watch::Sender<UpstreamStatus>,
+    /// The published value; changed only through [`Supervisor::set_state`].
+    status: ChildStatus,
+    child: Option<Running>,
+    /// The health probe in flight, if any.
+    probe: Option<ProbeFuture>,
+    next_probe: Instant,
+    /// When SIGKILL follows the SIGTERM of a stop.
+    kill_at: Option<Instant>,
+    history: History,
+    /// Probes never reuse connections (see `health`).
+    probe_client: reqwest::Client,
+}
+
+/// A pending future for `select!` branches that have nothing to wait for.
+async fn never<T>() -> T {
+    std::future::pending().await
+}
+
+impl Supervisor {
+    async fn run(mut self) -> Outcome {
+        let watchdog_every = crate::notify::watchdog_interval();
+        let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+        let freeze_after = debug_freeze_after();
+        if self.stop.is_cancelled() {
+            return self.finish(None, Outcome::Stopped);
+        }
+        if let Some(outcome) = self.spawn_child().await {
+            return outcome;
+        }
+        loop {
+            if let Some(after) = freeze_after {
+                if self.status.state.name() == "ready" {
+                    tokio::time::sleep(after).await;
+                    tracing::warn!("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER: freezing the supervisor loop");
+                    std::future::pending::<()>().await;
+                }
+            }
+            let deadline = self.next_deadline();
+            let stop_enabled = !self.stopping_for_shutdown();
+            let Supervisor { child, probe, control, stop, .. } = &mut self;
+            let exit = async {
+                match child.as_mut() {
+                    Some(child) => (&mut child.exit).await.ok(),
+                    None => never().await,
+                }
+            };
+            let probe = async {
+                match probe.as_mut() {
+                    Some(probe) => probe.await,
+                    None => never().await,
+                }
+            };
+            let event = tokio::select! {
+                exit = exit => Event::Exited(exit),
+                result = probe => Event::Probed(result),
+                () = tokio::time::sleep_until(deadline) => Event::Timer,
+                Some(control) = control.recv() => Event::Control(control),
+                () = stop.cancelled(), if stop_enabled => Event::Stop,
+                _ = watchdog.tick(), if watchdog_every.is_some() => Event::Watchdog,
+            };
+            let outcome = match event {
+                Event::Exited(exit) => self.on_exit(exit).await,
+                Event::Probed(result) => {
+                    self.probe = None;
+                    self.on_probe(result);
+                    None
+                }
+                Event::Timer => self.on_timer().await,
+                Event::Control(Control::Forward(signal)) => {
+                    match &self.child {
+                        Some(child) => child::signal_group_logged(child.pid, signal),
+                        None => tracing::info!(signal = signal.as_str(), "no vLLM running; signal not forwarded"),
+                    }
+                    None
+                }
+                Event::Stop => self.on_stop(),
+                Event::Watchdog => {
+                    crate::notify::watchdog_ping();
+                    None
+                }
+            };
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+        }
+    }
+
+    fn stopping_for_shutdown(&self) -> bool {
+        matches!(self.status.state, ChildState::Stopping { reason: StopReason::Shutdown, .. })
+    }
+
+    /// The one timer: whichever of the state's deadlines comes first.
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(86400);
+        match &self.status.state {
+            ChildState::Starting { since, .. } => {
+                let startup_deadline = *since + self.serve.startup_timeout;
+                if self.probe.is_some() { startup_deadline } else { startup_deadline.min(self.next_probe) }
+            }
+            ChildState::Ready { .. } | ChildState::Unhealthy { .. } => {
+                if self.probe.is_some() { far } else { self.next_probe }
+            }
+            ChildState::Stopping { .. } => self.kill_at.unwrap_or(far),
+            ChildState::Backoff { until, .. } => *until,
+            ChildState::Idle | ChildState::Exited { .. } => far,
+        }
+    }
+
+    fn set_state(&mut self, next: ChildState) {
+        transition(&mut self.status.state, next);
+        for name in ChildState::NAMES {
+            gauge!("gateway_child_state", "state" => name).set(if name == self.status.state.name() { 1.0 } else { 0.0 });
+        }
+        gauge!("gateway_child_up").set(if matches!(self.status.state, ChildState::Ready { .. }) { 1.0 } else { 0.0 });
+        self.status_tx.send_replace(UpstreamStatus::Child(self.status.clone()));
+    }
+
+    async fn spawn_child(&mut self) -> Option<Outcome> {
+        let command = child::command(&self.serve);
+        tracing::info!(command = %child::describe(&command), "starting vLLM");
+        match child::spawn(command).await {
+            Ok(spawned) => {
+                let pid = spawned.pid;
+                output::relay(pid, spawned.stdout, spawned.stderr);
+                let now = Instant::now();
+                self.child = Some(Running { pid, exit: spawned.exit, spawned_at: now, ready_since: None });
+                self.next_probe = now + self.serve.startup_poll_interval;
+                self.set_state(ChildState::Starting { pid, since: now });
+                tracing::info!(pid, "vLLM started; waiting for /health");
+                None
+            }
+            Err(error) => {
+                tracing::error!(vllm_bin = %self.serve.vllm_bin, %error, "cannot start vLLM");
+                // A start that could not even spawn counts as a failed start, with the shell's code.
+                let code = if error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+                self.after_end(End { exit: ExitInfo::Code(code), cause: EndCause::Exited, ready_for: None })
+            }
+        }
+    }
+
+    async fn on_exit(&mut self, exit: Option<ExitInfo>) -> Option<Outcome> {
+        let Some(running) = self.child.take() else { return None };
+        self.probe = None;
+        self.kill_at = None;
+        // The reaper drops the sender only if it is gone; treat that as an unknown failure.
+        let exit = exit.unwrap_or(ExitInfo::Code(1));
+        // Whatever vLLM left in its group (engine core, workers) goes too, before any restart.
+        child::signal_group_logged(running.pid, Signal::SIGKILL);
+        self.status.last_exit = Some(exit);
+        gauge!("gateway_child_last_exit_code").set(f64::from(exit.exit_code()));
+        let ready_for = running.ready_since.map(|since| since.elapsed());
+        let cause = match self.status.state {
+            ChildState::Stopping { reason: StopReason::Shutdown, .. } => {
+                tracing::info!(pid = running.pid, %exit, "vLLM stopped");
+                return Some(self.finish(Some(exit), Outcome::Stopped));
+            }
+            ChildState::Stopping { reason: StopReason::StartupTimeout, .. } => EndCause::StartupTimeout,
+            ChildState::Stopping { reason: StopReason::Unhealthy, .. } => EndCause::Unhealthy,
+            _ => EndCause::Exited,
+        };
+        match cause {
+            EndCause::Exited => tracing::warn!(pid = running.pid, %exit, "vLLM exited"),
+            _ => tracing::info!(pid = running.pid, %exit, "vLLM stopped"),
+        }
+        if self.stop.is_cancelled() {
+            return Some(self.finish(Some(exit), Outcome::Stopped));
+        }
+        let _ = running.spawned_at;
+        self.after_end(End { exit, cause, ready_for })
+    }
+
+    /// Applies the restart policy after a run ended.
+    fn after_end(&mut self, end: End) -> Option<Outcome> {
+        let decision = backoff::decide(
+            self.serve.restart,
+            &self.serve.backoff,
+            &self.serve.restart_prevent_exit_codes,
+            &mut self.history,
+            end,
+            fastrand::f64(),
+        );
+        match decision {
+            Decision::Restart { delay } => {
+                let reason = match (end.cause, end.exit) {
+                    (EndCause::StartupTimeout, _) => "startup_timeout",
+                    (EndCause::Unhealthy, _) => "unhealthy",
+                    (EndCause::Exited, ExitInfo::Code(_)) => "exit_code",
+                    (EndCause::Exited, ExitInfo::Signal(_)) => "signal",
+                };
+                counter!("gateway_child_restarts_total", "reason" => reason).increment(1);
+                let attempt = self.status.restarts + 1;
+                tracing::info!(attempt, delay = %humantime::format_duration(round_ms(delay)), reason, "restarting vLLM after a delay");
+                self.set_state(ChildState::Backoff { attempt, until: Instant::now() + delay });
+                None
+            }
+            Decision::Stop(outcome) => Some(self.finish(Some(end.exit), outcome)),
+        }
+    }
+
+    fn finish(&mut self, exit: Option<ExitInfo>, outcome: Outcome) -> Outcome {
+        self.set_state(ChildState::Exited { status: exit });
+        outcome
+    }
+
+    fn on_probe(&mut self, result: Result<(), String>) {
+        let now = Instant::now();
+        let Some(child) = self.child.as_mut() else { return };
+        let pid = child.pid;
+        match (&self.status.state, result) {
+            (ChildState::Starting { since, .. }, Ok(())) => {
+                let took = now.saturating_duration_since(*since);
+                child.ready_since = Some(now);
+                gauge!("gateway_child_start_seconds").set(took.as_secs_f64());
+                tracing::info!(pid, took = %humantime::format_duration(round_ms(took)), "vLLM is ready");
+                self.next_probe = now + self.health.interval;
+                self.set_state(ChildState::Ready { pid, since: now });
+            }
+            (ChildState::Starting { .. }, Err(reason)) => {
+                tracing::debug!(pid, %reason, "vLLM not ready yet");
+                self.next_probe = now + self.serve.startup_poll_interval;
+            }
+            (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Ok(())) => {
+                self.next_probe = now + self.health.interval;
+                if let ChildState::Unhealthy { .. } = self.status.state {
+                    tracing::info!(pid, "vLLM /health answers again");
+                    self.set_state(ChildState::Ready { pid, since: now });
+                }
+            }
+            (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err(reason)) => {
+                self.next_probe = now + self.health.interval;
+                let failures = match self.status.state {
+                    ChildState::Unhealthy { failures, .. } => failures + 1,
+                    _ => 1,
+                };
+                if failures >= self.serve.health_failures {
+                    tracing::error!(pid, failures, %reason, "vLLM is hung: /health failed too many times in a row; stopping it");
+                    self.begin_stop(StopReason::Unhealthy);
+                } else {
+                    tracing::warn!(pid, failures, threshold = self.serve.health_failures, %reason, "vLLM /health failed");
+                    self.set_state(ChildState::Unhealthy { pid, failures, since: now });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_timer(&mut self) -> Option<Outcome> {
+        let now = Instant::now();
+        match self.status.state.clone() {
+            ChildState::Starting { since, pid } if now >= since + self.serve.startup_timeout => {
+                tracing::error!(pid, startup_timeout = %humantime::format_duration(self.serve.startup_timeout), "vLLM did not become ready in time; stopping it");
+                self.begin_stop(StopReason::StartupTimeout);
+            }
+            ChildState::Starting { .. } | ChildState::Ready { .. } | ChildState::Unhealthy { .. } => {
+                if self.probe.is_none() && now >= self.next_probe {
+                    let client = self.probe_client.clone();
+                    let base = self.upstream_base.clone();
+                    let timeout = self.health.timeout;
+                    self.probe = Some(Box::pin(async move { crate::health::probe(&client, &base, timeout).await }));
+                }
+            }
+            ChildState::Stopping { pid, .. } => {
+                if self.kill_at.is_some_and(|at| now >= at) {
+                    tracing::warn!(pid, stop_timeout = %humantime::format_duration(self.serve.stop_timeout), "vLLM did not stop in time; sending SIGKILL to its group");
+                    child::signal_group_logged(pid, Signal::SIGKILL);
+                    self.kill_at = None;
+                }
+            }
+            ChildState::Backoff { until, attempt } if now >= until => {
+                self.status.restarts = attempt;
+                return self.spawn_child().await;
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn on_stop(&mut self) -> Option<Outcome> {
+        match self.status.state.clone() {
+            ChildState::Idle | ChildState::Backoff { .. } | ChildState::Exited { .. } => {
+                let exit = self.status.last_exit;
+                Some(self.finish(exit, Outcome::Stopped))
+            }
+            _ => {
+                self.begin_stop(StopReason::Shutdown);
+                None
+            }
+        }
+    }
+
+    /// SIGTERM to the child's group now, SIGKILL at `stop_timeout`.
+    fn begin_stop(&mut self, reason: StopReason) {
+        let Some(child) = &self.child else { return };
+        let pid = child.pid;
+        tracing::info!(pid, ?reason, "sending SIGTERM to vLLM's process group");
+        child::signal_group_logged(pid, Signal::SIGTERM);
+        self.probe = None;
+        // A shutdown during an earlier stop keeps the earlier kill deadline.
+        if self.kill_at.is_none() || !matches!(self.status.state, ChildState::Stopping { .. }) {
+            self.kill_at = Some(Instant::now() + self.serve.stop_timeout);
+        }
+        self.set_state(ChildState::Stopping { pid, reason });
+    }
+}
+
+enum Event {
+    Exited(Option<ExitInfo>),
+    Probed(Result<(), String>),
+    Timer,
+    Control(Control),
+    Stop,
+    Watchdog,
+}
+
+fn round_ms(duration: Duration) -> Duration {
+    Duration::from_millis(duration.as_millis() as u64)
+}
+
+/// A debug hook for testing the systemd watchdog: `GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER=2s`
+/// wedges the supervisor loop that long after the child became ready.
+fn debug_freeze_after() -> Option<Duration> {
+    std::env::var("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER").ok().and_then(|text| crate::cli::parse_duration(&text).ok())
+}

@@ -1,0 +1,267 @@
+//! Logs and metrics: the tracing subscriber (text, JSON or journald), the Prometheus recorder,
+//! and [`RequestRecord`], which follows one proxied request to its end and then writes its access
+//! log line and its metrics exactly once, however the request ended (completed, failed, or dropped
+//! because the client went away).
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::time::Instant;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::cli::LogFormat;
+use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
+
+/// Sets up the global tracing subscriber. `RUST_LOG`, when set, wins over `log_level`.
+pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives)?,
+        _ => EnvFilter::try_new(level)?,
+    };
+    let format = match format {
+        LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
+        LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Text,
+        LogFormat::Auto => LogFormat::Json,
+        other => other,
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Journald => {
+            let layer = tracing_journald::layer()?.with_syslog_identifier("gateway".into());
+            registry.with(layer).try_init()?;
+        }
+        LogFormat::Json => {
+            let layer = tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr);
+            registry.with(layer).try_init()?;
+        }
+        LogFormat::Text | LogFormat::Auto => {
+            let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+            registry.with(layer).try_init()?;
+        }
+    }
+    Ok(format)
+}
+
+/// The check systemd documents: `$JOURNAL_STREAM` is `device:inode` of the journal's stream,
+/// and it only counts when stderr is still that stream (not redirected since).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+
+    let Ok(expected) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else { return false };
+    expected == format!("{}:{}", stat.st_dev, stat.st_ino)
+}
+
+/// Buckets for LLM calls: 5 ms up to 10 minutes.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+/// Installs the global Prometheus recorder and returns the handle `/metrics` renders.
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)?
+        .install_recorder()?;
+    gauge!("gateway_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// Keeps the recorder's histograms from growing between scrapes.
+pub async fn run_metrics_upkeep(handle: PrometheusHandle) {
+    let mut interval = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        interval.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// Collapses a request path to one of a bounded set of route labels.
+pub fn route_label(path: &str) -> &'static str {
+    const ROUTES: [&str; 16] = [
+        "/v1/responses",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/rerank",
+        "/v1/score",
+        "/v1/pooling",
+        "/v1/classify",
+        "/tokenize",
+        "/detokenize",
+        "/version",
+        "/pooling",
+        "/classify",
+    ];
+    if let Some(route) = ROUTES.iter().find(|route| **route == path) {
+        return route;
+    }
+    if path.starts_with("/v1/responses/") {
+        "/v1/responses/{id}"
+    } else if path.starts_with("/v1/models/") {
+        "/v1/models/{id}"
+    } else if path.starts_with("/v1/") {
+        "/v1/other"
+    } else {
+        "other"
+    }
+}
+
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// How a proxied request went wrong, as the `kind` label of `gateway_upstream_errors_total`.
+pub fn error_kind(error: &ProxyError) -> Option<&'static str> {
+    Some(match error {
+        ProxyError::Unavailable(Unavailable::Connect) => "connect",
+        ProxyError::Timeout(TimeoutKind::Connect) => "connect",
+        ProxyError::Timeout(TimeoutKind::FirstByte | TimeoutKind::Request) => "timeout_first_byte",
+        ProxyError::Timeout(TimeoutKind::StreamIdle) => "timeout_idle",
+        ProxyError::Unavailable(Unavailable::Reset) => "reset_mid_stream",
+        _ => return None,
+    })
+}
+
+/// One proxied request, from arrival to the last byte. Dropping it writes the access log line and
+/// the request metrics; it lives in the response body, so for a stream that happens at stream end.
+pub struct RequestRecord {
+    request_id: http::HeaderValue,
+    method: &'static str,
+    route: &'static str,
+    started: Instant,
+    access_log: bool,
+    status: u16,
+    stream: bool,
+    first_byte: Option<Duration>,
+    bytes_out: u64,
+    error_kind: Option<&'static str>,
+    complete: bool,
+    /// Set once the response headers went out; decides between "failed" and "client went away".
+    responding: bool,
+}
+
+impl RequestRecord {
+    pub fn new(request_id: http::HeaderValue, method: &http::Method, path: &str, access_log: bool) -> Self {
+        gauge!("gateway_requests_in_flight").increment(1.0);
+        RequestRecord {
+            request_id,
+            method: method_label(method),
+            route: route_label(path),
+            started: Instant::now(),
+            access_log,
+            status: 0,
+            stream: false,
+            first_byte: None,
+            bytes_out: 0,
+            error_kind: None,
+            complete: false,
+            responding: false,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+
+    /// The response headers are about to be sent.
+    pub fn set_response(&mut self, status: u16, stream: bool) {
+        self.status = status;
+        self.stream = stream;
+        self.responding = true;
+        if stream {
+            gauge!("gateway_streams_active").increment(1.0);
+        }
+    }
+
+    /// The request failed before any response headers were sent.
+    pub fn set_failed(&mut self, error: &ProxyError) {
+        self.status = error.status().as_u16();
+        self.set_error(error);
+        self.complete = true;
+    }
+
+    pub fn set_error(&mut self, error: &ProxyError) {
+        self.error_kind = error_kind(error);
+    }
+
+    pub fn add_bytes(&mut self, len: usize) {
+        if self.first_byte.is_none() && len > 0 {
+            let elapsed = self.started.elapsed();
+            self.first_byte = Some(elapsed);
+            if self.stream {
+                histogram!("gateway_time_to_first_byte_seconds", "route" => self.route).record(elapsed.as_secs_f64());
+            }
+        }
+        self.bytes_out += len as u64;
+    }
+
+    pub fn set_complete(&mut self) {
+        self.complete = true;
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if !self.complete && self.error_kind.is_none() {
+            // Dropped before the end and without an upstream error: the client went away.
+            self.error_kind = Some("client_disconnect");
+        }
+        let duration = self.started.elapsed();
+        gauge!("gateway_requests_in_flight").decrement(1.0);
+        if self.stream && self.responding {
+            gauge!("gateway_streams_active").decrement(1.0);
+        }
+        let status = if self.status == 0 { 499 } else { self.status };
+        counter!("gateway_requests_total", "route" => self.route, "method" => self.method, "status" => status.to_string())
+            .increment(1);
+        let stream_label = if self.stream { "true" } else { "false" };
+        histogram!("gateway_request_duration_seconds", "route" => self.route, "stream" => stream_label)
+            .record(duration.as_secs_f64());
+        if let Some(kind) = self.error_kind {
+            counter!("gateway_upstream_errors_total", "kind" => kind).increment(1);
+        }
+        if self.access_log {
+            tracing::info!(
+                target: "gateway::access",
+                request_id = %self.request_id(),
+                method = self.method,
+                route = self.route,
+                status,
+                duration_ms = duration.as_secs_f64() * 1000.0,
+                ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+                bytes_out = self.bytes_out,
+                stream = self.stream,
+                error = self.error_kind,
+                "request finished"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_are_bounded() {
+        assert_eq!(route_label("/v1/responses"), "/v1/responses");
+        assert_eq!(route_label("/v1/responses/resp_123"), "/v1/responses/{id}");
+        assert_eq!(route_label("/v1/anything/else"), "/v1/other");
+        assert_eq!(route_label("/random/8f3a"), "other");
+    }
+}
