@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start `vllm serve <MODEL>` as a supervised child and proxy to it once it is ready.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -79,7 +79,13 @@ pub struct ProxyArgs {
     pub upstream_api_key: Option<String>,
 
     /// Require clients to present this key (repeatable; the env var takes a comma-separated list).
-    #[arg(long = "api-key", env = "GATEWAY_API_KEY", value_name = "KEY", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "GATEWAY_API_KEY",
+        value_name = "KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
 
     /// Time allowed to open a connection to the upstream [default: 10s].
@@ -158,7 +164,12 @@ pub struct ServeArgs {
     pub vllm_port: Option<u16>,
 
     /// Extra environment for the child, K=V (repeatable).
-    #[arg(long = "child-env", env = "GATEWAY_CHILD_ENV", value_name = "K=V", value_delimiter = ',')]
+    #[arg(
+        long = "child-env",
+        env = "GATEWAY_CHILD_ENV",
+        value_name = "K=V",
+        value_delimiter = ','
+    )]
     pub child_env: Vec<String>,
 
     /// When to restart vLLM after it exits [default: on-failure].
@@ -182,7 +193,11 @@ pub struct ServeArgs {
     pub max_restarts: Option<u32>,
 
     /// Child exit codes that are never restarted, comma-separated [default: none].
-    #[arg(long, env = "GATEWAY_RESTART_PREVENT_EXIT_CODES", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "GATEWAY_RESTART_PREVENT_EXIT_CODES",
+        value_delimiter = ','
+    )]
     pub restart_prevent_exit_codes: Vec<i32>,
 
     /// Interval between /health probes while vLLM starts [default: 500ms].

@@ -145,7 +145,13 @@ impl fmt::Display for ConfigErrors {
                 f.write_str("\n")?;
             }
             match &error.file {
-                Some(file) => write!(f, "{}: key `{}`: {}", file.display(), error.key, error.message)?,
+                Some(file) => write!(
+                    f,
+                    "{}: key `{}`: {}",
+                    file.display(),
+                    error.key,
+                    error.message
+                )?,
                 None => write!(f, "`{}`: {}", error.key, error.message)?,
             }
         }
@@ -178,7 +184,11 @@ pub fn load(
     // Every file key is read before anything is decided, so that each one is validated even
     // when a flag overrides it.
     let llm_api_base = a.llm_api_base.clone().or(file.string("llm_api_base"));
-    let host = a.host.clone().or(file.string("host")).unwrap_or_else(|| "0.0.0.0".into());
+    let host = a
+        .host
+        .clone()
+        .or(file.string("host"))
+        .unwrap_or_else(|| "0.0.0.0".into());
     let port = a.port.or(file.integer("port")).unwrap_or(DEFAULT_PORT);
     let upstream_api_key = a
         .upstream_api_key
@@ -189,36 +199,107 @@ pub fn load(
         .or(file.string("upstream_api_key"))
         .filter(|key| !key.is_empty());
     let file_api_keys = file.string_list("api_keys");
-    let api_keys = if a.api_keys.is_empty() { file_api_keys.unwrap_or_default() } else { a.api_keys.clone() };
+    let api_keys = if a.api_keys.is_empty() {
+        file_api_keys.unwrap_or_default()
+    } else {
+        a.api_keys.clone()
+    };
     let file_origins = file.string_list("cors_allowed_origins");
-    let origins =
-        if a.cors_allowed_origins.is_empty() { file_origins.unwrap_or_default() } else { a.cors_allowed_origins.clone() };
-    let connect_timeout = a.connect_timeout.or(file.duration("connect_timeout")).unwrap_or(secs(10));
-    let request_timeout = a.request_timeout.or(file.duration("request_timeout")).unwrap_or(secs(600));
-    let first_byte_timeout = a.first_byte_timeout.or(file.duration("first_byte_timeout")).unwrap_or(secs(600));
-    let stream_idle_timeout = a.stream_idle_timeout.or(file.duration("stream_idle_timeout")).unwrap_or(secs(300));
-    let pool_idle_timeout = a.pool_idle_timeout.or(file.duration("pool_idle_timeout")).unwrap_or(secs(4));
-    let max_body_bytes = a.max_body_bytes.or(file.integer("max_body_bytes")).unwrap_or(DEFAULT_MAX_BODY_BYTES);
-    let drain_timeout = a.drain_timeout.or(file.duration("drain_timeout")).unwrap_or(secs(30));
-    let health_interval = a.health_interval.or(file.duration("health_interval")).unwrap_or(secs(5));
-    let health_timeout = a.health_timeout.or(file.duration("health_timeout")).unwrap_or(secs(5));
-    let log_level = a.log_level.clone().or(file.string("log_level")).unwrap_or_else(|| "info".into());
-    let log_format = a.log_format.or(file.parsed("log_format", "one of auto, text, json, journald", parse_log_format));
+    let origins = if a.cors_allowed_origins.is_empty() {
+        file_origins.unwrap_or_default()
+    } else {
+        a.cors_allowed_origins.clone()
+    };
+    let connect_timeout = a
+        .connect_timeout
+        .or(file.duration("connect_timeout"))
+        .unwrap_or(secs(10));
+    let request_timeout = a
+        .request_timeout
+        .or(file.duration("request_timeout"))
+        .unwrap_or(secs(600));
+    let first_byte_timeout = a
+        .first_byte_timeout
+        .or(file.duration("first_byte_timeout"))
+        .unwrap_or(secs(600));
+    let stream_idle_timeout = a
+        .stream_idle_timeout
+        .or(file.duration("stream_idle_timeout"))
+        .unwrap_or(secs(300));
+    let pool_idle_timeout = a
+        .pool_idle_timeout
+        .or(file.duration("pool_idle_timeout"))
+        .unwrap_or(secs(4));
+    let max_body_bytes = a
+        .max_body_bytes
+        .or(file.integer("max_body_bytes"))
+        .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let drain_timeout = a
+        .drain_timeout
+        .or(file.duration("drain_timeout"))
+        .unwrap_or(secs(30));
+    let health_interval = a
+        .health_interval
+        .or(file.duration("health_interval"))
+        .unwrap_or(secs(5));
+    let health_timeout = a
+        .health_timeout
+        .or(file.duration("health_timeout"))
+        .unwrap_or(secs(5));
+    let log_level = a
+        .log_level
+        .clone()
+        .or(file.string("log_level"))
+        .unwrap_or_else(|| "info".into());
+    let log_format = a.log_format.or(file.parsed(
+        "log_format",
+        "one of auto, text, json, journald",
+        parse_log_format,
+    ));
     let access_log = a.access_log.or(file.boolean("access_log")).unwrap_or(true);
-    let metrics_merge_upstream = a.metrics_merge_upstream.or(file.boolean("metrics_merge_upstream")).unwrap_or(false);
+    let metrics_merge_upstream = a
+        .metrics_merge_upstream
+        .or(file.boolean("metrics_merge_upstream"))
+        .unwrap_or(false);
 
     let s = serve_args;
     let model = s.model.clone().or(file.string("model"));
-    let vllm_bin = s.vllm_bin.clone().or(file.string("vllm_bin")).unwrap_or_else(|| "vllm".into());
-    let vllm_port = s.vllm_port.or(file.integer("vllm_port")).unwrap_or(DEFAULT_VLLM_PORT);
+    let vllm_bin = s
+        .vllm_bin
+        .clone()
+        .or(file.string("vllm_bin"))
+        .unwrap_or_else(|| "vllm".into());
+    let vllm_port = s
+        .vllm_port
+        .or(file.integer("vllm_port"))
+        .unwrap_or(DEFAULT_VLLM_PORT);
     let file_vllm_args = file.string_list("vllm_args");
-    let vllm_args = if s.vllm_args.is_empty() { file_vllm_args.unwrap_or_default() } else { s.vllm_args.clone() };
+    let vllm_args = if s.vllm_args.is_empty() {
+        file_vllm_args.unwrap_or_default()
+    } else {
+        s.vllm_args.clone()
+    };
     let file_child_env = file.string_list("child_env");
-    let child_env = if s.child_env.is_empty() { file_child_env.unwrap_or_default() } else { s.child_env.clone() };
-    let restart = s.restart.or(file.parsed("restart", "one of no, on-failure, always", parse_restart));
-    let restart_delay = s.restart_delay.or(file.duration("restart_delay")).unwrap_or(secs(1));
-    let restart_max_delay = s.restart_max_delay.or(file.duration("restart_max_delay")).unwrap_or(secs(60));
-    let restart_reset_after = s.restart_reset_after.or(file.duration("restart_reset_after")).unwrap_or(secs(300));
+    let child_env = if s.child_env.is_empty() {
+        file_child_env.unwrap_or_default()
+    } else {
+        s.child_env.clone()
+    };
+    let restart =
+        s.restart
+            .or(file.parsed("restart", "one of no, on-failure, always", parse_restart));
+    let restart_delay = s
+        .restart_delay
+        .or(file.duration("restart_delay"))
+        .unwrap_or(secs(1));
+    let restart_max_delay = s
+        .restart_max_delay
+        .or(file.duration("restart_max_delay"))
+        .unwrap_or(secs(60));
+    let restart_reset_after = s
+        .restart_reset_after
+        .or(file.duration("restart_reset_after"))
+        .unwrap_or(secs(300));
     let max_restarts = s.max_restarts.or(file.integer("max_restarts")).unwrap_or(5);
     let file_prevent = file.integer_list("restart_prevent_exit_codes");
     let restart_prevent_exit_codes = if s.restart_prevent_exit_codes.is_empty() {
@@ -226,31 +307,55 @@ pub fn load(
     } else {
         s.restart_prevent_exit_codes.clone()
     };
-    let startup_poll_interval =
-        s.startup_poll_interval.or(file.duration("startup_poll_interval")).unwrap_or(Duration::from_millis(500));
-    let startup_timeout = s.startup_timeout.or(file.duration("startup_timeout")).unwrap_or(secs(1800));
-    let health_failures = s.health_failures.or(file.integer("health_failures")).unwrap_or(3);
-    let ready_wait_timeout = s.ready_wait_timeout.or(file.duration("ready_wait_timeout")).unwrap_or(secs(30));
-    let stop_timeout = s.stop_timeout.or(file.duration("stop_timeout")).unwrap_or(secs(30));
+    let startup_poll_interval = s
+        .startup_poll_interval
+        .or(file.duration("startup_poll_interval"))
+        .unwrap_or(Duration::from_millis(500));
+    let startup_timeout = s
+        .startup_timeout
+        .or(file.duration("startup_timeout"))
+        .unwrap_or(secs(1800));
+    let health_failures = s
+        .health_failures
+        .or(file.integer("health_failures"))
+        .unwrap_or(3);
+    let ready_wait_timeout = s
+        .ready_wait_timeout
+        .or(file.duration("ready_wait_timeout"))
+        .unwrap_or(secs(30));
+    let stop_timeout = s
+        .stop_timeout
+        .or(file.duration("stop_timeout"))
+        .unwrap_or(secs(30));
 
     errors.append(&mut file.finish());
     let file_path = file.path.clone();
     let mut error = |key: &str, message: String| {
         // A value is blamed on the file only when no flag or variable could have supplied it;
         // that is imprecise for overridden keys, but those were valid enough to parse.
-        errors.push(ConfigError { file: file_path.clone(), key: key.into(), message });
+        errors.push(ConfigError {
+            file: file_path.clone(),
+            key: key.into(),
+            message,
+        });
     };
 
     let ip: Option<IpAddr> = match host.parse() {
         Ok(ip) => Some(ip),
         Err(_) => {
-            error("host", format!("expected an IP address such as 0.0.0.0 or ::1, got {host:?}"));
+            error(
+                "host",
+                format!("expected an IP address such as 0.0.0.0 or ::1, got {host:?}"),
+            );
             None
         }
     };
     let base = match (mode, &llm_api_base) {
         (Mode::Serve, Some(_)) => {
-            error("llm_api_base", "cannot be used with `serve`: the gateway proxies to the vLLM it starts".into());
+            error(
+                "llm_api_base",
+                "cannot be used with `serve`: the gateway proxies to the vLLM it starts".into(),
+            );
             None
         }
         (Mode::Serve, None) => Some(format!("http://127.0.0.1:{vllm_port}")),
@@ -262,13 +367,20 @@ pub fn load(
             }
         },
         (Mode::Standalone, None) => {
-            error("llm_api_base", "is required: pass --llm-api-base http://127.0.0.1:8000, or use `gateway serve`".into());
+            error(
+                "llm_api_base",
+                "is required: pass --llm-api-base http://127.0.0.1:8000, or use `gateway serve`"
+                    .into(),
+            );
             None
         }
         (Mode::Check, None) => Some(String::new()),
     };
     if mode == Mode::Serve && model.as_deref().is_none_or(str::is_empty) {
-        error("model", "is required: `gateway serve <MODEL>` or `model = \"...\"` in the config file".into());
+        error(
+            "model",
+            "is required: `gateway serve <MODEL>` or `model = \"...\"` in the config file".into(),
+        );
     }
     let cors = if origins.is_empty() {
         None
@@ -276,8 +388,15 @@ pub fn load(
         Some(Cors::AnyOrigin)
     } else {
         for origin in &origins {
-            if !(origin.starts_with("http://") || origin.starts_with("https://")) || http::HeaderValue::from_str(origin).is_err() {
-                error("cors_allowed_origins", format!("expected origins like \"https://app.example\" or \"*\", got {origin:?}"));
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || http::HeaderValue::from_str(origin).is_err()
+            {
+                error(
+                    "cors_allowed_origins",
+                    format!(
+                        "expected origins like \"https://app.example\" or \"*\", got {origin:?}"
+                    ),
+                );
             }
         }
         Some(Cors::Origins(origins))
@@ -285,7 +404,10 @@ pub fn load(
     let mut api_key_secrets = Vec::with_capacity(api_keys.len());
     for key in api_keys {
         if key.is_empty() || http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
-            error("api_keys", "every key must be non-empty printable ASCII".into());
+            error(
+                "api_keys",
+                "every key must be non-empty printable ASCII".into(),
+            );
         } else {
             api_key_secrets.push(Secret(key));
         }
@@ -315,18 +437,31 @@ pub fn load(
         error("max_body_bytes", "must be greater than zero".into());
     }
     if restart_delay > restart_max_delay {
-        error("restart_delay", format!("must not exceed restart_max_delay ({})", humantime::format_duration(restart_max_delay)));
+        error(
+            "restart_delay",
+            format!(
+                "must not exceed restart_max_delay ({})",
+                humantime::format_duration(restart_max_delay)
+            ),
+        );
     }
     if health_failures == 0 {
         error("health_failures", "must be at least 1".into());
     }
     if log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
-        error("log_level", format!("expected a level or filter such as \"info\" or \"gateway=debug\", got {log_level:?}"));
+        error(
+            "log_level",
+            format!(
+                "expected a level or filter such as \"info\" or \"gateway=debug\", got {log_level:?}"
+            ),
+        );
     }
     let mut child_env_pairs = Vec::with_capacity(child_env.len());
     for pair in &child_env {
         match pair.split_once('=') {
-            Some((name, value)) if !name.is_empty() && !name.contains('\0') && !value.contains('\0') => {
+            Some((name, value))
+                if !name.is_empty() && !name.contains('\0') && !value.contains('\0') =>
+            {
                 child_env_pairs.push((name.to_string(), value.to_string()));
             }
             _ => error("child_env", format!("expected K=V, got {pair:?}")),
@@ -362,7 +497,10 @@ pub fn load(
     Ok(Config {
         file: file.path,
         listen: SocketAddr::new(ip, port),
-        upstream: UpstreamConfig { base, api_key: upstream_api_key.map(Secret) },
+        upstream: UpstreamConfig {
+            base,
+            api_key: upstream_api_key.map(Secret),
+        },
         proxy: ProxyConfig {
             api_keys: api_key_secrets,
             max_body_bytes,
@@ -373,9 +511,16 @@ pub fn load(
             pool_idle_timeout,
             cors,
         },
-        health: HealthConfig { interval: health_interval, timeout: health_timeout },
+        health: HealthConfig {
+            interval: health_interval,
+            timeout: health_timeout,
+        },
         drain_timeout,
-        log: LogConfig { level: log_level, format: log_format.unwrap_or(LogFormat::Auto), access_log },
+        log: LogConfig {
+            level: log_level,
+            format: log_format.unwrap_or(LogFormat::Auto),
+            access_log,
+        },
         metrics_merge_upstream,
         serve,
     })
@@ -384,7 +529,9 @@ pub fn load(
 impl Config {
     /// For `--vllm-port 0`: asks the kernel for a free loopback port and points the upstream at it.
     pub fn resolve_vllm_port(&mut self) -> std::io::Result<()> {
-        let Some(serve) = &mut self.serve else { return Ok(()) };
+        let Some(serve) = &mut self.serve else {
+            return Ok(());
+        };
         if serve.vllm_port == 0 {
             let probe = std::net::TcpListener::bind(("127.0.0.1", 0))?;
             serve.vllm_port = probe.local_addr()?.port();
@@ -397,7 +544,9 @@ impl Config {
 /// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
 fn normalise_base_url(url: &str) -> Result<String, String> {
     let expected = "expected an http:// or https:// URL such as http://127.0.0.1:8000";
-    let uri: http::Uri = url.parse().map_err(|_| format!("{expected}, got {url:?}"))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| format!("{expected}, got {url:?}"))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => return Err(format!("{expected}, got {url:?}")),
@@ -435,15 +584,31 @@ struct FileValues {
 
 impl FileValues {
     fn empty() -> Self {
-        FileValues { path: None, table: toml::Table::new(), known: BTreeSet::new(), errors: Vec::new() }
+        FileValues {
+            path: None,
+            table: toml::Table::new(),
+            known: BTreeSet::new(),
+            errors: Vec::new(),
+        }
     }
 
     fn read(path: &Path) -> Result<Self, ConfigError> {
-        let whole_file = |message: String| ConfigError { file: Some(path.to_path_buf()), key: "(file)".into(), message };
-        let text = std::fs::read_to_string(path).map_err(|err| whole_file(format!("cannot read the file: {err}")))?;
-        let table: toml::Table =
-            text.parse().map_err(|err: toml::de::Error| whole_file(format!("not valid TOML: {}", err.message())))?;
-        Ok(FileValues { path: Some(path.to_path_buf()), table, known: BTreeSet::new(), errors: Vec::new() })
+        let whole_file = |message: String| ConfigError {
+            file: Some(path.to_path_buf()),
+            key: "(file)".into(),
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| whole_file(format!("cannot read the file: {err}")))?;
+        let table: toml::Table = text.parse().map_err(|err: toml::de::Error| {
+            whole_file(format!("not valid TOML: {}", err.message()))
+        })?;
+        Ok(FileValues {
+            path: Some(path.to_path_buf()),
+            table,
+            known: BTreeSet::new(),
+            errors: Vec::new(),
+        })
     }
 
     fn take(&mut self, key: &'static str) -> Option<toml::Value> {
@@ -508,12 +673,21 @@ impl FileValues {
             _ => None,
         };
         if parsed.is_none() {
-            self.mistake(key, "a duration string like \"500ms\", \"30s\" or \"10m\"", &value);
+            self.mistake(
+                key,
+                "a duration string like \"500ms\", \"30s\" or \"10m\"",
+                &value,
+            );
         }
         parsed
     }
 
-    fn parsed<T>(&mut self, key: &'static str, expected: &str, parse: fn(&str) -> Option<T>) -> Option<T> {
+    fn parsed<T>(
+        &mut self,
+        key: &'static str,
+        expected: &str,
+        parse: fn(&str) -> Option<T>,
+    ) -> Option<T> {
         let value = self.take(key)?;
         let parsed = value.as_str().and_then(parse);
         if parsed.is_none() {
@@ -525,7 +699,10 @@ impl FileValues {
     fn string_list(&mut self, key: &'static str) -> Option<Vec<String>> {
         let value = self.take(key)?;
         let list = value.as_array().and_then(|items| {
-            items.iter().map(|item| item.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+            items
+                .iter()
+                .map(|item| item.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
         });
         if list.is_none() {
             self.mistake(key, "an array of strings", &value);
@@ -538,7 +715,10 @@ impl FileValues {
         let list = value.as_array().and_then(|items| {
             items
                 .iter()
-                .map(|item| item.as_integer().and_then(|number| i32::try_from(number).ok()))
+                .map(|item| {
+                    item.as_integer()
+                        .and_then(|number| i32::try_from(number).ok())
+                })
                 .collect::<Option<Vec<_>>>()
         });
         if list.is_none() {
@@ -594,7 +774,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, text).expect("write");
-        let args = ProxyArgs { config: Some(path), ..ProxyArgs::default() };
+        let args = ProxyArgs {
+            config: Some(path),
+            ..ProxyArgs::default()
+        };
         load(&args, None, mode, &no_env)
     }
 
@@ -618,19 +801,35 @@ mod tests {
 
     #[test]
     fn every_mistake_is_reported_at_once_with_key_and_file() {
-        let err = load_file("port = \"x\"\nconnect_timeout = \"soon\"\nbogus = 1\n", Mode::Check).expect_err("invalid");
+        let err = load_file(
+            "port = \"x\"\nconnect_timeout = \"soon\"\nbogus = 1\n",
+            Mode::Check,
+        )
+        .expect_err("invalid");
         let text = err.to_string();
         assert_eq!(err.0.len(), 3, "{text}");
-        assert!(text.contains("key `port`: expected an integer from 0 to 65535"), "{text}");
-        assert!(text.contains("key `connect_timeout`: expected a duration"), "{text}");
+        assert!(
+            text.contains("key `port`: expected an integer from 0 to 65535"),
+            "{text}"
+        );
+        assert!(
+            text.contains("key `connect_timeout`: expected a duration"),
+            "{text}"
+        );
         assert!(text.contains("key `bogus`: unknown key"), "{text}");
         assert!(text.contains("gateway.toml"), "{text}");
     }
 
     #[test]
     fn trailing_v1_on_the_base_url_is_normalised() {
-        assert_eq!(normalise_base_url("http://127.0.0.1:8000/v1/").as_deref(), Ok("http://127.0.0.1:8000"));
-        assert_eq!(normalise_base_url("https://h/prefix/v1").as_deref(), Ok("https://h/prefix"));
+        assert_eq!(
+            normalise_base_url("http://127.0.0.1:8000/v1/").as_deref(),
+            Ok("http://127.0.0.1:8000")
+        );
+        assert_eq!(
+            normalise_base_url("https://h/prefix/v1").as_deref(),
+            Ok("https://h/prefix")
+        );
         assert!(normalise_base_url("127.0.0.1:8000").is_err());
         assert!(normalise_base_url("ftp://h").is_err());
     }
@@ -639,19 +838,36 @@ mod tests {
     fn flags_win_over_environment_keys_and_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, "llm_api_base = \"http://a:1\"\nport = 1111\nupstream_api_key = \"file-key\"\n").expect("write");
-        let args = ProxyArgs { config: Some(path), port: Some(2222), ..ProxyArgs::default() };
+        std::fs::write(
+            &path,
+            "llm_api_base = \"http://a:1\"\nport = 1111\nupstream_api_key = \"file-key\"\n",
+        )
+        .expect("write");
+        let args = ProxyArgs {
+            config: Some(path),
+            port: Some(2222),
+            ..ProxyArgs::default()
+        };
         let env: HashMap<&str, &str> = HashMap::from([("VLLM_API_KEY", "env-key")]);
-        let config = load(&args, None, Mode::Standalone, &|name| env.get(name).map(|v| v.to_string())).expect("valid");
+        let config = load(&args, None, Mode::Standalone, &|name| {
+            env.get(name).map(|v| v.to_string())
+        })
+        .expect("valid");
         assert_eq!(config.listen.port(), 2222);
-        assert_eq!(config.upstream.api_key.as_ref().map(Secret::expose), Some("env-key"));
+        assert_eq!(
+            config.upstream.api_key.as_ref().map(Secret::expose),
+            Some("env-key")
+        );
         assert_eq!(config.upstream.base, "http://a:1");
     }
 
     #[test]
     fn secrets_never_show_in_debug_output() {
-        let config = load_file("llm_api_base = \"http://a:1\"\nupstream_api_key = \"sk-topsecret\"\n", Mode::Standalone)
-            .expect("valid");
+        let config = load_file(
+            "llm_api_base = \"http://a:1\"\nupstream_api_key = \"sk-topsecret\"\n",
+            Mode::Standalone,
+        )
+        .expect("valid");
         assert!(!format!("{config:?}").contains("topsecret"));
     }
 

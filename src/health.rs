@@ -27,11 +27,18 @@ pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
     let ready = status.is_ready(state.probe_freshness) && !state.draining.is_cancelled();
     let mut report = status.report(ready, state.draining.is_cancelled());
     let alive = match &status {
-        UpstreamStatus::Child(child) => !matches!(child.state, crate::supervisor::state::ChildState::Exited { .. }),
+        UpstreamStatus::Child(child) => !matches!(
+            child.state,
+            crate::supervisor::state::ChildState::Exited { .. }
+        ),
         UpstreamStatus::External(_) => true,
     };
     report.status = if alive { "alive" } else { "dead" };
-    let code = if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if alive {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(report)).into_response()
 }
 
@@ -40,7 +47,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let draining = state.draining.is_cancelled();
     let status = state.status.borrow().clone();
     let ready = !draining && status.is_ready(state.probe_freshness);
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(status.report(ready, draining))).into_response()
 }
 
@@ -52,7 +63,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut body = handle.render();
     if state.metrics_merge_upstream {
         let url = format!("{}/metrics", state.upstream_base);
-        match state.client.get(url).timeout(Duration::from_secs(5)).send().await {
+        match state
+            .client
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
             Ok(response) if response.status().is_success() => {
                 if let Ok(text) = response.text().await {
                     if !body.ends_with('\n') {
@@ -61,11 +78,20 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                     body.push_str(&text);
                 }
             }
-            Ok(response) => tracing::debug!(status = %response.status(), "upstream /metrics failed"),
+            Ok(response) => {
+                tracing::debug!(status = %response.status(), "upstream /metrics failed")
+            }
             Err(error) => tracing::debug!(error = %error, "upstream /metrics failed"),
         }
     }
-    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// A client for probes: no pooling, so every probe opens a fresh connection.
@@ -84,16 +110,22 @@ pub async fn probe(client: &reqwest::Client, base: &str, timeout: Duration) -> R
     match client.get(&url).timeout(timeout).send().await {
         Ok(response) if response.status() == StatusCode::OK => Ok(()),
         Ok(response) => Err(format!("upstream /health answered {}", response.status())),
-        Err(error) if error.is_timeout() => {
-            Err(format!("upstream /health did not answer within {}", humantime::format_duration(timeout)))
-        }
+        Err(error) if error.is_timeout() => Err(format!(
+            "upstream /health did not answer within {}",
+            humantime::format_duration(timeout)
+        )),
         Err(error) if error.is_connect() => Err("upstream /health: connection refused".into()),
         Err(_) => Err("upstream /health: connection failed".into()),
     }
 }
 
 /// Standalone mode: probes the upstream every interval and publishes the outcome.
-pub async fn poll_upstream(base: String, health: HealthConfig, status: watch::Sender<UpstreamStatus>, cancel: CancellationToken) {
+pub async fn poll_upstream(
+    base: String,
+    health: HealthConfig,
+    status: watch::Sender<UpstreamStatus>,
+    cancel: CancellationToken,
+) {
     let client = probe_client();
     let mut interval = tokio::time::interval(health.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,7 +144,13 @@ pub async fn poll_upstream(base: String, health: HealthConfig, status: watch::Se
             }
             was_ok = Some(ok);
         }
-        let probe = Probe { ok, at: Instant::now(), detail: outcome.err().unwrap_or_default() };
-        status.send_replace(UpstreamStatus::External(ExternalHealth { last_probe: Some(probe) }));
+        let probe = Probe {
+            ok,
+            at: Instant::now(),
+            detail: outcome.err().unwrap_or_default(),
+        };
+        status.send_replace(UpstreamStatus::External(ExternalHealth {
+            last_probe: Some(probe),
+        }));
     }
 }

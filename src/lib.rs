@@ -117,11 +117,22 @@ async fn run_standalone(
     shutdown: Shutdown,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<u8> {
-    let (status_tx, status_rx) = watch::channel(UpstreamStatus::External(ExternalHealth::default()));
+    let (status_tx, status_rx) =
+        watch::channel(UpstreamStatus::External(ExternalHealth::default()));
     let listener = bind(&config).await?;
     let tracker = TaskTracker::new();
-    tracker.spawn(health::poll_upstream(config.upstream.base.clone(), config.health, status_tx, shutdown.graceful.clone()));
-    let state = Arc::new(AppState::new(&config, status_rx, metrics, shutdown.graceful.clone())?);
+    tracker.spawn(health::poll_upstream(
+        config.upstream.base.clone(),
+        config.health,
+        status_tx,
+        shutdown.graceful.clone(),
+    ));
+    let state = Arc::new(AppState::new(
+        &config,
+        status_rx,
+        metrics,
+        shutdown.graceful.clone(),
+    )?);
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
     proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
@@ -138,12 +149,20 @@ async fn run_serve(
     control: mpsc::UnboundedReceiver<Control>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<u8> {
-    let serve = config.serve.clone().expect("run_serve is only called with a serve config");
+    let serve = config
+        .serve
+        .clone()
+        .expect("run_serve is only called with a serve config");
     let serve_startup_timeout = serve.startup_timeout;
     // The supervisor stops the child when this is cancelled: after the drain, not at the signal.
     let stop_child = tokio_util::sync::CancellationToken::new();
-    let (status_rx, supervisor_task) =
-        supervisor::start(serve, config.upstream.base.clone(), config.health, control, stop_child.clone());
+    let (status_rx, supervisor_task) = supervisor::start(
+        serve,
+        config.upstream.base.clone(),
+        config.health,
+        control,
+        stop_child.clone(),
+    );
     let notifier = tokio::spawn(notify::follow(status_rx.clone(), serve_startup_timeout));
 
     // The listener opens only once the child is ready the first time.
@@ -157,7 +176,12 @@ async fn run_serve(
     let exit = if became_ready {
         // Draining starts at a stop signal, or when the child is gone for good.
         let draining = shutdown.graceful.child_token();
-        let state = Arc::new(AppState::new(&config, status_rx.clone(), metrics, draining.clone())?);
+        let state = Arc::new(AppState::new(
+            &config,
+            status_rx.clone(),
+            metrics,
+            draining.clone(),
+        )?);
         let listener = bind(&config).await?;
         notify::ready("ready");
         tracing::info!(listen = %config.listen, "gateway listening");
@@ -201,7 +225,10 @@ async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
 
 /// `gateway healthcheck`: 0 when the URL answers 200, 1 otherwise.
 pub fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(_) => return ExitCode::from(EXIT_FAILURE),
     };

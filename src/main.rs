@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (mode, proxy_args, serve_args) = match &cli.command {
         None => (Mode::Standalone, &cli.proxy, None),
-        Some(Command::Serve(serve)) => (Mode::Serve, &serve.proxy, Some(serve)),
+        Some(Command::Serve(serve)) => (Mode::Serve, &serve.proxy, Some(&**serve)),
         Some(Command::Config(ConfigCommand::Check { file })) => return check_config(file),
         Some(Command::Healthcheck(args)) => return gateway::healthcheck(&args.url, args.timeout),
     };
@@ -32,7 +32,10 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     gateway::raise_open_files_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("gateway: cannot start the runtime: {error}");
@@ -46,7 +49,10 @@ fn main() -> ExitCode {
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
-    let args = ProxyArgs { config: Some(file.to_path_buf()), ..ProxyArgs::default() };
+    let args = ProxyArgs {
+        config: Some(file.to_path_buf()),
+        ..ProxyArgs::default()
+    };
     match config::load(&args, None, Mode::Check, &|_| None) {
         Ok(_) => {
             println!("{}: ok", file.display());

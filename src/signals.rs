@@ -64,9 +64,15 @@ pub fn install() -> std::io::Result<Signals> {
 
 /// Reads signals until the process ends. Forwarded signals go to `forward`; with no child they are
 /// logged and dropped.
-pub async fn handle(mut signals: Signals, shutdown: Shutdown, forward: mpsc::UnboundedSender<Control>) {
+pub async fn handle(
+    mut signals: Signals,
+    shutdown: Shutdown,
+    forward: mpsc::UnboundedSender<Control>,
+) {
     while let Some(signal) = signals.next().await {
-        let Some(action) = action_for(signal) else { continue };
+        let Some(action) = action_for(signal) else {
+            continue;
+        };
         let name = Signal::try_from(signal).map_or("unknown", Signal::as_str);
         match action {
             SignalAction::Stop => {
@@ -82,7 +88,10 @@ pub async fn handle(mut signals: Signals, shutdown: Shutdown, forward: mpsc::Unb
                 let _ = forward.send(Control::Forward(signal));
             }
             SignalAction::ForwardThenStop(signal) => {
-                tracing::info!(signal = name, "forwarding signal to vLLM, then shutting down");
+                tracing::info!(
+                    signal = name,
+                    "forwarding signal to vLLM, then shutting down"
+                );
                 let _ = forward.send(Control::Forward(signal));
                 shutdown.request();
             }
@@ -106,7 +115,13 @@ mod tests {
     #[test]
     fn signals_map_to_actions() {
         assert_eq!(action_for(SIGTERM), Some(SignalAction::Stop));
-        assert_eq!(action_for(SIGHUP), Some(SignalAction::Forward(Signal::SIGHUP)));
-        assert_eq!(action_for(SIGQUIT), Some(SignalAction::ForwardThenStop(Signal::SIGQUIT)));
+        assert_eq!(
+            action_for(SIGHUP),
+            Some(SignalAction::Forward(Signal::SIGHUP))
+        );
+        assert_eq!(
+            action_for(SIGQUIT),
+            Some(SignalAction::ForwardThenStop(Signal::SIGQUIT))
+        );
     }
 }

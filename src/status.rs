@@ -60,9 +60,10 @@ impl UpstreamStatus {
     /// probe may be.
     pub fn is_ready(&self, fresh_within: Duration) -> bool {
         match self {
-            UpstreamStatus::External(health) => {
-                health.last_probe.as_ref().is_some_and(|probe| probe.ok && probe.at.elapsed() <= fresh_within)
-            }
+            UpstreamStatus::External(health) => health
+                .last_probe
+                .as_ref()
+                .is_some_and(|probe| probe.ok && probe.at.elapsed() <= fresh_within),
             UpstreamStatus::Child(child) => matches!(child.state, ChildState::Ready { .. }),
         }
     }
@@ -74,7 +75,10 @@ impl UpstreamStatus {
         match self {
             UpstreamStatus::External(_) => true,
             UpstreamStatus::Child(child) => {
-                matches!(child.state, ChildState::Ready { .. } | ChildState::Unhealthy { .. })
+                matches!(
+                    child.state,
+                    ChildState::Ready { .. } | ChildState::Unhealthy { .. }
+                )
             }
         }
     }
@@ -83,16 +87,23 @@ impl UpstreamStatus {
     pub fn may_become_ready(&self) -> bool {
         match self {
             UpstreamStatus::External(_) => true,
-            UpstreamStatus::Child(child) => !matches!(child.state, ChildState::Exited { .. } | ChildState::Stopping { .. }),
+            UpstreamStatus::Child(child) => !matches!(
+                child.state,
+                ChildState::Exited { .. } | ChildState::Stopping { .. }
+            ),
         }
     }
 
     /// A hint for `Retry-After`, in whole seconds.
     pub fn retry_after_secs(&self) -> u64 {
         match self {
-            UpstreamStatus::Child(ChildStatus { state: ChildState::Backoff { until, .. }, .. }) => {
-                until.saturating_duration_since(Instant::now()).as_secs().max(1)
-            }
+            UpstreamStatus::Child(ChildStatus {
+                state: ChildState::Backoff { until, .. },
+                ..
+            }) => until
+                .saturating_duration_since(Instant::now())
+                .as_secs()
+                .max(1),
             _ => 5,
         }
     }

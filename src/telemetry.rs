@@ -35,11 +35,16 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
             registry.with(layer).try_init()?;
         }
         LogFormat::Json => {
-            let layer = tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr);
+            let layer = tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_writer(std::io::stderr);
             registry.with(layer).try_init()?;
         }
         LogFormat::Text | LogFormat::Auto => {
-            let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+            let layer = tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr);
             registry.with(layer).try_init()?;
         }
     }
@@ -51,14 +56,19 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
 fn stderr_is_journal() -> bool {
     use std::os::fd::AsFd;
 
-    let Ok(expected) = std::env::var("JOURNAL_STREAM") else { return false };
-    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else { return false };
+    let Ok(expected) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else {
+        return false;
+    };
     expected == format!("{}:{}", stat.st_dev, stat.st_ino)
 }
 
 /// Buckets for LLM calls: 5 ms up to 10 minutes.
-const LATENCY_BUCKETS: [f64; 16] =
-    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 /// Installs the global Prometheus recorder and returns the handle `/metrics` renders.
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -156,7 +166,12 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn new(request_id: http::HeaderValue, method: &http::Method, path: &str, access_log: bool) -> Self {
+    pub fn new(
+        request_id: http::HeaderValue,
+        method: &http::Method,
+        path: &str,
+        access_log: bool,
+    ) -> Self {
         gauge!("gateway_requests_in_flight").increment(1.0);
         RequestRecord {
             request_id,
@@ -204,7 +219,8 @@ impl RequestRecord {
             let elapsed = self.started.elapsed();
             self.first_byte = Some(elapsed);
             if self.stream {
-                histogram!("gateway_time_to_first_byte_seconds", "route" => self.route).record(elapsed.as_secs_f64());
+                histogram!("gateway_time_to_first_byte_seconds", "route" => self.route)
+                    .record(elapsed.as_secs_f64());
             }
         }
         self.bytes_out += len as u64;

@@ -114,10 +114,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use futures_util::{Stream, StreamExt, stream};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio::time::sleep;
 
@@ -292,7 +293,7 @@ struct AppState {
     responses_events: Arc<[Bytes]>,
     stats: Stats,
     /// The latest `/v1` request, as `/_mock/last-request` reports it.
-    last_request: Mutex<Option<Value>>,
+    last_request: Mutex<Option<RequestRecord>>,
     /// xorshift state for response ids; random enough to tell responses apart.
     id_state: AtomicU64,
 }
@@ -327,6 +328,140 @@ struct Outcome {
 struct TrackedBody {
     inner: Body,
     outcome: Outcome,
+}
+
+// Wire formats. Fields are declared in vLLM's order, which serde keeps and a JSON map would sort.
+
+/// Serializes as `null`, for the fields vLLM always sends empty.
+type Null = Option<()>;
+
+/// vLLM's `ErrorResponse`.
+#[derive(Serialize)]
+struct ErrorBody {
+    error: ErrorInfo,
+}
+
+#[derive(Serialize)]
+struct ErrorInfo {
+    message: String,
+    #[serde(rename = "type")]
+    kind: String,
+    param: Null,
+    code: u16,
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: Vec<ModelCard<'a>>,
+}
+
+#[derive(Serialize)]
+struct ModelCard<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    root: &'a str,
+    parent: Null,
+    max_model_len: u64,
+    permission: Vec<()>,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+    completion_tokens: usize,
+    prompt_tokens_details: Null,
+}
+
+#[derive(Serialize)]
+struct ChatCompletionBody<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChatChoice>,
+    service_tier: Null,
+    system_fingerprint: Null,
+    usage: Usage,
+    prompt_logprobs: Null,
+    kv_transfer_params: Null,
+}
+
+#[derive(Serialize)]
+struct ChatChoice {
+    index: u32,
+    message: ChatMessage,
+    logprobs: Null,
+    finish_reason: &'static str,
+    stop_reason: Null,
+}
+
+#[derive(Serialize)]
+struct ChatMessage {
+    role: &'static str,
+    content: String,
+    refusal: Null,
+    annotations: Null,
+    audio: Null,
+    function_call: Null,
+    tool_calls: Vec<()>,
+    reasoning_content: Null,
+}
+
+#[derive(Serialize)]
+struct ChatChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChunkChoice>,
+    /// Only the extra last chunk that `stream_options.include_usage` asks for has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice {
+    index: u32,
+    delta: Delta,
+    logprobs: Null,
+    finish_reason: Option<&'static str>,
+    /// vLLM sends `"stop_reason": null` on the finish chunk only, hence the double option.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<Null>,
+}
+
+#[derive(Serialize)]
+struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'static str>,
+}
+
+/// What `/_mock/stats` answers.
+#[derive(Serialize)]
+struct StatsBody {
+    pid: u32,
+    requests: u64,
+    completed: u64,
+    disconnects: u64,
+    signals: Vec<&'static str>,
+    health_hung: bool,
+}
+
+/// What `/_mock/last-request` answers.
+#[derive(Clone, Serialize)]
+struct RequestRecord {
+    method: String,
+    path: String,
+    query: Option<String>,
+    /// Lowercase names; the values of a repeated header are joined with ", ".
+    headers: BTreeMap<String, String>,
+    body_len: usize,
 }
 
 fn main() -> ExitCode {
@@ -997,20 +1132,22 @@ async fn version() -> Json<Value> {
     Json(json!({ "version": VERSION }))
 }
 
-async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served_model,
-            "object": "model",
-            "created": unix_now(),
-            "owned_by": "vllm",
-            "root": state.served_model,
-            "parent": null,
-            "max_model_len": MAX_MODEL_LEN,
-            "permission": [],
-        }],
-    }))
+async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    let card = ModelCard {
+        id: &state.served_model,
+        object: "model",
+        created: unix_now(),
+        owned_by: "vllm",
+        root: &state.served_model,
+        parent: None,
+        max_model_len: MAX_MODEL_LEN,
+        permission: Vec::new(),
+    };
+    Json(ModelList {
+        object: "list",
+        data: vec![card],
+    })
+    .into_response()
 }
 
 async fn create_response(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -1019,7 +1156,7 @@ async fn create_response(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     }
     let request = match parse_json_object(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
     };
     if !request.contains_key("input") {
         return openai_error(StatusCode::BAD_REQUEST, "Field required: input");
@@ -1044,7 +1181,7 @@ async fn create_chat_completion(State(state): State<Arc<AppState>>, body: Bytes)
     }
     let request = match parse_json_object(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
     };
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return openai_error(StatusCode::BAD_REQUEST, "Field required: messages");
@@ -1088,30 +1225,30 @@ async fn method_not_allowed() -> Response {
 
 // Test-control endpoints.
 
-async fn last_request(State(state): State<Arc<AppState>>) -> Json<Value> {
+async fn last_request(State(state): State<Arc<AppState>>) -> Json<Option<RequestRecord>> {
     let last = state
         .last_request
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    Json(last.unwrap_or(Value::Null))
+    Json(last)
 }
 
-async fn stats(State(state): State<Arc<AppState>>) -> Json<Value> {
+async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
     let stats = &state.stats;
     let signals = stats
         .signals
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    Json(json!({
-        "pid": std::process::id(),
-        "requests": stats.requests.load(Ordering::SeqCst),
-        "completed": stats.completed.load(Ordering::SeqCst),
-        "disconnects": stats.disconnects.load(Ordering::SeqCst),
-        "signals": signals,
-        "health_hung": stats.health_hung.load(Ordering::SeqCst),
-    }))
+    Json(StatsBody {
+        pid: std::process::id(),
+        requests: stats.requests.load(Ordering::SeqCst),
+        completed: stats.completed.load(Ordering::SeqCst),
+        disconnects: stats.disconnects.load(Ordering::SeqCst),
+        signals,
+        health_hung: stats.health_hung.load(Ordering::SeqCst),
+    })
 }
 
 async fn hang_health(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -1165,17 +1302,11 @@ async fn generation_preamble(state: &AppState) -> Option<Response> {
         .map(|status| openai_error(status, "mock failure"))
 }
 
-fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, Response> {
+fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, String> {
     match serde_json::from_slice(body) {
         Ok(Value::Object(request)) => Ok(request),
-        Ok(_) => Err(openai_error(
-            StatusCode::BAD_REQUEST,
-            "the request body must be a JSON object",
-        )),
-        Err(error) => Err(openai_error(
-            StatusCode::BAD_REQUEST,
-            format!("JSON decode error: {error}"),
-        )),
+        Ok(_) => Err("the request body must be a JSON object".to_owned()),
+        Err(error) => Err(format!("JSON decode error: {error}")),
     }
 }
 
@@ -1185,14 +1316,14 @@ fn wants_stream(request: &Map<String, Value>) -> bool {
 
 /// An error body in the shape vLLM's `ErrorResponse` has.
 fn openai_error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = json!({
-        "error": {
-            "message": message.into(),
-            "type": error_type(status),
-            "param": null,
-            "code": status.as_u16(),
-        }
-    });
+    let body = ErrorBody {
+        error: ErrorInfo {
+            message: message.into(),
+            kind: error_type(status),
+            param: None,
+            code: status.as_u16(),
+        },
+    };
     (status, Json(body)).into_response()
 }
 
@@ -1292,95 +1423,92 @@ struct ChatCompletion {
 }
 
 impl ChatCompletion {
-    fn usage(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "total_tokens": self.prompt_tokens + CHAT_PIECES.len(),
-            "completion_tokens": CHAT_PIECES.len(),
-            "prompt_tokens_details": null,
-        })
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            total_tokens: self.prompt_tokens + CHAT_PIECES.len(),
+            completion_tokens: CHAT_PIECES.len(),
+            prompt_tokens_details: None,
+        }
     }
 
-    fn whole(&self) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": CHAT_PIECES.concat(),
-                    "refusal": null,
-                    "annotations": null,
-                    "audio": null,
-                    "function_call": null,
-                    "tool_calls": [],
-                    "reasoning_content": null,
-                },
-                "logprobs": null,
-                "finish_reason": "stop",
-                "stop_reason": null,
+    fn whole(&self) -> ChatCompletionBody<'_> {
+        let message = ChatMessage {
+            role: "assistant",
+            content: CHAT_PIECES.concat(),
+            refusal: None,
+            annotations: None,
+            audio: None,
+            function_call: None,
+            tool_calls: Vec::new(),
+            reasoning_content: None,
+        };
+        ChatCompletionBody {
+            id: &self.id,
+            object: "chat.completion",
+            created: self.created,
+            model: &self.model,
+            choices: vec![ChatChoice {
+                index: 0,
+                message,
+                logprobs: None,
+                finish_reason: "stop",
+                stop_reason: None,
             }],
-            "service_tier": null,
-            "system_fingerprint": null,
-            "usage": self.usage(),
-            "prompt_logprobs": null,
-            "kv_transfer_params": null,
-        })
+            service_tier: None,
+            system_fingerprint: None,
+            usage: self.usage(),
+            prompt_logprobs: None,
+            kv_transfer_params: None,
+        }
     }
 
     /// The role chunk, one chunk per content piece, the finish chunk, the usage chunk when asked
     /// for, and `[DONE]`, as vLLM streams them.
     fn chunks(&self, include_usage: bool) -> Vec<Bytes> {
-        let mut chunks = vec![self.chunk(json!([{
-            "index": 0,
-            "delta": { "role": "assistant", "content": "" },
-            "logprobs": null,
-            "finish_reason": null,
-        }]))];
+        let role = ChunkChoice::delta(Some("assistant"), Some(""));
+        let mut chunks = vec![self.chunk(vec![role], None)];
         for piece in CHAT_PIECES {
-            chunks.push(self.chunk(json!([{
-                "index": 0,
-                "delta": { "content": piece },
-                "logprobs": null,
-                "finish_reason": null,
-            }])));
+            chunks.push(self.chunk(vec![ChunkChoice::delta(None, Some(piece))], None));
         }
-        chunks.push(self.chunk(json!([{
-            "index": 0,
-            "delta": {},
-            "logprobs": null,
-            "finish_reason": "stop",
-            "stop_reason": null,
-        }])));
+        let finish = ChunkChoice {
+            finish_reason: Some("stop"),
+            stop_reason: Some(None),
+            ..ChunkChoice::delta(None, None)
+        };
+        chunks.push(self.chunk(vec![finish], None));
         if include_usage {
-            let mut usage_chunk = self.chunk_value(json!([]));
-            usage_chunk["usage"] = self.usage();
-            chunks.push(sse_data(&usage_chunk));
+            chunks.push(self.chunk(Vec::new(), Some(self.usage())));
         }
         chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
         chunks
     }
 
-    fn chunk(&self, choices: Value) -> Bytes {
-        sse_data(&self.chunk_value(choices))
-    }
-
-    fn chunk_value(&self, choices: Value) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        })
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> Bytes {
+        let chunk = ChatChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        };
+        let json = serde_json::to_string(&chunk)
+            .expect("a chunk has only string keys and plain values, so it always serializes");
+        Bytes::from(format!("data: {json}\n\n"))
     }
 }
 
-fn sse_data(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
+impl ChunkChoice {
+    fn delta(role: Option<&'static str>, content: Option<&'static str>) -> Self {
+        ChunkChoice {
+            index: 0,
+            delta: Delta { role, content },
+            logprobs: None,
+            finish_reason: None,
+            stop_reason: None,
+        }
+    }
 }
 
 /// A rough prompt size for the usage block: the words in the messages' text.
@@ -1439,7 +1567,7 @@ impl AppState {
     }
 
     fn record_last_request(&self, parts: &Parts, body_len: usize) {
-        let mut headers = Map::new();
+        let mut headers = BTreeMap::new();
         for name in parts.headers.keys() {
             let values: Vec<_> = parts
                 .headers
@@ -1447,15 +1575,15 @@ impl AppState {
                 .iter()
                 .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
                 .collect();
-            headers.insert(name.as_str().to_owned(), Value::String(values.join(", ")));
+            headers.insert(name.as_str().to_owned(), values.join(", "));
         }
-        let record = json!({
-            "method": parts.method.as_str(),
-            "path": parts.uri.path(),
-            "query": parts.uri.query(),
-            "headers": headers,
-            "body_len": body_len,
-        });
+        let record = RequestRecord {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers,
+            body_len,
+        };
         *self
             .last_request
             .lock()

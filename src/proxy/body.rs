@@ -31,7 +31,10 @@ pub struct LimitedBody {
 
 impl LimitedBody {
     pub fn new(inner: axum::body::Body, limit: u64) -> Self {
-        LimitedBody { inner, remaining: limit }
+        LimitedBody {
+            inner,
+            remaining: limit,
+        }
     }
 }
 
@@ -42,7 +45,9 @@ impl futures_util::Stream for LimitedBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            let Some(frame) = ready!(Pin::new(&mut self.inner).poll_frame(cx)) else { return Poll::Ready(None) };
+            let Some(frame) = ready!(Pin::new(&mut self.inner).poll_frame(cx)) else {
+                return Poll::Ready(None);
+            };
             let data = match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => data,
@@ -82,12 +87,24 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: reqwest::Body, timing: Timing, deadline: Instant, record: RequestRecord) -> Self {
+    pub fn new(
+        inner: reqwest::Body,
+        timing: Timing,
+        deadline: Instant,
+        record: RequestRecord,
+    ) -> Self {
         let deadline = match timing {
             Timing::Stream { idle } => Instant::now() + idle,
             Timing::Whole => deadline,
         };
-        UpstreamBody { inner, timing, deadline: Box::pin(tokio::time::sleep_until(deadline)), at_boundary: true, done: false, record }
+        UpstreamBody {
+            inner,
+            timing,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            at_boundary: true,
+            done: false,
+            record,
+        }
     }
 
     fn fail(&mut self, error: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BodyFailed>>> {
@@ -116,7 +133,10 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BodyFailed;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if this.done {
             return Poll::Ready(None);

@@ -69,7 +69,9 @@ impl ProxyError {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NotReady { .. } | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NotReady { .. } | ProxyError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Unavailable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -78,9 +80,9 @@ impl ProxyError {
     /// The OpenAI `type` field.
     pub fn kind(&self) -> &'static str {
         match self {
-            ProxyError::Unauthorized | ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_) => {
-                "invalid_request_error"
-            }
+            ProxyError::Unauthorized
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_) => "invalid_request_error",
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown => "server_error",
             ProxyError::Unavailable(_) | ProxyError::Timeout(_) => "upstream_error",
         }
@@ -132,7 +134,9 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         if let ProxyError::NotReady { retry_after_secs } = self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response
     }
@@ -148,7 +152,11 @@ mod tests {
         assert_eq!(body["error"]["code"], "upstream_unavailable");
         assert_eq!(body["error"]["type"], "upstream_error");
         assert!(body["error"]["param"].is_null());
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
     }
 
     #[test]
@@ -157,7 +165,10 @@ mod tests {
         let text = std::str::from_utf8(&event).expect("utf-8");
         assert!(text.starts_with("\n\nevent: error\ndata: {"));
         assert!(text.ends_with("}\n\n"));
-        let data = text.trim().strip_prefix("event: error\ndata: ").expect("data line");
+        let data = text
+            .trim()
+            .strip_prefix("event: error\ndata: ")
+            .expect("data line");
         let value: serde_json::Value = serde_json::from_str(data).expect("json");
         assert_eq!(value["type"], "error");
         assert_eq!(value["error"]["code"], "upstream_timeout");

@@ -21,7 +21,12 @@ static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-bufferin
 /// The fallback handler: everything the gateway does not answer itself goes upstream.
 pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let request_id = request_id(request.headers());
-    let mut record = RequestRecord::new(request_id.clone(), request.method(), request.uri().path(), state.access_log);
+    let mut record = RequestRecord::new(
+        request_id.clone(),
+        request.method(),
+        request.uri().path(),
+        state.access_log,
+    );
     let result = proxy(&state, request, &request_id, &mut record).await;
     let mut response = match result {
         Ok((response, upstream_body, timing)) => {
@@ -36,14 +41,18 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
                 ProxyError::Unavailable(_) | ProxyError::Timeout(_) => {
                     tracing::warn!(request_id = %record.request_id(), error = %error, "upstream request failed");
                 }
-                _ => tracing::debug!(request_id = %record.request_id(), error = %error, "request refused"),
+                _ => {
+                    tracing::debug!(request_id = %record.request_id(), error = %error, "request refused")
+                }
             }
             record.set_failed(&error);
             drop(record);
             error.into_response()
         }
     };
-    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
     response
 }
 
@@ -68,7 +77,8 @@ async fn proxy(
     let mut url = String::with_capacity(state.upstream_base.len() + path_and_query.len());
     url.push_str(&state.upstream_base);
     url.push_str(path_and_query);
-    let url = reqwest::Url::parse(&url).map_err(|_| ProxyError::BadRequest("the request path is not a valid URL path"))?;
+    let url = reqwest::Url::parse(&url)
+        .map_err(|_| ProxyError::BadRequest("the request path is not a valid URL path"))?;
 
     headers::strip_hop_by_hop(&mut parts.headers);
     // reqwest sets Host from the upstream URL.
@@ -78,20 +88,34 @@ async fn proxy(
             parts.headers.insert(header::AUTHORIZATION, auth.clone());
         }
     }
-    parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
 
     let mut upstream_request = reqwest::Request::new(parts.method, url);
     *upstream_request.headers_mut() = parts.headers;
     // A request without a body (most GETs) must stay without one, rather than become an empty
     // chunked body.
     if !http_body::Body::is_end_stream(&body) {
-        *upstream_request.body_mut() = Some(reqwest::Body::wrap_stream(LimitedBody::new(body, limit)));
+        *upstream_request.body_mut() =
+            Some(reqwest::Body::wrap_stream(LimitedBody::new(body, limit)));
     }
 
-    let header_timeout = state.proxy.first_byte_timeout.min(state.proxy.request_timeout);
-    let header_kind =
-        if state.proxy.first_byte_timeout <= state.proxy.request_timeout { TimeoutKind::FirstByte } else { TimeoutKind::Request };
-    let response = match tokio::time::timeout_at(started + header_timeout, state.client.execute(upstream_request)).await {
+    let header_timeout = state
+        .proxy
+        .first_byte_timeout
+        .min(state.proxy.request_timeout);
+    let header_kind = if state.proxy.first_byte_timeout <= state.proxy.request_timeout {
+        TimeoutKind::FirstByte
+    } else {
+        TimeoutKind::Request
+    };
+    let response = match tokio::time::timeout_at(
+        started + header_timeout,
+        state.client.execute(upstream_request),
+    )
+    .await
+    {
         Err(_) => return Err(ProxyError::Timeout(header_kind)),
         Ok(Err(error)) => return Err(classify(&error, limit, record)),
         Ok(Ok(response)) => response,
@@ -104,8 +128,12 @@ async fn proxy(
         headers::strip_cors(&mut parts.headers);
     }
     let timing = if headers::is_event_stream(&parts.headers) {
-        parts.headers.insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
-        Timing::Stream { idle: state.proxy.stream_idle_timeout }
+        parts
+            .headers
+            .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
+        Timing::Stream {
+            idle: state.proxy.stream_idle_timeout,
+        }
     } else {
         Timing::Whole
     };
@@ -123,9 +151,13 @@ fn authorize(state: &AppState, headers: &mut HeaderMap) -> Result<(), ProxyError
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(presented) = presented else { return Err(ProxyError::Unauthorized) };
+    let Some(presented) = presented else {
+        return Err(ProxyError::Unauthorized);
+    };
     // Compare against every key without stopping early, so timing does not tell which matched.
-    let matched = state.proxy.api_keys.iter().fold(false, |matched, key| matched | constant_time_eq(key.expose(), presented));
+    let matched = state.proxy.api_keys.iter().fold(false, |matched, key| {
+        matched | constant_time_eq(key.expose(), presented)
+    });
     if !matched {
         return Err(ProxyError::Unauthorized);
     }
@@ -134,20 +166,33 @@ fn authorize(state: &AppState, headers: &mut HeaderMap) -> Result<(), ProxyError
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Under `serve`, holds the request while the child is not ready, up to `ready_wait_timeout`.
 async fn wait_until_ready(state: &AppState) -> Result<(), ProxyError> {
-    let Some(wait) = state.ready_wait_timeout else { return Ok(()) };
+    let Some(wait) = state.ready_wait_timeout else {
+        return Ok(());
+    };
     if state.status.borrow().accepts_requests() {
         return Ok(());
     }
-    let not_ready = || ProxyError::NotReady { retry_after_secs: state.status.borrow().retry_after_secs() };
+    let not_ready = || ProxyError::NotReady {
+        retry_after_secs: state.status.borrow().retry_after_secs(),
+    };
     if wait.is_zero() || !state.status.borrow().may_become_ready() {
         return Err(not_ready());
     }
@@ -188,7 +233,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         let bytes = value.as_bytes();
         let sane = !bytes.is_empty()
             && bytes.len() <= 128
-            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
         if sane {
             return value.clone();
         }
@@ -211,10 +258,19 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
         assert_eq!(request_id(&headers), "abc-123_x.y:z");
-        headers.insert(&X_REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
+        headers.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_static("bad id with spaces"),
+        );
         let generated = request_id(&headers);
         assert_eq!(generated.len(), 32);
-        assert!(generated.to_str().expect("ascii").bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(
+            generated
+                .to_str()
+                .expect("ascii")
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit())
+        );
         assert_ne!(generated, request_id(&headers), "fresh ids differ");
     }
 

@@ -118,7 +118,9 @@ fn cors_layer(cors: &Cors) -> CorsLayer {
     match cors {
         Cors::AnyOrigin => layer.allow_origin(Any),
         Cors::Origins(origins) => layer.allow_origin(AllowOrigin::list(
-            origins.iter().filter_map(|origin| HeaderValue::from_str(origin).ok()),
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
         )),
     }
 }
@@ -133,7 +135,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let draining = state.draining.clone();
     let router = app(state);
-    let server = axum::serve(listener, router).with_graceful_shutdown(draining.clone().cancelled_owned());
+    let server =
+        axum::serve(listener, router).with_graceful_shutdown(draining.clone().cancelled_owned());
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server);
     tokio::select! {

@@ -81,10 +81,15 @@ pub fn decide(
             history.failed_starts, end.exit
         )));
     }
-    let nominal = config.delay.saturating_mul(1u32.checked_shl(history.level).unwrap_or(u32::MAX)).min(config.max_delay);
+    let nominal = config
+        .delay
+        .saturating_mul(1u32.checked_shl(history.level).unwrap_or(u32::MAX))
+        .min(config.max_delay);
     history.level = history.level.saturating_add(1).min(31);
     let scale = 0.75 + 0.25 * jitter.clamp(0.0, 1.0);
-    Decision::Restart { delay: nominal.mul_f64(scale) }
+    Decision::Restart {
+        delay: nominal.mul_f64(scale),
+    }
 }
 
 #[cfg(test)]
@@ -101,7 +106,11 @@ mod tests {
     }
 
     fn crash(ready_for: Option<Duration>) -> End {
-        End { exit: ExitInfo::Code(1), cause: EndCause::Exited, ready_for }
+        End {
+            exit: ExitInfo::Code(1),
+            cause: EndCause::Exited,
+            ready_for,
+        }
     }
 
     fn delay_of(decision: Decision) -> Duration {
@@ -117,7 +126,15 @@ mod tests {
         let delays: Vec<u64> = (0..8)
             .map(|_| {
                 history.failed_starts = 0;
-                delay_of(decide(RestartPolicy::Always, &config(), &[], &mut history, crash(Some(Duration::ZERO)), 1.0)).as_secs()
+                delay_of(decide(
+                    RestartPolicy::Always,
+                    &config(),
+                    &[],
+                    &mut history,
+                    crash(Some(Duration::ZERO)),
+                    1.0,
+                ))
+                .as_secs()
             })
             .collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
@@ -126,15 +143,39 @@ mod tests {
     #[test]
     fn jitter_never_makes_a_delay_shorter_than_the_previous_one() {
         let mut history = History::default();
-        let first = delay_of(decide(RestartPolicy::Always, &config(), &[], &mut history, crash(Some(Duration::ZERO)), 0.999));
-        let second = delay_of(decide(RestartPolicy::Always, &config(), &[], &mut history, crash(Some(Duration::ZERO)), 0.0));
+        let first = delay_of(decide(
+            RestartPolicy::Always,
+            &config(),
+            &[],
+            &mut history,
+            crash(Some(Duration::ZERO)),
+            0.999,
+        ));
+        let second = delay_of(decide(
+            RestartPolicy::Always,
+            &config(),
+            &[],
+            &mut history,
+            crash(Some(Duration::ZERO)),
+            0.0,
+        ));
         assert!(second > first, "{second:?} > {first:?}");
     }
 
     #[test]
     fn staying_ready_long_enough_resets_the_delay() {
-        let mut history = History { failed_starts: 0, level: 4 };
-        let delay = delay_of(decide(RestartPolicy::Always, &config(), &[], &mut history, crash(Some(Duration::from_secs(301))), 1.0));
+        let mut history = History {
+            failed_starts: 0,
+            level: 4,
+        };
+        let delay = delay_of(decide(
+            RestartPolicy::Always,
+            &config(),
+            &[],
+            &mut history,
+            crash(Some(Duration::from_secs(301))),
+            1.0,
+        ));
         assert_eq!(delay, Duration::from_secs(1));
     }
 
@@ -142,28 +183,93 @@ mod tests {
     fn gives_up_after_max_restarts_starts_that_never_became_ready() {
         let mut history = History::default();
         for _ in 0..4 {
-            assert!(matches!(decide(RestartPolicy::Always, &config(), &[], &mut history, crash(None), 0.5), Decision::Restart { .. }));
+            assert!(matches!(
+                decide(
+                    RestartPolicy::Always,
+                    &config(),
+                    &[],
+                    &mut history,
+                    crash(None),
+                    0.5
+                ),
+                Decision::Restart { .. }
+            ));
         }
-        assert!(matches!(decide(RestartPolicy::Always, &config(), &[], &mut history, crash(None), 0.5), Decision::Stop(Outcome::GaveUp(_))));
+        assert!(matches!(
+            decide(
+                RestartPolicy::Always,
+                &config(),
+                &[],
+                &mut history,
+                crash(None),
+                0.5
+            ),
+            Decision::Stop(Outcome::GaveUp(_))
+        ));
     }
 
     #[test]
     fn policies_decide_on_clean_and_failed_exits() {
-        let clean = End { exit: ExitInfo::Code(0), cause: EndCause::Exited, ready_for: Some(Duration::ZERO) };
-        let killed = End { exit: ExitInfo::Signal(9), cause: EndCause::Exited, ready_for: Some(Duration::ZERO) };
-        let decide_with = |policy, end| decide(policy, &config(), &[], &mut History::default(), end, 0.0);
-        assert_eq!(decide_with(RestartPolicy::No, killed), Decision::Stop(Outcome::ChildExited(ExitInfo::Signal(9))));
-        assert_eq!(decide_with(RestartPolicy::OnFailure, clean), Decision::Stop(Outcome::ChildExited(ExitInfo::Code(0))));
-        assert!(matches!(decide_with(RestartPolicy::OnFailure, killed), Decision::Restart { .. }));
-        assert!(matches!(decide_with(RestartPolicy::Always, clean), Decision::Restart { .. }));
-        let hung = End { exit: ExitInfo::Code(0), cause: EndCause::Unhealthy, ready_for: Some(Duration::ZERO) };
-        assert!(matches!(decide_with(RestartPolicy::OnFailure, hung), Decision::Restart { .. }), "a hung child is a failure");
+        let clean = End {
+            exit: ExitInfo::Code(0),
+            cause: EndCause::Exited,
+            ready_for: Some(Duration::ZERO),
+        };
+        let killed = End {
+            exit: ExitInfo::Signal(9),
+            cause: EndCause::Exited,
+            ready_for: Some(Duration::ZERO),
+        };
+        let decide_with =
+            |policy, end| decide(policy, &config(), &[], &mut History::default(), end, 0.0);
+        assert_eq!(
+            decide_with(RestartPolicy::No, killed),
+            Decision::Stop(Outcome::ChildExited(ExitInfo::Signal(9)))
+        );
+        assert_eq!(
+            decide_with(RestartPolicy::OnFailure, clean),
+            Decision::Stop(Outcome::ChildExited(ExitInfo::Code(0)))
+        );
+        assert!(matches!(
+            decide_with(RestartPolicy::OnFailure, killed),
+            Decision::Restart { .. }
+        ));
+        assert!(matches!(
+            decide_with(RestartPolicy::Always, clean),
+            Decision::Restart { .. }
+        ));
+        let hung = End {
+            exit: ExitInfo::Code(0),
+            cause: EndCause::Unhealthy,
+            ready_for: Some(Duration::ZERO),
+        };
+        assert!(
+            matches!(
+                decide_with(RestartPolicy::OnFailure, hung),
+                Decision::Restart { .. }
+            ),
+            "a hung child is a failure"
+        );
     }
 
     #[test]
     fn prevented_exit_codes_are_not_restarted() {
-        let bad_args = End { exit: ExitInfo::Code(2), cause: EndCause::Exited, ready_for: None };
-        let decision = decide(RestartPolicy::Always, &config(), &[2], &mut History::default(), bad_args, 0.0);
-        assert_eq!(decision, Decision::Stop(Outcome::ChildExited(ExitInfo::Code(2))));
+        let bad_args = End {
+            exit: ExitInfo::Code(2),
+            cause: EndCause::Exited,
+            ready_for: None,
+        };
+        let decision = decide(
+            RestartPolicy::Always,
+            &config(),
+            &[2],
+            &mut History::default(),
+            bad_args,
+            0.0,
+        );
+        assert_eq!(
+            decision,
+            Decision::Stop(Outcome::ChildExited(ExitInfo::Code(2)))
+        );
     }
 }

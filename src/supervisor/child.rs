@@ -53,7 +53,10 @@ pub fn command(serve: &ServeConfig) -> Command {
     // vLLM gives up on its engine after VLLM_ENGINE_READY_TIMEOUT_S (600 s by default); a model
     // that may take startup_timeout to load must not be cut short by that.
     if std::env::var_os("VLLM_ENGINE_READY_TIMEOUT_S").is_none() {
-        command.env("VLLM_ENGINE_READY_TIMEOUT_S", serve.startup_timeout.as_secs().max(1).to_string());
+        command.env(
+            "VLLM_ENGINE_READY_TIMEOUT_S",
+            serve.startup_timeout.as_secs().max(1).to_string(),
+        );
     }
     for (name, value) in &serve.child_env {
         command.env(name, value);
@@ -77,7 +80,11 @@ pub fn command(serve: &ServeConfig) -> Command {
 pub fn describe(command: &Command) -> String {
     let mut words: Vec<OsString> = vec![command.get_program().to_os_string()];
     words.extend(command.get_args().map(|arg| arg.to_os_string()));
-    words.iter().map(|word| word.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    words
+        .iter()
+        .map(|word| word.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 type SpawnRequest = (Command, oneshot::Sender<std::io::Result<Spawned>>);
@@ -103,7 +110,9 @@ pub async fn spawn(command: Command) -> std::io::Result<Spawned> {
     spawner
         .send((command, reply))
         .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
-    result.await.map_err(|_| std::io::Error::other("the spawner thread dropped the request"))?
+    result
+        .await
+        .map_err(|_| std::io::Error::other("the spawner thread dropped the request"))?
 }
 
 fn spawn_now(command: &mut Command) -> std::io::Result<Spawned> {
@@ -112,7 +121,12 @@ fn spawn_now(command: &mut Command) -> std::io::Result<Spawned> {
     let pid = child.id();
     let exit = reaper::register(&mut table, pid as i32);
     drop(table);
-    Ok(Spawned { pid, exit, stdout: child.stdout.take().map(OwnedFd::from), stderr: child.stderr.take().map(OwnedFd::from) })
+    Ok(Spawned {
+        pid,
+        exit,
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
+    })
 }
 
 /// Sends `signal` to the process group led by `pid`. A group with nobody left is not an error.

@@ -54,7 +54,11 @@ pub fn start(
     control: mpsc::UnboundedReceiver<Control>,
     stop: CancellationToken,
 ) -> (watch::Receiver<UpstreamStatus>, JoinHandle<Outcome>) {
-    let initial = ChildStatus { state: ChildState::Idle, restarts: 0, last_exit: None };
+    let initial = ChildStatus {
+        state: ChildState::Idle,
+        restarts: 0,
+        last_exit: None,
+    };
     let (status_tx, status_rx) = watch::channel(UpstreamStatus::Child(initial.clone()));
     let supervisor = Supervisor {
         serve,
@@ -112,7 +116,8 @@ async fn never<T>() -> T {
 impl Supervisor {
     async fn run(mut self) -> Outcome {
         let watchdog_every = crate::notify::watchdog_interval();
-        let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+        let mut watchdog =
+            tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         let freeze_after = debug_freeze_after();
         if self.stop.is_cancelled() {
             return self.finish(None, Outcome::Stopped);
@@ -124,13 +129,21 @@ impl Supervisor {
             if let Some(after) = freeze_after {
                 if self.status.state.name() == "ready" {
                     tokio::time::sleep(after).await;
-                    tracing::warn!("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER: freezing the supervisor loop");
+                    tracing::warn!(
+                        "GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER: freezing the supervisor loop"
+                    );
                     std::future::pending::<()>().await;
                 }
             }
             let deadline = self.next_deadline();
             let stop_enabled = !self.stopping_for_shutdown();
-            let Supervisor { child, probe, control, stop, .. } = &mut self;
+            let Supervisor {
+                child,
+                probe,
+                control,
+                stop,
+                ..
+            } = &mut self;
             let exit = async {
                 match child.as_mut() {
                     Some(child) => (&mut child.exit).await.ok(),
@@ -162,7 +175,10 @@ impl Supervisor {
                 Event::Control(Control::Forward(signal)) => {
                     match &self.child {
                         Some(child) => child::signal_group_logged(child.pid, signal),
-                        None => tracing::info!(signal = signal.as_str(), "no vLLM running; signal not forwarded"),
+                        None => tracing::info!(
+                            signal = signal.as_str(),
+                            "no vLLM running; signal not forwarded"
+                        ),
                     }
                     None
                 }
@@ -179,7 +195,13 @@ impl Supervisor {
     }
 
     fn stopping_for_shutdown(&self) -> bool {
-        matches!(self.status.state, ChildState::Stopping { reason: StopReason::Shutdown, .. })
+        matches!(
+            self.status.state,
+            ChildState::Stopping {
+                reason: StopReason::Shutdown,
+                ..
+            }
+        )
     }
 
     /// The one timer: whichever of the state's deadlines comes first.
@@ -188,10 +210,18 @@ impl Supervisor {
         match &self.status.state {
             ChildState::Starting { since, .. } => {
                 let startup_deadline = *since + self.serve.startup_timeout;
-                if self.probe.is_some() { startup_deadline } else { startup_deadline.min(self.next_probe) }
+                if self.probe.is_some() {
+                    startup_deadline
+                } else {
+                    startup_deadline.min(self.next_probe)
+                }
             }
             ChildState::Ready { .. } | ChildState::Unhealthy { .. } => {
-                if self.probe.is_some() { far } else { self.next_probe }
+                if self.probe.is_some() {
+                    far
+                } else {
+                    self.next_probe
+                }
             }
             ChildState::Stopping { .. } => self.kill_at.unwrap_or(far),
             ChildState::Backoff { until, .. } => *until,
@@ -202,10 +232,21 @@ impl Supervisor {
     fn set_state(&mut self, next: ChildState) {
         transition(&mut self.status.state, next);
         for name in ChildState::NAMES {
-            gauge!("gateway_child_state", "state" => name).set(if name == self.status.state.name() { 1.0 } else { 0.0 });
+            gauge!("gateway_child_state", "state" => name).set(
+                if name == self.status.state.name() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
         }
-        gauge!("gateway_child_up").set(if matches!(self.status.state, ChildState::Ready { .. }) { 1.0 } else { 0.0 });
-        self.status_tx.send_replace(UpstreamStatus::Child(self.status.clone()));
+        gauge!("gateway_child_up").set(if matches!(self.status.state, ChildState::Ready { .. }) {
+            1.0
+        } else {
+            0.0
+        });
+        self.status_tx
+            .send_replace(UpstreamStatus::Child(self.status.clone()));
     }
 
     async fn spawn_child(&mut self) -> Option<Outcome> {
@@ -216,7 +257,12 @@ impl Supervisor {
                 let pid = spawned.pid;
                 output::relay(pid, spawned.stdout, spawned.stderr);
                 let now = Instant::now();
-                self.child = Some(Running { pid, exit: spawned.exit, spawned_at: now, ready_since: None });
+                self.child = Some(Running {
+                    pid,
+                    exit: spawned.exit,
+                    spawned_at: now,
+                    ready_since: None,
+                });
                 self.next_probe = now + self.serve.startup_poll_interval;
                 self.set_state(ChildState::Starting { pid, since: now });
                 tracing::info!(pid, "vLLM started; waiting for /health");
@@ -225,14 +271,22 @@ impl Supervisor {
             Err(error) => {
                 tracing::error!(vllm_bin = %self.serve.vllm_bin, %error, "cannot start vLLM");
                 // A start that could not even spawn counts as a failed start, with the shell's code.
-                let code = if error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
-                self.after_end(End { exit: ExitInfo::Code(code), cause: EndCause::Exited, ready_for: None })
+                let code = if error.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                };
+                self.after_end(End {
+                    exit: ExitInfo::Code(code),
+                    cause: EndCause::Exited,
+                    ready_for: None,
+                })
             }
         }
     }
 
     async fn on_exit(&mut self, exit: Option<ExitInfo>) -> Option<Outcome> {
-        let Some(running) = self.child.take() else { return None };
+        let running = self.child.take()?;
         self.probe = None;
         self.kill_at = None;
         // The reaper drops the sender only if it is gone; treat that as an unknown failure.
@@ -243,12 +297,21 @@ impl Supervisor {
         gauge!("gateway_child_last_exit_code").set(f64::from(exit.exit_code()));
         let ready_for = running.ready_since.map(|since| since.elapsed());
         let cause = match self.status.state {
-            ChildState::Stopping { reason: StopReason::Shutdown, .. } => {
+            ChildState::Stopping {
+                reason: StopReason::Shutdown,
+                ..
+            } => {
                 tracing::info!(pid = running.pid, %exit, "vLLM stopped");
                 return Some(self.finish(Some(exit), Outcome::Stopped));
             }
-            ChildState::Stopping { reason: StopReason::StartupTimeout, .. } => EndCause::StartupTimeout,
-            ChildState::Stopping { reason: StopReason::Unhealthy, .. } => EndCause::Unhealthy,
+            ChildState::Stopping {
+                reason: StopReason::StartupTimeout,
+                ..
+            } => EndCause::StartupTimeout,
+            ChildState::Stopping {
+                reason: StopReason::Unhealthy,
+                ..
+            } => EndCause::Unhealthy,
             _ => EndCause::Exited,
         };
         match cause {
@@ -259,7 +322,11 @@ impl Supervisor {
             return Some(self.finish(Some(exit), Outcome::Stopped));
         }
         let _ = running.spawned_at;
-        self.after_end(End { exit, cause, ready_for })
+        self.after_end(End {
+            exit,
+            cause,
+            ready_for,
+        })
     }
 
     /// Applies the restart policy after a run ended.
@@ -283,7 +350,10 @@ impl Supervisor {
                 counter!("gateway_child_restarts_total", "reason" => reason).increment(1);
                 let attempt = self.status.restarts + 1;
                 tracing::info!(attempt, delay = %humantime::format_duration(round_ms(delay)), reason, "restarting vLLM after a delay");
-                self.set_state(ChildState::Backoff { attempt, until: Instant::now() + delay });
+                self.set_state(ChildState::Backoff {
+                    attempt,
+                    until: Instant::now() + delay,
+                });
                 None
             }
             Decision::Stop(outcome) => Some(self.finish(Some(end.exit), outcome)),
@@ -297,7 +367,9 @@ impl Supervisor {
 
     fn on_probe(&mut self, result: Result<(), String>) {
         let now = Instant::now();
-        let Some(child) = self.child.as_mut() else { return };
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
         let pid = child.pid;
         match (&self.status.state, result) {
             (ChildState::Starting { since, .. }, Ok(())) => {
@@ -330,7 +402,11 @@ impl Supervisor {
                     self.begin_stop(StopReason::Unhealthy);
                 } else {
                     tracing::warn!(pid, failures, threshold = self.serve.health_failures, %reason, "vLLM /health failed");
-                    self.set_state(ChildState::Unhealthy { pid, failures, since: now });
+                    self.set_state(ChildState::Unhealthy {
+                        pid,
+                        failures,
+                        since: now,
+                    });
                 }
             }
             _ => {}
@@ -344,20 +420,26 @@ impl Supervisor {
                 tracing::error!(pid, startup_timeout = %humantime::format_duration(self.serve.startup_timeout), "vLLM did not become ready in time; stopping it");
                 self.begin_stop(StopReason::StartupTimeout);
             }
-            ChildState::Starting { .. } | ChildState::Ready { .. } | ChildState::Unhealthy { .. } => {
-                if self.probe.is_none() && now >= self.next_probe {
-                    let client = self.probe_client.clone();
-                    let base = self.upstream_base.clone();
-                    let timeout = self.health.timeout;
-                    self.probe = Some(Box::pin(async move { crate::health::probe(&client, &base, timeout).await }));
-                }
+            ChildState::Starting { .. }
+            | ChildState::Ready { .. }
+            | ChildState::Unhealthy { .. }
+                if self.probe.is_none() && now >= self.next_probe =>
+            {
+                let client = self.probe_client.clone();
+                let base = self.upstream_base.clone();
+                let timeout = self.health.timeout;
+                self.probe = Some(Box::pin(async move {
+                    crate::health::probe(&client, &base, timeout).await
+                }));
             }
-            ChildState::Stopping { pid, .. } => {
-                if self.kill_at.is_some_and(|at| now >= at) {
-                    tracing::warn!(pid, stop_timeout = %humantime::format_duration(self.serve.stop_timeout), "vLLM did not stop in time; sending SIGKILL to its group");
-                    child::signal_group_logged(pid, Signal::SIGKILL);
-                    self.kill_at = None;
-                }
+            ChildState::Stopping { pid, .. } if self.kill_at.is_some_and(|at| now >= at) => {
+                tracing::warn!(
+                    pid,
+                    stop_timeout = %humantime::format_duration(self.serve.stop_timeout),
+                    "vLLM did not stop in time; sending SIGKILL to its group"
+                );
+                child::signal_group_logged(pid, Signal::SIGKILL);
+                self.kill_at = None;
             }
             ChildState::Backoff { until, attempt } if now >= until => {
                 self.status.restarts = attempt;
@@ -412,5 +494,7 @@ fn round_ms(duration: Duration) -> Duration {
 /// A debug hook for testing the systemd watchdog: `GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER=2s`
 /// wedges the supervisor loop that long after the child became ready.
 fn debug_freeze_after() -> Option<Duration> {
-    std::env::var("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER").ok().and_then(|text| crate::cli::parse_duration(&text).ok())
+    std::env::var("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER")
+        .ok()
+        .and_then(|text| crate::cli::parse_duration(&text).ok())
 }

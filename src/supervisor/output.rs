@@ -41,7 +41,9 @@ pub fn relay(pid: u32, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) {
             Ok(receiver) => {
                 tokio::spawn(read_lines(pid, stream, receiver, lines_tx.clone()));
             }
-            Err(error) => tracing::warn!(pid, stream = stream.name(), %error, "cannot read vLLM's output"),
+            Err(error) => {
+                tracing::warn!(pid, stream = stream.name(), %error, "cannot read vLLM's output")
+            }
         }
     }
     drop(lines_tx);
@@ -52,7 +54,12 @@ pub fn relay(pid: u32, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) {
     });
 }
 
-async fn read_lines(pid: u32, stream: Stream, mut receiver: pipe::Receiver, lines: mpsc::Sender<(Stream, String)>) {
+async fn read_lines(
+    pid: u32,
+    stream: Stream,
+    mut receiver: pipe::Receiver,
+    lines: mpsc::Sender<(Stream, String)>,
+) {
     let mut buffer = vec![0u8; 64 * 1024];
     let mut line: Vec<u8> = Vec::with_capacity(1024);
     let mut truncated = false;
@@ -81,12 +88,25 @@ async fn read_lines(pid: u32, stream: Stream, mut receiver: pipe::Receiver, line
         emit(stream, &mut line, &mut truncated, &lines, &mut dropped);
     }
     if dropped > 0 {
-        tracing::warn!(pid, stream = stream.name(), dropped, "vLLM output lines dropped because the log could not keep up");
+        tracing::warn!(
+            pid,
+            stream = stream.name(),
+            dropped,
+            "vLLM output lines dropped because the log could not keep up"
+        );
     }
 }
 
-fn emit(stream: Stream, line: &mut Vec<u8>, truncated: &mut bool, lines: &mpsc::Sender<(Stream, String)>, dropped: &mut u64) {
-    let mut text = String::from_utf8_lossy(line).trim_end_matches('\r').to_string();
+fn emit(
+    stream: Stream,
+    line: &mut Vec<u8>,
+    truncated: &mut bool,
+    lines: &mpsc::Sender<(Stream, String)>,
+    dropped: &mut u64,
+) {
+    let mut text = String::from_utf8_lossy(line)
+        .trim_end_matches('\r')
+        .to_string();
     if *truncated {
         text.push_str(" [line truncated]");
     }

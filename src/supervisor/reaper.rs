@@ -28,7 +28,9 @@ fn waiters() -> &'static Mutex<Waiters> {
 
 /// Locks the waiter table. Spawning holds this lock from fork to registration.
 pub fn lock() -> MutexGuard<'static, Waiters> {
-    waiters().lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    waiters()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Registers interest in `pid`'s exit. Call with the lock from [`lock`] held since the fork.

@@ -24,7 +24,11 @@ pub enum ChildState {
     /// Serving.
     Ready { pid: u32, since: Instant },
     /// Was ready; the last `failures` probes failed (fewer than the threshold).
-    Unhealthy { pid: u32, failures: u32, since: Instant },
+    Unhealthy {
+        pid: u32,
+        failures: u32,
+        since: Instant,
+    },
     /// SIGTERM sent to the child's group; SIGKILL follows after `stop_timeout`.
     Stopping { pid: u32, reason: StopReason },
     /// Waiting to start attempt `attempt` at `until`.
@@ -89,7 +93,15 @@ impl ChildState {
         }
     }
 
-    pub const NAMES: [&'static str; 7] = ["idle", "starting", "ready", "unhealthy", "stopping", "restarting", "stopped"];
+    pub const NAMES: [&'static str; 7] = [
+        "idle",
+        "starting",
+        "ready",
+        "unhealthy",
+        "stopping",
+        "restarting",
+        "stopped",
+    ];
 
     pub fn pid(&self) -> Option<u32> {
         match self {
@@ -107,19 +119,31 @@ impl ChildState {
         match self {
             ChildState::Idle => "vLLM not started yet".into(),
             ChildState::Starting { since, .. } => {
-                format!("loading model: waiting for vLLM /health ({} s)", now.saturating_duration_since(*since).as_secs())
+                format!(
+                    "loading model: waiting for vLLM /health ({} s)",
+                    now.saturating_duration_since(*since).as_secs()
+                )
             }
             ChildState::Ready { .. } => "ready".into(),
-            ChildState::Unhealthy { failures, .. } => format!("vLLM /health failed {failures} time(s) in a row"),
+            ChildState::Unhealthy { failures, .. } => {
+                format!("vLLM /health failed {failures} time(s) in a row")
+            }
             ChildState::Stopping { reason, .. } => match reason {
                 StopReason::Shutdown => "stopping vLLM".into(),
-                StopReason::StartupTimeout => "stopping vLLM: not ready within startup_timeout".into(),
+                StopReason::StartupTimeout => {
+                    "stopping vLLM: not ready within startup_timeout".into()
+                }
                 StopReason::Unhealthy => "stopping vLLM: /health stopped answering".into(),
             },
             ChildState::Backoff { attempt, until } => {
-                format!("restart {attempt} in {} s", until.saturating_duration_since(now).as_secs_f64().ceil() as u64)
+                format!(
+                    "restart {attempt} in {} s",
+                    until.saturating_duration_since(now).as_secs_f64().ceil() as u64
+                )
             }
-            ChildState::Exited { status: Some(status) } => format!("vLLM stopped ({status})"),
+            ChildState::Exited {
+                status: Some(status),
+            } => format!("vLLM stopped ({status})"),
             ChildState::Exited { status: None } => "vLLM stopped".into(),
         }
     }
@@ -158,7 +182,11 @@ pub fn is_allowed(from: &ChildState, to: &ChildState) -> bool {
 /// Replaces `current` with `next`, logging the change; an illegal change is logged as a bug.
 pub fn transition(current: &mut ChildState, next: ChildState) {
     if !is_allowed(current, &next) {
-        tracing::error!(from = current.name(), to = next.name(), "illegal child state transition (a bug); applying it anyway");
+        tracing::error!(
+            from = current.name(),
+            to = next.name(),
+            "illegal child state transition (a bug); applying it anyway"
+        );
     } else {
         tracing::debug!(from = current.name(), to = next.name(), "child state");
     }
@@ -174,13 +202,22 @@ mod tests {
         let now = Instant::now();
         let starting = ChildState::Starting { pid: 1, since: now };
         let ready = ChildState::Ready { pid: 1, since: now };
-        let backoff = ChildState::Backoff { attempt: 1, until: now };
+        let backoff = ChildState::Backoff {
+            attempt: 1,
+            until: now,
+        };
         assert!(is_allowed(&ChildState::Idle, &starting));
         assert!(is_allowed(&starting, &ready));
         assert!(is_allowed(&ready, &backoff));
         assert!(is_allowed(&backoff, &starting));
-        assert!(!is_allowed(&ready, &starting), "a restart always goes through Backoff");
-        assert!(!is_allowed(&ChildState::Exited { status: None }, &starting), "Exited is final");
+        assert!(
+            !is_allowed(&ready, &starting),
+            "a restart always goes through Backoff"
+        );
+        assert!(
+            !is_allowed(&ChildState::Exited { status: None }, &starting),
+            "Exited is final"
+        );
     }
 
     #[test]

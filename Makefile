@@ -1,0 +1,51 @@
+# gateway: build, test, lint, demo, bench, install.
+# `make test` is what CI runs (after .ci/run installs the test dependencies).
+
+CARGO   ?= cargo
+PREFIX  ?= /usr/local
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+
+.PHONY: all build test lint fmt demo bench install clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+# nextest runs each test in its own process, which suits tests that own child processes;
+# plain `cargo test` is the fallback where nextest is not installed.
+test: lint
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --locked --no-fail-fast; \
+	else \
+		$(CARGO) test --locked --no-fail-fast; \
+	fi
+
+fmt:
+	$(CARGO) fmt --all
+
+demo:
+	$(CARGO) build --release --locked --bins
+	bash tests/demo.sh
+
+bench:
+	bash tests/bench/run.sh
+
+install: build
+	install -Dm755 target/release/gateway $(DESTDIR)$(PREFIX)/bin/gateway
+	install -Dm755 target/release/mock-vllm $(DESTDIR)$(PREFIX)/bin/mock-vllm
+	install -Dm644 systemd/gateway.service $(DESTDIR)$(UNITDIR)/gateway.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/gateway/config.toml ]; then \
+		echo "keeping existing $(DESTDIR)$(SYSCONFDIR)/gateway/config.toml"; \
+	else \
+		install -Dm644 config.example.toml $(DESTDIR)$(SYSCONFDIR)/gateway/config.toml; \
+	fi
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,333 @@
+//! Shared test harness: starts the real `gateway` and `mock-vllm` binaries on free loopback
+//! ports, waits on conditions with deadlines (never fixed sleeps), and kills what it started.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+pub const MOCK_VLLM: &str = env!("CARGO_BIN_EXE_mock-vllm");
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+pub fn accepts_connections(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// A process that is killed (and reaped) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .expect("signal the process");
+    }
+
+    /// Waits for the process to exit, panicking after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "process {} did not exit within {timeout:?}; log:\n{}",
+                    self.pid(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(program: &str, args: &[String], env: &[(&str, &str)], port: u16) -> Proc {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("output.log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("clone log"))
+        .stderr(file)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("VLLM_API_KEY")
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "info");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let child = command
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {program}: {error}"));
+    Proc {
+        child,
+        port,
+        log,
+        _dir: dir,
+    }
+}
+
+/// Starts mock-vllm on a free port and waits until its /health answers.
+pub fn mock_vllm(env: &[(&str, &str)]) -> Proc {
+    let port = free_port();
+    let args = ["serve", "mock-model", "--host", "127.0.0.1", "--port"]
+        .map(String::from)
+        .into_iter()
+        .chain([port.to_string()])
+        .collect::<Vec<_>>();
+    let proc = spawn(MOCK_VLLM, &args, env, port);
+    wait_until("mock-vllm to listen", Duration::from_secs(10), || {
+        accepts_connections(port)
+    });
+    proc
+}
+
+/// Starts the standalone gateway in front of `upstream_port` and waits until it accepts connections.
+pub fn gateway(upstream_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let port = free_port();
+    let mut args = vec![
+        "--llm-api-base".to_string(),
+        format!("http://127.0.0.1:{upstream_port}/v1"),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+    ];
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    let proc = spawn(GATEWAY, &args, env, port);
+    wait_until("the gateway to listen", Duration::from_secs(10), || {
+        accepts_connections(port)
+    });
+    proc
+}
+
+/// Starts `gateway serve mock-model` with mock-vllm as the child; does not wait for anything.
+pub fn gateway_serve(extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
+    let port = free_port();
+    let vllm_port = free_port();
+    let mut args = vec![
+        "serve".to_string(),
+        "mock-model".into(),
+        "--vllm-bin".into(),
+        MOCK_VLLM.into(),
+        "--vllm-port".into(),
+        vllm_port.to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--startup-poll-interval".into(),
+        "50ms".into(),
+        "--restart-delay".into(),
+        "100ms".into(),
+    ];
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    (spawn(GATEWAY, &args, env, port), vllm_port)
+}
+
+/// A minimal HTTP/1.1 exchange over a raw socket, for tests that must see exact bytes and headers.
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
+            panic!(
+                "body is not JSON ({error}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Sends `head` (request line and headers, without the final blank line) plus `body`, with
+/// `Connection: close`, and reads the whole response.
+pub fn raw_request(port: u16, head: &str, body: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let request = format!(
+        "{head}\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("write head");
+    stream.write_all(body).expect("write body");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read response");
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> RawResponse {
+    let split = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .expect("response has a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = data.windows(2).position(|window| window == b"\r\n") else {
+            return out;
+        };
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
+        data = &data[line_end + 2..];
+        if size == 0 || data.len() < size {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[(size + 2).min(data.len())..];
+    }
+}
+
+/// GET a URL with a short timeout; returns (status, body) or None when nothing answered.
+pub fn get(url: &str) -> Option<(u16, String)> {
+    let url = url.strip_prefix("http://").expect("http URL");
+    let (authority, path) = url
+        .split_once('/')
+        .map(|(a, p)| (a, format!("/{p}")))
+        .unwrap_or((url, "/".into()));
+    let mut stream = TcpStream::connect(authority).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    if raw.is_empty() {
+        return None;
+    }
+    let response = parse_response(&raw);
+    Some((
+        response.status,
+        String::from_utf8_lossy(&response.body).to_string(),
+    ))
+}
+
+pub fn post_json(port: u16, path: &str, body: &str, extra_headers: &str) -> RawResponse {
+    let head = format!("POST {path} HTTP/1.1\r\nContent-Type: application/json{extra_headers}");
+    raw_request(port, &head, body.as_bytes())
+}
+
+/// Whether a process with this pid exists (zombies count as gone).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state is the field after the parenthesised command name.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Reads the pid file mock-vllm appends to: one `(pid, grandchild pid)` per start.
+pub fn read_pid_file(path: &std::path::Path) -> Vec<(i32, i32)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace().map(|word| word.parse::<i32>().ok());
+            Some((words.next()??, words.next()??))
+        })
+        .collect()
+}

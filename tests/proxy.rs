@@ -1,0 +1,561 @@
+//! The standalone proxy, end to end: the real gateway binary in front of a real mock-vllm process.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+
+const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
+const RESPONSES_STREAM: &str = r#"{"model":"mock-model","input":"hi","stream":true}"#;
+
+fn mock_stats(mock: &Proc) -> serde_json::Value {
+    let (_, body) = get(&mock.url("/_mock/stats")).expect("mock stats");
+    serde_json::from_str(&body).expect("stats JSON")
+}
+
+fn last_request(mock: &Proc) -> serde_json::Value {
+    let (_, body) = get(&mock.url("/_mock/last-request")).expect("last request");
+    serde_json::from_str(&body).expect("last-request JSON")
+}
+
+/// Opens a stream request and returns the socket, positioned after the response headers.
+fn open_stream(port: u16) -> (BufReader<TcpStream>, Vec<String>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        stream,
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESPONSES_STREAM}",
+        RESPONSES_STREAM.len()
+    )
+    .expect("write");
+    let mut reader = BufReader::new(stream);
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read header line");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push(line.trim_end().to_string());
+    }
+    (reader, head)
+}
+
+/// Reads chunked-encoded body data until `done` says enough.
+fn read_chunks_until(
+    reader: &mut BufReader<TcpStream>,
+    mut done: impl FnMut(&[u8]) -> bool,
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    while !done(&body) {
+        let mut size_line = String::new();
+        reader.read_line(&mut size_line).expect("chunk size");
+        let size = usize::from_str_radix(size_line.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            break;
+        }
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk).expect("chunk");
+        body.extend_from_slice(&chunk[..size]);
+    }
+    body
+}
+
+fn event_count(body: &[u8]) -> usize {
+    String::from_utf8_lossy(body).matches("\n\n").count()
+}
+
+#[test]
+fn non_streaming_responses_pass_through_byte_for_byte() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert_eq!(
+        response.body,
+        fixture("vllm-responses-toolcall-gpt-oss-20b.json")
+    );
+}
+
+#[test]
+fn streaming_responses_pass_through_byte_for_byte_in_event_order() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_STREAM, "");
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
+    assert_eq!(response.header("x-accel-buffering"), Some("no"));
+    assert_eq!(
+        response.body,
+        fixture("vllm-responses-stream-gpt-oss-20b.sse")
+    );
+    let text = String::from_utf8(response.body).expect("utf-8");
+    let sequence: Vec<u64> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(|data| {
+            serde_json::from_str::<serde_json::Value>(data).expect("event JSON")["sequence_number"]
+                .as_u64()
+                .expect("seq")
+        })
+        .collect();
+    assert_eq!(
+        sequence,
+        (0..sequence.len() as u64).collect::<Vec<_>>(),
+        "events in order, none lost"
+    );
+}
+
+#[test]
+fn each_stream_chunk_is_forwarded_before_the_next_is_produced() {
+    // The upstream sends three events, then nothing more: a buffering proxy would hold them.
+    let mock = mock_vllm(&[("MOCK_VLLM_STALL_MID_STREAM", "3")]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let (mut reader, head) = open_stream(gateway.port);
+    assert!(head[0].contains("200"), "{head:?}");
+    let body = read_chunks_until(&mut reader, |body| event_count(body) >= 3);
+    let expected = fixture("vllm-responses-stream-gpt-oss-20b.sse");
+    assert_eq!(
+        body,
+        expected[..body.len()],
+        "the first three events, unchanged"
+    );
+}
+
+#[test]
+fn hop_by_hop_request_headers_are_removed_and_others_kept() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let head = "POST /v1/responses?trace=1 HTTP/1.1\r\nContent-Type: application/json\r\nConnection: keep-alive, X-Hop-Nominated\r\nX-Hop-Nominated: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9v\r\nX-Custom-Header: kept";
+    let response = raw_request(gateway.port, head, RESPONSES_JSON.as_bytes());
+    assert_eq!(response.status, 200);
+    let seen = last_request(&mock);
+    let headers = seen["headers"].as_object().expect("headers");
+    for removed in ["x-hop-nominated", "keep-alive", "te", "proxy-authorization"] {
+        assert!(
+            !headers.contains_key(removed),
+            "{removed} reached the upstream: {headers:?}"
+        );
+    }
+    assert_ne!(
+        headers.get("connection").and_then(|v| v.as_str()),
+        Some("keep-alive, X-Hop-Nominated")
+    );
+    assert_eq!(headers["x-custom-header"], "kept");
+    assert_eq!(
+        headers["host"],
+        format!("127.0.0.1:{}", mock.port),
+        "Host is rewritten for the upstream"
+    );
+    assert_eq!(seen["query"], "trace=1", "query strings are kept");
+}
+
+/// A one-shot upstream that answers with hop-by-hop headers of its own.
+fn upstream_with_hop_headers() -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let handle = std::thread::spawn(move || {
+        // The first connection may be the gateway's health probe; answer every connection.
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buffer = [0u8; 4096];
+            let _ = stream.read(&mut buffer);
+            let body = "{\"ok\":true}";
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close, X-Upstream-Hop\r\nX-Upstream-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Upstream-Custom: yes\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, handle)
+}
+
+#[test]
+fn hop_by_hop_response_headers_are_removed_and_others_kept() {
+    let (upstream_port, _upstream) = upstream_with_hop_headers();
+    let gateway = gateway(upstream_port, &["--health-interval", "1h"], &[]);
+    let response = post_json(gateway.port, "/v1/models", "", "");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"{\"ok\":true}");
+    assert_eq!(response.header("x-upstream-custom"), Some("yes"));
+    assert_eq!(response.header("x-upstream-hop"), None);
+    assert_eq!(response.header("keep-alive"), None);
+}
+
+#[test]
+fn upstream_key_is_injected_when_the_client_sends_none() {
+    let mock = mock_vllm(&[("VLLM_API_KEY", "sk-upstream")]);
+    let gateway = gateway(mock.port, &[], &[("OPENAI_API_KEY", "sk-upstream")]);
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        last_request(&mock)["headers"]["authorization"],
+        "Bearer sk-upstream"
+    );
+    assert!(
+        !gateway.log_text().contains("sk-upstream"),
+        "the key never reaches the log"
+    );
+}
+
+#[test]
+fn client_authorization_wins_over_injected_key() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[("VLLM_API_KEY", "sk-upstream")]);
+    let response = post_json(
+        gateway.port,
+        "/v1/responses",
+        RESPONSES_JSON,
+        "\r\nAuthorization: Bearer sk-client",
+    );
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        last_request(&mock)["headers"]["authorization"],
+        "Bearer sk-client"
+    );
+}
+
+#[test]
+fn gateway_api_keys_turn_away_clients_without_one() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(
+        mock.port,
+        &["--api-key", "gw-key"],
+        &[("OPENAI_API_KEY", "sk-upstream")],
+    );
+    let missing = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.json()["error"]["code"], "invalid_api_key");
+    let wrong = post_json(
+        gateway.port,
+        "/v1/responses",
+        RESPONSES_JSON,
+        "\r\nAuthorization: Bearer nope",
+    );
+    assert_eq!(wrong.status, 401);
+    assert_eq!(
+        mock_stats(&mock)["requests"],
+        0,
+        "refused requests never reach vLLM"
+    );
+    let right = post_json(
+        gateway.port,
+        "/v1/responses",
+        RESPONSES_JSON,
+        "\r\nAuthorization: Bearer gw-key",
+    );
+    assert_eq!(right.status, 200);
+    assert_eq!(
+        last_request(&mock)["headers"]["authorization"],
+        "Bearer sk-upstream",
+        "the gateway key is not forwarded"
+    );
+}
+
+#[test]
+fn upstream_errors_pass_through_unchanged() {
+    let mock = mock_vllm(&[("MOCK_VLLM_FAIL_STATUS", "503")]);
+    let direct = post_json(mock.port, "/v1/responses", RESPONSES_JSON, "");
+    let gateway = gateway(mock.port, &[], &[]);
+    let proxied = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(proxied.status, 503);
+    assert_eq!(proxied.body, direct.body);
+    assert_eq!(
+        proxied.header("content-type"),
+        direct.header("content-type")
+    );
+    let not_found = raw_request(gateway.port, "GET /v1/nothing-here HTTP/1.1", b"");
+    assert_eq!(not_found.status, 404);
+    assert_eq!(not_found.json()["detail"], "Not Found");
+}
+
+#[test]
+fn refused_upstream_connection_is_502_upstream_unavailable() {
+    let gateway = gateway(free_port(), &[], &[]);
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(response.status, 502);
+    let error = &response.json()["error"];
+    assert_eq!(error["code"], "upstream_unavailable");
+    assert_eq!(error["type"], "upstream_error");
+    assert!(error["param"].is_null());
+    assert!(
+        !error["message"]
+            .as_str()
+            .expect("message")
+            .contains("127.0.0.1"),
+        "no internals in the message"
+    );
+}
+
+#[test]
+fn slow_response_headers_are_504_upstream_timeout() {
+    let mock = mock_vllm(&[("MOCK_VLLM_HEADERS_DELAY", "30s")]);
+    for flag in ["--first-byte-timeout", "--request-timeout"] {
+        let gateway = gateway(mock.port, &[flag, "300ms"], &[]);
+        let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+        assert_eq!(response.status, 504, "{flag}");
+        assert_eq!(
+            response.json()["error"]["code"],
+            "upstream_timeout",
+            "{flag}"
+        );
+    }
+}
+
+#[test]
+fn connect_timeout_is_504_upstream_timeout() {
+    // A listener with a full backlog never completes new handshakes, so connecting times out.
+    let listener = socket_with_full_backlog();
+    let port = listener.local_addr().expect("addr").port();
+    let gateway = gateway(
+        port,
+        &["--connect-timeout", "300ms", "--health-interval", "1h"],
+        &[],
+    );
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(response.status, 504);
+    assert_eq!(response.json()["error"]["code"], "upstream_timeout");
+}
+
+fn socket_with_full_backlog() -> TcpListener {
+    // Connections nobody accepts fill the accept queue; once it is full, the kernel drops new
+    // handshakes and a connect hangs.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut fillers = Vec::new();
+    for _ in 0..4096 {
+        match TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+        {
+            Ok(stream) => fillers.push(stream),
+            Err(_) => break,
+        }
+    }
+    std::mem::forget(fillers);
+    listener
+}
+
+#[test]
+fn a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout() {
+    let mock = mock_vllm(&[("MOCK_VLLM_STALL_MID_STREAM", "2")]);
+    let gateway = gateway(mock.port, &["--stream-idle-timeout", "300ms"], &[]);
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_STREAM, "");
+    assert_eq!(response.status, 200);
+    let text = String::from_utf8(response.body).expect("utf-8");
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|event| !event.is_empty())
+        .collect();
+    assert_eq!(events.len(), 3, "two events, then the error: {text}");
+    assert!(events[0].starts_with("event: response.created"));
+    let error = events[2]
+        .strip_prefix("event: error\ndata: ")
+        .expect("an SSE error event");
+    let error: serde_json::Value = serde_json::from_str(error).expect("JSON");
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["code"], "upstream_timeout");
+}
+
+#[test]
+fn upstream_death_mid_stream_ends_with_an_error_event() {
+    let mock = mock_vllm(&[("MOCK_VLLM_DIE_MID_STREAM", "5")]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_STREAM, "");
+    assert_eq!(response.status, 200);
+    let text = String::from_utf8(response.body).expect("utf-8");
+    let last = text.trim_end().rsplit("\n\n").next().expect("an event");
+    assert!(
+        last.starts_with("event: error\ndata: "),
+        "ends with an error event: {text}"
+    );
+    assert!(last.contains("\"code\":\"upstream_unavailable\""), "{last}");
+    assert!(
+        text.starts_with(
+            std::str::from_utf8(&fixture("vllm-responses-stream-gpt-oss-20b.sse")[..100])
+                .expect("utf-8")
+        )
+    );
+}
+
+#[test]
+fn client_disconnect_mid_stream_reaches_the_upstream() {
+    let mock = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "100ms")]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let (mut reader, _) = open_stream(gateway.port);
+    read_chunks_until(&mut reader, |body| event_count(body) >= 1);
+    drop(reader);
+    wait_until(
+        "the upstream to see the disconnect",
+        Duration::from_secs(10),
+        || mock_stats(&mock)["disconnects"] == 1,
+    );
+    assert_eq!(mock_stats(&mock)["completed"], 0);
+}
+
+#[test]
+fn client_disconnect_while_waiting_for_headers_reaches_the_upstream() {
+    let mock = mock_vllm(&[("MOCK_VLLM_HEADERS_DELAY", "30s")]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let mut stream = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    write!(
+        stream,
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESPONSES_JSON}",
+        RESPONSES_JSON.len()
+    )
+    .expect("write");
+    wait_until(
+        "the request to reach the upstream",
+        Duration::from_secs(10),
+        || mock_stats(&mock)["requests"] == 1,
+    );
+    drop(stream);
+    wait_until(
+        "the upstream to see the disconnect",
+        Duration::from_secs(10),
+        || mock_stats(&mock)["disconnects"] == 1,
+    );
+}
+
+#[test]
+fn oversized_bodies_get_413_and_never_reach_the_upstream() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &["--max-body-bytes", "1000"], &[]);
+    let body = format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(2000));
+    let response = post_json(gateway.port, "/v1/responses", &body, "");
+    assert_eq!(response.status, 413);
+    assert_eq!(response.json()["error"]["code"], "request_too_large");
+    assert_eq!(mock_stats(&mock)["requests"], 0);
+    let small = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(small.status, 200);
+}
+
+#[test]
+fn cors_is_off_by_default() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let preflight = raw_request(
+        gateway.port,
+        "OPTIONS /v1/responses HTTP/1.1\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST",
+        b"",
+    );
+    assert_eq!(preflight.header("access-control-allow-origin"), None);
+}
+
+#[test]
+fn cors_answers_preflight_for_allowed_origins() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(
+        mock.port,
+        &["--cors-allowed-origins", "https://app.example"],
+        &[],
+    );
+    let preflight = raw_request(
+        gateway.port,
+        "OPTIONS /v1/responses HTTP/1.1\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type,authorization",
+        b"",
+    );
+    assert_eq!(preflight.status, 200);
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        mock_stats(&mock)["requests"],
+        0,
+        "preflight is answered by the gateway"
+    );
+    let actual = post_json(
+        gateway.port,
+        "/v1/responses",
+        RESPONSES_JSON,
+        "\r\nOrigin: https://app.example",
+    );
+    assert_eq!(actual.status, 200);
+    let origins: Vec<_> = actual
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "access-control-allow-origin")
+        .collect();
+    assert_eq!(
+        origins.len(),
+        1,
+        "exactly one allow-origin header: {origins:?}"
+    );
+    let other = post_json(
+        gateway.port,
+        "/v1/responses",
+        RESPONSES_JSON,
+        "\r\nOrigin: https://evil.example",
+    );
+    assert_eq!(other.header("access-control-allow-origin"), None);
+}
+
+#[test]
+fn readiness_follows_the_upstream_and_liveness_stays_up() {
+    let mut mock = mock_vllm(&[]);
+    let gateway = gateway(
+        mock.port,
+        &["--health-interval", "100ms", "--health-timeout", "100ms"],
+        &[],
+    );
+    wait_until("readyz 200", Duration::from_secs(10), || {
+        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+    });
+    let (status, body) = get(&gateway.url("/health")).expect("health");
+    assert_eq!((status, body.contains("\"ready\"")), (200, true));
+    mock.signal(nix::sys::signal::Signal::SIGKILL);
+    mock.wait_exit(Duration::from_secs(5));
+    wait_until("readyz 503", Duration::from_secs(10), || {
+        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 503)
+    });
+    let (_, body) = get(&gateway.url("/readyz")).expect("readyz");
+    assert!(body.contains("connection refused"), "says why: {body}");
+    assert_eq!(
+        get(&gateway.url("/livez")).map(|(status, _)| status),
+        Some(200)
+    );
+}
+
+#[test]
+fn sigterm_lets_an_inflight_stream_finish_then_exits_0() {
+    let mock = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "5ms")]);
+    let mut gateway = gateway(mock.port, &[], &[]);
+    let (mut reader, _) = open_stream(gateway.port);
+    let first = read_chunks_until(&mut reader, |body| event_count(body) >= 1);
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    let rest = read_chunks_until(&mut reader, |_| false);
+    let mut body = first;
+    body.extend(rest);
+    assert_eq!(
+        body,
+        fixture("vllm-responses-stream-gpt-oss-20b.sse"),
+        "the stream completed"
+    );
+    let status = gateway.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn paths_outside_v1_pass_through_but_health_endpoints_are_the_gateways() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let version = raw_request(gateway.port, "GET /version HTTP/1.1", b"");
+    assert_eq!(version.status, 200);
+    assert!(version.json()["version"].is_string());
+    let livez = raw_request(gateway.port, "GET /livez HTTP/1.1", b"");
+    assert_eq!(livez.status, 200);
+    assert_eq!(
+        mock_stats(&mock)["requests"],
+        0,
+        "neither /version nor /livez is a /v1 request"
+    );
+}
