@@ -83,14 +83,12 @@ impl UpstreamStatus {
         }
     }
 
-    /// Whether waiting could still help: false once the child is gone for good.
+    /// Whether waiting could still help: false once the child is gone for good. A child being
+    /// stopped may still be restarted, so only `Exited` is final.
     pub fn may_become_ready(&self) -> bool {
         match self {
             UpstreamStatus::External(_) => true,
-            UpstreamStatus::Child(child) => !matches!(
-                child.state,
-                ChildState::Exited { .. } | ChildState::Stopping { .. }
-            ),
+            UpstreamStatus::Child(child) => !matches!(child.state, ChildState::Exited { .. }),
         }
     }
 

@@ -83,8 +83,11 @@
 //!   `requests == completed + disconnects + in flight`.
 //! - This process never signals or waits for its grandchild: stopping the whole process group is
 //!   the supervisor's job, which is what the grandchild is there to test.
-//! - Log lines go to stdout (errors to stderr) as whole lines, each flushed at once, in the format
-//!   uvicorn uses, so that tests and supervisors can wait on them.
+//! - Once it runs, only the log writer thread (and the flood thread) writes to stdout and stderr:
+//!   the server queues whole lines, in uvicorn's format so that tests and supervisors can wait on
+//!   them, and drops them when the queue is full because nobody reads, so that unread output never
+//!   stalls a request. Every exit first gives the queue a bounded moment to drain.
+//! - JSON bodies keep vLLM's field order, so the wire formats are structs, not JSON maps.
 
 #![warn(clippy::unwrap_used)]
 
@@ -99,9 +102,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::Router;
@@ -149,9 +153,14 @@ const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
 /// How long an exit waits after its last response chunk so that the kernel has it before we go.
 const FLUSH_GRACE: Duration = Duration::from_millis(100);
 
-/// How long the runtime may take to stop once the server is done, in case a thread is stuck
-/// writing to a pipe nobody reads.
+/// How long the runtime may take to stop once the server is done, in case a task is stuck.
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How many log lines may wait for a slow reader before new ones are dropped.
+const LOG_QUEUE_LINES: usize = 4096;
+
+/// How long an exit waits for queued log lines to be written.
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// uvicorn's listen backlog, which vLLM keeps.
 const LISTEN_BACKLOG: u32 = 1024;
@@ -240,6 +249,22 @@ const KNOBS: &[(&str, &str, &str)] = &[
         "duration: how long a graceful shutdown waits for open responses (default 3s)",
     ),
 ];
+
+/// Log lines on their way to the log writer thread. The server never writes to stdout or stderr
+/// itself, so that output nobody reads stalls that thread and not the server.
+static LOG_QUEUE: OnceLock<SyncSender<LogItem>> = OnceLock::new();
+
+#[derive(Debug, Clone, Copy)]
+enum Output {
+    Stdout,
+    Stderr,
+}
+
+enum LogItem {
+    Line(Output, String),
+    /// Answered once every line queued before it is written.
+    Flush(mpsc::Sender<()>),
+}
 
 /// What the command line asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -330,7 +355,8 @@ struct TrackedBody {
     outcome: Outcome,
 }
 
-// Wire formats. Fields are declared in vLLM's order, which serde keeps and a JSON map would sort.
+// The wire formats below declare their fields in vLLM's order, which serde keeps and a JSON map
+// would sort.
 
 /// Serializes as `null`, for the fields vLLM always sends empty.
 type Null = Option<()>;
@@ -496,6 +522,10 @@ fn main() -> ExitCode {
         ));
         return ExitCode::from(code);
     }
+    if let Err(message) = start_log_writer() {
+        complain(format_args!("ERROR:    {message}"));
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -510,12 +540,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(start(cli, knobs));
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    if let Err(message) = &result {
+        complain(format_args!("ERROR:    {message}"));
+    }
+    flush_log();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            complain(format_args!("ERROR:    {message}"));
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
@@ -631,8 +662,6 @@ fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-// Command line.
-
 fn parse_command_line() -> Result<Invocation, String> {
     let args = std::env::args_os()
         .skip(1)
@@ -737,8 +766,6 @@ fn help_text() -> String {
     );
     text
 }
-
-// Knobs.
 
 impl Knobs {
     /// Reads every `MOCK_VLLM_*` variable, reporting every bad or unknown one at once.
@@ -864,8 +891,6 @@ impl KnobReader {
     }
 }
 
-// Start-up chores.
-
 fn spawn_grandchild() -> Result<u32, String> {
     // The grandchild stays in our process group and shares our stdout and stderr, as vLLM's
     // EngineCore does, so that a supervisor which stops only our pid leaves it behind.
@@ -934,7 +959,7 @@ fn start_timers(state: &Arc<AppState>) {
             complain(format_args!(
                 "ERROR:    crashing with exit code {code} as MOCK_VLLM_CRASH_AFTER asks"
             ));
-            std::process::exit(i32::from(code));
+            exit_now(code);
         });
     }
     if let Some(after) = state.knobs.hang_health_after {
@@ -948,8 +973,6 @@ fn start_timers(state: &Arc<AppState>) {
         });
     }
 }
-
-// Sockets.
 
 async fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
     // vLLM treats an empty host as every interface.
@@ -978,9 +1001,15 @@ fn bind(addr: SocketAddr) -> io::Result<TcpSocket> {
 }
 
 fn bind_error(addr: SocketAddr, error: &io::Error) -> String {
-    // uvicorn's wording, which supervisors and people already recognise.
+    // uvicorn's wording, which supervisors and people already recognise; Rust's own message ends
+    // in a redundant "(os error N)".
     let errno = error.raw_os_error().unwrap_or(0);
-    format!("[Errno {errno}] error while attempting to bind on address {addr}: {error}")
+    let message = error.to_string();
+    let message = message.split(" (os error").next().unwrap_or(&message);
+    format!(
+        "[Errno {errno}] error while attempting to bind on address {addr}: {}",
+        message.to_lowercase()
+    )
 }
 
 /// Small SSE events must not wait on Nagle's algorithm; uvicorn's sockets also disable it.
@@ -989,8 +1018,6 @@ fn set_nodelay(stream: &mut tokio::net::TcpStream) {
         complain(format_args!("WARNING:  cannot set TCP_NODELAY: {error}"));
     }
 }
-
-// Signals and shutdown.
 
 async fn handle_signals(mut signals: Signals, state: Arc<AppState>, shutdown: watch::Sender<bool>) {
     while let Some(signal) = signals.next().await {
@@ -1020,7 +1047,7 @@ async fn handle_signals(mut signals: Signals, state: Arc<AppState>, shutdown: wa
             say(format_args!(
                 "INFO:     Forced exit on a second stop signal"
             ));
-            std::process::exit(0);
+            exit_now(0);
         }
         say(format_args!("INFO:     Shutting down"));
         shutdown.send_replace(true);
@@ -1050,8 +1077,6 @@ async fn grace_expired(shutdown: watch::Receiver<bool>, grace: Duration) {
     stop_requested(shutdown).await;
     sleep(grace).await;
 }
-
-// Middleware.
 
 /// Counts and records `/v1` requests, checks the API key as vLLM does, and settles each request's
 /// outcome when its response body ends or is dropped.
@@ -1118,8 +1143,6 @@ async fn echo_request_id(request: Request, next: Next) -> Response {
     }
     response
 }
-
-// vLLM's endpoints.
 
 async fn health(State(state): State<Arc<AppState>>) -> StatusCode {
     if state.stats.health_hung.load(Ordering::SeqCst) {
@@ -1223,8 +1246,6 @@ async fn method_not_allowed() -> Response {
         .into_response()
 }
 
-// Test-control endpoints.
-
 async fn last_request(State(state): State<Arc<AppState>>) -> Json<Option<RequestRecord>> {
     let last = state
         .last_request
@@ -1284,12 +1305,10 @@ async fn exit_on_request(RawQuery(query): RawQuery) -> Response {
         say(format_args!(
             "INFO:     exiting with code {code} as /_mock/exit asks"
         ));
-        std::process::exit(i32::from(code));
+        exit_now(code);
     });
     Json(json!({ "exiting": true, "code": code })).into_response()
 }
-
-// Response building.
 
 /// Applies the headers delay and the forced failure, which both generation endpoints share.
 async fn generation_preamble(state: &AppState) -> Option<Response> {
@@ -1394,7 +1413,7 @@ async fn die_mid_stream(sent: usize) -> ! {
     // The connection may still hold the last event in its write buffer; while this future is
     // pending it flushes it.
     sleep(FLUSH_GRACE).await;
-    std::process::exit(1)
+    exit_now(1)
 }
 
 /// Splits a recorded stream into its events, each keeping its blank-line terminator, so that the
@@ -1526,8 +1545,6 @@ fn count_words(messages: &[Value]) -> usize {
         })
         .sum()
 }
-
-// State.
 
 impl AppState {
     fn new(cli: &Cli, knobs: Knobs) -> Self {
@@ -1667,21 +1684,84 @@ impl Drop for TrackedBody {
     }
 }
 
-// Small helpers.
-
-/// Writes one whole line to stdout and flushes it; a closed stdout is not worth dying for.
+/// Logs one line to stdout.
 fn say(line: fmt::Arguments<'_>) {
-    let line = format!("{line}\n");
-    let mut stdout = io::stdout().lock();
-    let _ = stdout
-        .write_all(line.as_bytes())
-        .and_then(|()| stdout.flush());
+    emit(Output::Stdout, line);
 }
 
-/// Writes one whole line to stderr.
+/// Logs one line to stderr.
 fn complain(line: fmt::Arguments<'_>) {
+    emit(Output::Stderr, line);
+}
+
+/// Hands a line to the log writer once it runs, and writes it directly before that.
+fn emit(output: Output, line: fmt::Arguments<'_>) {
     let line = format!("{line}\n");
-    let _ = io::stderr().lock().write_all(line.as_bytes());
+    match LOG_QUEUE.get() {
+        // A full queue means nobody reads our output; the line is dropped rather than stalling
+        // the server.
+        Some(queue) => drop(queue.try_send(LogItem::Line(output, line))),
+        None => write_line(output, &line),
+    }
+}
+
+/// Writes one whole line and flushes it; a closed pipe is not worth dying for.
+fn write_line(output: Output, line: &str) {
+    let _ = match output {
+        Output::Stdout => {
+            let mut stdout = io::stdout().lock();
+            stdout
+                .write_all(line.as_bytes())
+                .and_then(|()| stdout.flush())
+        }
+        Output::Stderr => io::stderr().lock().write_all(line.as_bytes()),
+    };
+}
+
+fn start_log_writer() -> Result<(), String> {
+    let (queue, lines) = mpsc::sync_channel(LOG_QUEUE_LINES);
+    std::thread::Builder::new()
+        .name("log-writer".to_owned())
+        .spawn(move || {
+            for item in lines {
+                match item {
+                    LogItem::Line(output, line) => write_line(output, &line),
+                    LogItem::Flush(done) => drop(done.send(())),
+                }
+            }
+        })
+        .map_err(|error| format!("cannot start the log writer thread: {error}"))?;
+    // Only main calls this, once, so the cell is always empty here.
+    let _ = LOG_QUEUE.set(queue);
+    Ok(())
+}
+
+/// Waits, at most `LOG_FLUSH_TIMEOUT`, until every queued line is written, so that an exit keeps
+/// the lines that explain it even when our output is not read.
+fn flush_log() {
+    let Some(queue) = LOG_QUEUE.get() else {
+        return;
+    };
+    let deadline = Instant::now() + LOG_FLUSH_TIMEOUT;
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut item = LogItem::Flush(done_tx);
+    loop {
+        match queue.try_send(item) {
+            Ok(()) => break,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                item = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+}
+
+/// Exits at once, after giving the log writer a moment to write what is queued.
+fn exit_now(code: u8) -> ! {
+    flush_log();
+    std::process::exit(i32::from(code))
 }
 
 fn unix_now() -> u64 {

@@ -68,7 +68,13 @@ pub fn decide(
         RestartPolicy::Always => true,
     };
     if !restart {
-        return Decision::Stop(Outcome::ChildExited(end.exit));
+        return Decision::Stop(match end.cause {
+            EndCause::Exited => Outcome::ChildExited(end.exit),
+            EndCause::StartupTimeout => {
+                Outcome::GaveUp("vLLM did not become ready within startup_timeout".into())
+            }
+            EndCause::Unhealthy => Outcome::GaveUp("vLLM stopped answering /health".into()),
+        });
     }
     if let (EndCause::Exited, ExitInfo::Code(code)) = (end.cause, end.exit) {
         if prevent_exit_codes.contains(&code) {

@@ -1,0 +1,405 @@
+//! `gateway serve`, end to end: real processes, real signals, mock-vllm as the child.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn ready(gateway: &Proc) -> bool {
+    get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+}
+
+fn wait_ready(gateway: &Proc) {
+    wait_until("the gateway to be ready", DEADLINE, || ready(gateway));
+}
+
+fn pid_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pids");
+    (dir, path)
+}
+
+fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
+    wait_until(&format!("{count} child start(s)"), DEADLINE, || {
+        read_pid_file(path).len() >= count
+    });
+    read_pid_file(path)
+}
+
+/// Asks mock-vllm to exit with `code`, as a crash would.
+fn crash_child(vllm_port: u16, code: i32) {
+    let response = raw_request(
+        vllm_port,
+        &format!("POST /_mock/exit?code={code} HTTP/1.1"),
+        b"",
+    );
+    assert_eq!(response.status, 200);
+}
+
+fn child_signals(vllm_port: u16) -> Vec<String> {
+    let (_, body) = get(&format!("http://127.0.0.1:{vllm_port}/_mock/stats")).expect("stats");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    stats["signals"]
+        .as_array()
+        .expect("signals")
+        .iter()
+        .map(|s| s.as_str().expect("name").to_string())
+        .collect()
+}
+
+/// JSON log lines of the gateway with this message.
+fn log_lines(gateway: &Proc, message: &str) -> Vec<serde_json::Value> {
+    gateway
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == message)
+        .collect()
+}
+
+#[test]
+fn the_listener_opens_only_once_vllm_answers_health() {
+    let (gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_STARTUP_DELAY", "1s")]);
+    let mut refused_while_loading = false;
+    wait_until("the gateway to accept connections", DEADLINE, || {
+        if accepts_connections(gateway.port) {
+            return true;
+        }
+        refused_while_loading |= !accepts_connections(vllm_port);
+        false
+    });
+    assert!(
+        refused_while_loading,
+        "the gateway refused connections while vLLM was loading"
+    );
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{vllm_port}/health")).map(|(s, _)| s),
+        Some(200)
+    );
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.body,
+        fixture("vllm-responses-toolcall-gpt-oss-20b.json")
+    );
+}
+
+#[test]
+fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (gateway, vllm_port) = gateway_serve(
+        &["--restart", "always"],
+        &[("MOCK_VLLM_PID_FILE", &pids_text)],
+    );
+    wait_ready(&gateway);
+    for crash in 1..=3 {
+        let crashed = wait_for_starts(&pids, crash)[crash - 1].0;
+        crash_child(vllm_port, 3);
+        wait_until("the crashed child to be gone", DEADLINE, || !alive(crashed));
+        wait_until("the supervisor to notice", DEADLINE, || {
+            log_lines(&gateway, "vLLM exited").len() == crash
+        });
+        // Sent while the child is down or restarting: it waits for readiness, then succeeds.
+        let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+        assert_eq!(response.status, 200, "request after crash {crash}");
+        wait_for_starts(&pids, crash + 1);
+        wait_ready(&gateway);
+    }
+    let starts = read_pid_file(&pids);
+    let distinct: std::collections::HashSet<_> = starts.iter().map(|(pid, _)| pid).collect();
+    assert_eq!(distinct.len(), 4, "four different children: {starts:?}");
+    let delays: Vec<f64> = log_lines(&gateway, "restarting vLLM after a delay")
+        .iter()
+        .map(|line| {
+            humantime::parse_duration(line["delay"].as_str().expect("delay"))
+                .expect("duration")
+                .as_secs_f64()
+        })
+        .collect();
+    assert_eq!(delays.len(), 3, "{delays:?}");
+    assert!(
+        delays.windows(2).all(|pair| pair[1] > pair[0]),
+        "delays grow: {delays:?}"
+    );
+    let (_, readyz) = get(&gateway.url("/readyz")).expect("readyz");
+    assert!(readyz.contains("\"restarts\":3"), "{readyz}");
+}
+
+#[test]
+fn restart_no_exits_with_the_childs_exit_code() {
+    let (mut gateway, vllm_port) = gateway_serve(&["--restart", "no"], &[]);
+    wait_ready(&gateway);
+    crash_child(vllm_port, 3);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(3));
+}
+
+#[test]
+fn restart_no_exits_with_128_plus_the_signal_that_killed_the_child() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (mut gateway, _) =
+        gateway_serve(&["--restart", "no"], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    wait_ready(&gateway);
+    let child = wait_for_starts(&pids, 1)[0].0;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).expect("kill child");
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(137));
+}
+
+#[test]
+fn max_restarts_gives_up_with_a_nonzero_exit_and_says_why() {
+    let (mut gateway, _) = gateway_serve(
+        &["--restart", "always", "--max-restarts", "3"],
+        &[("MOCK_VLLM_EXIT_AT_START", "1")],
+    );
+    let status = gateway.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        gateway
+            .log_text()
+            .contains("failed to become ready 3 times in a row"),
+        "{}",
+        gateway.log_text()
+    );
+    assert!(
+        !accepts_connections(gateway.port),
+        "the listener never opened"
+    );
+}
+
+#[test]
+fn a_hung_health_endpoint_gets_the_child_killed_and_restarted() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (gateway, vllm_port) = gateway_serve(
+        &[
+            "--health-interval",
+            "100ms",
+            "--health-timeout",
+            "100ms",
+            "--health-failures",
+            "2",
+            "--stop-timeout",
+            "1s",
+        ],
+        &[("MOCK_VLLM_PID_FILE", &pids_text)],
+    );
+    wait_ready(&gateway);
+    let first = wait_for_starts(&pids, 1)[0].0;
+    let response = raw_request(vllm_port, "POST /_mock/hang-health HTTP/1.1", b"");
+    assert_eq!(response.status, 200);
+    let starts = wait_for_starts(&pids, 2);
+    assert_ne!(starts[1].0, first);
+    wait_until("the hung child to be gone", DEADLINE, || !alive(first));
+    wait_ready(&gateway);
+    assert!(
+        gateway.log_text().contains("vLLM is hung"),
+        "the reason is logged"
+    );
+}
+
+#[test]
+fn a_start_that_exceeds_startup_timeout_is_stopped_and_counts_as_failed() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (mut gateway, _) = gateway_serve(
+        &["--startup-timeout", "500ms", "--restart", "no"],
+        &[
+            ("MOCK_VLLM_STARTUP_DELAY", "1h"),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    let status = gateway.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(1));
+    let child = wait_for_starts(&pids, 1)[0].0;
+    assert!(!alive(child), "the slow child was stopped");
+    assert!(gateway.log_text().contains("startup_timeout"));
+}
+
+#[test]
+fn sigterm_drains_a_stream_then_stops_the_child_then_exits_0() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (mut gateway, _) = gateway_serve(
+        &[],
+        &[
+            ("MOCK_VLLM_STREAM_DELAY", "5ms"),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    wait_ready(&gateway);
+    let child = wait_for_starts(&pids, 1)[0].0;
+    let port = gateway.port;
+    let stream = std::thread::spawn(move || {
+        post_json(
+            port,
+            "/v1/responses",
+            r#"{"model":"m","input":"hi","stream":true}"#,
+            "",
+        )
+    });
+    wait_until("the stream to start", DEADLINE, || {
+        gateway.log_text().contains("/v1/responses HTTP/1.1")
+    });
+    gateway.signal(Signal::SIGTERM);
+    let response = stream.join().expect("stream thread");
+    assert_eq!(
+        response.body,
+        fixture("vllm-responses-stream-gpt-oss-20b.sse"),
+        "the stream completed"
+    );
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    assert!(!alive(child), "the child is gone");
+    let log = gateway.log_text();
+    let stream_end = log
+        .find("\"route\":\"/v1/responses\"")
+        .expect("access log line of the stream");
+    let child_term = log
+        .find("sending SIGTERM to vLLM")
+        .expect("the child was stopped");
+    assert!(
+        stream_end < child_term,
+        "the stream finished before the child got SIGTERM"
+    );
+}
+
+#[test]
+fn a_child_ignoring_sigterm_gets_sigkill_after_stop_timeout() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (mut gateway, vllm_port) = gateway_serve(
+        &["--stop-timeout", "500ms"],
+        &[
+            ("MOCK_VLLM_IGNORE_SIGTERM", "1"),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    wait_ready(&gateway);
+    let child = wait_for_starts(&pids, 1)[0].0;
+    gateway.signal(Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    assert!(!alive(child));
+    assert!(gateway.log_text().contains("sending SIGKILL"));
+    let _ = vllm_port;
+}
+
+#[test]
+fn grandchildren_are_gone_after_a_crash_and_after_stop() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (mut gateway, vllm_port) = gateway_serve(
+        &["--restart", "always"],
+        &[
+            ("MOCK_VLLM_SPAWN_GRANDCHILD", "1"),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    wait_ready(&gateway);
+    let (_, first_grandchild) = wait_for_starts(&pids, 1)[0];
+    assert!(first_grandchild > 0 && alive(first_grandchild));
+    crash_child(vllm_port, 1);
+    wait_until("the first grandchild to be gone", DEADLINE, || {
+        !alive(first_grandchild)
+    });
+    let (_, second_grandchild) = wait_for_starts(&pids, 2)[1];
+    wait_ready(&gateway);
+    gateway.signal(Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    wait_until("the second grandchild to be gone", DEADLINE, || {
+        !alive(second_grandchild)
+    });
+}
+
+#[test]
+fn sigkill_of_the_gateway_takes_the_child_with_it() {
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (mut gateway, _) = gateway_serve(&[], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    wait_ready(&gateway);
+    let child = wait_for_starts(&pids, 1)[0].0;
+    gateway.signal(Signal::SIGKILL);
+    gateway.wait_exit(DEADLINE);
+    wait_until("the child to die with its parent", DEADLINE, || {
+        !alive(child)
+    });
+}
+
+#[test]
+fn sighup_is_forwarded_to_the_child() {
+    let (gateway, vllm_port) = gateway_serve(&[], &[]);
+    wait_ready(&gateway);
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the child to receive SIGHUP", DEADLINE, || {
+        child_signals(vllm_port).contains(&"SIGHUP".to_string())
+    });
+    assert!(ready(&gateway), "SIGHUP does not stop anything");
+}
+
+/// Zombie processes whose parent is `pid`.
+fn zombie_children(pid: i32) -> Vec<i32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z")
+            && fields.get(1).and_then(|ppid| ppid.parse::<i32>().ok()) == Some(pid)
+        {
+            zombies.push(child);
+        }
+    }
+    zombies
+}
+
+#[test]
+fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
+    // The gateway is a subreaper (or PID 1 in a container): when the child is SIGKILLed alone, its
+    // grandchild is re-parented to the gateway, killed with the group, and must not stay a zombie.
+    let (_dir, pids) = pid_file();
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (gateway, _) = gateway_serve(
+        &["--restart", "always"],
+        &[
+            ("MOCK_VLLM_SPAWN_GRANDCHILD", "1"),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    wait_ready(&gateway);
+    let (child, grandchild) = wait_for_starts(&pids, 1)[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).expect("kill child");
+    wait_until("the grandchild to be gone", DEADLINE, || !alive(grandchild));
+    wait_for_starts(&pids, 2);
+    wait_until("no zombies left under the gateway", DEADLINE, || {
+        zombie_children(gateway.pid()).is_empty()
+    });
+    assert!(
+        !std::path::Path::new(&format!("/proc/{grandchild}")).exists(),
+        "the grandchild was reaped, not left a zombie"
+    );
+}
+
+#[test]
+fn a_child_flooding_its_output_does_not_stall_the_gateway() {
+    let (gateway, _) = gateway_serve(&[], &[("MOCK_VLLM_FLOOD", "1")]);
+    wait_ready(&gateway);
+    for _ in 0..20 {
+        let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+        assert_eq!(response.status, 200);
+    }
+    assert!(
+        gateway.log_text().contains("[line truncated]"),
+        "the 1 MiB line was cut, not kept whole"
+    );
+}
