@@ -42,6 +42,7 @@
 #   BENCH_KINDS="json sse"  body kinds to run
 #   BENCH_TOOL=           force the load generator: oha or wrk
 #   GATEWAY_BIN=          use this gateway binary, skip cargo build
+#   BENCH_GATEWAY_START_TIMEOUT=30  seconds the gateway gets to answer 200
 #   BENCH_KEEP_WORKDIR=1  keep the temp dir (configs, logs, raw outputs)
 #
 # Usage: make bench   (or: bash tests/bench/run.sh)
@@ -384,7 +385,9 @@ print_versions() {
     else
         echo "   load:     $(wrk -v 2>&1 | head -n1)"
     fi
-    echo "   gateway:  ${GATEWAY:-n/a}"
+    local gwv=""
+    [[ -z "$GATEWAY" ]] || gwv="$(timeout 3 "$GATEWAY" --version 2>/dev/null | head -n1 || true)"
+    echo "   gateway:  ${GATEWAY:-n/a}${gwv:+ ($gwv)}"
     echo "   request:  POST /v1/responses $(cat "$WORK/request.json") / $(cat "$WORK/request.sse")"
     echo "   bodies:   json $(wc -c <"$JSON_FIXTURE") bytes, sse $(wc -c <"$SSE_FIXTURE") bytes"
 }

@@ -1,0 +1,219 @@
+//! The command line and configuration files as an operator meets them: help, version, and every
+//! kind of mistake, which must exit 2 naming the key and the file before anything starts.
+
+mod common;
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use common::*;
+
+fn gateway() -> Command {
+    let mut command = Command::new(GATEWAY);
+    command
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("VLLM_API_KEY");
+    command
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("write config");
+    path.to_str().expect("utf-8").to_string()
+}
+
+/// Runs the gateway with a config file and expects exit 2 with every `needle` on stderr.
+fn rejects(text: &str, needles: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), text);
+    let port = free_port();
+    let output = gateway()
+        .args(["--config", &path, "--port", &port.to_string()])
+        .timeout(std::time::Duration::from_secs(10))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains(&path), "names the file: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "mentions {needle:?}: {stderr}");
+    }
+    assert!(!accepts_connections(port), "nothing was started");
+}
+
+#[test]
+fn help_lists_every_flag_and_version_prints_the_version() {
+    let help = gateway().arg("--help").output().expect("run");
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--llm-api-base",
+        "--host",
+        "--port",
+        "--config",
+        "--upstream-api-key",
+        "--connect-timeout",
+        "--request-timeout",
+        "--first-byte-timeout",
+        "--stream-idle-timeout",
+        "--drain-timeout",
+        "--max-body-bytes",
+        "--cors-allowed-origins",
+    ] {
+        assert!(text.contains(flag), "--help lists {flag}");
+    }
+    let serve_help = gateway().args(["serve", "--help"]).output().expect("run");
+    let text = String::from_utf8_lossy(&serve_help.stdout);
+    for flag in [
+        "--vllm-bin",
+        "--vllm-port",
+        "--restart",
+        "--restart-delay",
+        "--max-restarts",
+        "--startup-timeout",
+        "--health-failures",
+        "--stop-timeout",
+        "--child-env",
+    ] {
+        assert!(text.contains(flag), "serve --help lists {flag}");
+    }
+    let version = gateway().arg("--version").output().expect("run");
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    rejects(
+        "llm_api_base = \"http://127.0.0.1:8000\"\nconect_timeout = \"1s\"\n",
+        &["`conect_timeout`", "unknown key"],
+    );
+}
+
+#[test]
+fn bad_durations_are_rejected_with_what_was_expected() {
+    rejects(
+        "llm_api_base = \"http://127.0.0.1:8000\"\nstream_idle_timeout = \"forever\"\n",
+        &["`stream_idle_timeout`", "duration"],
+    );
+}
+
+#[test]
+fn values_of_the_wrong_type_are_rejected() {
+    rejects(
+        "llm_api_base = \"http://127.0.0.1:8000\"\nmax_body_bytes = \"lots\"\n",
+        &["`max_body_bytes`", "integer"],
+    );
+}
+
+#[test]
+fn bad_upstream_urls_are_rejected() {
+    rejects(
+        "llm_api_base = \"127.0.0.1:8000\"\n",
+        &["`llm_api_base`", "http://"],
+    );
+}
+
+#[test]
+fn invalid_toml_is_rejected() {
+    rejects(
+        "llm_api_base = \"http://127.0.0.1:8000\n",
+        &["not valid TOML"],
+    );
+}
+
+#[test]
+fn every_mistake_in_a_file_is_reported_at_once() {
+    rejects(
+        "port = 70000\nrestart = \"sometimes\"\nhealth_failures = 0\n",
+        &["`port`", "`restart`", "`health_failures`"],
+    );
+}
+
+#[test]
+fn a_missing_upstream_is_an_error_that_says_what_to_do() {
+    let output = gateway()
+        .args(["--port", &free_port().to_string()])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--llm-api-base"));
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    let output = gateway()
+        .args([
+            "--llm-api-base",
+            "http://127.0.0.1:1",
+            "--stream-idle-timeout",
+            "soon",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--stream-idle-timeout"));
+}
+
+#[test]
+fn a_missing_config_file_is_an_error() {
+    let output = gateway()
+        .args(["--config", "/nonexistent/gateway.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/gateway.toml"));
+}
+
+#[test]
+fn config_check_accepts_the_example_and_rejects_mistakes() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    gateway()
+        .args(["config", "check", example])
+        .assert()
+        .success();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "drain_timeout = 30\n");
+    let output = gateway()
+        .args(["config", "check", &path])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("`drain_timeout`"));
+}
+
+#[test]
+fn the_upstream_key_never_appears_in_errors() {
+    let output = gateway()
+        .args(["--llm-api-base", "not a url"])
+        .env("OPENAI_API_KEY", "sk-very-secret")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!all.contains("sk-very-secret"));
+}
+
+#[test]
+fn healthcheck_exits_0_when_ready_and_1_otherwise() {
+    let mock = mock_vllm(&[]);
+    let proxy = common::gateway(mock.port, &["--health-interval", "100ms"], &[]);
+    wait_until("readyz", std::time::Duration::from_secs(10), || {
+        get(&proxy.url("/readyz")).is_some_and(|(s, _)| s == 200)
+    });
+    gateway()
+        .args(["healthcheck", "--url", &proxy.url("/readyz")])
+        .assert()
+        .code(0);
+    gateway()
+        .args([
+            "healthcheck",
+            "--url",
+            &format!("http://127.0.0.1:{}/readyz", free_port()),
+        ])
+        .assert()
+        .code(1);
+}
