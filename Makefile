@@ -7,7 +7,7 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build test lint fmt demo bench install clean
+.PHONY: all build test lint fmt demo bench install clean verify-unit
 
 all: build
 
@@ -26,6 +26,17 @@ test: lint
 	else \
 		$(CARGO) test --locked --no-fail-fast; \
 	fi
+	$(MAKE) verify-unit
+
+# systemd-analyze verify, against a copy of the unit whose ExecStart points at the freshly built
+# binary (verify checks that it exists). Warnings do not change its exit code, so any output fails.
+verify-unit:
+	$(CARGO) build --locked --bin gateway
+	@tmp=$$(mktemp -d) && \
+	sed "s|/usr/local/bin/gateway|$(CURDIR)/target/debug/gateway|g" systemd/gateway.service > $$tmp/gateway.service && \
+	out=$$(systemd-analyze verify $$tmp/gateway.service 2>&1); rc=$$?; rm -rf $$tmp; \
+	if [ $$rc -ne 0 ] || [ -n "$$out" ]; then echo "$$out"; echo "systemd-analyze verify failed"; exit 1; fi; \
+	echo "systemd/gateway.service: verified"
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,5 +1,6 @@
-//! systemd notification (`sd_notify`) through the sd-notify crate: READY=1, STATUS=, STOPPING=1,
-//! EXTEND_TIMEOUT_USEC= and the WATCHDOG=1 keep-alive. Every function is a no-op without
+//! systemd notification (`sd_notify`): READY=1, STATUS=, STOPPING=1, EXTEND_TIMEOUT_USEC= and the
+//! WATCHDOG=1 keep-alive. The sd-notify crate formats the states and reads the watchdog settings;
+//! the datagram is sent here so that abstract sockets (`@name`) work too. Every function is a no-op without
 //! `$NOTIFY_SOCKET`, and a failed send is logged, never fatal.
 //!
 //! Readiness and stopping are sent by `run`; status lines follow the child state ([`follow`]);
@@ -15,9 +16,34 @@ use crate::status::UpstreamStatus;
 use crate::supervisor::state::ChildState;
 
 fn send(states: &[NotifyState<'_>]) {
-    if let Err(error) = sd_notify::notify(states) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let mut message = String::new();
+    for state in states {
+        message.push_str(&state.to_string());
+        message.push('\n');
+    }
+    if let Err(error) = send_to(&socket, message.as_bytes()) {
         tracing::debug!(%error, "sd_notify failed");
     }
+}
+
+/// Sends one datagram to `$NOTIFY_SOCKET`: a path, or an abstract socket written `@name`
+/// (which the sd-notify crate's own sender does not handle).
+fn send_to(socket: &std::ffi::OsStr, message: &[u8]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    let bytes = socket.as_bytes();
+    let address = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::path::Path::new(socket))?,
+    };
+    let datagram = UnixDatagram::unbound()?;
+    datagram.send_to_addr(message, &address)?;
+    Ok(())
 }
 
 pub fn ready(status: &str) {

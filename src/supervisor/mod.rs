@@ -126,14 +126,14 @@ impl Supervisor {
             return outcome;
         }
         loop {
-            if let Some(after) = freeze_after {
-                if self.status.state.name() == "ready" {
-                    tokio::time::sleep(after).await;
-                    tracing::warn!(
-                        "GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER: freezing the supervisor loop"
-                    );
-                    std::future::pending::<()>().await;
-                }
+            if let (Some(after), ChildState::Ready { since, .. }) =
+                (freeze_after, &self.status.state)
+                && since.elapsed() >= after
+            {
+                tracing::warn!(
+                    "GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER: freezing the supervisor loop"
+                );
+                std::future::pending::<()>().await;
             }
             let deadline = self.next_deadline();
             let stop_enabled = !self.stopping_for_shutdown();

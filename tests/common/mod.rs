@@ -176,7 +176,11 @@ pub fn gateway(upstream_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Proc
 
 /// Starts `gateway serve mock-model` with mock-vllm as the child; does not wait for anything.
 pub fn gateway_serve(extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
-    let port = free_port();
+    gateway_serve_on(free_port(), extra, env)
+}
+
+/// `gateway_serve` listening on a port chosen by the caller.
+pub fn gateway_serve_on(port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
     let vllm_port = free_port();
     let mut args = vec![
         "serve".to_string(),

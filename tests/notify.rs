@@ -1,0 +1,189 @@
+//! systemd's notify protocol: a real datagram socket stands in for systemd (a path, and an
+//! abstract name), and the gateway under `serve` must send the right messages in the right order.
+
+mod common;
+
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Collects every datagram, noting for READY=1 whether the proxy port already accepted connections.
+struct Systemd {
+    messages: Arc<Mutex<Vec<String>>>,
+    socket_env: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Systemd {
+    fn listen(abstract_name: bool, proxy_port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (socket, socket_env) = if abstract_name {
+            let name = format!("gateway-test-{}-{}", std::process::id(), fastrand::u64(..));
+            let address =
+                SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract address");
+            (
+                UnixDatagram::bind_addr(&address).expect("bind abstract"),
+                format!("@{name}"),
+            )
+        } else {
+            let path = dir.path().join("notify.sock");
+            (
+                UnixDatagram::bind(&path).expect("bind path"),
+                path.to_str().expect("utf-8").to_string(),
+            )
+        };
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&messages);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(len) = socket.recv(&mut buffer) {
+                let text = String::from_utf8_lossy(&buffer[..len]).to_string();
+                let mut sink = sink.lock().expect("lock");
+                for line in text.lines() {
+                    if line == "READY=1" && !accepts_connections(proxy_port) {
+                        sink.push("READY=1 (before the listener accepted)".into());
+                    } else {
+                        sink.push(line.to_string());
+                    }
+                }
+            }
+        });
+        Systemd {
+            messages,
+            socket_env,
+            _dir: dir,
+        }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.messages.lock().expect("lock").clone()
+    }
+
+    fn count(&self, line: &str) -> usize {
+        self.messages()
+            .iter()
+            .filter(|message| *message == line)
+            .count()
+    }
+
+    fn position(&self, predicate: impl Fn(&str) -> bool) -> Option<usize> {
+        self.messages()
+            .iter()
+            .position(|message| predicate(message))
+    }
+}
+
+fn notify_sequence(abstract_name: bool) {
+    let port_hint = free_port();
+    let systemd = Systemd::listen(abstract_name, port_hint);
+    let (mut gateway, _) = serve_with_child_env(
+        port_hint,
+        &[("MOCK_VLLM_STARTUP_DELAY", "1500ms")],
+        &[
+            ("NOTIFY_SOCKET", &systemd.socket_env),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    wait_until("READY=1", DEADLINE, || {
+        systemd.position(|m| m.starts_with("READY=1")).is_some()
+    });
+    wait_until("three watchdog pings after READY", DEADLINE, || {
+        let ready = systemd
+            .position(|m| m.starts_with("READY=1"))
+            .expect("ready");
+        systemd.messages()[ready..]
+            .iter()
+            .filter(|m| *m == "WATCHDOG=1")
+            .count()
+            >= 3
+    });
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    wait_until("STOPPING=1", DEADLINE, || systemd.count("STOPPING=1") == 1);
+
+    let messages = systemd.messages();
+    let ready = messages
+        .iter()
+        .position(|m| m.starts_with("READY=1"))
+        .expect("ready");
+    assert_eq!(
+        messages[ready], "READY=1",
+        "READY=1 came only after the proxy port accepted: {messages:?}"
+    );
+    let loading = messages
+        .iter()
+        .position(|m| m.starts_with("STATUS=loading model: waiting for vLLM /health"))
+        .expect("a loading status");
+    let extend = messages
+        .iter()
+        .position(|m| m.starts_with("EXTEND_TIMEOUT_USEC="))
+        .expect("an extension");
+    assert!(loading < ready && extend < ready, "{messages:?}");
+    let stopping = messages
+        .iter()
+        .position(|m| m == "STOPPING=1")
+        .expect("stopping");
+    assert!(stopping > ready);
+    assert_eq!(messages.iter().filter(|m| *m == "READY=1").count(), 1);
+}
+
+/// `gateway serve` on `port`, with extra environment for the child.
+fn serve_with_child_env(
+    port: u16,
+    child_env: &[(&str, &str)],
+    env: &[(&str, &str)],
+) -> (Proc, u16) {
+    let mut extra = Vec::new();
+    for (name, value) in child_env {
+        extra.push("--child-env".to_string());
+        extra.push(format!("{name}={value}"));
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    gateway_serve_on(port, &extra, env)
+}
+
+#[test]
+fn notify_messages_arrive_in_order_on_a_path_socket() {
+    notify_sequence(false);
+}
+
+#[test]
+fn notify_messages_arrive_in_order_on_an_abstract_socket() {
+    notify_sequence(true);
+}
+
+#[test]
+fn a_wedged_supervisor_loop_stops_the_watchdog_pings() {
+    let port = free_port();
+    let systemd = Systemd::listen(false, port);
+    let (_gateway, _) = serve_with_child_env(
+        port,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", &systemd.socket_env),
+            ("WATCHDOG_USEC", "200000"),
+            ("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER", "500ms"),
+        ],
+    );
+    wait_until("a few pings before the freeze", DEADLINE, || {
+        systemd.count("WATCHDOG=1") >= 2
+    });
+    // Once frozen, no ping may come for many watchdog periods.
+    wait_until("the pings to stop", DEADLINE, || {
+        let before = systemd.count("WATCHDOG=1");
+        std::thread::sleep(Duration::from_millis(600));
+        systemd.count("WATCHDOG=1") == before
+    });
+    let frozen_at = systemd.count("WATCHDOG=1");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        systemd.count("WATCHDOG=1"),
+        frozen_at,
+        "a wedged loop must miss the watchdog"
+    );
+}
