@@ -66,7 +66,7 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 WORK=""
 TOOL=""
-OHA_JSON=()            # oha's JSON-output flag: -j before 1.10ish, --output-format json after
+OHA_JSON=()            # JSON-output flag: -j on older oha, --output-format json on newer
 GATEWAY=""
 declare -A PROCS=()    # name -> pid of every process this script started
 declare -A PORT=()     # "<target>_<kind>" -> port
@@ -79,6 +79,7 @@ die()  { printf 'error: %s\n' "$*" >&2; exit 1; }
 for n in "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP"; do
     [[ "$n" =~ ^[0-9]+$ ]] || die "BENCH_DURATION/ROUNDS/CONNECTIONS/WARMUP must be integers (got '$n')"
 done
+DURATION=$((10#$DURATION)) ROUNDS=$((10#$ROUNDS)) CONNECTIONS=$((10#$CONNECTIONS)) WARMUP=$((10#$WARMUP))
 (( DURATION > 0 && ROUNDS > 0 && CONNECTIONS > 0 )) || die "duration, rounds and connections must be > 0"
 
 # ---------------------------------------------------------------------------
