@@ -6,6 +6,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
 .PHONY: all build test lint fmt demo bench install clean verify-unit
 
@@ -33,7 +34,7 @@ test: lint
 verify-unit:
 	$(CARGO) build --locked --bin gateway
 	@tmp=$$(mktemp -d) && \
-	sed "s|/usr/local/bin/gateway|$(CURDIR)/target/debug/gateway|g" systemd/gateway.service > $$tmp/gateway.service && \
+	sed "s|/usr/local/bin/gateway|$(TARGET_DIR)/debug/gateway|g" systemd/gateway.service > $$tmp/gateway.service && \
 	out=$$(systemd-analyze verify $$tmp/gateway.service 2>&1); rc=$$?; rm -rf $$tmp; \
 	if [ $$rc -ne 0 ] || [ -n "$$out" ]; then echo "$$out"; echo "systemd-analyze verify failed"; exit 1; fi; \
 	echo "systemd/gateway.service: verified"

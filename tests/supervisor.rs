@@ -18,10 +18,13 @@ fn wait_ready(gateway: &Proc) {
     wait_until("the gateway to be ready", DEADLINE, || ready(gateway));
 }
 
-fn pid_file() -> (tempfile::TempDir, std::path::PathBuf) {
+/// A file mock-vllm appends `<pid> <grandchild pid>` to at each start: the directory guard, the
+/// path, and the path as the text an environment variable takes.
+fn pid_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("pids");
-    (dir, path)
+    let text = path.to_str().expect("utf-8 path").to_string();
+    (dir, path, text)
 }
 
 fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
@@ -91,8 +94,7 @@ fn the_listener_opens_only_once_vllm_answers_health() {
 
 #[test]
 fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (gateway, vllm_port) = gateway_serve(
         &["--restart", "always"],
         &[("MOCK_VLLM_PID_FILE", &pids_text)],
@@ -141,8 +143,7 @@ fn restart_no_exits_with_the_childs_exit_code() {
 
 #[test]
 fn restart_no_exits_with_128_plus_the_signal_that_killed_the_child() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (mut gateway, _) =
         gateway_serve(&["--restart", "no"], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
     wait_ready(&gateway);
@@ -174,8 +175,7 @@ fn max_restarts_gives_up_with_a_nonzero_exit_and_says_why() {
 
 #[test]
 fn a_hung_health_endpoint_gets_the_child_killed_and_restarted() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (gateway, vllm_port) = gateway_serve(
         &[
             "--health-interval",
@@ -205,8 +205,7 @@ fn a_hung_health_endpoint_gets_the_child_killed_and_restarted() {
 
 #[test]
 fn a_start_that_exceeds_startup_timeout_is_stopped_and_counts_as_failed() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (mut gateway, _) = gateway_serve(
         &["--startup-timeout", "500ms", "--restart", "no"],
         &[
@@ -223,8 +222,7 @@ fn a_start_that_exceeds_startup_timeout_is_stopped_and_counts_as_failed() {
 
 #[test]
 fn sigterm_drains_a_stream_then_stops_the_child_then_exits_0() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (mut gateway, _) = gateway_serve(
         &[],
         &[
@@ -270,8 +268,7 @@ fn sigterm_drains_a_stream_then_stops_the_child_then_exits_0() {
 
 #[test]
 fn a_child_ignoring_sigterm_gets_sigkill_after_stop_timeout() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (mut gateway, vllm_port) = gateway_serve(
         &["--stop-timeout", "500ms"],
         &[
@@ -290,8 +287,7 @@ fn a_child_ignoring_sigterm_gets_sigkill_after_stop_timeout() {
 
 #[test]
 fn grandchildren_are_gone_after_a_crash_and_after_stop() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (mut gateway, vllm_port) = gateway_serve(
         &["--restart", "always"],
         &[
@@ -317,8 +313,7 @@ fn grandchildren_are_gone_after_a_crash_and_after_stop() {
 
 #[test]
 fn sigkill_of_the_gateway_takes_the_child_with_it() {
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (mut gateway, _) = gateway_serve(&[], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
     wait_ready(&gateway);
     let child = wait_for_starts(&pids, 1)[0].0;
@@ -367,8 +362,7 @@ fn zombie_children(pid: i32) -> Vec<i32> {
 fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
     // The gateway is a subreaper (or PID 1 in a container): when the child is SIGKILLed alone, its
     // grandchild is re-parented to the gateway, killed with the group, and must not stay a zombie.
-    let (_dir, pids) = pid_file();
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (gateway, _) = gateway_serve(
         &["--restart", "always"],
         &[

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use http::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -135,6 +136,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let draining = state.draining.clone();
     let router = app(state);
+    // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the client's
+    // delayed ACK: tens of milliseconds per response.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let server =
         axum::serve(listener, router).with_graceful_shutdown(draining.clone().cancelled_owned());
     let server = std::future::IntoFuture::into_future(server);
