@@ -269,7 +269,7 @@ fn sigterm_drains_a_stream_then_stops_the_child_then_exits_0() {
 #[test]
 fn a_child_ignoring_sigterm_gets_sigkill_after_stop_timeout() {
     let (_dir, pids, pids_text) = pid_file();
-    let (mut gateway, vllm_port) = gateway_serve(
+    let (mut gateway, _) = gateway_serve(
         &["--stop-timeout", "500ms"],
         &[
             ("MOCK_VLLM_IGNORE_SIGTERM", "1"),
@@ -282,7 +282,6 @@ fn a_child_ignoring_sigterm_gets_sigkill_after_stop_timeout() {
     assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
     assert!(!alive(child));
     assert!(gateway.log_text().contains("sending SIGKILL"));
-    let _ = vllm_port;
 }
 
 #[test]

@@ -84,7 +84,6 @@ type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 struct Running {
     pid: u32,
     exit: oneshot::Receiver<ExitInfo>,
-    spawned_at: Instant,
     ready_since: Option<Instant>,
 }
 
@@ -260,7 +259,7 @@ impl Supervisor {
                 self.child = Some(Running {
                     pid,
                     exit: spawned.exit,
-                    spawned_at: now,
+
                     ready_since: None,
                 });
                 self.next_probe = now + self.serve.startup_poll_interval;
@@ -321,7 +320,6 @@ impl Supervisor {
         if self.stop.is_cancelled() {
             return Some(self.finish(Some(exit), Outcome::Stopped));
         }
-        let _ = running.spawned_at;
         self.after_end(End {
             exit,
             cause,
