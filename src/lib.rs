@@ -173,7 +173,7 @@ async fn run_serve(
         }
         () = shutdown.graceful.cancelled() => false,
     };
-    let exit = if became_ready {
+    if became_ready {
         // Draining starts at a stop signal, or when the child is gone for good.
         let draining = shutdown.graceful.child_token();
         let state = Arc::new(AppState::new(
@@ -195,14 +195,10 @@ async fn run_serve(
         };
         proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
         watch_child.abort();
-        notify::stopping();
-        stop_child.cancel();
-        supervisor_task.await?
-    } else {
-        notify::stopping();
-        stop_child.cancel();
-        supervisor_task.await?
-    };
+    }
+    notify::stopping();
+    stop_child.cancel();
+    let exit = supervisor_task.await?;
     notifier.abort();
     Ok(match exit {
         Outcome::Stopped => 0,

@@ -188,30 +188,20 @@ mod tests {
     #[test]
     fn gives_up_after_max_restarts_starts_that_never_became_ready() {
         let mut history = History::default();
-        for _ in 0..4 {
-            assert!(matches!(
-                decide(
-                    RestartPolicy::Always,
-                    &config(),
-                    &[],
-                    &mut history,
-                    crash(None),
-                    0.5
-                ),
-                Decision::Restart { .. }
-            ));
-        }
-        assert!(matches!(
+        let mut failed_start = || {
             decide(
                 RestartPolicy::Always,
                 &config(),
                 &[],
                 &mut history,
                 crash(None),
-                0.5
-            ),
-            Decision::Stop(Outcome::GaveUp(_))
-        ));
+                0.5,
+            )
+        };
+        for _ in 0..4 {
+            assert!(matches!(failed_start(), Decision::Restart { .. }));
+        }
+        assert!(matches!(failed_start(), Decision::Stop(Outcome::GaveUp(_))));
     }
 
     #[test]
