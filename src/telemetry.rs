@@ -9,12 +9,15 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::time::Instant;
+use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::LogFormat;
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
+use crate::supervisor::output;
 
 /// Sets up the global tracing subscriber. `RUST_LOG`, when set, wins over `log_level`.
 pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat> {
@@ -31,8 +34,13 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Journald => {
-            let layer = tracing_journald::layer()?.with_syslog_identifier("gateway".into());
-            registry.with(layer).try_init()?;
+            // Two journald layers, so that `journalctl -u gateway` shows vLLM's own lines under
+            // their own identifier (`vllm[…]: INFO: …`) beside the gateway's.
+            let gateway = journald_layer("gateway")?
+                .with_filter(filter_fn(|metadata| metadata.target() != output::TARGET));
+            let vllm = journald_layer("vllm")?
+                .with_filter(filter_fn(|metadata| metadata.target() == output::TARGET));
+            registry.with(gateway).with(vllm).try_init()?;
         }
         LogFormat::Json => {
             let layer = tracing_subscriber::fmt::layer()
@@ -49,6 +57,21 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
         }
     }
     Ok(format)
+}
+
+/// A journald layer whose fields keep their own names (`REQUEST_ID=`, `PID=`, `EXIT_CODE=`), so
+/// `journalctl REQUEST_ID=…` finds a request; no field the gateway logs collides with journald's
+/// well-known ones. Levels map to syslog priorities the usual way (info is 6, not 5).
+fn journald_layer(identifier: &str) -> std::io::Result<tracing_journald::Layer> {
+    let priorities = PriorityMappings {
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        ..PriorityMappings::new()
+    };
+    Ok(tracing_journald::layer()?
+        .with_syslog_identifier(identifier.into())
+        .with_field_prefix(None)
+        .with_priority_mappings(priorities))
 }
 
 /// The check systemd documents: `$JOURNAL_STREAM` is `device:inode` of the journal's stream,

@@ -300,7 +300,7 @@ impl Supervisor {
                 reason: StopReason::Shutdown,
                 ..
             } => {
-                tracing::info!(pid = running.pid, %exit, "vLLM stopped");
+                tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped");
                 return Some(self.finish(Some(exit), Outcome::Stopped));
             }
             ChildState::Stopping {
@@ -314,8 +314,12 @@ impl Supervisor {
             _ => EndCause::Exited,
         };
         match cause {
-            EndCause::Exited => tracing::warn!(pid = running.pid, %exit, "vLLM exited"),
-            _ => tracing::info!(pid = running.pid, %exit, "vLLM stopped"),
+            EndCause::Exited => {
+                tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM exited")
+            }
+            _ => {
+                tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped")
+            }
         }
         if self.stop.is_cancelled() {
             return Some(self.finish(Some(exit), Outcome::Stopped));

@@ -11,6 +11,9 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
+/// The tracing target of vLLM's lines; under journald they get their own `SYSLOG_IDENTIFIER`.
+pub const TARGET: &str = "vllm";
+
 /// Longest line kept; the rest of a longer line is dropped.
 pub const MAX_LINE: usize = 16 * 1024;
 
@@ -49,7 +52,7 @@ pub fn relay(pid: u32, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) {
     drop(lines_tx);
     tokio::spawn(async move {
         while let Some((stream, line)) = lines_rx.recv().await {
-            tracing::info!(target: "vllm", pid, stream = stream.name(), "{line}");
+            tracing::info!(target: TARGET, pid, stream = stream.name(), "{line}");
         }
     });
 }

@@ -188,7 +188,12 @@ pub fn transition(current: &mut ChildState, next: ChildState) {
             "illegal child state transition (a bug); applying it anyway"
         );
     } else {
-        tracing::debug!(from = current.name(), to = next.name(), "child state");
+        tracing::info!(
+            state = next.name(),
+            previous = current.name(),
+            pid = next.pid(),
+            "vLLM state changed"
+        );
     }
     *current = next;
 }

@@ -113,10 +113,29 @@ impl Drop for Proc {
 }
 
 fn spawn(program: &str, args: &[String], env: &[(&str, &str)], port: u16) -> Proc {
+    spawn_wrapped(&[], program, args, env, port)
+}
+
+/// Runs `wrapper... program args...`: the wrapper (a shell, `unshare`) must end by exec'ing the
+/// program, so that the pid is the program's own.
+fn spawn_wrapped(
+    wrapper: &[&str],
+    program: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    port: u16,
+) -> Proc {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("output.log");
     let file = std::fs::File::create(&log).expect("log file");
-    let mut command = Command::new(program);
+    let mut command = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(program);
+            command
+        }
+        None => Command::new(program),
+    };
     command
         .args(args)
         .stdin(Stdio::null())
@@ -181,6 +200,16 @@ pub fn gateway_serve(extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
 
 /// `gateway_serve` listening on a port chosen by the caller.
 pub fn gateway_serve_on(port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
+    gateway_serve_wrapped(&[], port, extra, env)
+}
+
+/// `gateway_serve_on`, started through a wrapper command (see [`spawn_wrapped`]).
+pub fn gateway_serve_wrapped(
+    wrapper: &[&str],
+    port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, u16) {
     let vllm_port = free_port();
     let mut args = vec![
         "serve".to_string(),
@@ -199,7 +228,7 @@ pub fn gateway_serve_on(port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Pro
         "100ms".into(),
     ];
     args.extend(extra.iter().map(|arg| arg.to_string()));
-    (spawn(GATEWAY, &args, env, port), vllm_port)
+    (spawn_wrapped(wrapper, GATEWAY, &args, env, port), vllm_port)
 }
 
 /// A minimal HTTP/1.1 exchange over a raw socket, for tests that must see exact bytes and headers.

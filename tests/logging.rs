@@ -1,0 +1,263 @@
+//! Logs as an operator reads them. Under systemd the gateway finds the journal through the
+//! documented `$JOURNAL_STREAM` check and writes to journald's socket; a datagram socket stands in
+//! for journald, mounted at /run/systemd/journal in a mount namespace of the gateway's own.
+//! Elsewhere it writes JSON lines. Both carry the same fields, checked by one set of assertions.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// One log entry as journald stores it: upper-case field names, text values.
+type Entry = BTreeMap<String, String>;
+
+/// Mounts the stand-in journal directory (`$0`) where journald's socket lives, and sets
+/// `$JOURNAL_STREAM` to stderr's device and inode, as systemd does for a unit's stderr.
+const IN_JOURNAL_NAMESPACE: &str = r#"set -e
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/journal
+mount --bind "$0" /run/systemd/journal
+export JOURNAL_STREAM="$(stat -L -c %d:%i /proc/self/fd/2)"
+exec "$@""#;
+
+/// Collects every datagram sent to the stand-in journald socket.
+struct Journald {
+    entries: Arc<Mutex<Vec<Entry>>>,
+    dir: tempfile::TempDir,
+}
+
+impl Journald {
+    fn listen() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = UnixDatagram::bind(dir.path().join("socket")).expect("bind journal socket");
+        let entries = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&entries);
+        std::thread::spawn(move || {
+            let mut buffer = vec![0u8; 256 * 1024];
+            while let Ok(len) = socket.recv(&mut buffer) {
+                // tracing-journald sends an empty datagram first, to check the socket.
+                if len > 0 {
+                    let entry = parse_native_entry(&buffer[..len]);
+                    sink.lock().expect("lock").push(entry);
+                }
+            }
+        });
+        Journald { entries, dir }
+    }
+
+    /// The command that runs the gateway in its own mount namespace with this socket as journald's.
+    fn wrapper(&self) -> Vec<&str> {
+        let unshare: &[&str] = if nix::unistd::geteuid().is_root() {
+            &["unshare", "--mount"]
+        } else {
+            &["unshare", "--map-root-user", "--mount"]
+        };
+        let dir = self.dir.path().to_str().expect("utf-8 path");
+        let mut wrapper = unshare.to_vec();
+        wrapper.extend(["sh", "-c", IN_JOURNAL_NAMESPACE, dir]);
+        wrapper
+    }
+
+    fn entries(&self) -> Vec<Entry> {
+        self.entries.lock().expect("lock").clone()
+    }
+}
+
+/// Parses journald's native protocol: `NAME=value\n`, or `NAME\n` + 64-bit little-endian length +
+/// value + `\n` for values that may hold newlines.
+fn parse_native_entry(mut bytes: &[u8]) -> Entry {
+    let mut entry = Entry::new();
+    while !bytes.is_empty() {
+        let end = bytes
+            .iter()
+            .position(|byte| *byte == b'=' || *byte == b'\n')
+            .expect("a field name ends with '=' or a newline");
+        let name = String::from_utf8(bytes[..end].to_vec()).expect("field name is text");
+        let value;
+        if bytes[end] == b'=' {
+            let rest = &bytes[end + 1..];
+            let newline = rest
+                .iter()
+                .position(|byte| *byte == b'\n')
+                .expect("value ends");
+            value = &rest[..newline];
+            bytes = &rest[newline + 1..];
+        } else {
+            let rest = &bytes[end + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
+            value = &rest[8..8 + len];
+            assert_eq!(
+                rest[8 + len],
+                b'\n',
+                "a length-encoded value ends with a newline"
+            );
+            bytes = &rest[8 + len + 1..];
+        }
+        entry.insert(name, String::from_utf8_lossy(value).into_owned());
+    }
+    entry
+}
+
+/// The JSON log's lines as journald entries: each line must be a JSON object; its keys are
+/// upper-cased and its values written as text.
+fn json_entries(log: &str) -> Vec<Entry> {
+    log.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("log line is not a JSON object ({error}): {line}"));
+            object
+                .into_iter()
+                .map(|(key, value)| {
+                    let text = match value {
+                        serde_json::Value::String(text) => text,
+                        other => other.to_string(),
+                    };
+                    (key.to_uppercase(), text)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn find<'a>(entries: &'a [Entry], fields: &[(&str, &str)]) -> Option<&'a Entry> {
+    entries.iter().find(|entry| {
+        fields
+            .iter()
+            .all(|(name, value)| entry.get(*name).map(String::as_str) == Some(*value))
+    })
+}
+
+fn expect<'a>(entries: &'a [Entry], fields: &[(&str, &str)]) -> &'a Entry {
+    find(entries, fields).unwrap_or_else(|| {
+        panic!("no log entry with {fields:?}; entries:\n{entries:#?}");
+    })
+}
+
+/// One life of `gateway serve`: vLLM becomes ready, one request is answered, vLLM exits with code 3
+/// and is restarted, SIGTERM stops everything. Then the entries the operator reads must show each
+/// step with its fields. Returns the entries for format-specific checks.
+fn check_one_life(
+    gateway: &mut Proc,
+    vllm_port: u16,
+    entries: &dyn Fn(&Proc) -> Vec<Entry>,
+) -> Vec<Entry> {
+    wait_until("the gateway to listen", DEADLINE, || {
+        accepts_connections(gateway.port)
+    });
+    let response = post_json(
+        gateway.port,
+        "/v1/responses",
+        r#"{"model":"mock-model","input":"hi"}"#,
+        "\r\nX-Request-Id: log-test-1",
+    );
+    assert_eq!(response.status, 200);
+    wait_until("the access log entry", DEADLINE, || {
+        find(&entries(gateway), &[("REQUEST_ID", "log-test-1")]).is_some()
+    });
+    let first = entries(gateway);
+    let started = expect(
+        &first,
+        &[("MESSAGE", "vLLM state changed"), ("STATE", "starting")],
+    );
+    let first_pid = started["PID"].clone();
+    expect(
+        &first,
+        &[
+            ("STATE", "ready"),
+            ("PID", &first_pid),
+            ("PREVIOUS", "starting"),
+        ],
+    );
+    let access = expect(&first, &[("REQUEST_ID", "log-test-1")]);
+    assert_eq!(access["TARGET"], "gateway::access");
+    assert_eq!(access["STATUS"], "200");
+    assert_eq!(access["METHOD"], "POST");
+    assert_eq!(access["ROUTE"], "/v1/responses");
+    let vllm_line = expect(
+        &first,
+        &[(
+            "MESSAGE",
+            &format!("INFO:     Started server process [{first_pid}]"),
+        )],
+    );
+    assert_eq!(vllm_line["TARGET"], "vllm");
+    assert_eq!(vllm_line["PID"], first_pid);
+    assert_eq!(vllm_line["STREAM"], "stdout");
+
+    let exit = raw_request(vllm_port, "POST /_mock/exit?code=3 HTTP/1.1", b"");
+    assert_eq!(exit.status, 200);
+    wait_until("vLLM to be restarted and ready", DEADLINE, || {
+        entries(gateway)
+            .iter()
+            .filter(|entry| entry.get("STATE").map(String::as_str) == Some("ready"))
+            .count()
+            == 2
+    });
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+
+    let all = entries(gateway);
+    let exited = expect(&all, &[("MESSAGE", "vLLM exited")]);
+    assert_eq!(exited["EXIT_CODE"], "3");
+    assert_eq!(exited["PID"], first_pid);
+    let restarting = expect(&all, &[("STATE", "restarting"), ("PREVIOUS", "ready")]);
+    assert!(
+        !restarting.contains_key("PID"),
+        "no vLLM runs while it waits to restart"
+    );
+    let restarted = all
+        .iter()
+        .filter(|entry| entry.get("STATE").map(String::as_str) == Some("starting"))
+        .nth(1)
+        .expect("a second start");
+    assert_ne!(restarted["PID"], first_pid, "the restart is a new process");
+    expect(&all, &[("STATE", "stopped"), ("PREVIOUS", "stopping")]);
+    all
+}
+
+#[test]
+fn under_systemd_logs_go_to_journald_with_fields_and_vllm_under_its_own_identifier() {
+    let journald = Journald::listen();
+    let wrapper = journald.wrapper();
+    let (mut gateway, vllm_port) = gateway_serve_wrapped(&wrapper, free_port(), &[], &[]);
+
+    let entries = check_one_life(&mut gateway, vllm_port, &|_| journald.entries());
+
+    for entry in &entries {
+        let expected = if entry["TARGET"] == "vllm" {
+            "vllm"
+        } else {
+            "gateway"
+        };
+        assert_eq!(entry["SYSLOG_IDENTIFIER"], expected, "{entry:#?}");
+    }
+    let ready = expect(&entries, &[("STATE", "ready")]);
+    assert_eq!(ready["PRIORITY"], "6", "info is syslog's informational");
+    let exited = expect(&entries, &[("MESSAGE", "vLLM exited")]);
+    assert_eq!(exited["PRIORITY"], "4", "warn is syslog's warning");
+    let stderr = gateway.log_text();
+    assert!(
+        !stderr.contains("vLLM state changed") && !stderr.contains("Started server process"),
+        "with the journal detected nothing is logged twice to stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn without_a_journal_logs_are_json_lines_with_the_same_fields() {
+    let (mut gateway, vllm_port) = gateway_serve(&[], &[("JOURNAL_STREAM", "1:1")]);
+
+    let entries = check_one_life(&mut gateway, vllm_port, &|gateway| {
+        json_entries(&gateway.log_text())
+    });
+
+    let exited = expect(&entries, &[("MESSAGE", "vLLM exited")]);
+    assert_eq!(exited["LEVEL"], "WARN");
+    assert!(entries.iter().all(|entry| entry.contains_key("TIMESTAMP")));
+}
