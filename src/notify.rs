@@ -71,43 +71,100 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// How often the start timeout is pushed out while vLLM loads.
 const EXTEND_EVERY: Duration = Duration::from_secs(10);
 
-/// Sends a STATUS= line on every state change, and while the child starts, keeps systemd's start
-/// timeout just ahead of now (never past the startup deadline), with the elapsed time in STATUS.
+/// Sends a STATUS= line on every state change. Until the first READY=1 it also keeps systemd's
+/// start timeout just ahead of now: while vLLM loads (never past its startup deadline, so a stuck
+/// load still ends at `startup_timeout`), and while the gateway waits to retry a failed start or
+/// stops a child that failed to start. The gateway's own restart policy bounds those.
 pub async fn follow(mut status_rx: watch::Receiver<UpstreamStatus>, startup_timeout: Duration) {
     let mut ticker = tokio::time::interval(EXTEND_EVERY);
+    let mut was_ready = false;
     loop {
-        let (text, starting_since) = {
+        let (text, extend) = {
             let status = status_rx.borrow_and_update();
-            match &*status {
-                UpstreamStatus::Child(child) => {
-                    let since = match child.state {
-                        ChildState::Starting { since, .. } => Some(since),
-                        _ => None,
-                    };
-                    let mut text = child.state.describe();
-                    if let ChildState::Backoff { .. } = child.state {
-                        if let Some(exit) = child.last_exit {
-                            text = format!("vLLM exited ({exit}); {text}");
-                        }
-                    }
-                    (text, since)
+            let UpstreamStatus::Child(child) = &*status else {
+                return;
+            };
+            was_ready |= matches!(child.state, ChildState::Ready { .. });
+            let mut text = child.state.describe();
+            if let ChildState::Backoff { .. } = child.state {
+                if let Some(exit) = child.last_exit {
+                    text = format!("vLLM exited ({exit}); {text}");
                 }
-                UpstreamStatus::External(_) => return,
             }
+            let extend = if was_ready {
+                None
+            } else {
+                start_extension(&child.state, startup_timeout, Instant::now())
+            };
+            (text, extend)
         };
         status(&text);
-        if let Some(since) = starting_since {
-            let deadline = since + startup_timeout;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let extend = remaining.min(EXTEND_EVERY * 3);
-            if !extend.is_zero() {
-                let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
-                send(&[NotifyState::ExtendTimeoutUsec(usec)]);
-            }
+        if let Some(extend) = extend.filter(|extend| !extend.is_zero()) {
+            let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
+            send(&[NotifyState::ExtendTimeoutUsec(usec)]);
         }
         tokio::select! {
             changed = status_rx.changed() => if changed.is_err() { return },
-            _ = ticker.tick(), if starting_since.is_some() => {}
+            _ = ticker.tick(), if extend.is_some() => {}
         }
+    }
+}
+
+/// How far to push systemd's start timeout out from `now`, before the first READY=1; `None` when
+/// the start is over for good.
+fn start_extension(
+    state: &ChildState,
+    startup_timeout: Duration,
+    now: Instant,
+) -> Option<Duration> {
+    let margin = EXTEND_EVERY * 3;
+    match state {
+        ChildState::Starting { since, .. } => {
+            let deadline = *since + startup_timeout;
+            Some(deadline.saturating_duration_since(now).min(margin))
+        }
+        ChildState::Backoff { until, .. } => Some(until.saturating_duration_since(now) + margin),
+        ChildState::Idle | ChildState::Stopping { .. } => Some(margin),
+        ChildState::Ready { .. } | ChildState::Unhealthy { .. } | ChildState::Exited { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_is_extended_up_to_its_startup_deadline_and_no_further() {
+        let since = Instant::now();
+        let loading = ChildState::Starting { pid: 1, since };
+        let timeout = Duration::from_secs(600);
+        let after = |secs| since + Duration::from_secs(secs);
+        assert_eq!(
+            start_extension(&loading, timeout, after(10)),
+            Some(EXTEND_EVERY * 3)
+        );
+        assert_eq!(
+            start_extension(&loading, timeout, after(595)),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            start_extension(&loading, timeout, after(700)),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn a_backoff_before_the_first_ready_is_covered_until_the_next_start() {
+        let now = Instant::now();
+        let backoff = ChildState::Backoff {
+            attempt: 2,
+            until: now + Duration::from_secs(50),
+        };
+        assert_eq!(
+            start_extension(&backoff, Duration::from_secs(600), now),
+            Some(Duration::from_secs(50) + EXTEND_EVERY * 3)
+        );
+        let ready = ChildState::Ready { pid: 1, since: now };
+        assert_eq!(start_extension(&ready, Duration::from_secs(600), now), None);
     }
 }

@@ -187,3 +187,35 @@ fn a_wedged_supervisor_loop_stops_the_watchdog_pings() {
         "a wedged loop must miss the watchdog"
     );
 }
+
+#[test]
+fn a_failed_first_start_keeps_extending_the_start_timeout_while_it_waits_to_retry() {
+    let port = free_port();
+    let systemd = Systemd::listen(false, port);
+    let (mut gateway, _) = serve_with_child_env(
+        port,
+        &[("MOCK_VLLM_EXIT_AT_START", "1")],
+        &[("NOTIFY_SOCKET", &systemd.socket_env)],
+    );
+    // Every start fails, so the gateway gives up after max_restarts and exits non-zero.
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(1));
+    wait_until("STOPPING=1", DEADLINE, || systemd.count("STOPPING=1") == 1);
+
+    let messages = systemd.messages();
+    let waits: Vec<usize> = messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.starts_with("STATUS=vLLM exited (exit code 1); restart "))
+        .map(|(index, _)| index)
+        .collect();
+    assert!(!waits.is_empty(), "{messages:?}");
+    for index in waits {
+        let usec: u64 = messages[index + 1]
+            .strip_prefix("EXTEND_TIMEOUT_USEC=")
+            .unwrap_or_else(|| panic!("no extension after {}: {messages:?}", messages[index]))
+            .parse()
+            .expect("a number");
+        assert!(usec >= 30_000_000, "{messages:?}");
+    }
+    assert_eq!(systemd.count("READY=1"), 0);
+}
