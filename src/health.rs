@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HealthConfig;
 use crate::proxy::AppState;
 use crate::status::{ExternalHealth, Probe, UpstreamStatus};
+use crate::telemetry;
 
 /// 200 while the process serves (and, under `serve`, while the supervisor loop runs: it publishes
 /// `Exited` when it stops).
@@ -60,6 +61,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response();
     };
+    telemetry::publish_gauges();
     let mut body = handle.render();
     if state.metrics_merge_upstream {
         let url = format!("{}/metrics", state.upstream_base);

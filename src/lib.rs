@@ -135,8 +135,9 @@ async fn run_standalone(
     )?);
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
+    let drain_report = tokio::spawn(notify::report_drain(shutdown.graceful.clone()));
     proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
-    notify::stopping();
+    drain_report.abort();
     tracker.close();
     tracker.wait().await;
     tracing::info!("gateway stopped");
@@ -193,10 +194,13 @@ async fn run_serve(
                 draining.cancel();
             })
         };
+        let drain_report = tokio::spawn(notify::report_drain(draining));
         proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
         watch_child.abort();
+        drain_report.abort();
+    } else {
+        notify::stopping();
     }
-    notify::stopping();
     stop_child.cancel();
     let exit = supervisor_task.await?;
     notifier.abort();

@@ -3,17 +3,20 @@
 //! the datagram is sent here so that abstract sockets (`@name`) work too. Every function is a no-op without
 //! `$NOTIFY_SOCKET`, and a failed send is logged, never fatal.
 //!
-//! Readiness and stopping are sent by `run`; status lines follow the child state ([`follow`]);
-//! watchdog pings come from the supervisor loop itself, so a wedged loop misses them.
+//! Readiness is sent by `run`; status lines follow the child state ([`follow`]); STOPPING=1 and the
+//! count of requests left go out while the proxy drains ([`report_drain`]); watchdog pings come
+//! from the supervisor loop itself, so a wedged loop misses them.
 
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::status::UpstreamStatus;
 use crate::supervisor::state::ChildState;
+use crate::telemetry;
 
 fn send(states: &[NotifyState<'_>]) {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -52,6 +55,27 @@ pub fn ready(status: &str) {
 
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// Once `draining` is cancelled: STOPPING=1, then every second how many requests are still being
+/// drained. Runs until aborted.
+pub async fn report_drain(draining: CancellationToken) {
+    draining.cancelled().await;
+    let text = draining_status(telemetry::requests_in_flight());
+    send(&[NotifyState::Stopping, NotifyState::Status(&text)]);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        status(&draining_status(telemetry::requests_in_flight()));
+    }
+}
+
+fn draining_status(requests: i64) -> String {
+    match requests {
+        1 => "draining 1 request".into(),
+        n => format!("draining {n} requests"),
+    }
 }
 
 pub fn status(text: &str) {

@@ -4,6 +4,7 @@
 //! because the client went away).
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -170,6 +171,21 @@ pub fn error_kind(error: &ProxyError) -> Option<&'static str> {
     })
 }
 
+/// Proxied requests in flight, and the event streams among them: plain atomics, so a request
+/// touches no metrics registry for them. `/metrics` and the drain status read them.
+static REQUESTS_IN_FLIGHT: AtomicI64 = AtomicI64::new(0);
+static STREAMS_ACTIVE: AtomicI64 = AtomicI64::new(0);
+
+pub fn requests_in_flight() -> i64 {
+    REQUESTS_IN_FLIGHT.load(Ordering::Relaxed)
+}
+
+/// Copies the live counts into their gauges; called right before `/metrics` renders.
+pub fn publish_gauges() {
+    gauge!("gateway_requests_in_flight").set(requests_in_flight() as f64);
+    gauge!("gateway_streams_active").set(STREAMS_ACTIVE.load(Ordering::Relaxed) as f64);
+}
+
 /// One proxied request, from arrival to the last byte. Dropping it writes the access log line and
 /// the request metrics; it lives in the response body, so for a stream that happens at stream end.
 pub struct RequestRecord {
@@ -195,7 +211,7 @@ impl RequestRecord {
         path: &str,
         access_log: bool,
     ) -> Self {
-        gauge!("gateway_requests_in_flight").increment(1.0);
+        REQUESTS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
         RequestRecord {
             request_id,
             method: method_label(method),
@@ -222,7 +238,7 @@ impl RequestRecord {
         self.stream = stream;
         self.responding = true;
         if stream {
-            gauge!("gateway_streams_active").increment(1.0);
+            STREAMS_ACTIVE.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -261,9 +277,9 @@ impl Drop for RequestRecord {
             self.error_kind = Some("client_disconnect");
         }
         let duration = self.started.elapsed();
-        gauge!("gateway_requests_in_flight").decrement(1.0);
+        REQUESTS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
         if self.stream && self.responding {
-            gauge!("gateway_streams_active").decrement(1.0);
+            STREAMS_ACTIVE.fetch_sub(1, Ordering::Relaxed);
         }
         let status = if self.status == 0 { 499 } else { self.status };
         counter!("gateway_requests_total", "route" => self.route, "method" => self.method, "status" => status.to_string())

@@ -219,3 +219,51 @@ fn a_failed_first_start_keeps_extending_the_start_timeout_while_it_waits_to_retr
     }
     assert_eq!(systemd.count("READY=1"), 0);
 }
+
+#[test]
+fn a_stop_sends_stopping_first_then_counts_the_requests_being_drained() {
+    let port = free_port();
+    let systemd = Systemd::listen(false, port);
+    let (mut gateway, _) = serve_with_child_env(
+        port,
+        &[("MOCK_VLLM_STREAM_DELAY", "20ms")],
+        &[("NOTIFY_SOCKET", &systemd.socket_env)],
+    );
+    wait_until("READY=1", DEADLINE, || systemd.count("READY=1") == 1);
+    let stream = std::thread::spawn(move || {
+        post_json(
+            port,
+            "/v1/responses",
+            r#"{"model":"m","input":"hi","stream":true}"#,
+            "",
+        )
+    });
+    wait_until("the stream to start", DEADLINE, || {
+        gateway.log_text().contains("/v1/responses HTTP/1.1")
+    });
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(stream.join().expect("stream thread").status, 200);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+
+    let messages = systemd.messages();
+    let ready = messages.iter().position(|m| m == "READY=1").expect("ready");
+    let after: Vec<&str> = messages[ready..]
+        .iter()
+        .map(String::as_str)
+        .filter(|m| *m != "WATCHDOG=1")
+        .collect();
+    let stopping = after
+        .iter()
+        .position(|m| *m == "STOPPING=1")
+        .unwrap_or_else(|| panic!("no STOPPING=1: {messages:?}"));
+    assert_eq!(
+        after[stopping + 1],
+        "STATUS=draining 1 request",
+        "{messages:?}"
+    );
+    assert_eq!(systemd.count("STOPPING=1"), 1, "{messages:?}");
+    assert!(
+        after[stopping..].contains(&"STATUS=stopping vLLM"),
+        "the child is stopped after the drain: {messages:?}"
+    );
+}
