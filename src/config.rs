@@ -543,12 +543,18 @@ impl Config {
 
 /// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
 fn normalise_base_url(url: &str) -> Result<String, String> {
-    let expected = "expected an http:// or https:// URL such as http://127.0.0.1:8000";
+    let expected = "expected an http:// URL such as http://127.0.0.1:8000";
     let uri: http::Uri = url
         .parse()
         .map_err(|_| format!("{expected}, got {url:?}"))?;
     match uri.scheme_str() {
-        Some("http" | "https") => {}
+        Some("http") => {}
+        // The gateway sits beside vLLM (same host or pod); it carries no TLS client.
+        Some("https") => {
+            return Err(format!(
+                "https upstreams are not supported (the gateway runs beside vLLM and speaks plain HTTP to it), got {url:?}"
+            ));
+        }
         _ => return Err(format!("{expected}, got {url:?}")),
     }
     if uri.authority().is_none() || uri.query().is_some() {
@@ -827,10 +833,15 @@ mod tests {
             Ok("http://127.0.0.1:8000")
         );
         assert_eq!(
-            normalise_base_url("https://h/prefix/v1").as_deref(),
-            Ok("https://h/prefix")
+            normalise_base_url("http://h/prefix/v1").as_deref(),
+            Ok("http://h/prefix")
         );
         assert!(normalise_base_url("127.0.0.1:8000").is_err());
+        let https = normalise_base_url("https://h").expect_err("no TLS client");
+        assert!(
+            https.contains("https upstreams are not supported"),
+            "{https}"
+        );
         assert!(normalise_base_url("ftp://h").is_err());
     }
 
