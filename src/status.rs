@@ -83,6 +83,14 @@ impl UpstreamStatus {
         }
     }
 
+    /// The pid of the child requests go to, while it accepts them; `None` in standalone mode.
+    pub fn serving_pid(&self) -> Option<u32> {
+        match self {
+            UpstreamStatus::Child(child) if self.accepts_requests() => child.state.pid(),
+            _ => None,
+        }
+    }
+
     /// Whether waiting could still help: false once the child is gone for good. A child being
     /// stopped may still be restarted, so only `Exited` is final.
     pub fn may_become_ready(&self) -> bool {

@@ -559,3 +559,24 @@ fn paths_outside_v1_pass_through_but_health_endpoints_are_the_gateways() {
         "neither /version nor /livez is a /v1 request"
     );
 }
+
+#[test]
+fn a_request_body_that_stops_arriving_gets_408_and_never_reaches_vllm() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &["--first-byte-timeout", "500ms"], &[]);
+    let mut stream = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\""
+    )
+    .expect("write");
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let response = parse_response(&raw);
+    assert_eq!(response.status, 408);
+    assert_eq!(response.json()["error"]["code"], "request_timeout");
+    assert_eq!(mock_stats(&mock)["requests"], 0);
+}

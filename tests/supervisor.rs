@@ -133,6 +133,35 @@ fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed
     assert!(readyz.contains("\"restarts\":3"), "{readyz}");
 }
 
+/// Regression: a request sent after vLLM stopped listening, but before it exited and was reaped,
+/// got 502 (connection refused) although a restart was seconds away.
+#[test]
+fn a_request_refused_by_a_dying_vllm_waits_for_its_replacement() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    wait_ready(&gateway);
+    let first = wait_for_starts(&pids, 1)[0].0;
+    // vLLM's API server after its engine died: the port is closed at once, the exit comes later.
+    let response = raw_request(vllm_port, "POST /_mock/exit?code=1&linger=1s HTTP/1.1", b"");
+    assert_eq!(response.status, 200);
+    assert!(alive(first), "the child lingers with its port closed");
+
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let starts = wait_for_starts(&pids, 2);
+    assert!(!alive(first));
+    let (_, readyz) = get(&gateway.url("/readyz")).expect("readyz");
+    assert!(
+        readyz.contains(&format!("\"pid\":{}", starts[1].0)),
+        "answered by the replacement: {readyz}"
+    );
+}
+
 #[test]
 fn restart_no_exits_with_the_childs_exit_code() {
     let (mut gateway, vllm_port) = gateway_serve(&["--restart", "no"], &[]);

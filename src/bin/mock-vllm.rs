@@ -38,6 +38,8 @@
 //!   the names of the signals received and whether `/health` hangs.
 //! - `POST /_mock/hang-health` and `POST /_mock/unhang-health`: make `/health` hang or answer again.
 //! - `POST /_mock/exit?code=N`: answer 200, then exit with code N (default 0).
+//!   `&linger=DURATION` stops listening at once but exits only after the duration, like vLLM's
+//!   API server shutting down after its engine died (connections are refused meanwhile).
 //!
 //! # Knobs
 //!
@@ -125,6 +127,7 @@ use signal_hook_tokio::Signals;
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
 
 /// What `/version` and `--version` report; the suffix keeps it from passing for a real vLLM.
 const VERSION: &str = "0.0.0+mock";
@@ -321,6 +324,8 @@ struct AppState {
     last_request: Mutex<Option<RequestRecord>>,
     /// xorshift state for response ids; random enough to tell responses apart.
     id_state: AtomicU64,
+    /// Cancelled to close the listener without ending the process (`/_mock/exit?linger=`).
+    stop_listening: CancellationToken,
 }
 
 /// Counters and flags `/_mock/stats` reports.
@@ -618,11 +623,22 @@ async fn run(
 
     let grace = state.knobs.shutdown_grace;
     let app = app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener.tap_io(set_nodelay), app)
-        .with_graceful_shutdown(stop_requested(shutdown.clone()));
+    let stop_listening = state.stop_listening.clone();
+    let stop_serving = shutdown.clone();
+    let server =
+        axum::serve(listener.tap_io(set_nodelay), app).with_graceful_shutdown(async move {
+            tokio::select! {
+                () = stop_requested(stop_serving) => {}
+                () = stop_listening.cancelled() => {}
+            }
+        });
     tokio::select! {
         result = server.into_future() => {
             result.map_err(|error| format!("the server failed: {error}"))?;
+            if state.stop_listening.is_cancelled() {
+                // `/_mock/exit?linger=` ends the process when the linger is over.
+                std::future::pending::<()>().await;
+            }
         }
         () = grace_expired(shutdown, grace) => {
             say(format_args!(
@@ -1282,15 +1298,19 @@ async fn unhang_health(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "health_hung": false }))
 }
 
-async fn exit_on_request(RawQuery(query): RawQuery) -> Response {
-    let code = query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(name, _)| *name == "code")
-        .map(|(_, value)| value.parse::<u8>());
-    let code = match code {
+async fn exit_on_request(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let query = query.unwrap_or_default();
+    let param = |wanted: &str| {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(name, _)| *name == wanted)
+            .map(|(_, value)| value.to_string())
+    };
+    let code = match param("code").map(|value| value.parse::<u8>()) {
         None => 0,
         Some(Ok(code)) => code,
         Some(Err(_)) => {
@@ -1300,8 +1320,22 @@ async fn exit_on_request(RawQuery(query): RawQuery) -> Response {
             );
         }
     };
+    let linger = match param("linger").map(|value| humantime::parse_duration(&value)) {
+        None => None,
+        Some(Ok(linger)) => Some(linger),
+        Some(Err(_)) => {
+            return openai_error(
+                StatusCode::BAD_REQUEST,
+                "linger must be a duration such as 500ms",
+            );
+        }
+    };
+    if linger.is_some() {
+        say(format_args!("INFO:     Shutting down"));
+        state.stop_listening.cancel();
+    }
     tokio::spawn(async move {
-        sleep(FLUSH_GRACE).await;
+        sleep(linger.unwrap_or(FLUSH_GRACE)).await;
         say(format_args!(
             "INFO:     exiting with code {code} as /_mock/exit asks"
         ));
@@ -1558,6 +1592,7 @@ impl AppState {
             last_request: Mutex::new(None),
             // xorshift never leaves zero, so the seed must not be zero.
             id_state: AtomicU64::new(seed | 1),
+            stop_listening: CancellationToken::new(),
         }
     }
 

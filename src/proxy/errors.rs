@@ -15,6 +15,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("invalid request: {0}")]
     BadRequest(&'static str),
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("the model server is not ready")]
     NotReady { retry_after_secs: u64 },
     #[error("the gateway is shutting down")]
@@ -69,6 +71,7 @@ impl ProxyError {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -82,7 +85,8 @@ impl ProxyError {
         match self {
             ProxyError::Unauthorized
             | ProxyError::BodyTooLarge { .. }
-            | ProxyError::BadRequest(_) => "invalid_request_error",
+            | ProxyError::BadRequest(_)
+            | ProxyError::BodyTimeout => "invalid_request_error",
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown => "server_error",
             ProxyError::Unavailable(_) | ProxyError::Timeout(_) => "upstream_error",
         }
@@ -94,6 +98,7 @@ impl ProxyError {
             ProxyError::Unauthorized => "invalid_api_key",
             ProxyError::BodyTooLarge { .. } => "request_too_large",
             ProxyError::BadRequest(_) => "invalid_request",
+            ProxyError::BodyTimeout => "request_timeout",
             ProxyError::NotReady { .. } => "upstream_not_ready",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Unavailable(_) => "upstream_unavailable",

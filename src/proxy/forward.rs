@@ -58,6 +58,11 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
 
 type Forwarded = (http::Response<()>, reqwest::Body, Timing);
 
+/// Request bodies up to this size that declare their length are read whole before they go
+/// upstream: they leave with the headers in one write, and a request refused by a vLLM that just
+/// died can be sent again to the next one. Longer or chunked bodies stream through.
+const WHOLE_BODY_MAX: u64 = 64 * 1024;
+
 async fn proxy(
     state: &AppState,
     request: Request,
@@ -65,21 +70,36 @@ async fn proxy(
     record: &mut RequestRecord,
 ) -> Result<Forwarded, ProxyError> {
     let started = Instant::now();
+    let header_timeout = state
+        .proxy
+        .first_byte_timeout
+        .min(state.proxy.request_timeout);
+    let header_kind = if state.proxy.first_byte_timeout <= state.proxy.request_timeout {
+        TimeoutKind::FirstByte
+    } else {
+        TimeoutKind::Request
+    };
+    let deadline = started + header_timeout;
+
     let (mut parts, body) = request.into_parts();
     authorize(state, &mut parts.headers)?;
     let limit = state.proxy.max_body_bytes;
-    if content_length(&parts.headers).is_some_and(|length| length > limit) {
+    let length = content_length(&parts.headers);
+    if length.is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
+    // A request without a body (most GETs) must stay without one, rather than become an empty
+    // chunked body.
+    let body = if http_body::Body::is_end_stream(&body) {
+        None
+    } else if length.is_some_and(|length| length <= WHOLE_BODY_MAX) {
+        Some(reqwest::Body::from(read_whole(body, deadline).await?))
+    } else {
+        Some(reqwest::Body::wrap_stream(LimitedBody::new(body, limit)))
+    };
     wait_until_ready(state).await?;
 
-    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut url = String::with_capacity(state.upstream_base.len() + path_and_query.len());
-    url.push_str(&state.upstream_base);
-    url.push_str(path_and_query);
-    let url = reqwest::Url::parse(&url)
-        .map_err(|_| ProxyError::BadRequest("the request path is not a valid URL path"))?;
-
+    let url = upstream_url(&state.upstream_url, &state.upstream_path, &parts.uri);
     headers::strip_hop_by_hop(&mut parts.headers);
     // reqwest sets Host from the upstream URL.
     parts.headers.remove(header::HOST);
@@ -94,32 +114,30 @@ async fn proxy(
 
     let mut upstream_request = reqwest::Request::new(parts.method, url);
     *upstream_request.headers_mut() = parts.headers;
-    // A request without a body (most GETs) must stay without one, rather than become an empty
-    // chunked body.
-    if !http_body::Body::is_end_stream(&body) {
-        *upstream_request.body_mut() =
-            Some(reqwest::Body::wrap_stream(LimitedBody::new(body, limit)));
-    }
-
-    let header_timeout = state
-        .proxy
-        .first_byte_timeout
-        .min(state.proxy.request_timeout);
-    let header_kind = if state.proxy.first_byte_timeout <= state.proxy.request_timeout {
-        TimeoutKind::FirstByte
-    } else {
-        TimeoutKind::Request
+    *upstream_request.body_mut() = body;
+    // Under `serve`, a refused connection most likely means vLLM just died and the supervisor has
+    // not noticed yet: such a request (never sent) waits for the next vLLM and goes again, once.
+    let serving_pid = state.status.borrow().serving_pid();
+    let retry = match serving_pid {
+        Some(_) if state.ready_wait_timeout.is_some() => upstream_request.try_clone(),
+        _ => None,
     };
-    let response = match tokio::time::timeout_at(
-        started + header_timeout,
-        state.client.execute(upstream_request),
+    let mut outcome = send(
+        state,
+        upstream_request,
+        deadline,
+        header_kind,
+        limit,
+        record,
     )
-    .await
-    {
-        Err(_) => return Err(ProxyError::Timeout(header_kind)),
-        Ok(Err(error)) => return Err(classify(&error, limit, record)),
-        Ok(Ok(response)) => response,
-    };
+    .await;
+    if let (Err(ProxyError::Unavailable(Unavailable::Connect)), Some(request)) = (&outcome, retry) {
+        if wait_for_replacement(state, serving_pid).await {
+            tracing::debug!(request_id = %record.request_id(), "vLLM refused the connection; sending again to its replacement");
+            outcome = send(state, request, deadline, header_kind, limit, record).await;
+        }
+    }
+    let response = outcome?;
 
     let response: http::Response<reqwest::Body> = response.into();
     let (mut parts, body) = response.into_parts();
@@ -138,6 +156,66 @@ async fn proxy(
         Timing::Whole
     };
     Ok((http::Response::from_parts(parts, ()), body, timing))
+}
+
+/// Sends the request and waits for the response headers until `deadline`.
+async fn send(
+    state: &AppState,
+    request: reqwest::Request,
+    deadline: Instant,
+    kind: TimeoutKind,
+    limit: u64,
+    record: &RequestRecord,
+) -> Result<reqwest::Response, ProxyError> {
+    match tokio::time::timeout_at(deadline, state.client.execute(request)).await {
+        Err(_) => Err(ProxyError::Timeout(kind)),
+        Ok(Err(error)) => Err(classify(&error, limit, record)),
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// Reads a body whose declared length is small; hyper ends it with an error if fewer bytes come.
+async fn read_whole(body: Body, deadline: Instant) -> Result<bytes::Bytes, ProxyError> {
+    match tokio::time::timeout_at(deadline, http_body_util::BodyExt::collect(body)).await {
+        Err(_) => Err(ProxyError::BodyTimeout),
+        Ok(Err(_)) => Err(ProxyError::BadRequest("the request body could not be read")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// The upstream URL for a request: the parsed base with the request's path and query set on a
+/// copy, so the host is not parsed again for every request.
+fn upstream_url(base: &reqwest::Url, prefix: &str, uri: &http::Uri) -> reqwest::Url {
+    let mut url = base.clone();
+    if prefix.is_empty() {
+        url.set_path(uri.path());
+    } else {
+        let mut path = String::with_capacity(prefix.len() + uri.path().len());
+        path.push_str(prefix);
+        path.push_str(uri.path());
+        url.set_path(&path);
+    }
+    url.set_query(uri.query());
+    url
+}
+
+/// After a refused connection: waits until the child that refused is replaced by a ready one.
+/// False when it is not replaced within `ready_wait_timeout` or is gone for good.
+async fn wait_for_replacement(state: &AppState, refused_by: Option<u32>) -> bool {
+    let Some(wait) = state.ready_wait_timeout else {
+        return false;
+    };
+    let mut status = state.status.clone();
+    let replaced = status.wait_for(|status| {
+        (status.accepts_requests() && status.serving_pid() != refused_by)
+            || !status.may_become_ready()
+    });
+    tokio::select! {
+        result = tokio::time::timeout(wait, replaced) => {
+            matches!(result, Ok(Ok(status)) if status.accepts_requests())
+        }
+        () = state.draining.cancelled() => false,
+    }
 }
 
 /// Checks the client's key when the gateway has its own keys. A client key is for the gateway
@@ -272,6 +350,23 @@ mod tests {
                 .all(|b| b.is_ascii_hexdigit())
         );
         assert_ne!(generated, request_id(&headers), "fresh ids differ");
+    }
+
+    #[test]
+    fn upstream_urls_keep_the_path_and_query_bytes() {
+        let url = |base: &str, prefix: &str, uri: &str| {
+            let base = reqwest::Url::parse(base).expect("base");
+            upstream_url(&base, prefix, &uri.parse().expect("uri")).to_string()
+        };
+        assert_eq!(
+            url("http://127.0.0.1:8000", "", "/v1/responses?stream=true&x=%20"),
+            "http://127.0.0.1:8000/v1/responses?stream=true&x=%20"
+        );
+        assert_eq!(
+            url("http://h:1/llm", "/llm", "/v1/models/org%2Fname"),
+            "http://h:1/llm/v1/models/org%2Fname"
+        );
+        assert_eq!(url("http://h:1", "", "/health"), "http://h:1/health");
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct AppState {
     pub client: reqwest::Client,
     /// Upstream base URL without a trailing slash, e.g. `http://127.0.0.1:8000`.
     pub upstream_base: String,
+    /// The same, parsed once, so that a request only sets its path and query on a copy.
+    pub upstream_url: reqwest::Url,
+    /// The base URL's path prefix without a trailing slash (usually empty).
+    pub upstream_path: String,
     /// `Bearer <key>`, precomputed and marked sensitive, injected when the client sent none.
     pub upstream_auth: Option<HeaderValue>,
     pub proxy: ProxyConfig,
@@ -63,9 +67,13 @@ impl AppState {
             }
             None => None,
         };
+        let upstream_url = reqwest::Url::parse(&config.upstream.base)?;
+        let upstream_path = upstream_url.path().trim_end_matches('/').to_string();
         Ok(AppState {
             client: upstream_client(&config.proxy)?,
             upstream_base: config.upstream.base.clone(),
+            upstream_url,
+            upstream_path,
             upstream_auth,
             proxy: config.proxy.clone(),
             status,
