@@ -4,7 +4,8 @@
 //!
 //! - `cli`: the command line (clap); options only, no defaults.
 //! - `config`: file + environment + flags merged and validated into [`config::Config`].
-//! - `proxy`: the HTTP surface. `proxy::forward` forwards one request; `proxy::headers` holds the
+//! - `proxy`: the HTTP surface, served by one worker thread per CPU (each its own single-threaded
+//!   runtime, accept loop and upstream pool). `proxy::forward` forwards one request; `proxy::headers` holds the
 //!   hop-by-hop rules; `proxy::body` wraps bodies with limits and timeouts; `proxy::errors` shapes
 //!   every error as OpenAI JSON or a final SSE `error` event.
 //! - `health`: `/livez`, `/readyz`, `/health`, `/metrics`, and the upstream `/health` probe.
@@ -20,8 +21,9 @@
 //! # Flow
 //!
 //! A request enters `proxy::app`, reaches `forward::forward`, waits (under `serve`) until the
-//! status says the child accepts requests, is rewritten and sent over the pooled upstream client;
-//! the answer streams back frame by frame through `body::UpstreamBody`.
+//! status says the child accepts requests, is rewritten and sent over the worker's pooled upstream
+//! client; the answer streams back frame by frame through `body::UpstreamBody`. A request never
+//! leaves the worker thread that accepted its connection.
 //! Under `serve`, `run` starts the supervisor, waits for the first `Ready`, and only then binds the
 //! listener. On SIGTERM readiness turns 503, the listener closes, in-flight requests drain, then the
 //! supervisor stops the child's whole process group.
@@ -136,7 +138,14 @@ async fn run_standalone(
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
     let drain_report = tokio::spawn(notify::report_drain(shutdown.graceful.clone()));
-    proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
+    proxy::serve(
+        listener,
+        state,
+        proxy::worker_count(),
+        config.drain_timeout,
+        shutdown.fast.clone(),
+    )
+    .await?;
     drain_report.abort();
     tracker.close();
     tracker.wait().await;
@@ -195,7 +204,14 @@ async fn run_serve(
             })
         };
         let drain_report = tokio::spawn(notify::report_drain(draining));
-        proxy::serve(listener, state, config.drain_timeout, shutdown.fast.clone()).await?;
+        proxy::serve(
+            listener,
+            state,
+            proxy::worker_count(),
+            config.drain_timeout,
+            shutdown.fast.clone(),
+        )
+        .await?;
         watch_child.abort();
         drain_report.abort();
     } else {

@@ -359,7 +359,11 @@ mod tests {
             upstream_url(&base, prefix, &uri.parse().expect("uri")).to_string()
         };
         assert_eq!(
-            url("http://127.0.0.1:8000", "", "/v1/responses?stream=true&x=%20"),
+            url(
+                "http://127.0.0.1:8000",
+                "",
+                "/v1/responses?stream=true&x=%20"
+            ),
             "http://127.0.0.1:8000/v1/responses?stream=true&x=%20"
         );
         assert_eq!(

@@ -1,7 +1,9 @@
-//! The HTTP side: the router, the shared [`AppState`], and the listener with graceful drain.
+//! The HTTP side: the router, the [`AppState`] handlers share, the proxy workers and the graceful
+//! drain.
 //!
 //! The proxy owns no process and no child state: it reads the [`UpstreamStatus`] watch and forwards
-//! requests with one pooled upstream client.
+//! requests with its worker's pooled upstream client. Each worker thread owns its runtime, its
+//! accept loop on the shared listening socket, and its pool.
 
 pub mod body;
 pub mod errors;
@@ -25,7 +27,9 @@ use crate::config::{Config, Cors, ProxyConfig};
 use crate::health;
 use crate::status::UpstreamStatus;
 
-/// What every request handler shares. Built once at start-up.
+/// What every request handler shares. Built once at start-up, then copied for each proxy worker
+/// with a pool of its own.
+#[derive(Clone)]
 pub struct AppState {
     /// The one upstream client: its pool is the process's pool of connections to vLLM.
     pub client: reqwest::Client,
@@ -87,6 +91,17 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// A copy for one proxy worker, with an upstream pool of its own: connections are driven by
+    /// the runtime that opened them, so each worker keeps its own.
+    fn for_worker(&self) -> anyhow::Result<AppState> {
+        Ok(AppState {
+            client: upstream_client(&self.proxy)?,
+            ..self.clone()
+        })
+    }
+}
+
 /// The pooled client for proxied requests. Idle connections are dropped before the upstream
 /// would close them (uvicorn: 5 s), so a request never lands on a connection that is being closed;
 /// hyper retries on its own a request that could not be written to a pooled connection.
@@ -134,34 +149,69 @@ fn cors_layer(cors: &Cors) -> CorsLayer {
     }
 }
 
+/// How many proxy workers to run: one per CPU the process may use (cgroup quotas and affinity
+/// count), at most [`MAX_WORKERS`].
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |cpus| cpus.get())
+        .min(MAX_WORKERS)
+}
+
+/// More workers than this only add idle upstream connections: one vLLM is the bottleneck long
+/// before eight cores of proxying are.
+const MAX_WORKERS: usize = 8;
+
 /// Serves until `draining` is cancelled, then stops accepting and lets in-flight requests finish
 /// for up to `drain_timeout`, or until `abort` is cancelled (a second signal).
+///
+/// The work is split across `workers` threads, each a single-threaded runtime with its own accept
+/// loop on the shared listening socket and its own upstream connection pool, as nginx splits it
+/// across worker processes: a request is read, forwarded and answered on one thread, with no
+/// wake-ups across threads on the way.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
+    workers: usize,
     drain_timeout: Duration,
     abort: CancellationToken,
 ) -> std::io::Result<()> {
     let draining = state.draining.clone();
-    let router = app(state);
-    // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the client's
-    // delayed ACK: tens of milliseconds per response.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
+    let listener = listener.into_std()?;
+    // Cancelled to drop every worker's connections at once.
+    let close = CancellationToken::new();
+    let mut finished = Vec::with_capacity(workers);
+    for index in 0..workers.max(1) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let worker = Worker {
+            listener: listener.try_clone()?,
+            state: Arc::new(state.for_worker().map_err(std::io::Error::other)?),
+            close: close.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("proxy-{index}"))
+            .spawn(move || {
+                let _ = done_tx.send(worker.run());
+            })?;
+        finished.push(done_rx);
+    }
+    drop(listener);
+    let all_finished = async move {
+        for done in finished {
+            // A worker that went away without a word (it cannot panic) counts as finished.
+            if let Ok(Err(error)) = done.await {
+                return Err(error);
+            }
         }
-    });
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(draining.clone().cancelled_owned());
-    let server = std::future::IntoFuture::into_future(server);
-    tokio::pin!(server);
+        Ok(())
+    };
+    tokio::pin!(all_finished);
     tokio::select! {
-        result = &mut server => return result,
+        result = &mut all_finished => return result,
         () = draining.cancelled() => {}
     }
     tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout), "draining in-flight requests");
-    tokio::select! {
-        result = &mut server => result,
+    let result = tokio::select! {
+        result = &mut all_finished => result,
         () = tokio::time::sleep(drain_timeout) => {
             tracing::warn!("drain_timeout expired; closing the remaining connections");
             Ok(())
@@ -170,5 +220,39 @@ pub async fn serve(
             tracing::warn!("second signal; closing the remaining connections");
             Ok(())
         }
+    };
+    close.cancel();
+    result
+}
+
+/// One proxy worker: a thread with its own runtime, accept loop and upstream pool.
+struct Worker {
+    listener: std::net::TcpListener,
+    state: Arc<AppState>,
+    close: CancellationToken,
+}
+
+impl Worker {
+    fn run(self) -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = TcpListener::from_std(self.listener)?;
+            let draining = self.state.draining.clone();
+            // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the
+            // client's delayed ACK: tens of milliseconds per response.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY");
+                }
+            });
+            let server = axum::serve(listener, app(self.state))
+                .with_graceful_shutdown(draining.cancelled_owned());
+            tokio::select! {
+                result = std::future::IntoFuture::into_future(server) => result,
+                () = self.close.cancelled() => Ok(()),
+            }
+        })
     }
 }
