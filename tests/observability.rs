@@ -293,3 +293,43 @@ fn child_metrics_follow_a_restart() {
     assert_eq!(value(&samples, "gateway_child_last_exit_code", &[]), 3.0);
     assert!(value(&samples, "gateway_child_start_seconds", &[]) > 0.0);
 }
+
+#[test]
+fn vllms_own_metrics_are_appended_only_when_asked_and_the_result_still_parses() {
+    let mock = mock_vllm(&[]);
+    let merged = gateway(mock.port, &["--metrics-merge-upstream", "true"], &[]);
+    let plain = gateway(mock.port, &[], &[]);
+    assert_eq!(
+        post_json(merged.port, "/v1/responses", RESPONSES_JSON, "").status,
+        200
+    );
+
+    let samples = scrape(&merged);
+    assert_eq!(
+        value(
+            &samples,
+            "vllm:request_success_total",
+            &[("model_name", "mock-model"), ("finished_reason", "stop")]
+        ),
+        1.0,
+        "vLLM's counter, as vLLM reports it"
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "gateway_requests_total",
+            &[("route", "/v1/responses"), ("status", "200")]
+        ),
+        1.0,
+        "the gateway's own metrics are all there"
+    );
+    let plain_samples = scrape(&plain);
+    assert!(plain_samples.iter().all(|s| !s.name.starts_with("vllm:")));
+    assert!(plain_samples.iter().any(|s| s.name == "gateway_build_info"));
+
+    // With vLLM gone, the gateway still answers with its own metrics.
+    drop(mock);
+    let samples = scrape(&merged);
+    assert!(samples.iter().all(|s| !s.name.starts_with("vllm:")));
+    assert!(samples.iter().any(|s| s.name == "gateway_build_info"));
+}

@@ -24,6 +24,9 @@
 //! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them.
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
 //!   serving gpt-oss-20b, byte for byte, whatever the request asks for.
+//! - `GET /metrics`: a few of vLLM's Prometheus metrics (`vllm:num_requests_running`,
+//!   `vllm:num_requests_waiting`, `vllm:request_success_total`), with vLLM's names and labels,
+//!   counting this process's `/v1` requests.
 //! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm.", streamed
 //!   as chunks ending in `data: [DONE]` when asked to.
 //! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With an API key set, every
@@ -658,6 +661,7 @@ fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/version", get(version))
         .route("/v1/models", get(list_models))
+        .route("/metrics", get(metrics))
         .route("/v1/responses", post(create_response))
         .route("/v1/chat/completions", post(create_chat_completion))
         .route("/_mock/last-request", get(last_request))
@@ -1286,6 +1290,35 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
         signals,
         health_hung: stats.health_hung.load(Ordering::SeqCst),
     })
+}
+
+/// Prometheus text exposition with vLLM's metric names and labels.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let stats = &state.stats;
+    let requests = stats.requests.load(Ordering::SeqCst);
+    let completed = stats.completed.load(Ordering::SeqCst);
+    let disconnects = stats.disconnects.load(Ordering::SeqCst);
+    let running = requests.saturating_sub(completed + disconnects);
+    let labels = format!("engine=\"0\",model_name=\"{}\"", state.served_model);
+    let body = format!(
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{{labels}}} {running}.0\n\
+         # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{{labels}}} 0.0\n\
+         # HELP vllm:request_success_total Count of successfully processed requests.\n\
+         # TYPE vllm:request_success_total counter\n\
+         vllm:request_success_total{{{labels},finished_reason=\"stop\"}} {completed}.0\n"
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn hang_health(State(state): State<Arc<AppState>>) -> Json<Value> {
