@@ -8,7 +8,7 @@ SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
-.PHONY: all build test lint fmt demo bench install clean verify-unit
+.PHONY: all build test lint fmt demo bench install install-check clean verify-unit
 
 all: build
 
@@ -28,6 +28,7 @@ test: lint
 		$(CARGO) test --locked --no-fail-fast; \
 	fi
 	$(MAKE) verify-unit
+	$(MAKE) install-check
 
 # systemd-analyze verify, against a copy of the unit whose ExecStart points at the freshly built
 # binary (verify checks that it exists). Warnings do not change its exit code, so any output fails.
@@ -49,15 +50,34 @@ demo:
 bench:
 	bash tests/bench/run.sh
 
+# The unit is installed with its paths rewritten for PREFIX and SYSCONFDIR; an existing
+# config.toml is never overwritten.
 install: build
-	install -Dm755 target/release/gateway $(DESTDIR)$(PREFIX)/bin/gateway
-	install -Dm755 target/release/mock-vllm $(DESTDIR)$(PREFIX)/bin/mock-vllm
-	install -Dm644 systemd/gateway.service $(DESTDIR)$(UNITDIR)/gateway.service
+	install -Dm755 $(TARGET_DIR)/release/gateway $(DESTDIR)$(PREFIX)/bin/gateway
+	install -Dm755 $(TARGET_DIR)/release/mock-vllm $(DESTDIR)$(PREFIX)/bin/mock-vllm
+	install -d $(DESTDIR)$(UNITDIR)
+	sed -e "s|/usr/local/bin/gateway|$(PREFIX)/bin/gateway|g" \
+	    -e "s|/etc/gateway/|$(SYSCONFDIR)/gateway/|g" \
+	    systemd/gateway.service > $(DESTDIR)$(UNITDIR)/gateway.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/gateway.service
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/gateway/config.toml ]; then \
 		echo "keeping existing $(DESTDIR)$(SYSCONFDIR)/gateway/config.toml"; \
 	else \
 		install -Dm644 config.example.toml $(DESTDIR)$(SYSCONFDIR)/gateway/config.toml; \
 	fi
+
+# `make install` into a scratch DESTDIR with PREFIX=/usr: files in place, the unit pointing at
+# them, and a second install keeping an edited config.
+install-check:
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(MAKE) --no-print-directory install DESTDIR=$$tmp PREFIX=/usr >/dev/null && \
+	test -x $$tmp/usr/bin/gateway && test -x $$tmp/usr/bin/mock-vllm && \
+	grep -q '^ExecStart=/usr/bin/gateway serve --config /etc/gateway/config.toml$$' $$tmp/usr/lib/systemd/system/gateway.service && \
+	cmp -s config.example.toml $$tmp/etc/gateway/config.toml && \
+	echo '# edited' >> $$tmp/etc/gateway/config.toml && \
+	$(MAKE) --no-print-directory install DESTDIR=$$tmp PREFIX=/usr >/dev/null && \
+	tail -n1 $$tmp/etc/gateway/config.toml | grep -q '^# edited$$' && \
+	echo "make install: verified"
 
 clean:
 	$(CARGO) clean
