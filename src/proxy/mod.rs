@@ -31,7 +31,7 @@ use crate::status::UpstreamStatus;
 /// with a pool of its own.
 #[derive(Clone)]
 pub struct AppState {
-    /// The one upstream client: its pool is the process's pool of connections to vLLM.
+    /// This worker's upstream client: its pool is the worker's pool of connections to vLLM.
     pub client: reqwest::Client,
     /// Upstream base URL without a trailing slash, e.g. `http://127.0.0.1:8000`.
     pub upstream_base: String,
