@@ -32,7 +32,11 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     gateway::raise_open_files_limit();
+    // The main runtime carries the supervisor, signals, notify and the health poller; requests run
+    // on the proxy's own worker threads. Two threads keep the supervisor loop (and with it the
+    // watchdog) going while the other relays a flood of vLLM output.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
