@@ -137,16 +137,7 @@ async fn run_standalone(
     )?);
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
-    let drain_report = tokio::spawn(notify::report_drain(shutdown.graceful.clone()));
-    proxy::serve(
-        listener,
-        state,
-        proxy::worker_count(),
-        config.drain_timeout,
-        shutdown.fast.clone(),
-    )
-    .await?;
-    drain_report.abort();
+    serve_and_drain(listener, state, &config, &shutdown).await?;
     tracker.close();
     tracker.wait().await;
     tracing::info!("gateway stopped");
@@ -203,17 +194,8 @@ async fn run_serve(
                 draining.cancel();
             })
         };
-        let drain_report = tokio::spawn(notify::report_drain(draining));
-        proxy::serve(
-            listener,
-            state,
-            proxy::worker_count(),
-            config.drain_timeout,
-            shutdown.fast.clone(),
-        )
-        .await?;
+        serve_and_drain(listener, state, &config, &shutdown).await?;
         watch_child.abort();
-        drain_report.abort();
     } else {
         notify::stopping();
     }
@@ -231,6 +213,27 @@ async fn run_serve(
             EXIT_FAILURE
         }
     })
+}
+
+/// Serves until the state's drain token is cancelled and the drain is over, telling systemd
+/// (STOPPING=1, then the count of requests left) meanwhile.
+async fn serve_and_drain(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let drain_report = tokio::spawn(notify::report_drain(state.draining.clone()));
+    let served = proxy::serve(
+        listener,
+        state,
+        proxy::worker_count(),
+        config.drain_timeout,
+        shutdown.fast.clone(),
+    )
+    .await;
+    drain_report.abort();
+    Ok(served?)
 }
 
 async fn bind(config: &Config) -> anyhow::Result<TcpListener> {

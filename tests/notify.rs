@@ -230,17 +230,7 @@ fn a_stop_sends_stopping_first_then_counts_the_requests_being_drained() {
         &[("NOTIFY_SOCKET", &systemd.socket_env)],
     );
     wait_until("READY=1", DEADLINE, || systemd.count("READY=1") == 1);
-    let stream = std::thread::spawn(move || {
-        post_json(
-            port,
-            "/v1/responses",
-            r#"{"model":"m","input":"hi","stream":true}"#,
-            "",
-        )
-    });
-    wait_until("the stream to start", DEADLINE, || {
-        gateway.log_text().contains("/v1/responses HTTP/1.1")
-    });
+    let stream = start_stream(&gateway);
     gateway.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(stream.join().expect("stream thread").status, 200);
     assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));

@@ -261,18 +261,7 @@ fn sigterm_drains_a_stream_then_stops_the_child_then_exits_0() {
     );
     wait_ready(&gateway);
     let child = wait_for_starts(&pids, 1)[0].0;
-    let port = gateway.port;
-    let stream = std::thread::spawn(move || {
-        post_json(
-            port,
-            "/v1/responses",
-            r#"{"model":"m","input":"hi","stream":true}"#,
-            "",
-        )
-    });
-    wait_until("the stream to start", DEADLINE, || {
-        gateway.log_text().contains("/v1/responses HTTP/1.1")
-    });
+    let stream = start_stream(&gateway);
     gateway.signal(Signal::SIGTERM);
     let response = stream.join().expect("stream thread");
     assert_eq!(

@@ -379,3 +379,21 @@ pub fn read_pid_file(path: &std::path::Path) -> Vec<(i32, i32)> {
         })
         .collect()
 }
+
+/// Starts a streaming `/v1/responses` request through `gateway` on another thread, and returns
+/// once the supervised mock-vllm has logged it (so the stream is in flight).
+pub fn start_stream(gateway: &Proc) -> std::thread::JoinHandle<RawResponse> {
+    let port = gateway.port;
+    let stream = std::thread::spawn(move || {
+        post_json(
+            port,
+            "/v1/responses",
+            r#"{"model":"m","input":"hi","stream":true}"#,
+            "",
+        )
+    });
+    wait_until("the stream to start", Duration::from_secs(20), || {
+        gateway.log_text().contains("/v1/responses HTTP/1.1")
+    });
+    stream
+}
