@@ -15,7 +15,7 @@
 //!   process groups, `reaper` owns every `waitpid`, `backoff` decides restarts, `output` relays the
 //!   child's stdout/stderr into the log. The supervisor is an actor: one task owns the child.
 //! - `signals`: the one task that turns signals into stop requests or forwards them to the child.
-//! - `notify`: systemd `sd_notify` (readiness, status, watchdog).
+//! - `notify`: systemd `sd_notify` (readiness, status, start-timeout extensions, drain, watchdog).
 //! - `telemetry`: logging setup, Prometheus metrics, one access-log record per request.
 //!
 //! # Flow
