@@ -17,14 +17,29 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// One log entry as journald stores it: upper-case field names, text values.
 type Entry = BTreeMap<String, String>;
 
-/// Mounts the stand-in journal directory (`$0`) where journald's socket lives, and sets
-/// `$JOURNAL_STREAM` to stderr's device and inode, as systemd does for a unit's stderr.
+/// Hides the host's /run, mounts the stand-in journal directory (`$0`, or none when it is `-`)
+/// where journald's socket lives, and sets `$JOURNAL_STREAM` to stderr's device and inode, as
+/// systemd does for a unit's stderr.
 const IN_JOURNAL_NAMESPACE: &str = r#"set -e
 mount -t tmpfs tmpfs /run
-mkdir -p /run/systemd/journal
-mount --bind "$0" /run/systemd/journal
+if [ "$0" != - ]; then
+    mkdir -p /run/systemd/journal
+    mount --bind "$0" /run/systemd/journal
+fi
 export JOURNAL_STREAM="$(stat -L -c %d:%i /proc/self/fd/2)"
 exec "$@""#;
+
+/// The command that runs the gateway in a mount namespace of its own with `journal_dir` (holding
+/// a `socket`) as journald's directory, or with no journald at all.
+fn journal_namespace(journal_dir: Option<&str>) -> Vec<&str> {
+    let mut wrapper = vec!["unshare"];
+    if !nix::unistd::geteuid().is_root() {
+        wrapper.push("--map-root-user");
+    }
+    wrapper.extend(["--mount", "sh", "-c", IN_JOURNAL_NAMESPACE]);
+    wrapper.push(journal_dir.unwrap_or("-"));
+    wrapper
+}
 
 /// Collects every datagram sent to the stand-in journald socket.
 struct Journald {
@@ -53,15 +68,7 @@ impl Journald {
 
     /// The command that runs the gateway in its own mount namespace with this socket as journald's.
     fn wrapper(&self) -> Vec<&str> {
-        let unshare: &[&str] = if nix::unistd::geteuid().is_root() {
-            &["unshare", "--mount"]
-        } else {
-            &["unshare", "--map-root-user", "--mount"]
-        };
-        let dir = self.dir.path().to_str().expect("utf-8 path");
-        let mut wrapper = unshare.to_vec();
-        wrapper.extend(["sh", "-c", IN_JOURNAL_NAMESPACE, dir]);
-        wrapper
+        journal_namespace(Some(self.dir.path().to_str().expect("utf-8 path")))
     }
 
     fn entries(&self) -> Vec<Entry> {
@@ -260,4 +267,42 @@ fn without_a_journal_logs_are_json_lines_with_the_same_fields() {
     let exited = expect(&entries, &[("MESSAGE", "vLLM exited")]);
     assert_eq!(exited["LEVEL"], "WARN");
     assert!(entries.iter().all(|entry| entry.contains_key("TIMESTAMP")));
+}
+
+#[test]
+fn when_stderr_is_the_journal_but_journald_is_unreachable_logs_fall_back_to_json() {
+    let wrapper = journal_namespace(None);
+    let (mut gateway, _) = gateway_serve_wrapped(&wrapper, free_port(), &[], &[]);
+    wait_until("the gateway to listen", DEADLINE, || {
+        accepts_connections(gateway.port)
+    });
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+
+    let entries = json_entries(&gateway.log_text());
+    let warning = expect(&entries, &[("LEVEL", "WARN")]);
+    assert!(
+        warning["MESSAGE"].contains("journald's socket cannot be opened"),
+        "{warning:#?}"
+    );
+    expect(&entries, &[("STATE", "ready")]);
+}
+
+#[test]
+fn an_explicit_journald_format_without_journald_is_a_start_up_error() {
+    let mut command = journal_namespace(None).into_iter();
+    let output = std::process::Command::new(command.next().expect("unshare"))
+        .args(command)
+        .args([
+            GATEWAY,
+            "--llm-api-base",
+            "http://127.0.0.1:9",
+            "--log-format",
+            "journald",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot set up logging"), "{stderr}");
 }
