@@ -21,43 +21,69 @@ use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::supervisor::output;
 
 /// Sets up the global tracing subscriber. `RUST_LOG`, when set, wins over `log_level`.
+///
+/// `auto` picks journald when stderr is the journal; if journald's socket cannot be opened then,
+/// it falls back to JSON on stderr (which still reaches the journal) and says so, rather than
+/// refusing to start. An explicit `journald` that cannot be opened is an error.
 pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives)?,
         _ => EnvFilter::try_new(level)?,
     };
-    let format = match format {
-        LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
-        LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Text,
-        LogFormat::Auto => LogFormat::Json,
-        other => other,
+    let mut journald_unavailable = None;
+    let journald = match format {
+        LogFormat::Journald => Some(journald_layers()?),
+        LogFormat::Auto if stderr_is_journal() => match journald_layers() {
+            Ok(layers) => Some(layers),
+            Err(error) => {
+                journald_unavailable = Some(error);
+                None
+            }
+        },
+        _ => None,
     };
     let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Journald => {
-            // Two journald layers, so that `journalctl -u gateway` shows vLLM's own lines under
-            // their own identifier (`vllm[…]: INFO: …`) beside the gateway's.
-            let gateway = journald_layer("gateway")?
-                .with_filter(filter_fn(|metadata| metadata.target() != output::TARGET));
-            let vllm = journald_layer("vllm")?
-                .with_filter(filter_fn(|metadata| metadata.target() == output::TARGET));
-            registry.with(gateway).with(vllm).try_init()?;
+    let format = match (journald, format) {
+        (Some((gateway, vllm)), _) => {
+            registry
+                .with(
+                    gateway.with_filter(filter_fn(|metadata| metadata.target() != output::TARGET)),
+                )
+                .with(vllm.with_filter(filter_fn(|metadata| metadata.target() == output::TARGET)))
+                .try_init()?;
+            LogFormat::Journald
         }
-        LogFormat::Json => {
+        (None, LogFormat::Text) => init_text(registry)?,
+        (None, LogFormat::Auto) if std::io::stderr().is_terminal() => init_text(registry)?,
+        (None, _) => {
             let layer = tracing_subscriber::fmt::layer()
                 .json()
                 .flatten_event(true)
                 .with_writer(std::io::stderr);
             registry.with(layer).try_init()?;
+            LogFormat::Json
         }
-        LogFormat::Text | LogFormat::Auto => {
-            let layer = tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr);
-            registry.with(layer).try_init()?;
-        }
+    };
+    if let Some(error) = journald_unavailable {
+        tracing::warn!(%error, "stderr is the journal but journald's socket cannot be opened; logging JSON to stderr");
     }
     Ok(format)
+}
+
+fn init_text(
+    registry: tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>,
+) -> anyhow::Result<LogFormat> {
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    registry.with(layer).try_init()?;
+    Ok(LogFormat::Text)
+}
+
+/// Two journald layers, one for the gateway's events and one for vLLM's lines, so that
+/// `journalctl -u gateway` shows vLLM's output under its own identifier (`vllm[…]: INFO: …`).
+fn journald_layers() -> std::io::Result<(tracing_journald::Layer, tracing_journald::Layer)> {
+    Ok((journald_layer("gateway")?, journald_layer("vllm")?))
 }
 
 /// A journald layer whose fields keep their own names (`REQUEST_ID=`, `PID=`, `EXIT_CODE=`), so

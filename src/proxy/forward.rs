@@ -69,17 +69,15 @@ async fn proxy(
     request_id: &HeaderValue,
     record: &mut RequestRecord,
 ) -> Result<Forwarded, ProxyError> {
-    let started = Instant::now();
-    let header_timeout = state
-        .proxy
-        .first_byte_timeout
-        .min(state.proxy.request_timeout);
-    let header_kind = if state.proxy.first_byte_timeout <= state.proxy.request_timeout {
-        TimeoutKind::FirstByte
-    } else {
-        TimeoutKind::Request
-    };
-    let deadline = started + header_timeout;
+    // The response headers are due by the first-byte or the whole-request deadline, whichever
+    // is sooner; reading a small body and waiting for a ready vLLM count against it too.
+    let (header_timeout, header_kind) =
+        if state.proxy.first_byte_timeout <= state.proxy.request_timeout {
+            (state.proxy.first_byte_timeout, TimeoutKind::FirstByte)
+        } else {
+            (state.proxy.request_timeout, TimeoutKind::Request)
+        };
+    let deadline = Instant::now() + header_timeout;
 
     let (mut parts, body) = request.into_parts();
     authorize(state, &mut parts.headers)?;
@@ -100,18 +98,7 @@ async fn proxy(
     wait_until_ready(state).await?;
 
     let url = upstream_url(&state.upstream_url, &state.upstream_path, &parts.uri);
-    headers::strip_hop_by_hop(&mut parts.headers);
-    // reqwest sets Host from the upstream URL.
-    parts.headers.remove(header::HOST);
-    if let Some(auth) = &state.upstream_auth {
-        if !parts.headers.contains_key(header::AUTHORIZATION) {
-            parts.headers.insert(header::AUTHORIZATION, auth.clone());
-        }
-    }
-    parts
-        .headers
-        .insert(X_REQUEST_ID.clone(), request_id.clone());
-
+    rewrite_request_headers(state, &mut parts.headers, request_id);
     let mut upstream_request = reqwest::Request::new(parts.method, url);
     *upstream_request.headers_mut() = parts.headers;
     *upstream_request.body_mut() = body;
@@ -137,8 +124,24 @@ async fn proxy(
             outcome = send(state, request, deadline, header_kind, limit, record).await;
         }
     }
-    let response = outcome?;
+    Ok(downstream_response(state, outcome?))
+}
 
+/// What goes upstream: no hop-by-hop headers, `Host` left to reqwest (from the upstream URL), the
+/// upstream key unless the client sent its own, and the request id.
+fn rewrite_request_headers(state: &AppState, headers: &mut HeaderMap, request_id: &HeaderValue) {
+    headers::strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    if let Some(auth) = &state.upstream_auth {
+        if !headers.contains_key(header::AUTHORIZATION) {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// The upstream's response as the client gets it, and how its body is to be timed.
+fn downstream_response(state: &AppState, response: reqwest::Response) -> Forwarded {
     let response: http::Response<reqwest::Body> = response.into();
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -155,7 +158,7 @@ async fn proxy(
     } else {
         Timing::Whole
     };
-    Ok((http::Response::from_parts(parts, ()), body, timing))
+    (http::Response::from_parts(parts, ()), body, timing)
 }
 
 /// Sends the request and waits for the response headers until `deadline`.
