@@ -53,7 +53,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
@@ -121,7 +121,7 @@ async fn run_standalone(
 ) -> anyhow::Result<u8> {
     let (status_tx, status_rx) =
         watch::channel(UpstreamStatus::External(ExternalHealth::default()));
-    let listener = bind(&config).await?;
+    let listener = listen(reserve(&config)?)?;
     let tracker = TaskTracker::new();
     tracker.spawn(health::poll_upstream(
         config.upstream.base.clone(),
@@ -135,9 +135,10 @@ async fn run_standalone(
         metrics,
         shutdown.graceful.clone(),
     )?);
+    let workers = start_workers(listener, &state)?;
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
-    serve_and_drain(listener, state, &config, &shutdown).await?;
+    serve_and_drain(workers, &config, &shutdown).await?;
     tracker.close();
     tracker.wait().await;
     tracing::info!("gateway stopped");
@@ -155,6 +156,9 @@ async fn run_serve(
         .clone()
         .expect("run_serve is only called with a serve config");
     let serve_startup_timeout = serve.startup_timeout;
+    // The address is taken now, so that a port in use fails the start before a model loads; it
+    // listens (and accepts connections) only once vLLM is ready.
+    let socket = reserve(&config)?;
     // The supervisor stops the child when this is cancelled: after the drain, not at the signal.
     let stop_child = tokio_util::sync::CancellationToken::new();
     let (status_rx, supervisor_task) = supervisor::start(
@@ -174,34 +178,17 @@ async fn run_serve(
         }
         () = shutdown.graceful.cancelled() => false,
     };
-    if became_ready {
-        // Draining starts at a stop signal, or when the child is gone for good.
-        let draining = shutdown.graceful.child_token();
-        let state = Arc::new(AppState::new(
-            &config,
-            status_rx.clone(),
-            metrics,
-            draining.clone(),
-        )?);
-        let listener = bind(&config).await?;
-        notify::ready("ready");
-        tracing::info!(listen = %config.listen, "gateway listening");
-        let mut gone = status_rx.clone();
-        let watch_child = {
-            let draining = draining.clone();
-            tokio::spawn(async move {
-                let _ = gone.wait_for(|status| !status.may_become_ready()).await;
-                draining.cancel();
-            })
-        };
-        serve_and_drain(listener, state, &config, &shutdown).await?;
-        watch_child.abort();
+    let served = if became_ready {
+        serve_child(socket, &config, &shutdown, &status_rx, metrics).await
     } else {
         notify::stopping();
-    }
+        Ok(())
+    };
+    // Whatever happened to the proxy, vLLM's process group is stopped before the gateway exits.
     stop_child.cancel();
     let exit = supervisor_task.await?;
     notifier.abort();
+    served?;
     Ok(match exit {
         Outcome::Stopped => 0,
         Outcome::ChildExited(info) => {
@@ -215,31 +202,74 @@ async fn run_serve(
     })
 }
 
-/// Serves until the state's drain token is cancelled and the drain is over, telling systemd
-/// (STOPPING=1, then the count of requests left) meanwhile.
+/// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain is over.
+async fn serve_child(
+    socket: TcpSocket,
+    config: &Config,
+    shutdown: &Shutdown,
+    status_rx: &watch::Receiver<UpstreamStatus>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<()> {
+    // Draining starts at a stop signal, or when the child is gone for good.
+    let draining = shutdown.graceful.child_token();
+    let state = Arc::new(AppState::new(
+        config,
+        status_rx.clone(),
+        metrics,
+        draining.clone(),
+    )?);
+    let workers = start_workers(listen(socket)?, &state)?;
+    notify::ready("ready");
+    tracing::info!(listen = %config.listen, "gateway listening");
+    let mut gone = status_rx.clone();
+    let watch_child = tokio::spawn(async move {
+        let _ = gone.wait_for(|status| !status.may_become_ready()).await;
+        draining.cancel();
+    });
+    let served = serve_and_drain(workers, config, shutdown).await;
+    watch_child.abort();
+    served
+}
+
+/// Serves until the drain is over, telling systemd (STOPPING=1, then the count of requests left)
+/// meanwhile.
 async fn serve_and_drain(
-    listener: TcpListener,
-    state: Arc<AppState>,
+    workers: proxy::Workers,
     config: &Config,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let drain_report = tokio::spawn(notify::report_drain(state.draining.clone()));
-    let served = proxy::serve(
-        listener,
-        state,
-        proxy::worker_count(),
-        config.drain_timeout,
-        shutdown.fast.clone(),
-    )
-    .await;
+    let drain_report = tokio::spawn(notify::report_drain(workers.draining()));
+    let served = workers
+        .serve(config.drain_timeout, shutdown.fast.clone())
+        .await;
     drain_report.abort();
     Ok(served?)
 }
 
-async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(config.listen)
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))
+fn start_workers(listener: TcpListener, state: &AppState) -> anyhow::Result<proxy::Workers> {
+    proxy::Workers::start(listener, state, proxy::worker_count())
+        .map_err(|error| anyhow::anyhow!("cannot start the proxy workers: {error}"))
+}
+
+/// Binds the listening address without listening yet.
+fn reserve(config: &Config) -> anyhow::Result<TcpSocket> {
+    let bind = || {
+        let socket = match config.listen {
+            std::net::SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(config.listen)?;
+        Ok::<_, std::io::Error>(socket)
+    };
+    bind().map_err(|error| anyhow::anyhow!("cannot listen on {}: {error}", config.listen))
+}
+
+fn listen(socket: TcpSocket) -> anyhow::Result<TcpListener> {
+    let address = socket.local_addr()?;
+    socket
+        .listen(1024)
+        .map_err(|error| anyhow::anyhow!("cannot listen on {address}: {error}"))
 }
 
 /// `gateway healthcheck`: 0 when the URL answers 200, 1 otherwise.

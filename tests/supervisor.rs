@@ -163,6 +163,21 @@ fn a_request_refused_by_a_dying_vllm_waits_for_its_replacement() {
 }
 
 #[test]
+fn a_listen_port_in_use_fails_the_start_before_vllm_is_spawned() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").port();
+    let (_dir, pids, pids_text) = pid_file();
+    let (mut gateway, _) = gateway_serve_on(port, &[], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(1));
+    let log = gateway.log_text();
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{log}"
+    );
+    assert!(read_pid_file(&pids).is_empty(), "no vLLM was started");
+}
+
+#[test]
 fn restart_no_exits_with_the_childs_exit_code() {
     let (mut gateway, vllm_port) = gateway_serve(&["--restart", "no"], &[]);
     wait_ready(&gateway);

@@ -16,10 +16,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use axum::serve::ListenerExt;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
@@ -161,85 +163,190 @@ pub fn worker_count() -> usize {
 /// before eight cores of proxying are.
 const MAX_WORKERS: usize = 8;
 
-/// Serves until `draining` is cancelled, then stops accepting and lets in-flight requests finish
-/// for up to `drain_timeout`, or until `abort` is cancelled (a second signal).
+/// The proxy's worker threads, started and serving.
 ///
-/// The work is split across `workers` threads, each a single-threaded runtime with its own accept
-/// loop on the shared listening socket and its own upstream connection pool, as nginx splits it
-/// across worker processes: a request is read, forwarded and answered on one thread, with no
-/// wake-ups across threads on the way.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    workers: usize,
-    drain_timeout: Duration,
-    abort: CancellationToken,
-) -> std::io::Result<()> {
-    let draining = state.draining.clone();
-    let listener = listener.into_std()?;
-    // Cancelled to drop every worker's connections at once.
-    let close = CancellationToken::new();
-    let mut finished = Vec::with_capacity(workers);
-    for index in 0..workers.max(1) {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let worker = Worker {
-            listener: listener.try_clone()?,
-            state: Arc::new(state.for_worker().map_err(std::io::Error::other)?),
-            close: close.clone(),
-        };
-        std::thread::Builder::new()
-            .name(format!("proxy-{index}"))
-            .spawn(move || {
-                let _ = done_tx.send(worker.run());
-            })?;
-        finished.push(done_rx);
-    }
-    drop(listener);
-    let all_finished = async move {
-        for done in finished {
-            // A worker that went away without a word (it cannot panic) counts as finished.
-            if let Ok(Err(error)) = done.await {
-                return Err(error);
+/// The work is split across threads, each a single-threaded runtime with its own accept loop on
+/// the shared listening socket and its own upstream connection pool, as nginx splits it across
+/// worker processes: a request is read, forwarded and answered on one thread, with no wake-ups
+/// across threads on the way.
+pub struct Workers {
+    /// One per worker: its outcome once its server has stopped.
+    finished: FuturesUnordered<oneshot::Receiver<std::io::Result<()>>>,
+    /// Cancelled to drop every worker's connections at once.
+    close: CancellationToken,
+    draining: CancellationToken,
+}
+
+impl Workers {
+    /// Builds every worker (runtime, listener registration, upstream pool) before starting any,
+    /// so that a failure (no file descriptors left, say) fails the start instead of leaving the
+    /// gateway short of workers.
+    pub fn start(
+        listener: TcpListener,
+        state: &AppState,
+        count: usize,
+    ) -> std::io::Result<Workers> {
+        let listener = listener.into_std()?;
+        let close = CancellationToken::new();
+        let mut built = Vec::with_capacity(count);
+        for _ in 0..count.max(1) {
+            match Worker::build(&listener, state, &close) {
+                Ok(worker) => built.push(worker),
+                Err(error) => {
+                    built.into_iter().for_each(Worker::discard);
+                    return Err(error);
+                }
             }
         }
-        Ok(())
-    };
-    tokio::pin!(all_finished);
-    tokio::select! {
-        result = &mut all_finished => return result,
-        () = draining.cancelled() => {}
+        let finished = FuturesUnordered::new();
+        let mut built = built.into_iter().enumerate();
+        while let Some((index, worker)) = built.next() {
+            let (done_tx, done_rx) = oneshot::channel();
+            // The worker goes over once the thread exists, so that a failed spawn leaves it here
+            // to be discarded rather than dropped (and its runtime with it) in async code.
+            let (worker_tx, worker_rx) = std::sync::mpsc::sync_channel::<Worker>(1);
+            let spawned = std::thread::Builder::new()
+                .name(format!("proxy-{index}"))
+                .spawn(move || {
+                    if let Ok(worker) = worker_rx.recv() {
+                        let _ = done_tx.send(worker.run());
+                    }
+                });
+            if let Err(error) = spawned {
+                close.cancel();
+                worker.discard();
+                built.for_each(|(_, worker)| worker.discard());
+                return Err(error);
+            }
+            if let Err(std::sync::mpsc::SendError(worker)) = worker_tx.send(worker) {
+                close.cancel();
+                worker.discard();
+                built.for_each(|(_, worker)| worker.discard());
+                return Err(std::io::Error::other("a proxy worker thread died at start"));
+            }
+            finished.push(done_rx);
+        }
+        Ok(Workers {
+            finished,
+            close,
+            draining: state.draining.clone(),
+        })
     }
-    tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout), "draining in-flight requests");
-    let result = tokio::select! {
-        result = &mut all_finished => result,
-        () = tokio::time::sleep(drain_timeout) => {
-            tracing::warn!("drain_timeout expired; closing the remaining connections");
+
+    /// Cancelled when the drain begins.
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.clone()
+    }
+
+    /// Serves until `draining` is cancelled, then stops accepting and lets in-flight requests
+    /// finish for up to `drain_timeout`, or until `abort` is cancelled (a second signal). A worker
+    /// that fails ends every worker at once.
+    pub async fn serve(
+        mut self,
+        drain_timeout: Duration,
+        abort: CancellationToken,
+    ) -> std::io::Result<()> {
+        let close = self.close.clone();
+        let draining = self.draining.clone();
+        let all_finished = async move {
+            while let Some(done) = self.finished.next().await {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => {
+                        return Err(std::io::Error::other("a proxy worker stopped unexpectedly"));
+                    }
+                }
+            }
             Ok(())
-        }
-        () = abort.cancelled() => {
-            tracing::warn!("second signal; closing the remaining connections");
-            Ok(())
-        }
-    };
-    close.cancel();
-    result
+        };
+        tokio::pin!(all_finished);
+        let result = tokio::select! {
+            result = &mut all_finished => Some(result),
+            () = draining.cancelled() => None,
+        };
+        let result = match result {
+            Some(result) => result,
+            None => {
+                tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout), "draining in-flight requests");
+                tokio::select! {
+                    result = &mut all_finished => result,
+                    () = tokio::time::sleep(drain_timeout) => {
+                        tracing::warn!("drain_timeout expired; closing the remaining connections");
+                        Ok(())
+                    }
+                    () = abort.cancelled() => {
+                        tracing::warn!("second signal; closing the remaining connections");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        close.cancel();
+        result
+    }
 }
 
 /// One proxy worker: a thread with its own runtime, accept loop and upstream pool.
 struct Worker {
-    listener: std::net::TcpListener,
+    runtime: tokio::runtime::Runtime,
+    listener: TcpListener,
     state: Arc<AppState>,
     close: CancellationToken,
 }
 
 impl Worker {
-    fn run(self) -> std::io::Result<()> {
+    fn build(
+        listener: &std::net::TcpListener,
+        state: &AppState,
+        close: &CancellationToken,
+    ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let listener = {
+            // Registers the socket with this worker's runtime, not the caller's.
+            let _runtime = runtime.enter();
+            TcpListener::from_std(listener.try_clone()?)
+        };
+        let listener = match listener {
+            Ok(listener) => listener,
+            Err(error) => {
+                runtime.shutdown_background();
+                return Err(error);
+            }
+        };
+        let state = match state.for_worker() {
+            Ok(state) => Arc::new(state),
+            Err(error) => {
+                drop(listener);
+                runtime.shutdown_background();
+                return Err(std::io::Error::other(error));
+            }
+        };
+        Ok(Worker {
+            runtime,
+            listener,
+            state,
+            close: close.clone(),
+        })
+    }
+
+    /// Drops a worker that never ran, from async code (where dropping a runtime would block).
+    fn discard(self) {
+        drop(self.listener);
+        self.runtime.shutdown_background();
+    }
+
+    fn run(self) -> std::io::Result<()> {
+        let Worker {
+            runtime,
+            listener,
+            state,
+            close,
+        } = self;
         runtime.block_on(async move {
-            let listener = TcpListener::from_std(self.listener)?;
-            let draining = self.state.draining.clone();
+            let draining = state.draining.clone();
             // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the
             // client's delayed ACK: tens of milliseconds per response.
             let listener = listener.tap_io(|tcp| {
@@ -247,11 +354,11 @@ impl Worker {
                     tracing::debug!(%error, "cannot set TCP_NODELAY");
                 }
             });
-            let server = axum::serve(listener, app(self.state))
+            let server = axum::serve(listener, app(state))
                 .with_graceful_shutdown(draining.cancelled_owned());
             tokio::select! {
                 result = std::future::IntoFuture::into_future(server) => result,
-                () = self.close.cancelled() => Ok(()),
+                () = close.cancelled() => Ok(()),
             }
         })
     }
