@@ -580,3 +580,15 @@ fn a_request_body_that_stops_arriving_gets_408_and_never_reaches_vllm() {
     assert_eq!(response.json()["error"]["code"], "request_timeout");
     assert_eq!(mock_stats(&mock)["requests"], 0);
 }
+
+#[test]
+fn a_path_with_dot_segments_is_refused_rather_than_resolved() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    for path in ["/v1/../_mock/stats", "/v1/models/%2e%2e/models"] {
+        let response = raw_request(gateway.port, &format!("GET {path} HTTP/1.1"), b"");
+        assert_eq!(response.status, 400, "{path}");
+        assert_eq!(response.json()["error"]["code"], "invalid_request");
+    }
+    assert!(last_request(&mock).is_null(), "nothing reached vLLM");
+}

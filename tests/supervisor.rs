@@ -138,7 +138,11 @@ fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed
 #[test]
 fn a_request_refused_by_a_dying_vllm_waits_for_its_replacement() {
     let (_dir, pids, pids_text) = pid_file();
-    let (gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    // The wait is longer than first_byte_timeout, which counts only from the send that vLLM got.
+    let (gateway, vllm_port) = gateway_serve(
+        &["--first-byte-timeout", "500ms"],
+        &[("MOCK_VLLM_PID_FILE", &pids_text)],
+    );
     wait_ready(&gateway);
     let first = wait_for_starts(&pids, 1)[0].0;
     // vLLM's API server after its engine died: the port is closed at once, the exit comes later.

@@ -29,10 +29,10 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
     );
     let result = proxy(&state, request, &request_id, &mut record).await;
     let mut response = match result {
-        Ok((response, upstream_body, timing)) => {
+        Ok((response, upstream_body, timing, sent_at)) => {
             let stream = matches!(timing, Timing::Stream { .. });
             record.set_response(response.status().as_u16(), stream);
-            let deadline = Instant::now() + state.proxy.request_timeout;
+            let deadline = sent_at + state.proxy.request_timeout;
             let body = UpstreamBody::new(upstream_body, timing, deadline, record);
             response.map(|()| Body::new(body))
         }
@@ -56,7 +56,9 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
     response
 }
 
-type Forwarded = (http::Response<()>, reqwest::Body, Timing);
+/// The response head, its body, how the body is timed, and when the request went upstream (the
+/// whole-request deadline counts from there).
+type Forwarded = (http::Response<()>, reqwest::Body, Timing, Instant);
 
 /// Request bodies up to this size that declare their length are read whole before they go
 /// upstream: they leave with the headers in one write, and a request refused by a vLLM that just
@@ -70,17 +72,23 @@ async fn proxy(
     record: &mut RequestRecord,
 ) -> Result<Forwarded, ProxyError> {
     // The response headers are due by the first-byte or the whole-request deadline, whichever
-    // is sooner; reading a small body and waiting for a ready vLLM count against it too.
+    // is sooner, counted from when the request goes upstream; a small body must arrive within
+    // the same time from when the request did. Waiting for a ready vLLM has its own limit.
     let (header_timeout, header_kind) =
         if state.proxy.first_byte_timeout <= state.proxy.request_timeout {
             (state.proxy.first_byte_timeout, TimeoutKind::FirstByte)
         } else {
             (state.proxy.request_timeout, TimeoutKind::Request)
         };
-    let deadline = Instant::now() + header_timeout;
+    let body_deadline = Instant::now() + header_timeout;
 
     let (mut parts, body) = request.into_parts();
     authorize(state, &mut parts.headers)?;
+    if has_dot_segment(parts.uri.path()) {
+        return Err(ProxyError::BadRequest(
+            "the request path must not contain `.` or `..` segments",
+        ));
+    }
     let limit = state.proxy.max_body_bytes;
     let length = content_length(&parts.headers);
     if length.is_some_and(|length| length > limit) {
@@ -91,7 +99,7 @@ async fn proxy(
     let body = if http_body::Body::is_end_stream(&body) {
         None
     } else if length.is_some_and(|length| length <= WHOLE_BODY_MAX) {
-        Some(reqwest::Body::from(read_whole(body, deadline).await?))
+        Some(reqwest::Body::from(read_whole(body, body_deadline).await?))
     } else {
         Some(reqwest::Body::wrap_stream(LimitedBody::new(body, limit)))
     };
@@ -109,22 +117,33 @@ async fn proxy(
         Some(_) if state.ready_wait_timeout.is_some() => upstream_request.try_clone(),
         _ => None,
     };
+    let mut sent_at = Instant::now();
     let mut outcome = send(
         state,
         upstream_request,
-        deadline,
+        sent_at + header_timeout,
         header_kind,
         limit,
         record,
     )
     .await;
     if let (Err(ProxyError::Unavailable(Unavailable::Connect)), Some(request)) = (&outcome, retry) {
-        if wait_for_replacement(state, serving_pid).await {
+        if wait_for_replacement(state, serving_pid).await? {
             tracing::debug!(request_id = %record.request_id(), "vLLM refused the connection; sending again to its replacement");
-            outcome = send(state, request, deadline, header_kind, limit, record).await;
+            sent_at = Instant::now();
+            outcome = send(
+                state,
+                request,
+                sent_at + header_timeout,
+                header_kind,
+                limit,
+                record,
+            )
+            .await;
         }
     }
-    Ok(downstream_response(state, outcome?))
+    let (head, body, timing) = downstream_response(state, outcome?);
+    Ok((head, body, timing, sent_at))
 }
 
 /// What goes upstream: no hop-by-hop headers, `Host` left to reqwest (from the upstream URL), the
@@ -141,7 +160,10 @@ fn rewrite_request_headers(state: &AppState, headers: &mut HeaderMap, request_id
 }
 
 /// The upstream's response as the client gets it, and how its body is to be timed.
-fn downstream_response(state: &AppState, response: reqwest::Response) -> Forwarded {
+fn downstream_response(
+    state: &AppState,
+    response: reqwest::Response,
+) -> (http::Response<()>, reqwest::Body, Timing) {
     let response: http::Response<reqwest::Body> = response.into();
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -202,11 +224,26 @@ fn upstream_url(base: &reqwest::Url, prefix: &str, uri: &http::Uri) -> reqwest::
     url
 }
 
+/// Whether the path has a `.` or `..` segment, plain or percent-encoded. URL handling resolves
+/// them, so vLLM would get another path than the client sent (and a base path prefix could be
+/// escaped); such a request is refused instead. `\` counts as a separator, as URLs treat it.
+fn has_dot_segment(path: &str) -> bool {
+    path.split(['/', '\\']).any(|segment| {
+        [".", "..", "%2e", ".%2e", "%2e.", "%2e%2e"]
+            .iter()
+            .any(|dots| segment.eq_ignore_ascii_case(dots))
+    })
+}
+
 /// After a refused connection: waits until the child that refused is replaced by a ready one.
-/// False when it is not replaced within `ready_wait_timeout` or is gone for good.
-async fn wait_for_replacement(state: &AppState, refused_by: Option<u32>) -> bool {
+/// False when it is not replaced within `ready_wait_timeout` or is gone for good; a drain that
+/// begins meanwhile ends the wait with 503.
+async fn wait_for_replacement(
+    state: &AppState,
+    refused_by: Option<u32>,
+) -> Result<bool, ProxyError> {
     let Some(wait) = state.ready_wait_timeout else {
-        return false;
+        return Ok(false);
     };
     let mut status = state.status.clone();
     let replaced = status.wait_for(|status| {
@@ -215,9 +252,9 @@ async fn wait_for_replacement(state: &AppState, refused_by: Option<u32>) -> bool
     });
     tokio::select! {
         result = tokio::time::timeout(wait, replaced) => {
-            matches!(result, Ok(Ok(status)) if status.accepts_requests())
+            Ok(matches!(result, Ok(Ok(status)) if status.accepts_requests()))
         }
-        () = state.draining.cancelled() => false,
+        () = state.draining.cancelled() => Err(ProxyError::ShuttingDown),
     }
 }
 
@@ -374,6 +411,28 @@ mod tests {
             "http://h:1/llm/v1/models/org%2Fname"
         );
         assert_eq!(url("http://h:1", "", "/health"), "http://h:1/health");
+    }
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling() {
+        for path in [
+            "/v1/../health",
+            "/v1/./models",
+            "/v1/%2e%2e/x",
+            "/v1/%2E./x",
+            "/v1/.%2e",
+            "/v1\\..\\x",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/v1/models/org.name",
+            "/v1/...",
+            "/v1/responses/resp_1",
+            "/",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
     }
 
     #[test]
