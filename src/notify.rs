@@ -96,8 +96,8 @@ pub fn watchdog_interval() -> Option<Duration> {
 const EXTEND_EVERY: Duration = Duration::from_secs(10);
 
 /// Sends a STATUS= line on every state change. Until the first READY=1 it also keeps systemd's
-/// start timeout just ahead of now: while vLLM loads (never past its startup deadline, so a stuck
-/// load still ends at `startup_timeout`), and while the gateway waits to retry a failed start or
+/// start timeout just ahead of now: while vLLM loads (never more than one period past its startup
+/// deadline, so a stuck load still ends at `startup_timeout`), and while the gateway waits to retry a failed start or
 /// stops a child that failed to start. The gateway's own restart policy bounds those.
 pub async fn follow(mut status_rx: watch::Receiver<UpstreamStatus>, startup_timeout: Duration) {
     let mut ticker = tokio::time::interval(EXTEND_EVERY);
@@ -144,7 +144,9 @@ fn start_extension(
     let margin = EXTEND_EVERY * 3;
     match state {
         ChildState::Starting { since, .. } => {
-            let deadline = *since + startup_timeout;
+            // Up to the startup deadline plus one period: at the deadline the supervisor stops
+            // vLLM and the stop is extended in turn, but only once it has noticed.
+            let deadline = *since + startup_timeout + EXTEND_EVERY;
             Some(deadline.saturating_duration_since(now).min(margin))
         }
         ChildState::Backoff { until, .. } => Some(until.saturating_duration_since(now) + margin),
@@ -158,7 +160,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_load_is_extended_up_to_its_startup_deadline_and_no_further() {
+    fn a_load_is_extended_to_one_period_past_its_startup_deadline_and_no_further() {
         let since = Instant::now();
         let loading = ChildState::Starting { pid: 1, since };
         let timeout = Duration::from_secs(600);
@@ -169,7 +171,7 @@ mod tests {
         );
         assert_eq!(
             start_extension(&loading, timeout, after(595)),
-            Some(Duration::from_secs(5))
+            Some(Duration::from_secs(5) + EXTEND_EVERY)
         );
         assert_eq!(
             start_extension(&loading, timeout, after(700)),
