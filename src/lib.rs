@@ -24,9 +24,10 @@
 //! status says the child accepts requests, is rewritten and sent over the worker's pooled upstream
 //! client; the answer streams back frame by frame through `body::UpstreamBody`. A request never
 //! leaves the worker thread that accepted its connection.
-//! Under `serve`, `run` starts the supervisor, waits for the first `Ready`, and only then binds the
-//! listener. On SIGTERM readiness turns 503, the listener closes, in-flight requests drain, then the
-//! supervisor stops the child's whole process group.
+//! Under `serve`, `run` binds the listen address (so a taken port fails at once), starts the
+//! supervisor, waits for the first `Ready`, and only then listens and starts the proxy workers. On
+//! SIGTERM readiness turns 503, the listener closes, in-flight requests drain, then the supervisor
+//! stops the child's whole process group; it does so on every way out of `run_serve`, errors too.
 //!
 //! # Invariants
 //!
