@@ -233,18 +233,34 @@ async fn serve_child(
 }
 
 /// Serves until the drain is over, telling systemd (STOPPING=1, then the count of requests left)
-/// meanwhile.
+/// meanwhile. STOPPING=1 goes out exactly once, however fast the drain.
 async fn serve_and_drain(
     workers: proxy::Workers,
     config: &Config,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let drain_report = tokio::spawn(notify::report_drain(workers.draining()));
-    let served = workers
-        .serve(config.drain_timeout, shutdown.fast.clone())
-        .await;
-    drain_report.abort();
-    Ok(served?)
+    let draining = workers.draining();
+    let served = workers.serve(config.drain_timeout, shutdown.fast.clone());
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => {
+            // Ended without a drain: a worker failed.
+            notify::stopping();
+            return Ok(result?);
+        }
+        () = draining.cancelled() => {}
+    }
+    let report = notify::report_drain();
+    tokio::pin!(report);
+    let result = loop {
+        tokio::select! {
+            // The report first, so that its STOPPING=1 is sent before the drain can be seen over.
+            biased;
+            () = &mut report => {}
+            result = &mut served => break result,
+        }
+    };
+    Ok(result?)
 }
 
 fn start_workers(listener: TcpListener, state: &AppState) -> anyhow::Result<proxy::Workers> {

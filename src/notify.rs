@@ -12,7 +12,6 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::status::UpstreamStatus;
 use crate::supervisor::state::ChildState;
@@ -57,10 +56,9 @@ pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
-/// Once `draining` is cancelled: STOPPING=1, then every second how many requests are still being
-/// drained. Runs until aborted.
-pub async fn report_drain(draining: CancellationToken) {
-    draining.cancelled().await;
+/// For a drain that has begun: STOPPING=1 at once, then every second how many requests are
+/// still being drained. Never returns; the caller drops it when the drain is over.
+pub async fn report_drain() {
     let text = draining_status(telemetry::requests_in_flight());
     send(&[NotifyState::Stopping, NotifyState::Status(&text)]);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
