@@ -168,7 +168,8 @@ pub struct ServeArgs {
         long = "child-env",
         env = "GATEWAY_CHILD_ENV",
         value_name = "K=V",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
     pub child_env: Vec<String>,
 

@@ -464,7 +464,15 @@ pub fn load(
             {
                 child_env_pairs.push((name.to_string(), value.to_string()));
             }
-            _ => error("child_env", format!("expected K=V, got {pair:?}")),
+            // The value may be a secret (HF_TOKEN=...): only the name is repeated.
+            Some((name, _)) if !name.is_empty() && !name.contains('\0') => error(
+                "child_env",
+                format!("expected NAME=VALUE, got a NUL byte in the value of {name:?}"),
+            ),
+            _ => error(
+                "child_env",
+                "expected NAME=VALUE, got an entry without a name (or without `=`)".to_string(),
+            ),
         }
     }
 
@@ -544,6 +552,16 @@ impl Config {
 /// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
 fn normalise_base_url(url: &str) -> Result<String, String> {
     let expected = "expected an http:// URL such as http://127.0.0.1:8000";
+    // Credentials in the URL would be logged with it (and are not how vLLM takes a key).
+    if url.split_once("://").is_some_and(|(_, rest)| {
+        rest.split('/')
+            .next()
+            .is_some_and(|authority| authority.contains('@'))
+    }) {
+        return Err(format!(
+            "{expected}, without credentials (use upstream_api_key for vLLM's key)"
+        ));
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|_| format!("{expected}, got {url:?}"))?;
@@ -623,7 +641,11 @@ impl FileValues {
     }
 
     fn mistake(&mut self, key: &str, expected: &str, found: &toml::Value) {
+        // Keys that may hold secrets (API keys, tokens in vLLM's arguments or environment) are
+        // described by their type only.
+        const SECRET_KEYS: [&str; 4] = ["api_keys", "upstream_api_key", "vllm_args", "child_env"];
         let found = match found {
+            other if SECRET_KEYS.contains(&key) => format!("a {}", other.type_str()),
             toml::Value::String(text) => format!("{text:?}"),
             other => other.to_string(),
         };
@@ -837,6 +859,9 @@ mod tests {
             Ok("http://h/prefix")
         );
         assert!(normalise_base_url("127.0.0.1:8000").is_err());
+        let credentials =
+            normalise_base_url("http://user:sk-SECRET@h:8000/v1").expect_err("credentials");
+        assert!(!credentials.contains("SECRET"), "{credentials}");
         let https = normalise_base_url("https://h").expect_err("no TLS client");
         assert!(
             https.contains("https upstreams are not supported"),

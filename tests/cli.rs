@@ -198,6 +198,45 @@ fn the_upstream_key_never_appears_in_errors() {
 }
 
 #[test]
+fn secrets_in_mistyped_keys_and_bad_entries_are_never_echoed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        concat!(
+            "model = \"m\"\n",
+            "api_keys = \"sk-SECRET-1\"\n",
+            "upstream_api_key = [\"sk-SECRET-2\"]\n",
+            "vllm_args = \"--api-key sk-SECRET-3\"\n",
+            "child_env = [\"HF_TOKEN=hf_SECRET-4\\u0000\", \"SECRET-5\"]\n",
+        ),
+    );
+    let output = gateway()
+        .args(["config", "check", &path])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["api_keys", "upstream_api_key", "vllm_args", "child_env"] {
+        assert!(
+            stderr.contains(&format!("`{key}`")),
+            "names {key}: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("SECRET"), "{stderr}");
+
+    let output = gateway()
+        .args(["serve", "m", "--child-env", "=hf_SECRET-6"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("child_env") && !stderr.contains("SECRET"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn healthcheck_exits_0_when_ready_and_1_otherwise() {
     let mock = mock_vllm(&[]);
     let proxy = common::gateway(mock.port, &["--health-interval", "100ms"], &[]);

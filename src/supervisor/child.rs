@@ -6,7 +6,6 @@
 //! which lets vLLM take its engine and worker processes down with it if the gateway is SIGKILLed.
 //! Every signal goes to the whole group; ESRCH (nobody left) counts as success.
 
-use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -77,14 +76,37 @@ pub fn command(serve: &ServeConfig) -> Command {
 }
 
 /// The program and arguments, for the log.
+///
+/// The value of any option whose name says it is secret (`--api-key`, `--hf-token`, ...) is
+/// shown as `***`, in both the `--flag value` and the `--flag=value` form.
 pub fn describe(command: &Command) -> String {
-    let mut words: Vec<OsString> = vec![command.get_program().to_os_string()];
-    words.extend(command.get_args().map(|arg| arg.to_os_string()));
-    words
+    let mut words: Vec<String> = vec![command.get_program().to_string_lossy().into_owned()];
+    let mut hide_next = false;
+    for arg in command.get_args() {
+        let arg = arg.to_string_lossy();
+        if std::mem::take(&mut hide_next) && !arg.starts_with("--") {
+            words.push("***".into());
+            continue;
+        }
+        match arg.split_once('=') {
+            Some((flag, _)) if is_secret_option(flag) => words.push(format!("{flag}=***")),
+            _ => {
+                hide_next = is_secret_option(&arg);
+                words.push(arg.into_owned());
+            }
+        }
+    }
+    words.join(" ")
+}
+
+fn is_secret_option(word: &str) -> bool {
+    let Some(name) = word.strip_prefix("--") else {
+        return false;
+    };
+    let name = name.to_ascii_lowercase();
+    ["key", "token", "secret", "password"]
         .iter()
-        .map(|word| word.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
+        .any(|secret| name.ends_with(secret))
 }
 
 type SpawnRequest = (Command, oneshot::Sender<std::io::Result<Spawned>>);
@@ -141,5 +163,30 @@ pub fn signal_group(pid: u32, signal: Signal) -> Result<(), Errno> {
 pub fn signal_group_logged(pid: u32, signal: Signal) {
     if let Err(error) = signal_group(pid, signal) {
         tracing::warn!(pid, signal = signal.as_str(), %error, "cannot signal vLLM's process group");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_option_values_are_hidden_in_the_logged_command() {
+        let mut command = Command::new("vllm");
+        command.args([
+            "serve",
+            "m",
+            "--api-key",
+            "sk-secret",
+            "--hf-token=hf_secret",
+            "--max-num-batched-tokens",
+            "8192",
+            "--tokenizer",
+            "t",
+        ]);
+        assert_eq!(
+            describe(&command),
+            "vllm serve m --api-key *** --hf-token=*** --max-num-batched-tokens 8192 --tokenizer t"
+        );
     }
 }
