@@ -168,6 +168,7 @@ async fn run_serve(
         config.health,
         control,
         stop_child.clone(),
+        shutdown.graceful.clone(),
     );
     let notifier = tokio::spawn(notify::follow(status_rx.clone(), serve_startup_timeout));
 

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::time::Duration;
 
 use common::*;
@@ -301,6 +302,35 @@ fn sigterm_drains_a_stream_then_stops_the_child_then_exits_0() {
         stream_end < child_term,
         "the stream finished before the child got SIGTERM"
     );
+}
+
+/// Regression: a child that exited while the gateway drained was handled as a crash and
+/// restarted, only to be stopped again a moment later.
+#[test]
+fn a_child_that_exits_during_the_drain_is_not_restarted() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (mut gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    wait_ready(&gateway);
+    // A request whose body is still arriving holds the drain open, without involving vLLM.
+    let mut upload = std::net::TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    write!(
+        upload,
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    )
+    .expect("write");
+    gateway.signal(Signal::SIGTERM);
+    wait_until("the drain to begin", DEADLINE, || {
+        gateway.log_text().contains("draining in-flight requests")
+    });
+    crash_child(vllm_port, 3);
+    wait_until("the supervisor to see the exit", DEADLINE, || {
+        gateway.log_text().contains("exit_code\":3")
+    });
+    drop(upload);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    let log = gateway.log_text();
+    assert!(!log.contains("restarting vLLM"), "{log}");
+    assert_eq!(read_pid_file(&pids).len(), 1, "one vLLM, never restarted");
 }
 
 #[test]

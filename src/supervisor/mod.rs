@@ -46,13 +46,15 @@ pub enum Outcome {
 }
 
 /// Starts the supervisor task. It stops the child and returns when `stop` is cancelled, or earlier
-/// when the restart policy ends it.
+/// when the restart policy ends it. Once `shutting_down` is cancelled (the gateway drains before it
+/// cancels `stop`), a child that exits is not restarted: the shutdown has begun.
 pub fn start(
     serve: ServeConfig,
     upstream_base: String,
     health: HealthConfig,
     control: mpsc::UnboundedReceiver<Control>,
     stop: CancellationToken,
+    shutting_down: CancellationToken,
 ) -> (watch::Receiver<UpstreamStatus>, JoinHandle<Outcome>) {
     let initial = ChildStatus {
         state: ChildState::Idle,
@@ -66,6 +68,7 @@ pub fn start(
         health,
         control,
         stop,
+        shutting_down,
         status_tx,
         status: initial,
         child: None,
@@ -93,6 +96,8 @@ struct Supervisor {
     health: HealthConfig,
     control: mpsc::UnboundedReceiver<Control>,
     stop: CancellationToken,
+    /// Cancelled when the gateway's shutdown begins, before `stop`: no restarts from then on.
+    shutting_down: CancellationToken,
     status_tx: watch::Sender<UpstreamStatus>,
     /// The published value; changed only through [`Supervisor::set_state`].
     status: ChildStatus,
@@ -321,7 +326,7 @@ impl Supervisor {
                 tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped")
             }
         }
-        if self.stop.is_cancelled() {
+        if self.stop.is_cancelled() || self.shutting_down.is_cancelled() {
             return Some(self.finish(Some(exit), Outcome::Stopped));
         }
         self.after_end(End {
@@ -442,6 +447,10 @@ impl Supervisor {
                 );
                 child::signal_group_logged(pid, Signal::SIGKILL);
                 self.kill_at = None;
+            }
+            ChildState::Backoff { .. } if self.shutting_down.is_cancelled() => {
+                let exit = self.status.last_exit;
+                return Some(self.finish(exit, Outcome::Stopped));
             }
             ChildState::Backoff { until, attempt } if now >= until => {
                 self.status.restarts = attempt;
