@@ -190,14 +190,18 @@ pub fn load(
         .or(file.string("host"))
         .unwrap_or_else(|| "0.0.0.0".into());
     let port = a.port.or(file.integer("port")).unwrap_or(DEFAULT_PORT);
+    // An empty key (OPENAI_API_KEY="" in a unit's environment, say) counts as unset at each
+    // source, so it does not hide the next one.
+    let non_empty = |key: &String| !key.is_empty();
+    let file_upstream_api_key = file.string("upstream_api_key");
     let upstream_api_key = a
         .upstream_api_key
         .clone()
-        .or_else(|| env("GATEWAY_UPSTREAM_API_KEY"))
-        .or_else(|| env("OPENAI_API_KEY"))
-        .or_else(|| env("VLLM_API_KEY"))
-        .or(file.string("upstream_api_key"))
-        .filter(|key| !key.is_empty());
+        .filter(non_empty)
+        .or_else(|| env("GATEWAY_UPSTREAM_API_KEY").filter(non_empty))
+        .or_else(|| env("OPENAI_API_KEY").filter(non_empty))
+        .or_else(|| env("VLLM_API_KEY").filter(non_empty))
+        .or(file_upstream_api_key.filter(non_empty));
     let file_api_keys = file.string_list("api_keys");
     let api_keys = if a.api_keys.is_empty() {
         file_api_keys.unwrap_or_default()
@@ -433,8 +437,38 @@ pub fn load(
             error(key, "must be greater than zero".into());
         }
     }
+    // Deadlines are added to the clock; beyond this they would overflow it, and no real wait is
+    // this long.
+    const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+    for (key, value) in [
+        ("connect_timeout", connect_timeout),
+        ("request_timeout", request_timeout),
+        ("first_byte_timeout", first_byte_timeout),
+        ("stream_idle_timeout", stream_idle_timeout),
+        ("pool_idle_timeout", pool_idle_timeout),
+        ("drain_timeout", drain_timeout),
+        ("health_interval", health_interval),
+        ("health_timeout", health_timeout),
+        ("startup_poll_interval", startup_poll_interval),
+        ("startup_timeout", startup_timeout),
+        ("restart_delay", restart_delay),
+        ("restart_max_delay", restart_max_delay),
+        ("restart_reset_after", restart_reset_after),
+        ("ready_wait_timeout", ready_wait_timeout),
+        ("stop_timeout", stop_timeout),
+    ] {
+        if value > MAX_DURATION {
+            error(key, "must be at most 365d".into());
+        }
+    }
     if max_body_bytes == 0 {
         error("max_body_bytes", "must be greater than zero".into());
+    }
+    if mode == Mode::Serve && vllm_port != 0 && vllm_port == port {
+        error(
+            "vllm_port",
+            format!("must differ from port ({port}): vLLM listens there behind the gateway"),
+        );
     }
     if restart_delay > restart_max_delay {
         error(
@@ -895,6 +929,24 @@ mod tests {
             Some("env-key")
         );
         assert_eq!(config.upstream.base, "http://a:1");
+
+        // An empty variable does not hide the file's key.
+        let empty: HashMap<&str, &str> = HashMap::from([("OPENAI_API_KEY", "")]);
+        let config = load(&args, None, Mode::Standalone, &|name| {
+            empty.get(name).map(|v| v.to_string())
+        })
+        .expect("valid");
+        assert_eq!(
+            config.upstream.api_key.as_ref().map(Secret::expose),
+            Some("file-key")
+        );
+    }
+
+    #[test]
+    fn vllm_cannot_listen_on_the_gateways_port() {
+        let err = load_file("model = \"m\"\nport = 8000\n", Mode::Serve).expect_err("invalid");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["vllm_port"]);
     }
 
     #[test]

@@ -82,6 +82,14 @@ fn help_lists_every_flag_and_version_prints_the_version() {
 }
 
 #[test]
+fn durations_beyond_a_year_are_rejected_instead_of_overflowing_the_clock() {
+    rejects(
+        "llm_api_base = \"http://127.0.0.1:8000\"\nrequest_timeout = \"500000000000y\"\n",
+        &["`request_timeout`", "at most 365d"],
+    );
+}
+
+#[test]
 fn unknown_keys_are_rejected_by_name() {
     rejects(
         "llm_api_base = \"http://127.0.0.1:8000\"\nconect_timeout = \"1s\"\n",
