@@ -189,7 +189,8 @@ async fn run_serve(
     // Whatever happened to the proxy, vLLM's process group is stopped before the gateway exits.
     stop_child.cancel();
     let exit = supervisor_task.await?;
-    notifier.abort();
+    // The notifier ends once the supervisor's status sender is gone, after sending the last state.
+    let _ = tokio::time::timeout(Duration::from_secs(1), notifier).await;
     served?;
     Ok(match exit {
         Outcome::Stopped => 0,

@@ -234,6 +234,13 @@ fn a_stop_sends_stopping_first_then_counts_the_requests_being_drained() {
     gateway.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(stream.join().expect("stream thread").status, 200);
     assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    // Datagrams sent before the exit may still be on their way to the reader thread.
+    wait_until("vLLM's final status", DEADLINE, || {
+        systemd
+            .messages()
+            .iter()
+            .any(|m| m.starts_with("STATUS=vLLM stopped"))
+    });
 
     let messages = systemd.messages();
     let ready = messages.iter().position(|m| m == "READY=1").expect("ready");
@@ -253,7 +260,9 @@ fn a_stop_sends_stopping_first_then_counts_the_requests_being_drained() {
     );
     assert_eq!(systemd.count("STOPPING=1"), 1, "{messages:?}");
     assert!(
-        after[stopping..].contains(&"STATUS=stopping vLLM"),
-        "the child is stopped after the drain: {messages:?}"
+        after
+            .last()
+            .is_some_and(|last| last.starts_with("STATUS=vLLM stopped")),
+        "the last word is vLLM's stop, after the drain: {messages:?}"
     );
 }
