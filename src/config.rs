@@ -334,11 +334,14 @@ pub fn load(
 
     errors.append(&mut file.finish());
     let file_path = file.path.clone();
+    let file_keys: BTreeSet<String> = file.table.keys().cloned().collect();
     let mut error = |key: &str, message: String| {
-        // A value is blamed on the file only when no flag or variable could have supplied it;
-        // that is imprecise for overridden keys, but those were valid enough to parse.
+        // The file is named only when it holds the key; a value from a flag or a variable is
+        // reported by key alone. (A flag that overrides a key the file also holds is still
+        // blamed on the file: the merged values no longer say where they came from.)
+        let file = file_path.clone().filter(|_| file_keys.contains(key));
         errors.push(ConfigError {
-            file: file_path.clone(),
+            file,
             key: key.into(),
             message,
         });

@@ -90,6 +90,20 @@ fn durations_beyond_a_year_are_rejected_instead_of_overflowing_the_clock() {
 }
 
 #[test]
+fn a_bad_flag_is_not_blamed_on_the_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "llm_api_base = \"http://127.0.0.1:8000\"\n");
+    let output = gateway()
+        .args(["--config", &path, "--host", "not-an-ip"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`host`"), "{stderr}");
+    assert!(!stderr.contains(&path), "the file has no `host`: {stderr}");
+}
+
+#[test]
 fn unknown_keys_are_rejected_by_name() {
     rejects(
         "llm_api_base = \"http://127.0.0.1:8000\"\nconect_timeout = \"1s\"\n",
