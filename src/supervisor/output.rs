@@ -4,6 +4,7 @@
 //! The pipes are always drained at full speed, so the child never blocks on a write because of
 //! the gateway: lines go through a bounded queue to a writer task, and when the log cannot keep up
 //! lines are dropped and counted rather than buffered. A line longer than [`MAX_LINE`] is cut.
+//! A carriage return ends a line as a newline does, so progress bars log one line per redraw.
 
 use std::os::fd::OwnedFd;
 
@@ -72,10 +73,13 @@ async fn read_lines(
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
-        for chunk in buffer[..read].split_inclusive(|byte| *byte == b'\n') {
-            let (content, complete) = match chunk.strip_suffix(b"\n") {
-                Some(content) => (content, true),
-                None => (chunk, false),
+        // A carriage return ends a line too: progress bars (tqdm, while vLLM loads weights)
+        // redraw themselves with `\r`, and each state becomes a line of its own rather than one
+        // line of every state, cut at MAX_LINE.
+        for chunk in buffer[..read].split_inclusive(|byte| matches!(byte, b'\n' | b'\r')) {
+            let (content, complete) = match chunk.split_last() {
+                Some((b'\n' | b'\r', content)) => (content, true),
+                _ => (chunk, false),
             };
             let room = MAX_LINE.saturating_sub(line.len());
             if content.len() > room {
@@ -107,9 +111,11 @@ fn emit(
     lines: &mpsc::Sender<(Stream, String)>,
     dropped: &mut u64,
 ) {
-    let mut text = String::from_utf8_lossy(line)
-        .trim_end_matches('\r')
-        .to_string();
+    if line.is_empty() && !*truncated {
+        // The empty line between `\r` and `\n`, or a blank line: nothing to log.
+        return;
+    }
+    let mut text = String::from_utf8_lossy(line).into_owned();
     if *truncated {
         text.push_str(" [line truncated]");
     }
@@ -117,5 +123,53 @@ fn emit(
     *truncated = false;
     if lines.try_send((stream, text)).is_err() {
         *dropped += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `bytes` through `read_lines` as a pipe would, and returns the lines it emits.
+    async fn lines_of(bytes: &[u8]) -> Vec<String> {
+        let (receiver, sender) = nix::unistd::pipe().expect("pipe");
+        // Within the pipe's capacity, so the write completes before anything reads; dropping the
+        // writer closes it, which ends `read_lines`.
+        let mut writer = std::fs::File::from(sender);
+        std::io::Write::write_all(&mut writer, bytes).expect("write");
+        drop(writer);
+        let receiver = pipe::Receiver::from_owned_fd(receiver).expect("receiver");
+        let (lines_tx, mut lines_rx) = mpsc::channel(QUEUE);
+        read_lines(1, Stream::Stdout, receiver, lines_tx).await;
+        let mut lines = Vec::new();
+        while let Ok((_, line)) = lines_rx.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    #[tokio::test]
+    async fn progress_bar_redraws_become_lines_and_crlf_is_one_break() {
+        let lines = lines_of(b"start\r\nLoading: 10%\rLoading: 60%\rLoading: 100%\nlast").await;
+        assert_eq!(
+            lines,
+            [
+                "start",
+                "Loading: 10%",
+                "Loading: 60%",
+                "Loading: 100%",
+                "last"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_line_is_cut_and_marked() {
+        let mut long = vec![b'x'; MAX_LINE + 10];
+        long.push(b'\n');
+        let lines = lines_of(&long).await;
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].ends_with(" [line truncated]"));
+        assert_eq!(lines[0].len(), MAX_LINE + " [line truncated]".len());
     }
 }
