@@ -430,28 +430,56 @@ fn zombie_children(pid: i32) -> Vec<i32> {
 
 #[test]
 fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
-    // The gateway is a subreaper (or PID 1 in a container): when the child is SIGKILLed alone, its
-    // grandchild is re-parented to the gateway, killed with the group, and must not stay a zombie.
+    // The gateway is a subreaper (or PID 1 in a container): a grandchild whose parent died is
+    // re-parented to the gateway, not to the machine's init, and the gateway reaps it. This one
+    // left vLLM's process group (as a worker that called setsid would), so stopping the group
+    // leaves it running, still re-parented, until the test kills it.
     let (_dir, pids, pids_text) = pid_file();
     let (gateway, _) = gateway_serve(
         &["--restart", "always"],
         &[
             ("MOCK_VLLM_SPAWN_GRANDCHILD", "1"),
+            ("MOCK_VLLM_DETACH_GRANDCHILD", "1"),
             ("MOCK_VLLM_PID_FILE", &pids_text),
         ],
     );
     wait_ready(&gateway);
     let (child, grandchild) = wait_for_starts(&pids, 1)[0];
+    let _cleanup = KillOnDrop(grandchild);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).expect("kill child");
-    wait_until("the grandchild to be gone", DEADLINE, || !alive(grandchild));
-    wait_for_starts(&pids, 2);
-    wait_until("no zombies left under the gateway", DEADLINE, || {
-        zombie_children(gateway.pid()).is_empty()
-    });
-    assert!(
-        !std::path::Path::new(&format!("/proc/{grandchild}")).exists(),
-        "the grandchild was reaped, not left a zombie"
+    wait_until(
+        "the grandchild to be re-parented to the gateway",
+        DEADLINE,
+        || parent_pid(grandchild) == Some(gateway.pid()),
     );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), Signal::SIGKILL)
+        .expect("kill grandchild");
+    wait_until("the gateway to reap the grandchild", DEADLINE, || {
+        !std::path::Path::new(&format!("/proc/{grandchild}")).exists()
+    });
+    assert!(zombie_children(gateway.pid()).is_empty());
+}
+
+/// Kills a process that the gateway does not own when the test ends, however it ends.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// The parent pid of a process (or zombie), from /proc.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces; the parent pid is the second field
+    // after it.
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 #[test]

@@ -67,6 +67,8 @@
 //!   the process.
 //! - `MOCK_VLLM_SPAWN_GRANDCHILD`: start `sleep 100000` in our own process group, standing in for
 //!   vLLM's EngineCore process, and leave it running.
+//! - `MOCK_VLLM_DETACH_GRANDCHILD`: start that grandchild in a process group of its own instead,
+//!   like a worker that called setsid, so that stopping our group leaves it alive.
 //! - `MOCK_VLLM_PID_FILE`: append `<pid> <grandchild pid or 0>` to this file at start, so that a
 //!   test sees one line per (re)start.
 //! - `MOCK_VLLM_FLOOD`: write one 1 MiB line to stderr, then log lines to stdout as fast as the pipe
@@ -240,6 +242,11 @@ const KNOBS: &[(&str, &str, &str)] = &[
         "bool: start `sleep 100000` in this process group, standing in for vLLM's EngineCore",
     ),
     (
+        "MOCK_VLLM_DETACH_GRANDCHILD",
+        "1",
+        "bool: start that grandchild in a process group of its own instead",
+    ),
+    (
         "MOCK_VLLM_PID_FILE",
         "/tmp/mock-vllm.pids",
         "path: append '<pid> <grandchild pid or 0>' to this file at start",
@@ -309,6 +316,7 @@ struct Knobs {
     hang_health_after: Option<Duration>,
     ignore_sigterm: bool,
     spawn_grandchild: bool,
+    detach_grandchild: bool,
     pid_file: Option<PathBuf>,
     flood: bool,
     /// Bounds a graceful shutdown, which would otherwise wait for a stalled stream forever.
@@ -577,7 +585,7 @@ async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
         }
     ));
     let grandchild = if knobs.spawn_grandchild {
-        Some(spawn_grandchild()?)
+        Some(spawn_grandchild(knobs.detach_grandchild)?)
     } else {
         None
     };
@@ -826,6 +834,7 @@ impl Knobs {
             hang_health_after: reader.duration("MOCK_VLLM_HANG_HEALTH_AFTER"),
             ignore_sigterm: reader.flag("MOCK_VLLM_IGNORE_SIGTERM"),
             spawn_grandchild: reader.flag("MOCK_VLLM_SPAWN_GRANDCHILD"),
+            detach_grandchild: reader.flag("MOCK_VLLM_DETACH_GRANDCHILD"),
             pid_file: reader.take("MOCK_VLLM_PID_FILE").map(PathBuf::from),
             flood: reader.flag("MOCK_VLLM_FLOOD"),
             shutdown_grace: reader
@@ -911,12 +920,15 @@ impl KnobReader {
     }
 }
 
-fn spawn_grandchild() -> Result<u32, String> {
+fn spawn_grandchild(detach: bool) -> Result<u32, String> {
     // The grandchild stays in our process group and shares our stdout and stderr, as vLLM's
     // EngineCore does, so that a supervisor which stops only our pid leaves it behind.
-    let child = Command::new("sleep")
-        .arg("100000")
-        .stdin(Stdio::null())
+    let mut command = Command::new("sleep");
+    command.arg("100000").stdin(Stdio::null());
+    if detach {
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    }
+    let child = command
         .spawn()
         .map_err(|error| format!("cannot start the grandchild `sleep 100000`: {error}"))?;
     let pid = child.id();
