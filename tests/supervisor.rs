@@ -435,6 +435,8 @@ fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
     // left vLLM's process group (as a worker that called setsid would), so stopping the group
     // leaves it running, still re-parented, until the test kills it.
     let (_dir, pids, pids_text) = pid_file();
+    // Declared before the gateway, so that it runs after the gateway has stopped.
+    let _cleanup = KillGrandchildren(pids.clone());
     let (gateway, _) = gateway_serve(
         &["--restart", "always"],
         &[
@@ -445,7 +447,6 @@ fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
     );
     wait_ready(&gateway);
     let (child, grandchild) = wait_for_starts(&pids, 1)[0];
-    let _cleanup = KillOnDrop(grandchild);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).expect("kill child");
     wait_until(
         "the grandchild to be re-parented to the gateway",
@@ -460,12 +461,19 @@ fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
     assert!(zombie_children(gateway.pid()).is_empty());
 }
 
-/// Kills a process that the gateway does not own when the test ends, however it ends.
-struct KillOnDrop(i32);
+/// Kills every detached grandchild named in the pid file when the test ends, however it ends:
+/// they are outside vLLM's process group, so the gateway's stop does not reach them (and the
+/// restarted vLLM starts another).
+struct KillGrandchildren(std::path::PathBuf);
 
-impl Drop for KillOnDrop {
+impl Drop for KillGrandchildren {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+        for (_, grandchild) in read_pid_file(&self.0) {
+            if grandchild > 0 {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), Signal::SIGKILL);
+            }
+        }
     }
 }
 
