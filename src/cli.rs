@@ -33,6 +33,9 @@ pub enum Command {
     Config(ConfigCommand),
     /// Exit 0 when a gateway's /readyz answers 200, 1 otherwise (for Docker HEALTHCHECK).
     Healthcheck(HealthcheckArgs),
+    /// Internal: stops vLLM's process group if the gateway dies (see `supervisor::guard`).
+    #[command(name = "__guard", hide = true)]
+    Guard { pgid: i32, grace_ms: u64 },
 }
 
 #[derive(Debug, Subcommand)]

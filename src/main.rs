@@ -14,6 +14,12 @@ fn main() -> ExitCode {
         Some(Command::Serve(serve)) => (Mode::Serve, &serve.proxy, Some(&**serve)),
         Some(Command::Config(ConfigCommand::Check { file })) => return check_config(file),
         Some(Command::Healthcheck(args)) => return gateway::healthcheck(&args.url, args.timeout),
+        Some(Command::Guard { pgid, grace_ms }) => {
+            return gateway::supervisor::guard::run(
+                *pgid,
+                std::time::Duration::from_millis(*grace_ms),
+            );
+        }
     };
     let env = |name: &str| std::env::var(name).ok();
     let mut config = match config::load(proxy_args, serve_args, mode, &env) {

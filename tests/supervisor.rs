@@ -394,6 +394,28 @@ fn sigkill_of_the_gateway_takes_the_child_with_it() {
     });
 }
 
+/// PR_SET_PDEATHSIG reaches only vLLM's API server; the guard takes the rest of its group, and
+/// the server itself if it ignores SIGTERM.
+#[test]
+fn sigkill_of_the_gateway_takes_vllms_whole_group_even_one_ignoring_sigterm() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (mut gateway, _) = gateway_serve(
+        &["--stop-timeout", "500ms"],
+        &[
+            ("MOCK_VLLM_IGNORE_SIGTERM", "1"),
+            ("MOCK_VLLM_SPAWN_GRANDCHILD", "1"),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    wait_ready(&gateway);
+    let (child, grandchild) = wait_for_starts(&pids, 1)[0];
+    gateway.signal(Signal::SIGKILL);
+    gateway.wait_exit(DEADLINE);
+    wait_until("vLLM's whole group to be gone", DEADLINE, || {
+        !alive(child) && !alive(grandchild)
+    });
+}
+
 #[test]
 fn sighup_is_forwarded_to_the_child() {
     let (gateway, vllm_port) = gateway_serve(&[], &[]);

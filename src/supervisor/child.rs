@@ -3,7 +3,8 @@
 //! The child is spawned as the leader of a new process group, from one long-lived spawner thread:
 //! PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so forking from a
 //! short-lived pool thread would kill vLLM at a random moment. The parent-death signal is SIGTERM,
-//! which lets vLLM take its engine and worker processes down with it if the gateway is SIGKILLed.
+//! which lets vLLM take its engine and worker processes down with it if the gateway is SIGKILLed
+//! (and `guard` stops the rest of the group, should vLLM not).
 //! Every signal goes to the whole group; ESRCH (nobody left) counts as success.
 
 use std::os::fd::OwnedFd;

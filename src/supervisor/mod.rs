@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod child;
+pub mod guard;
 pub mod output;
 pub mod reaper;
 pub mod state;
@@ -88,6 +89,8 @@ struct Running {
     pid: u32,
     exit: oneshot::Receiver<ExitInfo>,
     ready_since: Option<Instant>,
+    /// Stops the group if the gateway dies; released once the group is gone.
+    guard: Option<guard::Guard>,
 }
 
 struct Supervisor {
@@ -264,8 +267,8 @@ impl Supervisor {
                 self.child = Some(Running {
                     pid,
                     exit: spawned.exit,
-
                     ready_since: None,
+                    guard: guard::Guard::start(pid, self.serve.stop_timeout),
                 });
                 self.next_probe = now + self.serve.startup_poll_interval;
                 self.set_state(ChildState::Starting { pid, since: now });
@@ -297,6 +300,9 @@ impl Supervisor {
         let exit = exit.unwrap_or(ExitInfo::Code(1));
         // Whatever vLLM left in its group (engine core, workers) goes too, before any restart.
         child::signal_group_logged(running.pid, Signal::SIGKILL);
+        if let Some(guard) = running.guard {
+            guard.release();
+        }
         self.status.last_exit = Some(exit);
         gauge!("gateway_child_last_exit_code").set(f64::from(exit.exit_code()));
         let ready_for = running.ready_since.map(|since| since.elapsed());

@@ -1,0 +1,116 @@
+//! The guard: a small process (`gateway __guard`) that outlives a SIGKILLed gateway to stop vLLM's
+//! whole process group.
+//!
+//! PR_SET_PDEATHSIG reaches only the group's leader (vLLM's API server); a leader that ignores it,
+//! and every other process of the group, would be left holding the GPU. So each vLLM start gets a
+//! guard in a process group of its own, reading a pipe whose write end only the gateway holds
+//! (close-on-exec, so vLLM never inherits it). The gateway writes one byte once vLLM's group is
+//! gone and reaped, and the guard exits. If the pipe closes without that byte, the gateway died:
+//! the guard sends SIGTERM to the group, and SIGKILL once the grace is over if anyone is left.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// The gateway's end of a guard.
+pub struct Guard {
+    release: std::fs::File,
+}
+
+impl Guard {
+    /// Starts a guard for the group led by `pgid`, which is stopped within `grace` if the gateway
+    /// dies. A guard that cannot start is logged, not fatal.
+    pub fn start(pgid: u32, grace: Duration) -> Option<Guard> {
+        let start = || -> std::io::Result<Guard> {
+            let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+            Command::new("/proc/self/exe")
+                .arg("__guard")
+                .arg(pgid.to_string())
+                .arg(grace.as_millis().to_string())
+                .stdin(Stdio::from(read_end))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .env_clear()
+                // Out of vLLM's group (its stop must not take the guard) and the terminal's.
+                .process_group(0)
+                .spawn()?;
+            Ok(Guard {
+                release: std::fs::File::from(write_end),
+            })
+        };
+        match start() {
+            Ok(guard) => Some(guard),
+            Err(error) => {
+                tracing::warn!(pid = pgid, %error, "cannot start the guard of vLLM's process group");
+                None
+            }
+        }
+    }
+
+    /// vLLM's group is gone and reaped: the guard exits without touching its (reusable) pgid.
+    pub fn release(mut self) {
+        let _ = self.release.write_all(b"r");
+    }
+}
+
+/// `gateway __guard <pgid> <grace_ms>`: waits on stdin, then acts as described above.
+pub fn run(pgid: i32, grace: Duration) -> ExitCode {
+    let mut byte = [0u8; 1];
+    let released = loop {
+        match std::io::stdin().read(&mut byte) {
+            Ok(read) => break read == 1,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break false,
+        }
+    };
+    if released || pgid <= 1 {
+        return ExitCode::SUCCESS;
+    }
+    let group = Pid::from_raw(pgid);
+    if killpg(group, Signal::SIGTERM) == Err(Errno::ESRCH) {
+        return ExitCode::SUCCESS;
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        if !group_alive(pgid) {
+            return ExitCode::SUCCESS;
+        }
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+    ExitCode::SUCCESS
+}
+
+/// Whether any process of the group is still running. Zombies do not count: with the gateway dead,
+/// reaping them is up to whoever inherited them.
+fn group_alive(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return killpg(Pid::from_raw(pgid), None) != Err(Errno::ESRCH);
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .any(|stat| {
+            // After the parenthesised command name: state, ppid, pgrp, ...
+            let mut fields = stat
+                .rsplit_once(") ")
+                .map(|(_, rest)| rest.split_whitespace())
+                .into_iter()
+                .flatten();
+            let state = fields.next();
+            let pgrp = fields.nth(1).and_then(|pgrp| pgrp.parse::<i32>().ok());
+            pgrp == Some(pgid) && !matches!(state, Some("Z" | "X"))
+        })
+}
