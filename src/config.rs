@@ -395,7 +395,11 @@ pub fn load(
         Some(Cors::AnyOrigin)
     } else {
         for origin in &origins {
-            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+            // A browser's Origin is scheme://host[:port], never with a path or a trailing slash.
+            let host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
+            if host.is_none_or(|host| host.is_empty() || host.contains('/'))
                 || http::HeaderValue::from_str(origin).is_err()
             {
                 error(

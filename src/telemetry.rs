@@ -190,7 +190,8 @@ pub fn error_kind(error: &ProxyError) -> Option<&'static str> {
     Some(match error {
         ProxyError::Unavailable(Unavailable::Connect) => "connect",
         ProxyError::Timeout(TimeoutKind::Connect) => "connect",
-        ProxyError::Timeout(TimeoutKind::FirstByte | TimeoutKind::Request) => "timeout_first_byte",
+        ProxyError::Timeout(TimeoutKind::FirstByte) => "timeout_first_byte",
+        ProxyError::Timeout(TimeoutKind::Request) => "timeout_request",
         ProxyError::Timeout(TimeoutKind::StreamIdle) => "timeout_idle",
         ProxyError::Unavailable(Unavailable::Reset) => "reset_mid_stream",
         _ => return None,

@@ -468,6 +468,12 @@ fn cors_answers_preflight_for_allowed_origins() {
         preflight.header("access-control-allow-origin"),
         Some("https://app.example")
     );
+    // Named, not `*`: a wildcard does not cover Authorization in browsers.
+    let allowed = preflight
+        .header("access-control-allow-headers")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
     assert_eq!(
         mock_stats(&mock)["requests"],
         0,
@@ -591,4 +597,79 @@ fn a_path_with_dot_segments_is_refused_rather_than_resolved() {
         assert_eq!(response.json()["error"]["code"], "invalid_request");
     }
     assert!(last_request(&mock).is_null(), "nothing reached vLLM");
+}
+
+#[test]
+fn a_large_body_that_stalls_is_408_and_one_the_client_abandons_is_400_not_upstream_errors() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &["--first-byte-timeout", "500ms"], &[]);
+    let head = "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n{\"model\"";
+
+    let mut stalled = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    stalled.write_all(head.as_bytes()).expect("write");
+    let mut raw = Vec::new();
+    let _ = stalled.read_to_end(&mut raw);
+    let response = parse_response(&raw);
+    assert_eq!(response.status, 408);
+    assert_eq!(response.json()["error"]["code"], "request_timeout");
+
+    let mut abandoned = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    abandoned.write_all(head.as_bytes()).expect("write");
+    abandoned
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut raw = Vec::new();
+    let _ = abandoned.read_to_end(&mut raw);
+    if !raw.is_empty() {
+        assert_eq!(parse_response(&raw).status, 400);
+    }
+
+    let (_, metrics) = get(&gateway.url("/metrics")).expect("metrics");
+    assert!(
+        !metrics.contains("gateway_upstream_errors_total"),
+        "no upstream error was counted:\n{metrics}"
+    );
+}
+
+#[test]
+fn responses_without_a_body_are_complete_not_client_disconnects() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let response = raw_request(gateway.port, "HEAD /v1/models HTTP/1.1", b"");
+    assert_eq!(response.status, 200);
+    let (_, metrics) = get(&gateway.url("/metrics")).expect("metrics");
+    assert!(
+        !metrics.contains("client_disconnect"),
+        "a HEAD answer is not a disconnect:\n{metrics}"
+    );
+}
+
+#[test]
+fn connect_and_trace_are_refused_with_405() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    for head in [
+        "CONNECT vllm.example:443 HTTP/1.1",
+        "TRACE /v1/models HTTP/1.1",
+    ] {
+        let response = raw_request(gateway.port, head, b"");
+        assert_eq!(response.status, 405, "{head}");
+        assert_eq!(response.json()["error"]["code"], "method_not_allowed");
+    }
+    assert!(last_request(&mock).is_null(), "nothing reached vLLM");
+}
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive_for_gateway_keys() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &["--api-key", "client-key"], &[]);
+    let response = raw_request(
+        gateway.port,
+        "GET /v1/models HTTP/1.1\r\nAuthorization: bearer client-key",
+        b"",
+    );
+    assert_eq!(response.status, 200);
 }

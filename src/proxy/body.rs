@@ -9,6 +9,8 @@
 //! for the next one, so a slow client slows the upstream instead of growing a buffer here.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -24,16 +26,26 @@ use crate::telemetry::RequestRecord;
 #[error("request body exceeds the limit")]
 pub struct BodyTooLarge;
 
+/// The client's side of the request body failed (it went away, or sent a malformed body): not
+/// the upstream's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: {0}")]
+pub struct ClientBodyError(axum::Error);
+
 pub struct LimitedBody {
     inner: axum::body::Body,
     remaining: u64,
+    /// Set once the whole body has been read, so that a timeout while it was still arriving is
+    /// blamed on the client.
+    finished: Arc<AtomicBool>,
 }
 
 impl LimitedBody {
-    pub fn new(inner: axum::body::Body, limit: u64) -> Self {
+    pub fn new(inner: axum::body::Body, limit: u64, finished: Arc<AtomicBool>) -> Self {
         LimitedBody {
             inner,
             remaining: limit,
+            finished,
         }
     }
 }
@@ -46,6 +58,7 @@ impl futures_util::Stream for LimitedBody {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             let Some(frame) = ready!(Pin::new(&mut self.inner).poll_frame(cx)) else {
+                self.finished.store(true, Ordering::Relaxed);
                 return Poll::Ready(None);
             };
             let data = match frame {
@@ -53,7 +66,7 @@ impl futures_util::Stream for LimitedBody {
                     Ok(data) => data,
                     Err(_trailers) => continue,
                 },
-                Err(error) => return Poll::Ready(Some(Err(error.into()))),
+                Err(error) => return Poll::Ready(Some(Err(Box::new(ClientBodyError(error))))),
             };
             let len = data.len() as u64;
             if len > self.remaining {
@@ -97,6 +110,12 @@ impl UpstreamBody {
             Timing::Stream { idle } => Instant::now() + idle,
             Timing::Whole => deadline,
         };
+        // The server never polls a body that is already over (HEAD, 204, 304, an empty 200), so
+        // such a response is complete from the start, not a client that went away.
+        let mut record = record;
+        if inner.is_end_stream() {
+            record.set_complete();
+        }
         UpstreamBody {
             inner,
             timing,
@@ -152,9 +171,9 @@ impl Body for UpstreamBody {
                 if let Timing::Stream { idle } = this.timing {
                     this.deadline.as_mut().reset(Instant::now() + idle);
                 }
-                // The server stops polling once a sized body is complete, so completion is
-                // noted here rather than at the final `None`.
-                if this.inner.is_end_stream() {
+                // The server stops polling once a sized body is complete (or after trailers),
+                // so completion is noted here rather than at the final `None`.
+                if this.inner.is_end_stream() || frame.is_trailers() {
                     this.record.set_complete();
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -17,6 +17,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("the request body did not arrive in time")]
     BodyTimeout,
+    #[error("{0} requests are not proxied")]
+    MethodNotAllowed(&'static str),
     #[error("the model server is not ready")]
     NotReady { retry_after_secs: u64 },
     #[error("the gateway is shutting down")]
@@ -72,6 +74,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -86,7 +89,8 @@ impl ProxyError {
             ProxyError::Unauthorized
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
-            | ProxyError::BodyTimeout => "invalid_request_error",
+            | ProxyError::BodyTimeout
+            | ProxyError::MethodNotAllowed(_) => "invalid_request_error",
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown => "server_error",
             ProxyError::Unavailable(_) | ProxyError::Timeout(_) => "upstream_error",
         }
@@ -99,6 +103,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "request_too_large",
             ProxyError::BadRequest(_) => "invalid_request",
             ProxyError::BodyTimeout => "request_timeout",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::NotReady { .. } => "upstream_not_ready",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Unavailable(_) => "upstream_unavailable",

@@ -2,6 +2,7 @@
 //! headers, stream the body up, stream the answer back. Nothing is buffered and nothing is parsed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -10,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
 use crate::proxy::AppState;
-use crate::proxy::body::{BodyTooLarge, LimitedBody, Timing, UpstreamBody};
+use crate::proxy::body::{BodyTooLarge, ClientBodyError, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::proxy::headers;
 use crate::telemetry::RequestRecord;
@@ -83,6 +84,16 @@ async fn proxy(
     let body_deadline = Instant::now() + header_timeout;
 
     let (mut parts, body) = request.into_parts();
+    // Tunnels and traces have no place in front of vLLM (and CONNECT's answer cannot be relayed).
+    if parts.method == http::Method::CONNECT || parts.method == http::Method::TRACE {
+        return Err(ProxyError::MethodNotAllowed(
+            if parts.method == http::Method::CONNECT {
+                "CONNECT"
+            } else {
+                "TRACE"
+            },
+        ));
+    }
     authorize(state, &mut parts.headers)?;
     if has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::BadRequest(
@@ -96,12 +107,19 @@ async fn proxy(
     }
     // A request without a body (most GETs) must stay without one, rather than become an empty
     // chunked body.
+    // For a streamed body: whether it has all been read, so that a timeout while it was still
+    // arriving is the client's (408), not vLLM's (504).
+    let mut streamed_body_finished = None;
     let body = if http_body::Body::is_end_stream(&body) {
         None
     } else if length.is_some_and(|length| length <= WHOLE_BODY_MAX) {
         Some(reqwest::Body::from(read_whole(body, body_deadline).await?))
     } else {
-        Some(reqwest::Body::wrap_stream(LimitedBody::new(body, limit)))
+        let finished = Arc::new(AtomicBool::new(false));
+        streamed_body_finished = Some(Arc::clone(&finished));
+        Some(reqwest::Body::wrap_stream(LimitedBody::new(
+            body, limit, finished,
+        )))
     };
     wait_until_ready(state).await?;
 
@@ -140,6 +158,11 @@ async fn proxy(
                 record,
             )
             .await;
+        }
+    }
+    if let (Err(ProxyError::Timeout(_)), Some(finished)) = (&outcome, &streamed_body_finished) {
+        if !finished.load(Ordering::Relaxed) {
+            return Err(ProxyError::BodyTimeout);
         }
     }
     let (head, body, timing) = downstream_response(state, outcome?);
@@ -267,7 +290,11 @@ fn authorize(state: &AppState, headers: &mut HeaderMap) -> Result<(), ProxyError
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110 11.1), as vLLM treats it.
+        .and_then(|value| {
+            let (scheme, key) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
+        })
         .map(str::trim);
     let Some(presented) = presented else {
         return Err(ProxyError::Unauthorized);
@@ -332,6 +359,9 @@ fn classify(error: &reqwest::Error, limit: u64, record: &RequestRecord) -> Proxy
     while let Some(cause) = source {
         if cause.is::<BodyTooLarge>() {
             return ProxyError::BodyTooLarge { limit };
+        }
+        if cause.is::<ClientBodyError>() {
+            return ProxyError::BadRequest("the request body could not be read");
         }
         source = cause.source();
     }

@@ -23,7 +23,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
 use crate::config::{Config, Cors, ProxyConfig};
 use crate::health;
@@ -138,7 +138,9 @@ pub fn app(state: Arc<AppState>) -> Router {
 fn cors_layer(cors: &Cors) -> CorsLayer {
     let layer = CorsLayer::new()
         .allow_methods(Any)
-        .allow_headers(Any)
+        // Mirrored rather than `*`: in a preflight, `*` does not cover Authorization, which every
+        // OpenAI SDK sends.
+        .allow_headers(AllowHeaders::mirror_request())
         .expose_headers(Any)
         .max_age(Duration::from_secs(600));
     match cors {
