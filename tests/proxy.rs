@@ -429,7 +429,7 @@ fn client_disconnect_while_waiting_for_headers_reaches_the_upstream() {
 fn oversized_bodies_get_413_and_never_reach_the_upstream() {
     let mock = mock_vllm(&[]);
     let gateway = gateway(mock.port, &["--max-body-bytes", "1000"], &[]);
-    let body = format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(2000));
+    let body = format!(r#"{{"model":"mock-model","input":"{}"}}"#, "x".repeat(2000));
     let response = post_json(gateway.port, "/v1/responses", &body, "");
     assert_eq!(response.status, 413);
     assert_eq!(response.json()["error"]["code"], "request_too_large");
@@ -672,4 +672,16 @@ fn the_bearer_scheme_is_case_insensitive_for_gateway_keys() {
         b"",
     );
     assert_eq!(response.status, 200);
+}
+
+#[test]
+fn vllms_unknown_model_404_reaches_the_client_unchanged() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let body = r#"{"model":"no-such-model","input":"hi"}"#;
+    let direct = post_json(mock.port, "/v1/responses", body, "");
+    let proxied = post_json(gateway.port, "/v1/responses", body, "");
+    assert_eq!(proxied.status, 404);
+    assert_eq!(proxied.body, direct.body);
+    assert_eq!(proxied.json()["error"]["type"], "NotFoundError");
 }

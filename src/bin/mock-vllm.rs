@@ -23,7 +23,8 @@
 //!
 //! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them.
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
-//!   serving gpt-oss-20b, byte for byte, whatever the request asks for.
+//!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
+//!   served one gets vLLM's 404 "The model `x` does not exist.", as on every generation endpoint.
 //! - `GET /metrics`: a few of vLLM's Prometheus metrics (`vllm:num_requests_running`,
 //!   `vllm:num_requests_waiting`, `vllm:request_success_total`), with vLLM's names and labels,
 //!   counting this process's `/v1` requests.
@@ -1216,6 +1217,9 @@ async fn create_response(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     if !request.contains_key("input") {
         return openai_error(StatusCode::BAD_REQUEST, "Field required: input");
     }
+    if let Some(response) = unknown_model(&state, &request) {
+        return response;
+    }
     if wants_stream(&request) {
         event_stream(Arc::clone(&state.responses_events), state.pacing())
     } else {
@@ -1238,6 +1242,9 @@ async fn create_chat_completion(State(state): State<Arc<AppState>>, body: Bytes)
         Ok(request) => request,
         Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
     };
+    if let Some(response) = unknown_model(&state, &request) {
+        return response;
+    }
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return openai_error(StatusCode::BAD_REQUEST, "Field required: messages");
     };
@@ -1423,6 +1430,23 @@ fn openai_error(status: StatusCode, message: impl Into<String>) -> Response {
         },
     };
     (status, Json(body)).into_response()
+}
+
+/// vLLM's answer to a request for a model it does not serve (a `model` it does not list).
+fn unknown_model(state: &AppState, request: &Map<String, Value>) -> Option<Response> {
+    let model = request.get("model")?.as_str()?;
+    if model == state.served_model {
+        return None;
+    }
+    let body = json!({
+        "error": {
+            "message": format!("The model `{model}` does not exist."),
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
+    });
+    Some((StatusCode::NOT_FOUND, Json(body)).into_response())
 }
 
 /// Turns a status into the error type name vLLM would use, e.g. 503 into

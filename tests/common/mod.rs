@@ -388,7 +388,7 @@ pub fn start_stream(gateway: &Proc) -> std::thread::JoinHandle<RawResponse> {
         post_json(
             port,
             "/v1/responses",
-            r#"{"model":"m","input":"hi","stream":true}"#,
+            r#"{"model":"mock-model","input":"hi","stream":true}"#,
             "",
         )
     });
