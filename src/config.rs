@@ -428,42 +428,29 @@ pub fn load(
             error("upstream_api_key", "must be printable ASCII".into());
         }
     }
-    for (key, value) in [
-        ("connect_timeout", connect_timeout),
-        ("request_timeout", request_timeout),
-        ("first_byte_timeout", first_byte_timeout),
-        ("stream_idle_timeout", stream_idle_timeout),
-        ("health_interval", health_interval),
-        ("health_timeout", health_timeout),
-        ("startup_poll_interval", startup_poll_interval),
-        ("startup_timeout", startup_timeout),
-        ("restart_max_delay", restart_max_delay),
-        ("pool_idle_timeout", pool_idle_timeout),
+    // Deadlines are added to the clock; beyond a year they could overflow it, and no real wait is
+    // that long. Zero is meaningful only where a key says so (no drain, no restart delay, ...).
+    const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+    for (key, value, zero_allowed) in [
+        ("connect_timeout", connect_timeout, false),
+        ("request_timeout", request_timeout, false),
+        ("first_byte_timeout", first_byte_timeout, false),
+        ("stream_idle_timeout", stream_idle_timeout, false),
+        ("pool_idle_timeout", pool_idle_timeout, false),
+        ("drain_timeout", drain_timeout, true),
+        ("health_interval", health_interval, false),
+        ("health_timeout", health_timeout, false),
+        ("startup_poll_interval", startup_poll_interval, false),
+        ("startup_timeout", startup_timeout, false),
+        ("restart_delay", restart_delay, true),
+        ("restart_max_delay", restart_max_delay, false),
+        ("restart_reset_after", restart_reset_after, true),
+        ("ready_wait_timeout", ready_wait_timeout, true),
+        ("stop_timeout", stop_timeout, true),
     ] {
-        if value.is_zero() {
+        if value.is_zero() && !zero_allowed {
             error(key, "must be greater than zero".into());
         }
-    }
-    // Deadlines are added to the clock; beyond this they would overflow it, and no real wait is
-    // this long.
-    const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-    for (key, value) in [
-        ("connect_timeout", connect_timeout),
-        ("request_timeout", request_timeout),
-        ("first_byte_timeout", first_byte_timeout),
-        ("stream_idle_timeout", stream_idle_timeout),
-        ("pool_idle_timeout", pool_idle_timeout),
-        ("drain_timeout", drain_timeout),
-        ("health_interval", health_interval),
-        ("health_timeout", health_timeout),
-        ("startup_poll_interval", startup_poll_interval),
-        ("startup_timeout", startup_timeout),
-        ("restart_delay", restart_delay),
-        ("restart_max_delay", restart_max_delay),
-        ("restart_reset_after", restart_reset_after),
-        ("ready_wait_timeout", ready_wait_timeout),
-        ("stop_timeout", stop_timeout),
-    ] {
         if value > MAX_DURATION {
             error(key, "must be at most 365d".into());
         }
