@@ -429,25 +429,12 @@ fn sighup_is_forwarded_to_the_child() {
 
 /// Zombie processes whose parent is `pid`.
 fn zombie_children(pid: i32) -> Vec<i32> {
-    let mut zombies = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() == Some(&"Z")
-            && fields.get(1).and_then(|ppid| ppid.parse::<i32>().ok()) == Some(pid)
-        {
-            zombies.push(child);
-        }
-    }
-    zombies
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|child| proc_stat(*child) == Some(('Z', pid)))
+        .collect()
 }
 
 #[test]
@@ -473,7 +460,7 @@ fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
     wait_until(
         "the grandchild to be re-parented to the gateway",
         DEADLINE,
-        || parent_pid(grandchild) == Some(gateway.pid()),
+        || proc_stat(grandchild).map(|(_, parent)| parent) == Some(gateway.pid()),
     );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), Signal::SIGKILL)
         .expect("kill grandchild");
@@ -497,19 +484,6 @@ impl Drop for KillGrandchildren {
             }
         }
     }
-}
-
-/// The parent pid of a process (or zombie), from /proc.
-fn parent_pid(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces; the parent pid is the second field
-    // after it.
-    stat.rsplit_once(") ")?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 #[test]
