@@ -322,6 +322,12 @@ fn a_child_that_exits_during_the_drain_is_not_restarted() {
         "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
     )
     .expect("write");
+    // The connection must be accepted before the signal: one still in the kernel's backlog when
+    // the listener closes is not in flight, so the drain would end at once and stop vLLM.
+    wait_until("the upload to be in flight", DEADLINE, || {
+        get(&gateway.url("/metrics"))
+            .is_some_and(|(_, body)| body.contains("\ngateway_requests_in_flight 1\n"))
+    });
     gateway.signal(Signal::SIGTERM);
     wait_until("the drain to begin", DEADLINE, || {
         gateway.log_text().contains("draining in-flight requests")
