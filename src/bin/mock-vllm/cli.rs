@@ -131,6 +131,11 @@ pub(crate) fn help_text() -> String {
         text.push_str(&format!("  {name:<29} {help}\n"));
     }
     text.push_str(
+        "\nLike vLLM, it runs its engine as VLLM::EngineCore and VLLM::Worker processes in its \
+         process group, exits 0 a while after its engine died, and dies of SIGHUP; SIGTERM, \
+         SIGINT and SIGQUIT stop it gracefully.\n",
+    );
+    text.push_str(
         "\nTest-control endpoints: GET /_mock/last-request, GET /_mock/stats, \
          POST /_mock/hang-health, POST /_mock/unhang-health, POST /_mock/exit?code=N",
     );

@@ -25,6 +25,9 @@ pub(crate) struct StatsBody {
     pub(crate) disconnects: u64,
     pub(crate) signals: Vec<&'static str>,
     pub(crate) health_hung: bool,
+    /// The `VLLM::EngineCore` process, or `null` when the engine runs in this process.
+    pub(crate) engine_pid: Option<u32>,
+    pub(crate) engine_dead: bool,
 }
 
 pub(crate) async fn last_request(
@@ -52,6 +55,8 @@ pub(crate) async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody>
         disconnects: stats.disconnects.load(Ordering::SeqCst),
         signals,
         health_hung: stats.health_hung.load(Ordering::SeqCst),
+        engine_pid: state.engine_pid,
+        engine_dead: stats.engine_dead.load(Ordering::SeqCst),
     })
 }
 

@@ -67,6 +67,28 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
         "bool: log and ignore SIGTERM and SIGINT (SIGQUIT and SIGKILL still stop it)",
     ),
     (
+        "MOCK_VLLM_IGNORE_SIGHUP",
+        "1",
+        "bool: log and ignore SIGHUP (by default it kills the process, as it kills vLLM)",
+    ),
+    (
+        "MOCK_VLLM_ENGINE_PROCESSES",
+        "0",
+        "bool: start VLLM::EngineCore and VLLM::Worker processes in this process group, as vLLM \
+         does (default 1)",
+    ),
+    (
+        "MOCK_VLLM_ENGINE_DIE_AFTER",
+        "5s",
+        "duration: this long after listening, the engine dies (EngineCore is killed)",
+    ),
+    (
+        "MOCK_VLLM_ENGINE_DEATH_LINGER",
+        "200ms",
+        "duration: once the engine is dead, /health answers 503 this long, then the server exits \
+         0 (default 5s, as vLLM)",
+    ),
+    (
         "MOCK_VLLM_SPAWN_GRANDCHILD",
         "1",
         "bool: start `sleep 100000` in this process group, standing in for vLLM's EngineCore",
@@ -109,6 +131,14 @@ pub(crate) struct Knobs {
     pub(crate) exit_at_start: Option<u8>,
     pub(crate) hang_health_after: Option<Duration>,
     pub(crate) ignore_sigterm: bool,
+    /// Off by default: vLLM installs no SIGHUP handler, so a hang-up kills it.
+    pub(crate) ignore_sighup: bool,
+    /// Whether to run the engine as vLLM does, in processes of its own in our process group, which
+    /// a SIGKILL of this process alone leaves behind.
+    pub(crate) engine_processes: bool,
+    pub(crate) engine_die_after: Option<Duration>,
+    /// How long a server whose engine died keeps answering `/health` with 503 before it exits 0.
+    pub(crate) engine_death_linger: Duration,
     pub(crate) spawn_grandchild: bool,
     pub(crate) detach_grandchild: bool,
     pub(crate) pid_file: Option<PathBuf>,
@@ -154,11 +184,17 @@ impl Knobs {
             exit_code: reader.exit_code("MOCK_VLLM_EXIT_CODE").unwrap_or(1),
             exit_at_start: reader.exit_code("MOCK_VLLM_EXIT_AT_START"),
             hang_health_after: reader.duration("MOCK_VLLM_HANG_HEALTH_AFTER"),
-            ignore_sigterm: reader.flag("MOCK_VLLM_IGNORE_SIGTERM"),
-            spawn_grandchild: reader.flag("MOCK_VLLM_SPAWN_GRANDCHILD"),
-            detach_grandchild: reader.flag("MOCK_VLLM_DETACH_GRANDCHILD"),
+            ignore_sigterm: reader.flag("MOCK_VLLM_IGNORE_SIGTERM").unwrap_or(false),
+            ignore_sighup: reader.flag("MOCK_VLLM_IGNORE_SIGHUP").unwrap_or(false),
+            engine_processes: reader.flag("MOCK_VLLM_ENGINE_PROCESSES").unwrap_or(true),
+            engine_die_after: reader.duration("MOCK_VLLM_ENGINE_DIE_AFTER"),
+            engine_death_linger: reader
+                .duration("MOCK_VLLM_ENGINE_DEATH_LINGER")
+                .unwrap_or(Duration::from_secs(5)),
+            spawn_grandchild: reader.flag("MOCK_VLLM_SPAWN_GRANDCHILD").unwrap_or(false),
+            detach_grandchild: reader.flag("MOCK_VLLM_DETACH_GRANDCHILD").unwrap_or(false),
             pid_file: reader.take("MOCK_VLLM_PID_FILE").map(PathBuf::from),
-            flood: reader.flag("MOCK_VLLM_FLOOD"),
+            flood: reader.flag("MOCK_VLLM_FLOOD").unwrap_or(false),
             shutdown_grace: reader
                 .duration("MOCK_VLLM_SHUTDOWN_GRACE")
                 .unwrap_or(Duration::from_secs(3)),
@@ -228,7 +264,7 @@ impl KnobReader {
         })
     }
 
-    pub(crate) fn flag(&mut self, name: &str) -> bool {
+    pub(crate) fn flag(&mut self, name: &str) -> Option<bool> {
         self.parse(
             name,
             "1 or 0 (or true/false, yes/no, on/off)",
@@ -238,7 +274,6 @@ impl KnobReader {
                 _ => None,
             },
         )
-        .unwrap_or(false)
     }
 }
 

@@ -105,6 +105,8 @@ pub(crate) fn flush_log() {
 
 /// Exits at once, after giving the log writer a moment to write what is queued.
 pub(crate) fn exit_now(code: u8) -> ! {
+    // vLLM's API server stops its engine on every exit it makes itself.
+    crate::engine::stop_engine();
     flush_log();
     std::process::exit(i32::from(code))
 }

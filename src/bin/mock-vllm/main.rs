@@ -21,7 +21,8 @@
 //!
 //! # Endpoints
 //!
-//! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them.
+//! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them; `/health` answers
+//!   503 once the engine died.
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
 //!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
 //!   served one gets vLLM's 404 "The model `x` does not exist.", as on every generation endpoint.
@@ -39,11 +40,24 @@
 //! - `GET /_mock/last-request`: method, path, query, headers and body length of the latest `/v1`
 //!   request (recorded before the key is checked), or `null` before the first one.
 //! - `GET /_mock/stats`: pid, counts of `/v1` requests, completed responses and client disconnects,
-//!   the names of the signals received and whether `/health` hangs.
+//!   the names of the signals received, whether `/health` hangs, the engine core's pid (`null`
+//!   without engine processes) and whether the engine died.
 //! - `POST /_mock/hang-health` and `POST /_mock/unhang-health`: make `/health` hang or answer again.
 //! - `POST /_mock/exit?code=N`: answer 200, then exit with code N (default 0).
 //!   `&linger=DURATION` stops listening at once but exits only after the duration, like vLLM's
 //!   API server shutting down after its engine died (connections are refused meanwhile).
+//!
+//! # Processes
+//!
+//! As vLLM does, the server starts its engine as two processes in its own process group:
+//! `VLLM::EngineCore` and its `VLLM::Worker` (this executable again, under those names, which
+//! `/proc/<pid>/comm` shows as `VLLM::EngineCor` and `VLLM::Worker`). They handle no signal, so
+//! stopping the group stops them; the server stops the engine core whenever it exits by itself or
+//! on a stop signal; a SIGKILL or SIGHUP of the server alone leaves both running, orphaned, until
+//! their group is stopped. The worker dies with its engine core. When the engine core dies while
+//! the server runs (killed, or `MOCK_VLLM_ENGINE_DIE_AFTER`), `/health` answers 503 for
+//! `MOCK_VLLM_ENGINE_DEATH_LINGER` (5 s, as vLLM), then the server shuts down and exits 0.
+//! `MOCK_VLLM_ENGINE_PROCESSES=0` keeps the engine inside the server process.
 //!
 //! # Knobs
 //!
@@ -66,6 +80,14 @@
 //! - `MOCK_VLLM_HANG_HEALTH_AFTER`: this long after listening, `/health` stops answering.
 //! - `MOCK_VLLM_IGNORE_SIGTERM`: log and ignore SIGTERM and SIGINT, so only SIGQUIT or SIGKILL end
 //!   the process.
+//! - `MOCK_VLLM_IGNORE_SIGHUP`: log and ignore SIGHUP, which otherwise kills the process as it
+//!   kills vLLM (an exit by signal, 129 as a shell reports it).
+//! - `MOCK_VLLM_ENGINE_PROCESSES`: run the engine as `VLLM::EngineCore` and `VLLM::Worker`
+//!   processes (default 1); 0 keeps it inside the server process.
+//! - `MOCK_VLLM_ENGINE_DIE_AFTER`: this long after listening, the engine dies (the engine core is
+//!   killed).
+//! - `MOCK_VLLM_ENGINE_DEATH_LINGER`: once the engine died, how long `/health` answers 503 before
+//!   the server shuts down and exits 0 (default 5s, as vLLM).
 //! - `MOCK_VLLM_SPAWN_GRANDCHILD`: start `sleep 100000` in our own process group, standing in for
 //!   vLLM's EngineCore process, and leave it running.
 //! - `MOCK_VLLM_DETACH_GRANDCHILD`: start that grandchild in a process group of its own instead,
@@ -80,7 +102,9 @@
 //! # Signals
 //!
 //! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does; a second one exits
-//! at once. SIGHUP, SIGUSR1 and SIGUSR2 are only logged. Every signal is recorded in the stats.
+//! at once. SIGHUP kills the process, as it kills vLLM, which installs no handler for it, unless
+//! `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged). SIGUSR1 and SIGUSR2 are only logged.
+//! Every signal the server survives is recorded in the stats.
 //!
 //! # Layout
 //!
@@ -90,6 +114,7 @@
 //! - `knobs`: the `MOCK_VLLM_*` table and reading it from the environment.
 //! - `server`: start-up, the router, the serving loop and its graceful stop.
 //! - `signals`: the signal task.
+//! - `engine`: the `VLLM::EngineCore` and `VLLM::Worker` processes, and their deaths.
 //! - `process`: the grandchild, the pid file and the output flood.
 //! - `log`: uvicorn-style output through the log writer thread; exits that flush it.
 //! - `state`: `AppState`, the counters and the per-request outcome.
@@ -105,6 +130,8 @@
 //! - Every `/v1` request ends as exactly one of `completed` (its body reached its end) or
 //!   `disconnects` (its handler or body was dropped first), so
 //!   `requests == completed + disconnects + in flight`.
+//! - The server signals and reaps only its engine core, never the worker and never the grandchild
+//!   below.
 //! - This process never signals or waits for its grandchild: stopping the whole process group is
 //!   the supervisor's job, which is what the grandchild is there to test.
 //! - Once it runs, only the log writer thread (and the flood thread) writes to stdout and stderr:
@@ -118,6 +145,7 @@
 mod chat;
 mod cli;
 mod control;
+mod engine;
 mod knobs;
 mod log;
 mod metrics;
@@ -143,6 +171,10 @@ use crate::server::start;
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
+    let role = engine::role();
+    if role != engine::Role::Server {
+        return engine::run_helper(role);
+    }
     let cli = match parse_command_line() {
         Ok(Invocation::Serve(cli)) => cli,
         Ok(Invocation::Help) => {
@@ -191,6 +223,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(start(cli, knobs));
+    engine::stop_engine();
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     if let Err(message) = &result {
         complain(format_args!("ERROR:    {message}"));

@@ -20,6 +20,9 @@ pub(crate) async fn health(State(state): State<Arc<AppState>>) -> StatusCode {
     if state.stats.health_hung.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
+    if state.stats.engine_dead.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     StatusCode::OK
 }
 

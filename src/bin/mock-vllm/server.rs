@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -12,15 +13,17 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
+use nix::sys::signal::Signal;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::net::TcpSocket;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::sleep;
 
 use crate::chat::create_chat_completion;
 use crate::cli::{Cli, VERSION};
 use crate::control::{exit_on_request, hang_health, last_request, stats, unhang_health};
+use crate::engine;
 use crate::knobs::Knobs;
 use crate::log::{complain, exit_now, say};
 use crate::metrics::metrics;
@@ -38,7 +41,14 @@ pub(crate) const LISTEN_BACKLOG: u32 = 1024;
 /// Installs the signal handlers, does the start-up chores the knobs ask for, then serves until a
 /// stop signal.
 pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
-    let signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT])
+    let mut handled = vec![SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGQUIT];
+    if knobs.ignore_sighup {
+        handled.push(SIGHUP);
+    } else {
+        // vLLM installs no SIGHUP handler, so a hang-up kills it; undo any ignore we inherited.
+        engine::restore_default(&[Signal::SIGHUP]);
+    }
+    let signals = Signals::new(handled)
         .map_err(|error| format!("cannot install signal handlers: {error}"))?;
     say(format_args!(
         "INFO:     Started server process [{}]",
@@ -64,8 +74,22 @@ pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
     if knobs.flood {
         start_flood()?;
     }
-    let state = Arc::new(AppState::new(&cli, knobs));
+    let engine = if knobs.engine_processes {
+        Some(engine::spawn_engine()?)
+    } else {
+        None
+    };
+    let state = Arc::new(AppState::new(
+        &cli,
+        knobs,
+        engine.as_ref().map(|engine| engine.pid),
+    ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(watch_engine(
+        Arc::clone(&state),
+        engine.map(|engine| engine.exited),
+        shutdown_tx.clone(),
+    ));
     tokio::spawn(handle_signals(signals, Arc::clone(&state), shutdown_tx));
     let result = run(&cli, state, shutdown_rx).await;
     say(format_args!(
@@ -171,6 +195,20 @@ pub(crate) fn start_timers(state: &Arc<AppState>) {
             exit_now(code);
         });
     }
+    if let Some(after) = state.knobs.engine_die_after {
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            sleep(after).await;
+            complain(format_args!(
+                "ERROR:    killing the engine as MOCK_VLLM_ENGINE_DIE_AFTER asks"
+            ));
+            if state.engine_pid.is_some() {
+                engine::kill_engine();
+            } else {
+                state.kill_simulated_engine.cancel();
+            }
+        });
+    }
     if let Some(after) = state.knobs.hang_health_after {
         let state = Arc::clone(state);
         tokio::spawn(async move {
@@ -238,4 +276,36 @@ pub(crate) async fn stop_requested(mut shutdown: watch::Receiver<bool>) {
 pub(crate) async fn grace_expired(shutdown: watch::Receiver<bool>, grace: Duration) {
     stop_requested(shutdown).await;
     sleep(grace).await;
+}
+
+/// Waits for the engine to die; unless the server is stopping anyway, reports it as vLLM does
+/// (`/health` answers 503 for the death linger), then shuts the server down, which exits 0.
+async fn watch_engine(
+    state: Arc<AppState>,
+    exited: Option<oneshot::Receiver<ExitStatus>>,
+    shutdown: watch::Sender<bool>,
+) {
+    let how = match exited {
+        Some(exited) => match exited.await {
+            Ok(status) => engine::describe_exit(status),
+            // The reaper thread is gone without a status: nothing more to learn.
+            Err(_) => return,
+        },
+        None => {
+            state.kill_simulated_engine.cancelled().await;
+            "killed".to_owned()
+        }
+    };
+    if *shutdown.borrow() {
+        return;
+    }
+    state.stats.engine_dead.store(true, Ordering::SeqCst);
+    complain(format_args!(
+        "ERROR:    Engine core proc EngineCore_DP0 died unexpectedly ({how}), shutting down client."
+    ));
+    sleep(state.knobs.engine_death_linger).await;
+    if !*shutdown.borrow() {
+        say(format_args!("INFO:     Shutting down"));
+        shutdown.send_replace(true);
+    }
 }

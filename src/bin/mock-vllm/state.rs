@@ -33,6 +33,10 @@ pub(crate) struct AppState {
     pub(crate) id_state: AtomicU64,
     /// Cancelled to close the listener without ending the process (`/_mock/exit?linger=`).
     pub(crate) stop_listening: CancellationToken,
+    /// The engine core's pid, when the engine runs in processes of its own.
+    pub(crate) engine_pid: Option<u32>,
+    /// Cancelled to kill an engine that has no process of its own (`MOCK_VLLM_ENGINE_PROCESSES=0`).
+    pub(crate) kill_simulated_engine: CancellationToken,
 }
 
 /// Counters and flags `/_mock/stats` reports.
@@ -44,6 +48,8 @@ pub(crate) struct Stats {
     pub(crate) signals: Mutex<Vec<&'static str>>,
     /// When set, `/health` never answers, like a vLLM whose engine is wedged.
     pub(crate) health_hung: AtomicBool,
+    /// Set once the engine died; `/health` answers 503 until the server exits.
+    pub(crate) engine_dead: AtomicBool,
 }
 
 /// Settles one `/v1` request as completed or disconnected, whichever comes first; dropping it
@@ -71,7 +77,7 @@ pub(crate) struct RequestRecord {
 }
 
 impl AppState {
-    pub(crate) fn new(cli: &Cli, knobs: Knobs) -> Self {
+    pub(crate) fn new(cli: &Cli, knobs: Knobs, engine_pid: Option<u32>) -> Self {
         let seed = u64::from(std::process::id()) ^ u64::from(unix_nanos());
         AppState {
             served_model: cli.served_model.clone(),
@@ -83,6 +89,8 @@ impl AppState {
             // xorshift never leaves zero, so the seed must not be zero.
             id_state: AtomicU64::new(seed | 1),
             stop_listening: CancellationToken::new(),
+            engine_pid,
+            kill_simulated_engine: CancellationToken::new(),
         }
     }
 

@@ -1,0 +1,194 @@
+//! mock-vllm behaves as real vLLM does where a supervisor or a client can tell: its engine runs in
+//! processes of its own that outlive a SIGKILL of the server, an engine death ends in "503 for a
+//! while, then exit 0", SIGHUP kills it, a token limit gives an incomplete answer, and a stop
+//! signal ends an in-flight stream cleanly.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// `/proc/<pid>/comm` keeps 15 bytes, so vLLM's `VLLM::EngineCore` shows as this.
+const ENGINE_CORE_COMM: &str = "VLLM::EngineCor";
+const WORKER_COMM: &str = "VLLM::Worker";
+
+/// Kills whatever is left of a process group when the test ends, however it ends, so that a
+/// failing test leaves no orphaned engine behind.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// The engine core's and the worker's pids in mock-vllm's group, once both run.
+fn engine_processes(server: &Proc) -> (i32, i32) {
+    let find = |comm: &str| {
+        group_members(server.pid())
+            .into_iter()
+            .find(|(_, name)| name == comm)
+            .map(|(pid, _)| pid)
+    };
+    wait_until("the engine core and its worker to run", DEADLINE, || {
+        find(ENGINE_CORE_COMM).is_some() && find(WORKER_COMM).is_some()
+    });
+    let engine = find(ENGINE_CORE_COMM).expect("engine core");
+    let worker = find(WORKER_COMM).expect("worker");
+    (engine, worker)
+}
+
+fn health_status(server: &Proc) -> Option<u16> {
+    get(&server.url("/health")).map(|(status, _)| status)
+}
+
+#[test]
+fn the_engine_runs_as_vllms_engine_core_and_worker_processes_in_the_servers_group() {
+    let server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    assert_eq!(mock_stats_on(server.port)["engine_pid"], engine);
+    assert_eq!(
+        proc_stat(engine).map(|(_, parent)| parent),
+        Some(server.pid())
+    );
+    assert_eq!(proc_stat(worker).map(|(_, parent)| parent), Some(engine));
+    let cmdline = std::fs::read(format!("/proc/{engine}/cmdline")).expect("cmdline");
+    assert_eq!(cmdline, b"VLLM::EngineCore\0");
+}
+
+#[test]
+fn sigkill_of_the_server_alone_leaves_the_engine_orphaned_until_its_group_is_stopped() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    server.signal(Signal::SIGKILL);
+    server.wait_exit(DEADLINE);
+    assert!(
+        alive(engine) && alive(worker),
+        "the engine outlives its server"
+    );
+    assert_ne!(
+        proc_stat(engine).map(|(_, parent)| parent),
+        Some(server.pid()),
+        "the engine core is an orphan"
+    );
+    killpg(Pid::from_raw(server.pid()), Signal::SIGTERM).expect("signal the group");
+    wait_until("the orphaned engine to stop", DEADLINE, || {
+        !alive(engine) && !alive(worker)
+    });
+}
+
+#[test]
+fn sigterm_stops_the_server_and_its_engine() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+    wait_until("the engine to stop with its server", DEADLINE, || {
+        !alive(engine) && !alive(worker)
+    });
+}
+
+#[test]
+fn a_dead_engine_makes_health_answer_503_then_the_server_exits_0() {
+    let mut server = mock_vllm_own_group(&[("MOCK_VLLM_ENGINE_DEATH_LINGER", "3s")]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    assert_eq!(health_status(&server), Some(200));
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    wait_until("the worker to die with its engine core", DEADLINE, || {
+        !alive(worker)
+    });
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn the_engine_death_knob_kills_even_an_engine_without_processes() {
+    let mut server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_ENGINE_PROCESSES", "0"),
+        ("MOCK_VLLM_ENGINE_DIE_AFTER", "300ms"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "3s"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    assert_eq!(
+        mock_stats_on(server.port)["engine_pid"],
+        serde_json::Value::Null
+    );
+    assert_eq!(group_members(server.pid()).len(), 1, "no engine processes");
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn sighup_kills_the_server_as_it_kills_vllm_and_leaves_the_engine_behind() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    server.signal(Signal::SIGHUP);
+    let status = server.wait_exit(DEADLINE);
+    assert_eq!(status.signal(), Some(Signal::SIGHUP as i32), "{status:?}");
+    assert!(
+        alive(engine) && alive(worker),
+        "the engine outlives its server"
+    );
+}
+
+#[test]
+fn sighup_to_the_whole_group_leaves_nothing() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    killpg(Pid::from_raw(server.pid()), Signal::SIGHUP).expect("signal the group");
+    assert_eq!(
+        server.wait_exit(DEADLINE).signal(),
+        Some(Signal::SIGHUP as i32)
+    );
+    wait_until("the engine to die of the hang-up", DEADLINE, || {
+        !alive(engine) && !alive(worker)
+    });
+}
+
+#[test]
+fn with_the_ignore_sighup_knob_sighup_is_only_recorded() {
+    let server = mock_vllm_own_group(&[("MOCK_VLLM_IGNORE_SIGHUP", "1")]);
+    let _cleanup = KillGroup(server.pid());
+    server.signal(Signal::SIGHUP);
+    wait_until("the server to record SIGHUP", DEADLINE, || {
+        mock_stats_on(server.port)["signals"] == serde_json::json!(["SIGHUP"])
+    });
+    assert_eq!(health_status(&server), Some(200));
+}
+
+#[test]
+fn the_gateways_stop_leaves_no_engine_process() {
+    let (mut gateway, vllm_port) = gateway_serve(&[], &[]);
+    wait_until("the gateway to be ready", DEADLINE, || {
+        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+    });
+    let server = mock_stats_on(vllm_port)["pid"]
+        .as_i64()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .expect("mock-vllm's pid");
+    let _cleanup = KillGroup(server);
+    wait_until("the engine core and its worker to run", DEADLINE, || {
+        group_members(server).len() == 3
+    });
+    gateway.signal(Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    wait_until("vLLM's whole group to be gone", DEADLINE, || {
+        group_members(server).is_empty()
+    });
+}
