@@ -192,3 +192,217 @@ fn the_gateways_stop_leaves_no_engine_process() {
         group_members(server).is_empty()
     });
 }
+
+/// The JSON data of each event of a Server-Sent Events body, `[DONE]` left out.
+fn sse_data(body: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|event| event.lines().find_map(|line| line.strip_prefix("data: ")))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).expect("event data is JSON"))
+        .collect()
+}
+
+fn chat_content(chunks: &[serde_json::Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+#[test]
+fn a_chat_completion_cut_by_max_tokens_finishes_with_length() {
+    let server = mock_vllm(&[]);
+    let whole = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#,
+        "",
+    );
+    assert_eq!(whole.status, 200);
+    let json = whole.json();
+    assert_eq!(json["choices"][0]["finish_reason"], "length");
+    assert_eq!(json["choices"][0]["message"]["content"], "Hello from");
+    assert_eq!(json["usage"]["completion_tokens"], 2);
+
+    let stream = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":2,"stream":true}"#,
+        "",
+    );
+    assert_eq!(stream.status, 200);
+    assert!(stream.body.ends_with(b"data: [DONE]\n\n"));
+    let chunks = sse_data(&stream.body);
+    assert_eq!(chat_content(&chunks), "Hello from");
+    let finish = chunks.last().expect("a finish chunk");
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+}
+
+#[test]
+fn a_chat_completion_within_its_token_limit_finishes_with_stop() {
+    let server = mock_vllm(&[]);
+    let response = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100}"#,
+        "",
+    );
+    let json = response.json();
+    assert_eq!(json["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        json["choices"][0]["message"]["content"],
+        "Hello from mock-vllm."
+    );
+}
+
+#[test]
+fn a_token_limit_below_one_is_vllms_400() {
+    let server = mock_vllm(&[]);
+    let chat = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#,
+        "",
+    );
+    assert_eq!(chat.status, 400);
+    assert_eq!(chat.json()["error"]["type"], "BadRequestError");
+    let responses = post_json(
+        server.port,
+        "/v1/responses",
+        r#"{"input":"hi","max_output_tokens":-1}"#,
+        "",
+    );
+    assert_eq!(responses.status, 400);
+}
+
+#[test]
+fn a_response_cut_by_max_output_tokens_is_incomplete() {
+    let server = mock_vllm(&[]);
+    let response = post_json(
+        server.port,
+        "/v1/responses",
+        r#"{"model":"mock-model","input":"hi","max_output_tokens":3}"#,
+        "",
+    );
+    assert_eq!(response.status, 200);
+    let json = response.json();
+    assert_eq!(json["status"], "incomplete");
+    assert_eq!(
+        json["incomplete_details"],
+        serde_json::json!({"reason": "max_output_tokens"})
+    );
+    assert_eq!(json["max_output_tokens"], 3);
+    assert_eq!(json["usage"]["output_tokens"], 3);
+    let kinds: Vec<_> = json["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .map(|item| item["type"].clone())
+        .collect();
+    assert_eq!(kinds, ["reasoning"], "a cut answer has no function call");
+}
+
+#[test]
+fn a_streamed_response_cut_by_max_output_tokens_ends_with_an_incomplete_response() {
+    let server = mock_vllm(&[]);
+    let stream = post_json(
+        server.port,
+        "/v1/responses",
+        r#"{"model":"mock-model","input":"hi","stream":true,"max_output_tokens":127}"#,
+        "",
+    );
+    assert_eq!(stream.status, 200);
+    let events = sse_data(&stream.body);
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(event["sequence_number"], index, "no gap in the sequence");
+    }
+    let deltas = events
+        .iter()
+        .filter(|event| {
+            event["type"]
+                .as_str()
+                .is_some_and(|kind| kind.ends_with("_text.delta"))
+        })
+        .count();
+    assert_eq!(deltas, 127, "one event per token, up to the limit");
+    let last = events.last().expect("a last event");
+    assert_eq!(last["type"], "response.completed", "vLLM's last event");
+    assert_eq!(last["response"]["status"], "incomplete");
+    assert_eq!(
+        last["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
+    let message = &last["response"]["output"][1];
+    assert_eq!(message["content"][0]["text"], "HEL");
+    assert_eq!(message["status"], "incomplete");
+}
+
+/// Sends a streaming request to mock-vllm on another thread and returns once the response has
+/// begun (its access line is logged when its headers go out).
+fn start_stream_on(
+    server: &Proc,
+    path: &'static str,
+    body: &'static str,
+) -> std::thread::JoinHandle<RawResponse> {
+    let port = server.port;
+    let stream = std::thread::spawn(move || post_json(port, path, body, ""));
+    wait_until("the stream to begin", DEADLINE, || {
+        server
+            .log_text()
+            .contains(&format!("POST {path} HTTP/1.1\" 200"))
+    });
+    stream
+}
+
+#[test]
+fn sigterm_ends_an_in_flight_chat_stream_with_finish_reason_abort() {
+    let mut server = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);
+    let stream = start_stream_on(
+        &server,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    server.signal(Signal::SIGTERM);
+    let response = stream.join().expect("the stream thread");
+    assert!(response.body.ends_with(b"data: [DONE]\n\n"), "a clean end");
+    let chunks = sse_data(&response.body);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "abort");
+    let content = chat_content(&chunks);
+    assert!(content.len() < "Hello from mock-vllm.".len(), "{content:?}");
+    let pieces = chunks
+        .iter()
+        .filter(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|piece| !piece.is_empty())
+        })
+        .count();
+    assert_eq!(
+        chunks[chunks.len() - 1]["usage"]["completion_tokens"],
+        pieces
+    );
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn sigterm_ends_an_in_flight_responses_stream_with_a_cancelled_response() {
+    let mut server = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);
+    let stream = start_stream_on(
+        &server,
+        "/v1/responses",
+        r#"{"model":"mock-model","input":"hi","stream":true}"#,
+    );
+    server.signal(Signal::SIGTERM);
+    let response = stream.join().expect("the stream thread");
+    let events = sse_data(&response.body);
+    assert!(events.len() < 141, "the stream was cut short");
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(event["sequence_number"], index, "no gap in the sequence");
+    }
+    let last = events.last().expect("a last event");
+    assert_eq!(last["type"], "response.completed");
+    assert_eq!(last["response"]["status"], "cancelled");
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}

@@ -11,10 +11,10 @@ use serde_json::Value;
 
 use crate::openai::{
     ChatChoice, ChatChunk, ChatCompletionBody, ChatMessage, ChunkChoice, Usage,
-    generation_preamble, openai_error, parse_json_object, unknown_model, wants_stream,
+    generation_preamble, openai_error, parse_json_object, token_limit, unknown_model, wants_stream,
 };
 use crate::state::{AppState, unix_now};
-use crate::stream::event_stream;
+use crate::stream::{AbortTail, event_stream};
 
 /// The pieces the synthetic chat completion streams; joined they make its whole content.
 pub(crate) const CHAT_PIECES: &[&str] = &["Hello", " from", " mock", "-vllm", "."];
@@ -36,6 +36,15 @@ pub(crate) async fn create_chat_completion(
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return openai_error(StatusCode::BAD_REQUEST, "Field required: messages");
     };
+    let limit = match token_limit(&request, &["max_tokens", "max_completion_tokens"]) {
+        Ok(limit) => limit,
+        Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
+    };
+    let pieces = limit.map_or(CHAT_PIECES.len(), |limit| limit.min(CHAT_PIECES.len()));
+    let include_usage = request
+        .get("stream_options")
+        .and_then(|options| options.get("include_usage"))
+        == Some(&Value::Bool(true));
     let completion = ChatCompletion {
         id: format!("chatcmpl-{:016x}", state.next_id()),
         created: unix_now(),
@@ -45,13 +54,13 @@ pub(crate) async fn create_chat_completion(
             .unwrap_or(&state.served_model)
             .to_owned(),
         prompt_tokens: count_words(messages),
+        pieces,
+        include_usage,
     };
     if wants_stream(&request) {
-        let include_usage = request
-            .get("stream_options")
-            .and_then(|options| options.get("include_usage"))
-            == Some(&Value::Bool(true));
-        event_stream(completion.chunks(include_usage).into(), state.pacing())
+        let chunks: Arc<[Bytes]> = completion.chunks().into();
+        let abort: AbortTail = Arc::new(move |sent| completion.abort_tail(sent));
+        event_stream(chunks, state.pacing(), Some(abort))
     } else {
         Json(completion.whole()).into_response()
     }
@@ -63,22 +72,36 @@ pub(crate) struct ChatCompletion {
     pub(crate) created: u64,
     pub(crate) model: String,
     pub(crate) prompt_tokens: usize,
+    /// How many of `CHAT_PIECES` (one token each) the answer holds: fewer than all of them when
+    /// the request's token limit cuts it short.
+    pub(crate) pieces: usize,
+    /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
+    pub(crate) include_usage: bool,
 }
 
 impl ChatCompletion {
-    pub(crate) fn usage(&self) -> Usage {
+    pub(crate) fn usage(&self, pieces: usize) -> Usage {
         Usage {
             prompt_tokens: self.prompt_tokens,
-            total_tokens: self.prompt_tokens + CHAT_PIECES.len(),
-            completion_tokens: CHAT_PIECES.len(),
+            total_tokens: self.prompt_tokens + pieces,
+            completion_tokens: pieces,
             prompt_tokens_details: None,
+        }
+    }
+
+    /// `length` when the token limit cut the answer short, as vLLM reports it.
+    fn finish_reason(&self) -> &'static str {
+        if self.pieces < CHAT_PIECES.len() {
+            "length"
+        } else {
+            "stop"
         }
     }
 
     pub(crate) fn whole(&self) -> ChatCompletionBody<'_> {
         let message = ChatMessage {
             role: "assistant",
-            content: CHAT_PIECES.concat(),
+            content: CHAT_PIECES[..self.pieces].concat(),
             refusal: None,
             annotations: None,
             audio: None,
@@ -95,12 +118,12 @@ impl ChatCompletion {
                 index: 0,
                 message,
                 logprobs: None,
-                finish_reason: "stop",
+                finish_reason: self.finish_reason(),
                 stop_reason: None,
             }],
             service_tier: None,
             system_fingerprint: None,
-            usage: self.usage(),
+            usage: self.usage(self.pieces),
             prompt_logprobs: None,
             kv_transfer_params: None,
         }
@@ -108,20 +131,39 @@ impl ChatCompletion {
 
     /// The role chunk, one chunk per content piece, the finish chunk, the usage chunk when asked
     /// for, and `[DONE]`, as vLLM streams them.
-    pub(crate) fn chunks(&self, include_usage: bool) -> Vec<Bytes> {
+    pub(crate) fn chunks(&self) -> Vec<Bytes> {
         let role = ChunkChoice::delta(Some("assistant"), Some(""));
         let mut chunks = vec![self.chunk(vec![role], None)];
-        for piece in CHAT_PIECES {
+        for piece in &CHAT_PIECES[..self.pieces] {
             chunks.push(self.chunk(vec![ChunkChoice::delta(None, Some(piece))], None));
         }
+        chunks.extend(self.ending(self.pieces, self.finish_reason()));
+        chunks
+    }
+
+    /// What a stream sends instead of its rest when the server stops after `sent` chunks: vLLM
+    /// aborts the request, which ends the stream with `finish_reason: "abort"`.
+    pub(crate) fn abort_tail(&self, sent: usize) -> Vec<Bytes> {
+        // The role chunk comes first; each later chunk up to the finish carries one piece.
+        let pieces_sent = sent.saturating_sub(1);
+        if pieces_sent <= self.pieces {
+            self.ending(pieces_sent, "abort")
+        } else {
+            // The finish chunk has gone out: only the usage chunk and `[DONE]` are left.
+            self.chunks().split_off(sent.min(self.pieces + 2))
+        }
+    }
+
+    /// The finish chunk, the usage chunk when asked for, and `[DONE]`.
+    fn ending(&self, pieces: usize, finish_reason: &'static str) -> Vec<Bytes> {
         let finish = ChunkChoice {
-            finish_reason: Some("stop"),
+            finish_reason: Some(finish_reason),
             stop_reason: Some(None),
             ..ChunkChoice::delta(None, None)
         };
-        chunks.push(self.chunk(vec![finish], None));
-        if include_usage {
-            chunks.push(self.chunk(Vec::new(), Some(self.usage())));
+        let mut chunks = vec![self.chunk(vec![finish], None)];
+        if self.include_usage {
+            chunks.push(self.chunk(Vec::new(), Some(self.usage(pieces))));
         }
         chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
         chunks
@@ -169,8 +211,10 @@ mod tests {
             created: 0,
             model: "m".to_owned(),
             prompt_tokens: 1,
+            pieces: CHAT_PIECES.len(),
+            include_usage: true,
         };
-        let chunks = completion.chunks(true);
+        let chunks = completion.chunks();
         assert_eq!(
             chunks.last().map(|chunk| &chunk[..]),
             Some(&b"data: [DONE]\n\n"[..])

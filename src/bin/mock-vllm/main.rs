@@ -26,11 +26,22 @@
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
 //!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
 //!   served one gets vLLM's 404 "The model `x` does not exist.", as on every generation endpoint.
+//!   A `max_output_tokens` below the answer's length (the stream's 128 text deltas, one token
+//!   each; the JSON answer's recorded 36 tokens) cuts it as vLLM does: `status: "incomplete"`,
+//!   `incomplete_details: {"reason": "max_output_tokens"}`, the limit echoed and the usage of the
+//!   tokens sent; a cut stream ends with vLLM's `response.completed` event carrying that
+//!   response, and a cut JSON answer keeps only the start of its reasoning (a function call goes
+//!   out only whole). A limit below 1 is vLLM's 400.
 //! - `GET /metrics`: a few of vLLM's Prometheus metrics (`vllm:num_requests_running`,
 //!   `vllm:num_requests_waiting`, `vllm:request_success_total`), with vLLM's names and labels,
 //!   counting this process's `/v1` requests.
-//! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm.", streamed
-//!   as chunks ending in `data: [DONE]` when asked to.
+//! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm." (five
+//!   tokens), streamed as chunks ending in `data: [DONE]` when asked to; `max_tokens` (or
+//!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`.
+//! - A stream in flight when the server begins to stop (a stop signal, or the engine's death) is
+//!   aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk (and the
+//!   usage chunk when asked for) and `[DONE]`, a Responses stream with `response.completed`
+//!   carrying `status: "cancelled"`. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay stalled.
 //! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With an API key set, every
 //!   `/v1` path needs `Authorization: Bearer <key>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
@@ -101,8 +112,8 @@
 //!
 //! # Signals
 //!
-//! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does; a second one exits
-//! at once. SIGHUP kills the process, as it kills vLLM, which installs no handler for it, unless
+//! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does, aborting streams in
+//! flight; a second one exits at once. SIGHUP kills the process, as it kills vLLM, which installs no handler for it, unless
 //! `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged). SIGUSR1 and SIGUSR2 are only logged.
 //! Every signal the server survives is recorded in the stats.
 //!
@@ -119,14 +130,16 @@
 //! - `log`: uvicorn-style output through the log writer thread; exits that flush it.
 //! - `state`: `AppState`, the counters and the per-request outcome.
 //! - `middleware`: `/v1` counting and key check, access log, `x-request-id`.
-//! - `openai`: vLLM's wire formats and error bodies.
+//! - `openai`: vLLM's wire formats, error bodies and request checks.
+//! - `ordered`: JSON that keeps its key order, for changing recorded answers.
 //! - `models`, `metrics`, `responses`, `chat`, `control`: the handlers, one file per surface.
 //! - `stream`: server-sent events, paced, dying or stalling where the knobs say.
 //!
 //! # Invariants
 //!
-//! - The recorded fixtures are embedded at build time and sent unchanged; the stream is split into
-//!   events once, at start, on blank-line boundaries, and each event goes out as one body chunk.
+//! - The recorded fixtures are embedded at build time and sent unchanged unless a token limit or
+//!   an abort cuts them short; the stream is split into events once, at start, on blank-line
+//!   boundaries, and each event goes out as one body chunk.
 //! - Every `/v1` request ends as exactly one of `completed` (its body reached its end) or
 //!   `disconnects` (its handler or body was dropped first), so
 //!   `requests == completed + disconnects + in flight`.
@@ -138,7 +151,8 @@
 //!   the server queues whole lines, in uvicorn's format so that tests and supervisors can wait on
 //!   them, and drops them when the queue is full because nobody reads, so that unread output never
 //!   stalls a request. Every exit first gives the queue a bounded moment to drain.
-//! - JSON bodies keep vLLM's field order, so the wire formats are structs, not JSON maps.
+//! - JSON bodies keep vLLM's field order, so the wire formats are structs, not JSON maps, and a
+//!   recorded answer is changed as `ordered::Json`, which keeps the recorded order.
 
 #![warn(clippy::unwrap_used)]
 
@@ -152,6 +166,7 @@ mod metrics;
 mod middleware;
 mod models;
 mod openai;
+mod ordered;
 mod process;
 mod responses;
 mod server;

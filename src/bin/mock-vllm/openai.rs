@@ -227,6 +227,24 @@ pub(crate) async fn method_not_allowed() -> Response {
         .into_response()
 }
 
+/// The request's output token limit, from the first of `names` it sets; vLLM's message for a
+/// limit below 1 or one that is not a whole number, which it answers with 400.
+pub(crate) fn token_limit(
+    request: &Map<String, Value>,
+    names: &[&str],
+) -> Result<Option<usize>, String> {
+    let Some(value) = names
+        .iter()
+        .find_map(|name| request.get(*name).filter(|value| !value.is_null()))
+    else {
+        return Ok(None);
+    };
+    match value.as_u64().map(usize::try_from) {
+        Some(Ok(limit)) if limit >= 1 => Ok(Some(limit)),
+        _ => Err(format!("max_tokens must be at least 1, got {value}.")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

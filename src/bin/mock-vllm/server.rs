@@ -79,12 +79,13 @@ pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
     } else {
         None
     };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AppState::new(
         &cli,
         knobs,
         engine.as_ref().map(|engine| engine.pid),
+        shutdown_rx.clone(),
     ));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(watch_engine(
         Arc::clone(&state),
         engine.map(|engine| engine.exited),

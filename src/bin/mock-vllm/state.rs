@@ -12,11 +12,12 @@ use axum::body::{Body, Bytes, HttpBody};
 use axum::http::request::Parts;
 use axum::http::{Method, header};
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Cli;
 use crate::knobs::Knobs;
-use crate::responses::{RESPONSES_STREAM, split_events};
+use crate::responses::Recording;
 use crate::stream::Pacing;
 
 /// State shared by every request handler.
@@ -24,8 +25,10 @@ pub(crate) struct AppState {
     pub(crate) served_model: String,
     pub(crate) api_key: Option<String>,
     pub(crate) knobs: Knobs,
-    /// The recorded stream, split into events once so that each goes out as one body chunk.
-    pub(crate) responses_events: Arc<[Bytes]>,
+    /// The recorded Responses API traffic, parsed once.
+    pub(crate) recording: Arc<Recording>,
+    /// Turns true when the server begins to shut down.
+    pub(crate) stopping: watch::Receiver<bool>,
     pub(crate) stats: Stats,
     /// The latest `/v1` request, as `/_mock/last-request` reports it.
     pub(crate) last_request: Mutex<Option<RequestRecord>>,
@@ -77,13 +80,21 @@ pub(crate) struct RequestRecord {
 }
 
 impl AppState {
-    pub(crate) fn new(cli: &Cli, knobs: Knobs, engine_pid: Option<u32>) -> Self {
+    pub(crate) fn new(
+        cli: &Cli,
+        knobs: Knobs,
+        engine_pid: Option<u32>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         let seed = u64::from(std::process::id()) ^ u64::from(unix_nanos());
         AppState {
             served_model: cli.served_model.clone(),
             api_key: cli.api_key.clone(),
             knobs,
-            responses_events: split_events(RESPONSES_STREAM).into(),
+            recording: Arc::new(
+                Recording::parse().expect("the embedded recordings parse, as a unit test checks"),
+            ),
+            stopping,
             stats: Stats::default(),
             last_request: Mutex::new(None),
             // xorshift never leaves zero, so the seed must not be zero.
@@ -99,6 +110,7 @@ impl AppState {
             delay: self.knobs.stream_delay,
             die_after: self.knobs.die_mid_stream,
             stall_after: self.knobs.stall_mid_stream,
+            stopping: self.stopping.clone(),
         }
     }
 
