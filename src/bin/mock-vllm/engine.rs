@@ -31,6 +31,10 @@ pub(crate) const ENGINE_CORE: &str = "VLLM::EngineCore";
 /// The name vLLM gives its worker process.
 pub(crate) const WORKER: &str = "VLLM::Worker";
 
+/// Tells the worker its engine core's pid, so that it can tell whether the engine core died before
+/// the worker could ask to die with it. Set only on the worker's command.
+const PARENT_PID_VAR: &str = "MOCK_VLLM_WORKER_PARENT_PID";
+
 /// The running engine core's pid, 0 when there is none, so that every exit path can stop it.
 static ENGINE_PID: AtomicI32 = AtomicI32::new(0);
 
@@ -61,7 +65,7 @@ pub(crate) fn role() -> Role {
 /// Starts the engine core (which starts its worker) in our process group, and a thread that
 /// reaps it.
 pub(crate) fn spawn_engine() -> Result<Engine, String> {
-    let child = spawn_helper(ENGINE_CORE)?;
+    let child = spawn_helper(ENGINE_CORE, None)?;
     let pid = child.id();
     ENGINE_PID.store(pid_i32(pid), Ordering::SeqCst);
     let (exited_tx, exited) = oneshot::channel();
@@ -113,7 +117,7 @@ pub(crate) fn run_helper(role: Role) -> ExitCode {
 }
 
 fn run_engine_core() -> ExitCode {
-    let mut worker = match spawn_helper(WORKER) {
+    let mut worker = match spawn_helper(WORKER, Some(std::process::id())) {
         Ok(worker) => worker,
         Err(message) => {
             helper_log(format_args!("ERROR:    {message}"));
@@ -142,18 +146,29 @@ fn run_worker() -> ExitCode {
             "WARNING:  cannot set the parent-death signal: {error}"
         ));
     }
+    // An engine core that died before the line above left us re-parented already.
+    let parent = std::env::var(PARENT_PID_VAR)
+        .ok()
+        .and_then(|pid| pid.parse::<i32>().ok());
+    if parent.is_some_and(|parent| parent != nix::unistd::getppid().as_raw()) {
+        return ExitCode::FAILURE;
+    }
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
-fn spawn_helper(name: &str) -> Result<std::process::Child, String> {
+fn spawn_helper(name: &str, parent: Option<u32>) -> Result<std::process::Child, String> {
     let exe = std::env::current_exe()
         .map_err(|error| format!("cannot find this executable to start {name}: {error}"))?;
+    let mut command = Command::new(exe);
     // stdout and stderr are shared, as vLLM's processes share them.
-    Command::new(exe)
-        .arg0(name)
-        .stdin(Stdio::null())
+    command.arg0(name).stdin(Stdio::null());
+    match parent {
+        Some(pid) => command.env(PARENT_PID_VAR, pid.to_string()),
+        None => command.env_remove(PARENT_PID_VAR),
+    };
+    command
         .spawn()
         .map_err(|error| format!("cannot start {name}: {error}"))
 }
