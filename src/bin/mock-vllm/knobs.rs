@@ -91,7 +91,7 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
     (
         "MOCK_VLLM_SPAWN_GRANDCHILD",
         "1",
-        "bool: start `sleep 100000` in this process group, standing in for vLLM's EngineCore",
+        "bool: start `sleep 100000` in this process group, a descendant this process never stops",
     ),
     (
         "MOCK_VLLM_DETACH_GRANDCHILD",

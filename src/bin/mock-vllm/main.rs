@@ -99,8 +99,8 @@
 //!   killed).
 //! - `MOCK_VLLM_ENGINE_DEATH_LINGER`: once the engine died, how long `/health` answers 503 before
 //!   the server shuts down and exits 0 (default 5s, as vLLM).
-//! - `MOCK_VLLM_SPAWN_GRANDCHILD`: start `sleep 100000` in our own process group, standing in for
-//!   vLLM's EngineCore process, and leave it running.
+//! - `MOCK_VLLM_SPAWN_GRANDCHILD`: start `sleep 100000` in our own process group, a descendant
+//!   that, unlike the engine processes, the server never stops, and leave it running.
 //! - `MOCK_VLLM_DETACH_GRANDCHILD`: start that grandchild in a process group of its own instead,
 //!   like a worker that called setsid, so that stopping our group leaves it alive.
 //! - `MOCK_VLLM_PID_FILE`: append `<pid> <grandchild pid or 0>` to this file at start, so that a
@@ -112,10 +112,10 @@
 //!
 //! # Signals
 //!
-//! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does, aborting streams in
-//! flight; a second one exits at once. SIGHUP kills the process, as it kills vLLM, which installs no handler for it, unless
-//! `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged). SIGUSR1 and SIGUSR2 are only logged.
-//! Every signal the server survives is recorded in the stats.
+//! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does, aborting streams
+//! in flight; a second one exits at once. SIGHUP kills the process, as it kills vLLM, which
+//! installs no handler for it, unless `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged).
+//! SIGUSR1 and SIGUSR2 are only logged. Every signal the server handles is recorded in the stats.
 //!
 //! # Layout
 //!

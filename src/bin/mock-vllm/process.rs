@@ -1,5 +1,5 @@
-//! What mock-vllm leaves outside itself for tests to check: the grandchild standing in for
-//! EngineCore, the pid file, and the output flood.
+//! What mock-vllm leaves outside itself for tests to check: a bare grandchild that it never stops
+//! (besides the engine processes, which it does stop), the pid file, and the output flood.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -19,9 +19,7 @@ pub(crate) fn spawn_grandchild(detach: bool) -> Result<u32, String> {
         .spawn()
         .map_err(|error| format!("cannot start the grandchild `sleep 100000`: {error}"))?;
     let pid = child.id();
-    say(format_args!(
-        "INFO:     Started EngineCore stand-in process [{pid}]"
-    ));
+    say(format_args!("INFO:     Started grandchild process [{pid}]"));
     // Dropping a std Child neither kills nor reaps it, which is the point.
     drop(child);
     Ok(pid)
