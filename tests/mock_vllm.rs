@@ -406,3 +406,45 @@ fn sigterm_ends_an_in_flight_responses_stream_with_a_cancelled_response() {
     assert_eq!(last["response"]["status"], "cancelled");
     assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
 }
+
+/// The engine core's pid of each start recorded in a `MOCK_VLLM_PID_FILE` (its third field).
+fn engine_cores(path: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2)?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_gateway_stops_an_orphaned_engine_before_it_starts_vllm_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pids = dir.path().join("pids");
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (gateway, _) = gateway_serve(
+        &["--restart", "always"],
+        &[("MOCK_VLLM_PID_FILE", &pids_text)],
+    );
+    wait_until("the first start", DEADLINE, || {
+        read_pid_file(&pids).len() == 1
+    });
+    let (server, _) = read_pid_file(&pids)[0];
+    let _cleanup = KillGroup(server);
+    let first_engine = engine_cores(&pids)[0];
+    assert!(first_engine > 0 && alive(first_engine));
+    kill(Pid::from_raw(server), Signal::SIGKILL).expect("kill vLLM's API server");
+    wait_until("the second start", DEADLINE, || {
+        read_pid_file(&pids).len() == 2
+    });
+    assert!(!alive(first_engine), "the old engine core is gone");
+    let second_engine = engine_cores(&pids)[1];
+    let (second_server, _) = read_pid_file(&pids)[1];
+    let _cleanup_second = KillGroup(second_server);
+    assert!(alive(second_engine));
+    drop(gateway);
+    wait_until(
+        "the second engine to stop with the gateway",
+        DEADLINE,
+        || !alive(second_engine),
+    );
+}

@@ -101,7 +101,7 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
     (
         "MOCK_VLLM_PID_FILE",
         "/tmp/mock-vllm.pids",
-        "path: append '<pid> <grandchild pid or 0>' to this file at start",
+        "path: append '<pid> <grandchild pid or 0> <engine core pid or 0>' to this file at start",
     ),
     (
         "MOCK_VLLM_FLOOD",

@@ -103,8 +103,8 @@
 //!   that, unlike the engine processes, the server never stops, and leave it running.
 //! - `MOCK_VLLM_DETACH_GRANDCHILD`: start that grandchild in a process group of its own instead,
 //!   like a worker that called setsid, so that stopping our group leaves it alive.
-//! - `MOCK_VLLM_PID_FILE`: append `<pid> <grandchild pid or 0>` to this file at start, so that a
-//!   test sees one line per (re)start.
+//! - `MOCK_VLLM_PID_FILE`: append `<pid> <grandchild pid or 0> <engine core pid or 0>` to this
+//!   file at start, so that a test sees one line per (re)start.
 //! - `MOCK_VLLM_FLOOD`: write one 1 MiB line to stderr, then log lines to stdout as fast as the pipe
 //!   takes them, from a thread of their own so that a pipe nobody reads blocks only that thread.
 //! - `MOCK_VLLM_SHUTDOWN_GRACE`: how long a graceful shutdown waits for open responses before

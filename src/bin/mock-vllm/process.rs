@@ -25,11 +25,18 @@ pub(crate) fn spawn_grandchild(detach: bool) -> Result<u32, String> {
     Ok(pid)
 }
 
+/// Appends `<pid> <grandchild pid or 0> <engine core pid or 0>`, one line per start.
 pub(crate) fn append_pid_line(
     path: &std::path::Path,
     grandchild: Option<u32>,
+    engine_core: Option<u32>,
 ) -> Result<(), String> {
-    let line = format!("{} {}\n", std::process::id(), grandchild.unwrap_or(0));
+    let line = format!(
+        "{} {} {}\n",
+        std::process::id(),
+        grandchild.unwrap_or(0),
+        engine_core.unwrap_or(0)
+    );
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)

@@ -68,9 +68,6 @@ pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
     } else {
         None
     };
-    if let Some(path) = &knobs.pid_file {
-        append_pid_line(path, grandchild)?;
-    }
     if knobs.flood {
         start_flood()?;
     }
@@ -79,6 +76,9 @@ pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
     } else {
         None
     };
+    if let Some(path) = &knobs.pid_file {
+        append_pid_line(path, grandchild, engine.as_ref().map(|engine| engine.pid))?;
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AppState::new(
         &cli,
