@@ -7,8 +7,8 @@
 //!
 //! - The worker dies with the engine core (a parent-death signal), and the engine core exits 1
 //!   when its worker dies.
-//! - Neither handles a signal: SIGTERM, SIGINT, SIGHUP and SIGQUIT kill them, so stopping the
-//!   group stops them.
+//! - SIGTERM and SIGINT stop them, and SIGHUP and SIGQUIT kill them as they kill vLLM's (which
+//!   handle neither), so stopping the group stops them.
 //! - The server stops the engine core whenever it exits on its own or on a stop signal. A SIGKILL
 //!   or SIGHUP of the server alone leaves both behind, orphaned, as vLLM's are.
 //! - When the engine core dies while the server runs, the server reports it (`/health` answers
@@ -21,7 +21,7 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, signal, sigprocmask};
+use nix::sys::signal::{SigHandler, Signal, kill, signal};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
@@ -181,28 +181,15 @@ fn signal_engine(signal: Signal) {
     }
 }
 
-/// Undoes whatever dispositions and mask the parent left, so that the stop signals kill the
-/// helper as they kill a Python process without handlers.
+/// vLLM's engine processes stop on SIGTERM and SIGINT whatever their parent left them (their
+/// handlers raise `SystemExit`); the default action does the same here. SIGHUP and SIGQUIT keep
+/// what they inherited, as in vLLM, which handles neither.
 fn restore_default_signals() {
-    restore_default(&[
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ]);
-}
-
-/// Gives these signals their default disposition (which kills the process) and unblocks them,
-/// whatever the parent left.
-pub(crate) fn restore_default(signals: &[Signal]) {
-    let mut unblock = SigSet::empty();
-    for &which in signals {
-        unblock.add(which);
+    for which in [Signal::SIGTERM, Signal::SIGINT] {
         // SAFETY: the default disposition is no handler, so no code of ours can run in signal
         // context.
         let _ = unsafe { signal(which, SigHandler::SigDfl) };
     }
-    let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&unblock), None);
 }
 
 /// Sets the name `/proc/<pid>/comm` shows (at most 15 bytes are kept, as for vLLM's).

@@ -62,8 +62,8 @@
 //!
 //! As vLLM does, the server starts its engine as two processes in its own process group:
 //! `VLLM::EngineCore` and its `VLLM::Worker` (this executable again, under those names, which
-//! `/proc/<pid>/comm` shows as `VLLM::EngineCor` and `VLLM::Worker`). They handle no signal, so
-//! stopping the group stops them; the server stops the engine core whenever it exits by itself or
+//! `/proc/<pid>/comm` shows as `VLLM::EngineCor` and `VLLM::Worker`). Stop signals and SIGHUP
+//! kill them, so stopping the group stops them; the server stops the engine core whenever it exits by itself or
 //! on a stop signal; a SIGKILL or SIGHUP of the server alone leaves both running, orphaned, until
 //! their group is stopped. The worker dies with its engine core. When the engine core dies while
 //! the server runs (killed, or `MOCK_VLLM_ENGINE_DIE_AFTER`), `/health` answers 503 for
@@ -114,7 +114,8 @@
 //!
 //! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does, aborting streams
 //! in flight; a second one exits at once. SIGHUP kills the process, as it kills vLLM, which
-//! installs no handler for it, unless `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged).
+//! installs no handler for it (both keep whatever action they inherited, normally the default),
+//! unless `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged).
 //! SIGUSR1 and SIGUSR2 are only logged. Every signal the server handles is recorded in the stats.
 //!
 //! # Layout

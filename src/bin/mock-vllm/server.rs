@@ -13,7 +13,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use nix::sys::signal::Signal;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::net::TcpSocket;
@@ -42,11 +41,10 @@ pub(crate) const LISTEN_BACKLOG: u32 = 1024;
 /// stop signal.
 pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
     let mut handled = vec![SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGQUIT];
+    // Without the knob SIGHUP keeps the action it inherited, as in vLLM, which installs no handler
+    // for it: normally that action kills the process.
     if knobs.ignore_sighup {
         handled.push(SIGHUP);
-    } else {
-        // vLLM installs no SIGHUP handler, so a hang-up kills it; undo any ignore we inherited.
-        engine::restore_default(&[Signal::SIGHUP]);
     }
     let signals = Signals::new(handled)
         .map_err(|error| format!("cannot install signal handlers: {error}"))?;
