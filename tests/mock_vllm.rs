@@ -161,6 +161,21 @@ fn sighup_to_the_whole_group_leaves_nothing() {
     });
 }
 
+/// vLLM installs no SIGHUP handler, so it keeps the action its parent left: under `nohup` it
+/// survives a hang-up.
+#[test]
+fn a_sighup_its_parent_ignored_stays_ignored() {
+    let server = mock_vllm_wrapped(&["setsid", "nohup"], &[]);
+    let _cleanup = KillGroup(server.pid());
+    server.signal(Signal::SIGHUP);
+    // A signal sent after it is still recorded shows that the hang-up went by.
+    server.signal(Signal::SIGUSR1);
+    wait_until("the server to record SIGUSR1", DEADLINE, || {
+        mock_stats_on(server.port)["signals"] == serde_json::json!(["SIGUSR1"])
+    });
+    assert_eq!(health_status(&server), Some(200));
+}
+
 #[test]
 fn with_the_ignore_sighup_knob_sighup_is_only_recorded() {
     let server = mock_vllm_own_group(&[("MOCK_VLLM_IGNORE_SIGHUP", "1")]);

@@ -402,14 +402,20 @@ pub fn start_stream(gateway: &Proc) -> std::thread::JoinHandle<RawResponse> {
 /// Starts mock-vllm as `mock_vllm` does, but as the leader of a process group (and session) of
 /// its own, as a supervisor starts vLLM, so that a test may signal its whole group.
 pub fn mock_vllm_own_group(env: &[(&str, &str)]) -> Proc {
+    // setsid(1) execs in place when its caller leads no group, so the pid stays mock-vllm's.
+    mock_vllm_wrapped(&["setsid"], env)
+}
+
+/// Starts mock-vllm through a wrapper that execs it (see [`spawn_wrapped`]), such as `setsid` or
+/// `nohup`, and waits until it listens.
+pub fn mock_vllm_wrapped(wrapper: &[&str], env: &[(&str, &str)]) -> Proc {
     let port = free_port();
     let args = ["serve", "mock-model", "--host", "127.0.0.1", "--port"]
         .map(String::from)
         .into_iter()
         .chain([port.to_string()])
         .collect::<Vec<_>>();
-    // setsid(1) execs in place when its caller leads no group, so the pid stays mock-vllm's.
-    let proc = spawn_wrapped(&["setsid"], MOCK_VLLM, &args, env, port);
+    let proc = spawn_wrapped(wrapper, MOCK_VLLM, &args, env, port);
     wait_until("mock-vllm to listen", Duration::from_secs(10), || {
         accepts_connections(port)
     });
