@@ -89,7 +89,11 @@ fn label_values(samples: &[Sample], name: &str, label: &str) -> std::collections
 
 #[test]
 fn request_metrics_count_exactly_what_happened() {
-    let mut mock = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "5ms")]);
+    // SIGKILLed below, which would leave engine processes orphaned, as vLLM's are.
+    let mut mock = mock_vllm(&[
+        ("MOCK_VLLM_STREAM_DELAY", "5ms"),
+        ("MOCK_VLLM_ENGINE_PROCESSES", "0"),
+    ]);
     let gateway = gateway(mock.port, &[], &[]);
     for _ in 0..2 {
         assert_eq!(

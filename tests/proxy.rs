@@ -507,7 +507,8 @@ fn cors_answers_preflight_for_allowed_origins() {
 
 #[test]
 fn readiness_follows_the_upstream_and_liveness_stays_up() {
-    let mut mock = mock_vllm(&[]);
+    // SIGKILLed below, which would leave engine processes orphaned, as vLLM's are.
+    let mut mock = mock_vllm(&[("MOCK_VLLM_ENGINE_PROCESSES", "0")]);
     let gateway = gateway(
         mock.port,
         &["--health-interval", "100ms", "--health-timeout", "100ms"],

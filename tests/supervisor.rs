@@ -424,7 +424,8 @@ fn sigkill_of_the_gateway_takes_vllms_whole_group_even_one_ignoring_sigterm() {
 
 #[test]
 fn sighup_is_forwarded_to_the_child() {
-    let (gateway, vllm_port) = gateway_serve(&[], &[]);
+    // Like vLLM, mock-vllm dies of SIGHUP unless told to only record it.
+    let (gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_IGNORE_SIGHUP", "1")]);
     wait_ready(&gateway);
     gateway.signal(Signal::SIGHUP);
     wait_until("the child to receive SIGHUP", DEADLINE, || {

@@ -398,3 +398,61 @@ pub fn start_stream(gateway: &Proc) -> std::thread::JoinHandle<RawResponse> {
     });
     stream
 }
+
+/// Starts mock-vllm as `mock_vllm` does, but as the leader of a process group (and session) of
+/// its own, as a supervisor starts vLLM, so that a test may signal its whole group.
+pub fn mock_vllm_own_group(env: &[(&str, &str)]) -> Proc {
+    // setsid(1) execs in place when its caller leads no group, so the pid stays mock-vllm's.
+    mock_vllm_wrapped(&["setsid"], env)
+}
+
+/// Starts mock-vllm through a wrapper that execs it (see [`spawn_wrapped`]), such as `setsid` or
+/// `nohup`, and waits until it listens.
+pub fn mock_vllm_wrapped(wrapper: &[&str], env: &[(&str, &str)]) -> Proc {
+    let port = free_port();
+    let args = ["serve", "mock-model", "--host", "127.0.0.1", "--port"]
+        .map(String::from)
+        .into_iter()
+        .chain([port.to_string()])
+        .collect::<Vec<_>>();
+    let proc = spawn_wrapped(wrapper, MOCK_VLLM, &args, env, port);
+    wait_until("mock-vllm to listen", Duration::from_secs(10), || {
+        accepts_connections(port)
+    });
+    proc
+}
+
+/// The live members of process group `pgid`, each with the name `/proc/<pid>/comm` shows (vLLM's
+/// helpers show `VLLM::EngineCor` and `VLLM::Worker`); zombies are left out.
+pub fn group_members(pgid: i32) -> Vec<(i32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| alive(*pid) && process_group(*pid) == Some(pgid))
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((pid, comm.trim_end().to_string()))
+        })
+        .collect()
+}
+
+/// A process's process group, from /proc; `None` once it is gone.
+pub fn process_group(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command name: state, parent pid, process group.
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// GETs `/_mock/stats` from a mock-vllm on `port`.
+pub fn mock_stats_on(port: u16) -> serde_json::Value {
+    let (_, body) = get(&format!("http://127.0.0.1:{port}/_mock/stats")).expect("mock stats");
+    serde_json::from_str(&body).expect("stats are JSON")
+}

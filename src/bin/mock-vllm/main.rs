@@ -1,0 +1,252 @@
+//! `mock-vllm`: a stand-in for vLLM's OpenAI-compatible API server.
+//!
+//! It answers on vLLM's command line and HTTP surface so that the gateway can be tried without a GPU
+//! and so that the gateway's integration tests have an upstream whose failures they can script, both
+//! when they run it on its own and when `gateway serve` supervises it as its child.
+//!
+//! # Command line
+//!
+//! `mock-vllm serve <model> [--host H] [--port P] [--api-key K] [other vLLM options]`
+//!
+//! - `--host` defaults to `0.0.0.0` and `--port` to `8000`, as in vLLM; port 0 picks a free port,
+//!   which the "Uvicorn running on" line then reports.
+//! - `--api-key` falls back to the `VLLM_API_KEY` environment variable, as in vLLM.
+//! - `--model M` is accepted in place of the positional model and `--served-model-name N` renames
+//!   the model that `/v1/models` lists, as in vLLM.
+//! - Every other option is accepted and ignored, with its value when the next argument does not
+//!   start with `--` (or in the `--flag=value` form), so a supervisor can pass real vLLM arguments.
+//! - `--help` lists the options and every knob below; `--version` prints the version.
+//!
+//! A missing or unknown subcommand, a missing model and a bad knob all exit with code 2.
+//!
+//! # Endpoints
+//!
+//! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them; `/health` answers
+//!   503 once the engine died.
+//! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
+//!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
+//!   served one gets vLLM's 404 "The model `x` does not exist.", as on every generation endpoint.
+//!   A `max_output_tokens` below the answer's length (the stream's 128 text deltas, one token
+//!   each; the JSON answer's recorded 36 tokens) cuts it as vLLM does: `status: "incomplete"`,
+//!   `incomplete_details: {"reason": "max_output_tokens"}`, the limit echoed and the usage of the
+//!   tokens sent; a cut stream ends with vLLM's `response.completed` event carrying that
+//!   response, and a cut JSON answer keeps only the start of its reasoning (a function call goes
+//!   out only whole). A limit below 1 is vLLM's 400.
+//! - `GET /metrics`: a few of vLLM's Prometheus metrics (`vllm:num_requests_running`,
+//!   `vllm:num_requests_waiting`, `vllm:request_success_total`), with vLLM's names and labels,
+//!   counting this process's `/v1` requests.
+//! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm." (five
+//!   tokens), streamed as chunks ending in `data: [DONE]` when asked to; `max_tokens` (or
+//!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`.
+//! - A stream in flight when the server begins to stop (a stop signal, or the engine's death) is
+//!   aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk (and the
+//!   usage chunk when asked for) and `[DONE]`, a Responses stream with `response.completed`
+//!   carrying `status: "cancelled"`. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay stalled.
+//! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With an API key set, every
+//!   `/v1` path needs `Authorization: Bearer <key>` and otherwise answers vLLM's 401.
+//! - Every response echoes the request's `x-request-id` header.
+//!
+//! Test-control endpoints, which vLLM does not have, live under `/_mock/` and need no key:
+//!
+//! - `GET /_mock/last-request`: method, path, query, headers and body length of the latest `/v1`
+//!   request (recorded before the key is checked), or `null` before the first one.
+//! - `GET /_mock/stats`: pid, counts of `/v1` requests, completed responses and client disconnects,
+//!   the names of the signals received, whether `/health` hangs, the engine core's pid (`null`
+//!   without engine processes) and whether the engine died.
+//! - `POST /_mock/hang-health` and `POST /_mock/unhang-health`: make `/health` hang or answer again.
+//! - `POST /_mock/exit?code=N`: answer 200, then exit with code N (default 0).
+//!   `&linger=DURATION` stops listening at once but exits only after the duration, like vLLM's
+//!   API server shutting down after its engine died (connections are refused meanwhile).
+//!
+//! # Processes
+//!
+//! As vLLM does, the server starts its engine as two processes in its own process group:
+//! `VLLM::EngineCore` and its `VLLM::Worker` (this executable again, under those names, which
+//! `/proc/<pid>/comm` shows as `VLLM::EngineCor` and `VLLM::Worker`). Stop signals and SIGHUP
+//! kill them, so stopping the group stops them; the server stops the engine core whenever it exits by itself or
+//! on a stop signal; a SIGKILL or SIGHUP of the server alone leaves both running, orphaned, until
+//! their group is stopped. The worker dies with its engine core. When the engine core dies while
+//! the server runs (killed, or `MOCK_VLLM_ENGINE_DIE_AFTER`), `/health` answers 503 for
+//! `MOCK_VLLM_ENGINE_DEATH_LINGER` (5 s, as vLLM), then the server shuts down and exits 0.
+//! `MOCK_VLLM_ENGINE_PROCESSES=0` keeps the engine inside the server process.
+//!
+//! # Knobs
+//!
+//! Knobs are environment variables so that they pass through a supervisor to its child; durations
+//! use humantime (`500ms`, `2s`), booleans accept `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`,
+//! an empty value means unset, and a bad value or an unknown `MOCK_VLLM_*` name exits with code 2.
+//!
+//! - `MOCK_VLLM_STARTUP_DELAY`: hold the port but refuse connections this long, like vLLM loading
+//!   its weights, before listening.
+//! - `MOCK_VLLM_STREAM_DELAY`: pause between stream events.
+//! - `MOCK_VLLM_HEADERS_DELAY`: wait this long before answering `/v1/responses` and
+//!   `/v1/chat/completions`, so response headers come late.
+//! - `MOCK_VLLM_FAIL_STATUS`: answer those two endpoints with this status (400-599) and an
+//!   OpenAI-style error body.
+//! - `MOCK_VLLM_DIE_MID_STREAM=N`: once a stream has sent N events, exit with code 1.
+//! - `MOCK_VLLM_STALL_MID_STREAM=N`: once a stream has sent N events, send nothing more, forever.
+//! - `MOCK_VLLM_CRASH_AFTER`: this long after listening, exit with `MOCK_VLLM_EXIT_CODE`.
+//! - `MOCK_VLLM_EXIT_CODE`: the code for `MOCK_VLLM_CRASH_AFTER` (default 1).
+//! - `MOCK_VLLM_EXIT_AT_START=N`: exit with code N before binding, like vLLM rejecting an argument.
+//! - `MOCK_VLLM_HANG_HEALTH_AFTER`: this long after listening, `/health` stops answering.
+//! - `MOCK_VLLM_IGNORE_SIGTERM`: log and ignore SIGTERM and SIGINT, so only SIGQUIT or SIGKILL end
+//!   the process.
+//! - `MOCK_VLLM_IGNORE_SIGHUP`: log and ignore SIGHUP, which otherwise kills the process as it
+//!   kills vLLM (an exit by signal, 129 as a shell reports it).
+//! - `MOCK_VLLM_ENGINE_PROCESSES`: run the engine as `VLLM::EngineCore` and `VLLM::Worker`
+//!   processes (default 1); 0 keeps it inside the server process.
+//! - `MOCK_VLLM_ENGINE_DIE_AFTER`: this long after listening, the engine dies (the engine core is
+//!   killed).
+//! - `MOCK_VLLM_ENGINE_DEATH_LINGER`: once the engine died, how long `/health` answers 503 before
+//!   the server shuts down and exits 0 (default 5s, as vLLM).
+//! - `MOCK_VLLM_SPAWN_GRANDCHILD`: start `sleep 100000` in our own process group, a descendant
+//!   that, unlike the engine processes, the server never stops, and leave it running.
+//! - `MOCK_VLLM_DETACH_GRANDCHILD`: start that grandchild in a process group of its own instead,
+//!   like a worker that called setsid, so that stopping our group leaves it alive.
+//! - `MOCK_VLLM_PID_FILE`: append `<pid> <grandchild pid or 0> <engine core pid or 0>` to this
+//!   file at start, so that a test sees one line per (re)start.
+//! - `MOCK_VLLM_FLOOD`: write one 1 MiB line to stderr, then log lines to stdout as fast as the pipe
+//!   takes them, from a thread of their own so that a pipe nobody reads blocks only that thread.
+//! - `MOCK_VLLM_SHUTDOWN_GRACE`: how long a graceful shutdown waits for open responses before
+//!   exiting anyway (default 3s), so a stalled stream cannot keep the process alive.
+//!
+//! # Signals
+//!
+//! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does, aborting streams
+//! in flight; a second one exits at once. SIGHUP kills the process, as it kills vLLM, which
+//! installs no handler for it (both keep whatever action they inherited, normally the default),
+//! unless `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged).
+//! SIGUSR1 and SIGUSR2 are only logged. Every signal the server handles is recorded in the stats.
+//!
+//! # Layout
+//!
+//! One concern a file; `main` only parses, reads the knobs and runs the server.
+//!
+//! - `cli`: vLLM's `serve` command line and the `--help` text.
+//! - `knobs`: the `MOCK_VLLM_*` table and reading it from the environment.
+//! - `server`: start-up, the router, the serving loop and its graceful stop.
+//! - `signals`: the signal task.
+//! - `engine`: the `VLLM::EngineCore` and `VLLM::Worker` processes, and their deaths.
+//! - `process`: the grandchild, the pid file and the output flood.
+//! - `log`: uvicorn-style output through the log writer thread; exits that flush it.
+//! - `state`: `AppState`, the counters and the per-request outcome.
+//! - `middleware`: `/v1` counting and key check, access log, `x-request-id`.
+//! - `openai`: vLLM's wire formats, error bodies and request checks.
+//! - `ordered`: JSON that keeps its key order, for changing recorded answers.
+//! - `models`, `metrics`, `responses`, `chat`, `control`: the handlers, one file per surface.
+//! - `stream`: server-sent events, paced, dying or stalling where the knobs say.
+//!
+//! # Invariants
+//!
+//! - The recorded fixtures are embedded at build time and sent unchanged unless a token limit or
+//!   an abort cuts them short; the stream is split into events once, at start, on blank-line
+//!   boundaries, and each event goes out as one body chunk.
+//! - Every `/v1` request ends as exactly one of `completed` (its body reached its end) or
+//!   `disconnects` (its handler or body was dropped first), so
+//!   `requests == completed + disconnects + in flight`.
+//! - The server signals and reaps only its engine core, never the worker and never the grandchild
+//!   below.
+//! - This process never signals or waits for its grandchild: stopping the whole process group is
+//!   the supervisor's job, which is what the grandchild is there to test.
+//! - Once it runs, only the log writer thread (and the flood thread) writes to stdout and stderr:
+//!   the server queues whole lines, in uvicorn's format so that tests and supervisors can wait on
+//!   them, and drops them when the queue is full because nobody reads, so that unread output never
+//!   stalls a request. Every exit first gives the queue a bounded moment to drain.
+//! - JSON bodies keep vLLM's field order, so the wire formats are structs, not JSON maps, and a
+//!   recorded answer is changed as `ordered::Json`, which keeps the recorded order.
+
+#![warn(clippy::unwrap_used)]
+
+mod chat;
+mod cli;
+mod control;
+mod engine;
+mod knobs;
+mod log;
+mod metrics;
+mod middleware;
+mod models;
+mod openai;
+mod ordered;
+mod process;
+mod responses;
+mod server;
+mod signals;
+mod state;
+mod stream;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cli::{Invocation, SHORT_USAGE, VERSION, help_text, parse_command_line};
+use crate::knobs::Knobs;
+use crate::log::{complain, flush_log, say, start_log_writer};
+use crate::server::start;
+
+/// How long the runtime may take to stop once the server is done, in case a task is stuck.
+const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn main() -> ExitCode {
+    let role = engine::role();
+    if role != engine::Role::Server {
+        return engine::run_helper(role);
+    }
+    let cli = match parse_command_line() {
+        Ok(Invocation::Serve(cli)) => cli,
+        Ok(Invocation::Help) => {
+            say(format_args!("{}", help_text()));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Version) => {
+            say(format_args!("{VERSION}"));
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            complain(format_args!("{SHORT_USAGE}\nmock-vllm: error: {message}"));
+            return ExitCode::from(2);
+        }
+    };
+    let knobs = match Knobs::from_vars(std::env::vars_os()) {
+        Ok(knobs) => knobs,
+        Err(errors) => {
+            for error in errors {
+                complain(format_args!("mock-vllm: error: {error}"));
+            }
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(code) = knobs.exit_at_start {
+        complain(format_args!(
+            "{SHORT_USAGE}\nmock-vllm serve: error: exiting with code {code} \
+             because MOCK_VLLM_EXIT_AT_START is set"
+        ));
+        return ExitCode::from(code);
+    }
+    if let Err(message) = start_log_writer() {
+        complain(format_args!("ERROR:    {message}"));
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            complain(format_args!(
+                "ERROR:    cannot start the async runtime: {error}"
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(start(cli, knobs));
+    engine::stop_engine();
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    if let Err(message) = &result {
+        complain(format_args!("ERROR:    {message}"));
+    }
+    flush_log();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,87 @@
+//! Layers around every request: `/v1` counting, recording and key check; uvicorn's access log;
+//! `x-request-id` echo.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::log::say;
+use crate::openai::{openai_error, unauthorized};
+use crate::state::{AppState, Outcome, TrackedBody};
+
+/// Request bodies are read whole to record their length; this bounds the memory one request takes.
+pub(crate) const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
+
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Counts and records `/v1` requests, checks the API key as vLLM does, and settles each request's
+/// outcome when its response body ends or is dropped.
+pub(crate) async fn track_api_request(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    // vLLM guards every path that starts with /v1, not only /v1/.
+    if !request.uri().path().starts_with("/v1") {
+        return next.run(request).await;
+    }
+    state.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let outcome = Outcome {
+        state: Arc::clone(&state),
+        settled: false,
+    };
+    let (parts, body) = request.into_parts();
+    let response = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
+        Ok(body) => {
+            state.record_last_request(&parts, body.len());
+            if state.is_authorized(&parts) {
+                next.run(Request::from_parts(parts, Body::from(body))).await
+            } else {
+                unauthorized()
+            }
+        }
+        Err(error) => openai_error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {error}"),
+        ),
+    };
+    response.map(|inner| Body::new(TrackedBody { inner, outcome }))
+}
+
+/// Logs each response as uvicorn's access log does, when its headers are ready.
+pub(crate) async fn log_access(request: Request, next: Next) -> Response {
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "-".to_owned(), |info| info.0.to_string());
+    let method = request.method().clone();
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |target| target.as_str().to_owned());
+    let version = request.version();
+    let response = next.run(request).await;
+    let status = response.status();
+    say(format_args!(
+        "INFO:     {client} - \"{method} {target} {version:?}\" {} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    ));
+    response
+}
+
+/// Echoes `x-request-id`, as vLLM does with request-id headers enabled.
+pub(crate) async fn echo_request_id(request: Request, next: Next) -> Response {
+    let request_id = request.headers().get(&X_REQUEST_ID).cloned();
+    let mut response = next.run(request).await;
+    if let Some(request_id) = request_id {
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+    }
+    response
+}

@@ -1,0 +1,242 @@
+//! `AppState`, shared by every handler: the served model, the key, the knobs, the counters
+//! `/_mock/stats` reports, and the per-request outcome that keeps them consistent.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::request::Parts;
+use axum::http::{Method, header};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Cli;
+use crate::knobs::Knobs;
+use crate::responses::Recording;
+use crate::stream::Pacing;
+
+/// State shared by every request handler.
+pub(crate) struct AppState {
+    pub(crate) served_model: String,
+    pub(crate) api_key: Option<String>,
+    pub(crate) knobs: Knobs,
+    /// The recorded Responses API traffic, parsed once.
+    pub(crate) recording: Arc<Recording>,
+    /// Turns true when the server begins to shut down.
+    pub(crate) stopping: watch::Receiver<bool>,
+    pub(crate) stats: Stats,
+    /// The latest `/v1` request, as `/_mock/last-request` reports it.
+    pub(crate) last_request: Mutex<Option<RequestRecord>>,
+    /// xorshift state for response ids; random enough to tell responses apart.
+    pub(crate) id_state: AtomicU64,
+    /// Cancelled to close the listener without ending the process (`/_mock/exit?linger=`).
+    pub(crate) stop_listening: CancellationToken,
+    /// The engine core's pid, when the engine runs in processes of its own.
+    pub(crate) engine_pid: Option<u32>,
+    /// Cancelled to kill an engine that has no process of its own (`MOCK_VLLM_ENGINE_PROCESSES=0`).
+    pub(crate) kill_simulated_engine: CancellationToken,
+}
+
+/// Counters and flags `/_mock/stats` reports.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub(crate) requests: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) signals: Mutex<Vec<&'static str>>,
+    /// When set, `/health` never answers, like a vLLM whose engine is wedged.
+    pub(crate) health_hung: AtomicBool,
+    /// Set once the engine died; `/health` answers 503 until the server exits.
+    pub(crate) engine_dead: AtomicBool,
+}
+
+/// Settles one `/v1` request as completed or disconnected, whichever comes first; dropping it
+/// unsettled means the client left before the response was fully produced.
+pub(crate) struct Outcome {
+    pub(crate) state: Arc<AppState>,
+    pub(crate) settled: bool,
+}
+
+/// A response body that settles its request's [`Outcome`] when the body ends or is dropped.
+pub(crate) struct TrackedBody {
+    pub(crate) inner: Body,
+    pub(crate) outcome: Outcome,
+}
+
+/// What `/_mock/last-request` answers.
+#[derive(Clone, Serialize)]
+pub(crate) struct RequestRecord {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) query: Option<String>,
+    /// Lowercase names; the values of a repeated header are joined with ", ".
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) body_len: usize,
+}
+
+impl AppState {
+    pub(crate) fn new(
+        cli: &Cli,
+        knobs: Knobs,
+        engine_pid: Option<u32>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        let seed = u64::from(std::process::id()) ^ u64::from(unix_nanos());
+        AppState {
+            served_model: cli.served_model.clone(),
+            api_key: cli.api_key.clone(),
+            knobs,
+            recording: Arc::new(
+                Recording::parse().expect("the embedded recordings parse, as a unit test checks"),
+            ),
+            stopping,
+            stats: Stats::default(),
+            last_request: Mutex::new(None),
+            // xorshift never leaves zero, so the seed must not be zero.
+            id_state: AtomicU64::new(seed | 1),
+            stop_listening: CancellationToken::new(),
+            engine_pid,
+            kill_simulated_engine: CancellationToken::new(),
+        }
+    }
+
+    pub(crate) fn pacing(&self) -> Pacing {
+        Pacing {
+            delay: self.knobs.stream_delay,
+            die_after: self.knobs.die_mid_stream,
+            stall_after: self.knobs.stall_mid_stream,
+            stopping: self.stopping.clone(),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        let step = |mut x: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let previous = self
+            .id_state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(step(x)))
+            .unwrap_or_else(|x| x);
+        step(previous)
+    }
+
+    pub(crate) fn record_last_request(&self, parts: &Parts, body_len: usize) {
+        let mut headers = BTreeMap::new();
+        for name in parts.headers.keys() {
+            let values: Vec<_> = parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                .collect();
+            headers.insert(name.as_str().to_owned(), values.join(", "));
+        }
+        let record = RequestRecord {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers,
+            body_len,
+        };
+        *self
+            .last_request
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(record);
+    }
+
+    /// vLLM's check: OPTIONS passes, otherwise the scheme must be bearer (in any case) and the
+    /// token must be the key.
+    pub(crate) fn is_authorized(&self, parts: &Parts) -> bool {
+        let Some(key) = &self.api_key else {
+            return true;
+        };
+        if parts.method == Method::OPTIONS {
+            return true;
+        }
+        let Some(authorization) = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+        else {
+            return false;
+        };
+        let (scheme, token) = authorization.split_once(' ').unwrap_or((authorization, ""));
+        scheme.eq_ignore_ascii_case("bearer") && token == key
+    }
+}
+
+impl Outcome {
+    pub(crate) fn complete(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            self.state.stats.completed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.state.stats.disconnects.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl HttpBody for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => false,
+        };
+        if ended {
+            this.outcome.complete();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        // A body that was empty from the start may be dropped without ever being polled.
+        if self.inner.is_end_stream() {
+            self.outcome.complete();
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+pub(crate) fn unix_nanos() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos())
+}

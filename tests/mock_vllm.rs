@@ -1,0 +1,465 @@
+//! mock-vllm behaves as real vLLM does where a supervisor or a client can tell: its engine runs in
+//! processes of its own that outlive a SIGKILL of the server, an engine death ends in "503 for a
+//! while, then exit 0", SIGHUP kills it, a token limit gives an incomplete answer, and a stop
+//! signal ends an in-flight stream cleanly.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// `/proc/<pid>/comm` keeps 15 bytes, so vLLM's `VLLM::EngineCore` shows as this.
+const ENGINE_CORE_COMM: &str = "VLLM::EngineCor";
+const WORKER_COMM: &str = "VLLM::Worker";
+
+/// Kills whatever is left of a process group when the test ends, however it ends, so that a
+/// failing test leaves no orphaned engine behind.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// The engine core's and the worker's pids in mock-vllm's group, once both run.
+fn engine_processes(server: &Proc) -> (i32, i32) {
+    let find = |comm: &str| {
+        group_members(server.pid())
+            .into_iter()
+            .find(|(_, name)| name == comm)
+            .map(|(pid, _)| pid)
+    };
+    wait_until("the engine core and its worker to run", DEADLINE, || {
+        find(ENGINE_CORE_COMM).is_some() && find(WORKER_COMM).is_some()
+    });
+    let engine = find(ENGINE_CORE_COMM).expect("engine core");
+    let worker = find(WORKER_COMM).expect("worker");
+    (engine, worker)
+}
+
+fn health_status(server: &Proc) -> Option<u16> {
+    get(&server.url("/health")).map(|(status, _)| status)
+}
+
+#[test]
+fn the_engine_runs_as_vllms_engine_core_and_worker_processes_in_the_servers_group() {
+    let server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    assert_eq!(mock_stats_on(server.port)["engine_pid"], engine);
+    assert_eq!(
+        proc_stat(engine).map(|(_, parent)| parent),
+        Some(server.pid())
+    );
+    assert_eq!(proc_stat(worker).map(|(_, parent)| parent), Some(engine));
+    let cmdline = std::fs::read(format!("/proc/{engine}/cmdline")).expect("cmdline");
+    assert_eq!(cmdline, b"VLLM::EngineCore\0");
+}
+
+#[test]
+fn sigkill_of_the_server_alone_leaves_the_engine_orphaned_until_its_group_is_stopped() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    server.signal(Signal::SIGKILL);
+    server.wait_exit(DEADLINE);
+    assert!(
+        alive(engine) && alive(worker),
+        "the engine outlives its server"
+    );
+    assert_ne!(
+        proc_stat(engine).map(|(_, parent)| parent),
+        Some(server.pid()),
+        "the engine core is an orphan"
+    );
+    killpg(Pid::from_raw(server.pid()), Signal::SIGTERM).expect("signal the group");
+    wait_until("the orphaned engine to stop", DEADLINE, || {
+        !alive(engine) && !alive(worker)
+    });
+}
+
+#[test]
+fn sigterm_stops_the_server_and_its_engine() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+    wait_until("the engine to stop with its server", DEADLINE, || {
+        !alive(engine) && !alive(worker)
+    });
+}
+
+#[test]
+fn a_dead_engine_makes_health_answer_503_then_the_server_exits_0() {
+    let mut server = mock_vllm_own_group(&[("MOCK_VLLM_ENGINE_DEATH_LINGER", "3s")]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    assert_eq!(health_status(&server), Some(200));
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    wait_until("the worker to die with its engine core", DEADLINE, || {
+        !alive(worker)
+    });
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn the_engine_death_knob_kills_even_an_engine_without_processes() {
+    let mut server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_ENGINE_PROCESSES", "0"),
+        ("MOCK_VLLM_ENGINE_DIE_AFTER", "300ms"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "3s"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    assert_eq!(
+        mock_stats_on(server.port)["engine_pid"],
+        serde_json::Value::Null
+    );
+    assert_eq!(group_members(server.pid()).len(), 1, "no engine processes");
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn sighup_kills_the_server_as_it_kills_vllm_and_leaves_the_engine_behind() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    server.signal(Signal::SIGHUP);
+    let status = server.wait_exit(DEADLINE);
+    assert_eq!(status.signal(), Some(Signal::SIGHUP as i32), "{status:?}");
+    assert!(
+        alive(engine) && alive(worker),
+        "the engine outlives its server"
+    );
+}
+
+#[test]
+fn sighup_to_the_whole_group_leaves_nothing() {
+    let mut server = mock_vllm_own_group(&[]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, worker) = engine_processes(&server);
+    killpg(Pid::from_raw(server.pid()), Signal::SIGHUP).expect("signal the group");
+    assert_eq!(
+        server.wait_exit(DEADLINE).signal(),
+        Some(Signal::SIGHUP as i32)
+    );
+    wait_until("the engine to die of the hang-up", DEADLINE, || {
+        !alive(engine) && !alive(worker)
+    });
+}
+
+/// vLLM installs no SIGHUP handler, so it keeps the action its parent left: under `nohup` it
+/// survives a hang-up.
+#[test]
+fn a_sighup_its_parent_ignored_stays_ignored() {
+    let server = mock_vllm_wrapped(&["setsid", "nohup"], &[]);
+    let _cleanup = KillGroup(server.pid());
+    server.signal(Signal::SIGHUP);
+    // A signal sent after it is still recorded shows that the hang-up went by.
+    server.signal(Signal::SIGUSR1);
+    wait_until("the server to record SIGUSR1", DEADLINE, || {
+        mock_stats_on(server.port)["signals"] == serde_json::json!(["SIGUSR1"])
+    });
+    assert_eq!(health_status(&server), Some(200));
+}
+
+#[test]
+fn with_the_ignore_sighup_knob_sighup_is_only_recorded() {
+    let server = mock_vllm_own_group(&[("MOCK_VLLM_IGNORE_SIGHUP", "1")]);
+    let _cleanup = KillGroup(server.pid());
+    server.signal(Signal::SIGHUP);
+    wait_until("the server to record SIGHUP", DEADLINE, || {
+        mock_stats_on(server.port)["signals"] == serde_json::json!(["SIGHUP"])
+    });
+    assert_eq!(health_status(&server), Some(200));
+}
+
+#[test]
+fn the_gateways_stop_leaves_no_engine_process() {
+    let (mut gateway, vllm_port) = gateway_serve(&[], &[]);
+    wait_until("the gateway to be ready", DEADLINE, || {
+        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+    });
+    let server = mock_stats_on(vllm_port)["pid"]
+        .as_i64()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .expect("mock-vllm's pid");
+    let _cleanup = KillGroup(server);
+    wait_until("the engine core and its worker to run", DEADLINE, || {
+        group_members(server).len() == 3
+    });
+    gateway.signal(Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    wait_until("vLLM's whole group to be gone", DEADLINE, || {
+        group_members(server).is_empty()
+    });
+}
+
+/// The JSON data of each event of a Server-Sent Events body, `[DONE]` left out.
+fn sse_data(body: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|event| event.lines().find_map(|line| line.strip_prefix("data: ")))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).expect("event data is JSON"))
+        .collect()
+}
+
+fn chat_content(chunks: &[serde_json::Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+#[test]
+fn a_chat_completion_cut_by_max_tokens_finishes_with_length() {
+    let server = mock_vllm(&[]);
+    let whole = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#,
+        "",
+    );
+    assert_eq!(whole.status, 200);
+    let json = whole.json();
+    assert_eq!(json["choices"][0]["finish_reason"], "length");
+    assert_eq!(json["choices"][0]["message"]["content"], "Hello from");
+    assert_eq!(json["usage"]["completion_tokens"], 2);
+
+    let stream = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":2,"stream":true}"#,
+        "",
+    );
+    assert_eq!(stream.status, 200);
+    assert!(stream.body.ends_with(b"data: [DONE]\n\n"));
+    let chunks = sse_data(&stream.body);
+    assert_eq!(chat_content(&chunks), "Hello from");
+    let finish = chunks.last().expect("a finish chunk");
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+}
+
+#[test]
+fn a_chat_completion_within_its_token_limit_finishes_with_stop() {
+    let server = mock_vllm(&[]);
+    let response = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100}"#,
+        "",
+    );
+    let json = response.json();
+    assert_eq!(json["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        json["choices"][0]["message"]["content"],
+        "Hello from mock-vllm."
+    );
+}
+
+#[test]
+fn a_token_limit_below_one_is_vllms_400() {
+    let server = mock_vllm(&[]);
+    let chat = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#,
+        "",
+    );
+    assert_eq!(chat.status, 400);
+    assert_eq!(chat.json()["error"]["type"], "BadRequestError");
+    let responses = post_json(
+        server.port,
+        "/v1/responses",
+        r#"{"input":"hi","max_output_tokens":-1}"#,
+        "",
+    );
+    assert_eq!(responses.status, 400);
+}
+
+#[test]
+fn a_response_cut_by_max_output_tokens_is_incomplete() {
+    let server = mock_vllm(&[]);
+    let response = post_json(
+        server.port,
+        "/v1/responses",
+        r#"{"model":"mock-model","input":"hi","max_output_tokens":3}"#,
+        "",
+    );
+    assert_eq!(response.status, 200);
+    let json = response.json();
+    assert_eq!(json["status"], "incomplete");
+    assert_eq!(
+        json["incomplete_details"],
+        serde_json::json!({"reason": "max_output_tokens"})
+    );
+    assert_eq!(json["max_output_tokens"], 3);
+    assert_eq!(json["usage"]["output_tokens"], 3);
+    let kinds: Vec<_> = json["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .map(|item| item["type"].clone())
+        .collect();
+    assert_eq!(kinds, ["reasoning"], "a cut answer has no function call");
+}
+
+#[test]
+fn a_streamed_response_cut_by_max_output_tokens_ends_with_an_incomplete_response() {
+    let server = mock_vllm(&[]);
+    let stream = post_json(
+        server.port,
+        "/v1/responses",
+        r#"{"model":"mock-model","input":"hi","stream":true,"max_output_tokens":127}"#,
+        "",
+    );
+    assert_eq!(stream.status, 200);
+    let events = sse_data(&stream.body);
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(event["sequence_number"], index, "no gap in the sequence");
+    }
+    let deltas = events
+        .iter()
+        .filter(|event| {
+            event["type"]
+                .as_str()
+                .is_some_and(|kind| kind.ends_with("_text.delta"))
+        })
+        .count();
+    assert_eq!(deltas, 127, "one event per token, up to the limit");
+    let last = events.last().expect("a last event");
+    assert_eq!(last["type"], "response.completed", "vLLM's last event");
+    assert_eq!(last["response"]["status"], "incomplete");
+    assert_eq!(
+        last["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
+    let message = &last["response"]["output"][1];
+    assert_eq!(message["content"][0]["text"], "HEL");
+    assert_eq!(message["status"], "incomplete");
+}
+
+/// Sends a streaming request to mock-vllm on another thread and returns once the response has
+/// begun (its access line is logged when its headers go out).
+fn start_stream_on(
+    server: &Proc,
+    path: &'static str,
+    body: &'static str,
+) -> std::thread::JoinHandle<RawResponse> {
+    let port = server.port;
+    let stream = std::thread::spawn(move || post_json(port, path, body, ""));
+    wait_until("the stream to begin", DEADLINE, || {
+        server
+            .log_text()
+            .contains(&format!("POST {path} HTTP/1.1\" 200"))
+    });
+    stream
+}
+
+#[test]
+fn sigterm_ends_an_in_flight_chat_stream_with_finish_reason_abort() {
+    let mut server = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);
+    let stream = start_stream_on(
+        &server,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    server.signal(Signal::SIGTERM);
+    let response = stream.join().expect("the stream thread");
+    assert!(response.body.ends_with(b"data: [DONE]\n\n"), "a clean end");
+    let chunks = sse_data(&response.body);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "abort");
+    let content = chat_content(&chunks);
+    assert!(content.len() < "Hello from mock-vllm.".len(), "{content:?}");
+    let pieces = chunks
+        .iter()
+        .filter(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|piece| !piece.is_empty())
+        })
+        .count();
+    assert_eq!(
+        chunks[chunks.len() - 1]["usage"]["completion_tokens"],
+        pieces
+    );
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn sigterm_ends_an_in_flight_responses_stream_with_a_cancelled_response() {
+    let mut server = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);
+    let stream = start_stream_on(
+        &server,
+        "/v1/responses",
+        r#"{"model":"mock-model","input":"hi","stream":true}"#,
+    );
+    server.signal(Signal::SIGTERM);
+    let response = stream.join().expect("the stream thread");
+    let events = sse_data(&response.body);
+    assert!(events.len() < 141, "the stream was cut short");
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(event["sequence_number"], index, "no gap in the sequence");
+    }
+    let last = events.last().expect("a last event");
+    assert_eq!(last["type"], "response.completed");
+    assert_eq!(last["response"]["status"], "cancelled");
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+/// The engine core's pid of each start recorded in a `MOCK_VLLM_PID_FILE` (its third field).
+fn engine_cores(path: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2)?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_gateway_stops_an_orphaned_engine_before_it_starts_vllm_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pids = dir.path().join("pids");
+    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (gateway, _) = gateway_serve(
+        &["--restart", "always"],
+        &[("MOCK_VLLM_PID_FILE", &pids_text)],
+    );
+    wait_until("the first start", DEADLINE, || {
+        read_pid_file(&pids).len() == 1
+    });
+    let (server, _) = read_pid_file(&pids)[0];
+    let _cleanup = KillGroup(server);
+    let first_engine = engine_cores(&pids)[0];
+    assert!(first_engine > 0 && alive(first_engine));
+    kill(Pid::from_raw(server), Signal::SIGKILL).expect("kill vLLM's API server");
+    wait_until("the second start", DEADLINE, || {
+        read_pid_file(&pids).len() == 2
+    });
+    assert!(!alive(first_engine), "the old engine core is gone");
+    let second_engine = engine_cores(&pids)[1];
+    let (second_server, _) = read_pid_file(&pids)[1];
+    let _cleanup_second = KillGroup(second_server);
+    assert!(alive(second_engine));
+    drop(gateway);
+    wait_until(
+        "the second engine to stop with the gateway",
+        DEADLINE,
+        || !alive(second_engine),
+    );
+}
