@@ -120,7 +120,8 @@ impl fmt::Debug for Secret {
 pub enum Mode {
     Standalone,
     Serve,
-    /// `gateway config check`: every key is checked, but keys that depend on the mode
+    /// `gateway config check`: the checks of the mode the file is for (the standalone proxy when it
+    /// names `llm_api_base`, `serve` otherwise), except that the keys a command line supplies
     /// (`llm_api_base`, `model`) may be missing.
     Check,
 }
@@ -357,6 +358,12 @@ pub fn load(
             None
         }
     };
+    // Whether the gateway starts vLLM itself; `config check` judges a file by what it holds.
+    let serves = match mode {
+        Mode::Serve => true,
+        Mode::Standalone => false,
+        Mode::Check => llm_api_base.is_none(),
+    };
     let base = match (mode, &llm_api_base) {
         (Mode::Serve, Some(_)) => {
             error(
@@ -365,7 +372,7 @@ pub fn load(
             );
             None
         }
-        (Mode::Serve, None) => Some(format!("http://127.0.0.1:{vllm_port}")),
+        (Mode::Serve | Mode::Check, None) => Some(format!("http://127.0.0.1:{vllm_port}")),
         (_, Some(url)) => match normalise_base_url(url) {
             Ok(base) => Some(base),
             Err(message) => {
@@ -381,7 +388,6 @@ pub fn load(
             );
             None
         }
-        (Mode::Check, None) => Some(String::new()),
     };
     if mode == Mode::Serve && model.as_deref().is_none_or(str::is_empty) {
         error(
@@ -458,11 +464,27 @@ pub fn load(
     if max_body_bytes == 0 {
         error("max_body_bytes", "must be greater than zero".into());
     }
-    if mode == Mode::Serve && vllm_port != 0 && vllm_port == port {
-        error(
-            "vllm_port",
-            format!("must differ from port ({port}): vLLM listens there behind the gateway"),
-        );
+    if serves && vllm_port != 0 && vllm_port == port {
+        // Blamed on the key the file sets, so that `port = 8000` alone (vLLM's default port) names
+        // the file's line rather than a key the file does not hold.
+        if file_keys.contains("port") && !file_keys.contains("vllm_port") {
+            error(
+                "port",
+                format!(
+                    "must differ from vllm_port ({vllm_port}{}): vLLM listens there behind the gateway",
+                    if s.vllm_port.is_none() {
+                        ", its default"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        } else {
+            error(
+                "vllm_port",
+                format!("must differ from port ({port}): vLLM listens there behind the gateway"),
+            );
+        }
     }
     if restart_delay > restart_max_delay {
         error(
@@ -571,6 +593,13 @@ impl Config {
         if serve.vllm_port == 0 {
             let probe = std::net::TcpListener::bind(("127.0.0.1", 0))?;
             serve.vllm_port = probe.local_addr()?.port();
+            // Never the gateway's own port (free until `run` binds it): the check `load` makes
+            // for a fixed `vllm_port` holds for a picked one too. The first probe, still held,
+            // makes the second pick another port.
+            if serve.vllm_port == self.listen.port() {
+                let again = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+                serve.vllm_port = again.local_addr()?.port();
+            }
             self.upstream.base = format!("http://127.0.0.1:{}", serve.vllm_port);
         }
         Ok(())
@@ -603,14 +632,44 @@ fn normalise_base_url(url: &str) -> Result<String, String> {
         }
         _ => return Err(format!("{expected}, got {url:?}")),
     }
-    if uri.authority().is_none() || uri.query().is_some() {
+    let Some(authority) = uri.authority() else {
         return Err(format!("{expected}, got {url:?}"));
+    };
+    if uri.query().is_some() {
+        return Err(format!("{expected}, without a query (`?...`), got {url:?}"));
+    }
+    // The URI parser drops a fragment silently; the upstream client would keep it in every request.
+    if url.contains('#') {
+        return Err(format!(
+            "{expected}, without a fragment (`#...`), got {url:?}"
+        ));
+    }
+    // Checked here, naming the key, rather than failing at start-up with a bare "invalid port".
+    // (`Authority::port` cannot tell a bad port from none, so the text after the last `:` is read,
+    // unless that colon is inside an IPv6 address.)
+    let port = authority
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, port)| port)
+        .filter(|port| !port.is_empty() && !port.contains(']'));
+    if let Some(port) = port {
+        if !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(format!(
+                "the port must be a number from 1 to 65535, got {port:?} in {url:?}"
+            ));
+        }
     }
     let mut base = url.trim_end_matches('/');
     if let Some(stripped) = base.strip_suffix("/v1") {
         base = stripped;
     }
-    Ok(base.trim_end_matches('/').to_string())
+    let base = base.trim_end_matches('/').to_string();
+    // The upstream client parses the base once more at start: whatever it would refuse is refused
+    // now, with the key's name.
+    if let Err(error) = reqwest::Url::parse(&base) {
+        return Err(format!("{expected}, got {url:?} ({error})"));
+    }
+    Ok(base)
 }
 
 fn secs(n: u64) -> Duration {
@@ -839,20 +898,24 @@ mod tests {
 
     #[test]
     fn config_example_parses_with_every_key_documented() {
-        let text = include_str!("../config.example.toml");
         // The example keeps keys commented out at their defaults; uncommenting every one must
         // still be a valid file.
-        let uncommented: String = text
+        let uncommented = example_uncommented();
+        let config = load_file(&uncommented, Mode::Check).expect("the example is valid");
+        assert_eq!(config.listen.port(), DEFAULT_PORT);
+        assert_eq!(config.proxy.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    /// The example with every key uncommented.
+    fn example_uncommented() -> String {
+        include_str!("../config.example.toml")
             .lines()
             .map(|line| match line.strip_prefix("# ") {
                 Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
                 _ => line,
             })
             .collect::<Vec<_>>()
-            .join("\n");
-        let config = load_file(&uncommented, Mode::Check).expect("the example is valid");
-        assert_eq!(config.listen.port(), DEFAULT_PORT);
-        assert_eq!(config.proxy.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+            .join("\n")
     }
 
     #[test]
@@ -899,6 +962,32 @@ mod tests {
     }
 
     #[test]
+    fn a_base_url_with_a_bad_port_a_fragment_or_a_query_is_refused_naming_the_problem() {
+        for (url, needle) in [
+            (
+                "http://127.0.0.1:99999",
+                "the port must be a number from 1 to 65535",
+            ),
+            (
+                "http://127.0.0.1:0/v1",
+                "the port must be a number from 1 to 65535",
+            ),
+            ("http://127.0.0.1:8000/v1#top", "without a fragment"),
+            ("http://127.0.0.1:8000/v1?x=1", "without a query"),
+            ("http://sk-SECRET@127.0.0.1:8000", "without credentials"),
+        ] {
+            let message = normalise_base_url(url).expect_err(url);
+            assert!(message.contains(needle), "{url}: {message}");
+            assert!(!message.contains("SECRET"), "{message}");
+        }
+        let err = load_file("llm_api_base = \"http://127.0.0.1:99999\"\n", Mode::Check)
+            .expect_err("invalid");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].key, "llm_api_base");
+        assert!(err.0[0].file.is_some());
+    }
+
+    #[test]
     fn flags_win_over_environment_keys_and_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("gateway.toml");
@@ -938,9 +1027,30 @@ mod tests {
 
     #[test]
     fn vllm_cannot_listen_on_the_gateways_port() {
+        // The file sets `port` only: the clash with vLLM's default port is blamed on it.
         let err = load_file("model = \"m\"\nport = 8000\n", Mode::Serve).expect_err("invalid");
         let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["vllm_port"]);
+        assert_eq!(keys, ["port"]);
+        assert!(err.0[0].file.is_some(), "{err}");
+        let err = load_file("vllm_port = 9000\n", Mode::Serve).expect_err("invalid");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["model", "vllm_port"]);
+    }
+
+    #[test]
+    fn config_check_refuses_what_serve_refuses_and_accepts_what_a_command_line_completes() {
+        // `port = 8000` alone is a file for `serve`, where vLLM's default port is 8000.
+        let err = load_file("port = 8000\n", Mode::Check).expect_err("serve refuses it");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["port"]);
+        // With `llm_api_base` it is a file for the standalone proxy, where 8000 is free.
+        load_file(
+            "llm_api_base = \"http://10.0.0.2:8000\"\nport = 8000\n",
+            Mode::Check,
+        )
+        .expect("valid standalone");
+        // `model` may come from `gateway serve <MODEL>`.
+        load_file("port = 9000\n", Mode::Check).expect("valid");
     }
 
     #[test]
