@@ -37,8 +37,8 @@
 //! # Invariants
 //!
 //! - The proxy never touches child processes; it only reads the status watch.
-//! - A request reads the live configuration once, so one request never mixes two reloads; only
-//!   the reload task replaces it, and a reload never touches vLLM.
+//! - Forwarding a request reads the live configuration once, so its keys, limits and timeouts
+//!   come from one configuration; only the reload task replaces it, and a reload never touches vLLM.
 //! - Only the supervisor task mutates the child state, and only through `state::transition`.
 //! - Only the reaper calls `waitpid`; nothing else reaps, so no exit status is ever stolen.
 //! - Every signal to the child goes to its whole process group.

@@ -291,3 +291,19 @@ fn a_reload_turns_cors_on_for_the_requests_that_follow() {
     });
     assert_eq!(preflight_allows(&gateway, "https://other.example"), None);
 }
+
+#[test]
+fn the_standalone_proxy_reloads_its_client_keys_too() {
+    let vllm = mock_vllm(&[]);
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let gateway = gateway(vllm.port, &["--config", file.path()], &[]);
+    assert_eq!(status_with_key(&gateway, "sk-old"), 200);
+
+    file.write("api_keys = [\"sk-new\"]\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the new key to be accepted", DEADLINE, || {
+        status_with_key(&gateway, "sk-new") == 200
+    });
+    assert_eq!(status_with_key(&gateway, "sk-old"), 401);
+    assert!(alive(vllm.pid()));
+}

@@ -159,7 +159,9 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// CORS as the live configuration says, so that a reload can turn it on, off, or change the
-/// origins. With CORS off a request goes straight through.
+/// origins. With CORS off a request goes straight through. This reads the live configuration apart
+/// from `forward`: a reload landing between the two only means that one request's CORS headers
+/// follow the previous configuration.
 async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let layer = state.live.load().cors.clone();
     match layer {
