@@ -307,3 +307,37 @@ fn the_standalone_proxy_reloads_its_client_keys_too() {
     assert_eq!(status_with_key(&gateway, "sk-old"), 401);
     assert!(alive(vllm.pid()));
 }
+
+#[test]
+fn a_reload_changes_the_log_level_of_the_lines_that_follow() {
+    let file = ConfigFile::new("log_level = \"warn\"\n");
+    // RUST_LOG, which would win over `log_level`, is left empty.
+    let (gateway, _) = serve(&file, &[("RUST_LOG", "")]);
+    let request = |id: &str| {
+        post_json(
+            gateway.port,
+            "/v1/responses",
+            RESPONSES_JSON,
+            &format!("\r\nx-request-id: {id}"),
+        )
+        .status
+    };
+    let logged = |id: &str| {
+        gateway
+            .log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|line| line["request_id"] == id)
+    };
+    assert_eq!(request("before-reload"), 200);
+
+    file.write("log_level = \"info\"\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("an access log line at info", DEADLINE, || {
+        request("after-reload") == 200 && logged("after-reload")
+    });
+    assert!(
+        !logged("before-reload"),
+        "at warn, the request before the reload was not logged"
+    );
+}
