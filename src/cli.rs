@@ -58,7 +58,7 @@ pub struct HealthcheckArgs {
 }
 
 /// Options shared by the standalone proxy and `serve`.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct ProxyArgs {
     /// TOML configuration file; flags and environment variables override its keys.
     #[arg(long, env = "GATEWAY_CONFIG", value_name = "FILE")]
@@ -150,7 +150,7 @@ pub struct ProxyArgs {
 }
 
 /// Options of `gateway serve`.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
     /// The model vLLM serves (may also come from the config file's `model`).
     pub model: Option<String>,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::cli::{LogFormat, ProxyArgs, RestartPolicy, ServeArgs};
 
 /// Everything the gateway needs to run, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file the settings were read from, if any (for messages).
     pub file: Option<PathBuf>,
@@ -33,14 +33,14 @@ pub struct Config {
     pub serve: Option<ServeConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Scheme and authority (and any path prefix), without a trailing slash or `/v1`.
     pub base: String,
     pub api_key: Option<Secret>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProxyConfig {
     /// Keys clients must present; empty means the gateway does not check.
     pub api_keys: Vec<Secret>,
@@ -60,20 +60,20 @@ pub enum Cors {
     Origins(Vec<String>),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HealthConfig {
     pub interval: Duration,
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServeConfig {
     pub model: String,
     pub vllm_bin: String,
@@ -91,7 +91,7 @@ pub struct ServeConfig {
     pub stop_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackoffConfig {
     pub delay: Duration,
     pub max_delay: Duration,
@@ -120,7 +120,8 @@ impl fmt::Debug for Secret {
 pub enum Mode {
     Standalone,
     Serve,
-    /// `gateway config check`: every key is checked, but keys that depend on the mode
+    /// `gateway config check`: the checks of the mode the file is for (the standalone proxy when it
+    /// names `llm_api_base`, `serve` otherwise), except that the keys a command line supplies
     /// (`llm_api_base`, `model`) may be missing.
     Check,
 }
@@ -357,6 +358,12 @@ pub fn load(
             None
         }
     };
+    // Whether the gateway starts vLLM itself; `config check` judges a file by what it holds.
+    let serves = match mode {
+        Mode::Serve => true,
+        Mode::Standalone => false,
+        Mode::Check => llm_api_base.is_none(),
+    };
     let base = match (mode, &llm_api_base) {
         (Mode::Serve, Some(_)) => {
             error(
@@ -365,7 +372,7 @@ pub fn load(
             );
             None
         }
-        (Mode::Serve, None) => Some(format!("http://127.0.0.1:{vllm_port}")),
+        (Mode::Serve | Mode::Check, None) => Some(format!("http://127.0.0.1:{vllm_port}")),
         (_, Some(url)) => match normalise_base_url(url) {
             Ok(base) => Some(base),
             Err(message) => {
@@ -381,7 +388,6 @@ pub fn load(
             );
             None
         }
-        (Mode::Check, None) => Some(String::new()),
     };
     if mode == Mode::Serve && model.as_deref().is_none_or(str::is_empty) {
         error(
@@ -458,11 +464,27 @@ pub fn load(
     if max_body_bytes == 0 {
         error("max_body_bytes", "must be greater than zero".into());
     }
-    if mode == Mode::Serve && vllm_port != 0 && vllm_port == port {
-        error(
-            "vllm_port",
-            format!("must differ from port ({port}): vLLM listens there behind the gateway"),
-        );
+    if serves && vllm_port != 0 && vllm_port == port {
+        // Blamed on the key the file sets, so that `port = 8000` alone (vLLM's default port) names
+        // the file's line rather than a key the file does not hold.
+        if file_keys.contains("port") && !file_keys.contains("vllm_port") {
+            error(
+                "port",
+                format!(
+                    "must differ from vllm_port ({vllm_port}{}): vLLM listens there behind the gateway",
+                    if s.vllm_port.is_none() {
+                        ", its default"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        } else {
+            error(
+                "vllm_port",
+                format!("must differ from port ({port}): vLLM listens there behind the gateway"),
+            );
+        }
     }
     if restart_delay > restart_max_delay {
         error(
@@ -563,6 +585,12 @@ pub fn load(
 }
 
 impl Config {
+    /// How long a request waits for vLLM to be ready; `None` for the standalone proxy, which has
+    /// no vLLM of its own to wait for.
+    pub fn ready_wait_timeout(&self) -> Option<Duration> {
+        self.serve.as_ref().map(|serve| serve.ready_wait_timeout)
+    }
+
     /// For `--vllm-port 0`: asks the kernel for a free loopback port and points the upstream at it.
     pub fn resolve_vllm_port(&mut self) -> std::io::Result<()> {
         let Some(serve) = &mut self.serve else {
@@ -571,9 +599,202 @@ impl Config {
         if serve.vllm_port == 0 {
             let probe = std::net::TcpListener::bind(("127.0.0.1", 0))?;
             serve.vllm_port = probe.local_addr()?.port();
+            // Never the gateway's own port (free until `run` binds it): the check `load` makes
+            // for a fixed `vllm_port` holds for a picked one too. The first probe, still held,
+            // makes the second pick another port.
+            if serve.vllm_port == self.listen.port() {
+                let again = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+                serve.vllm_port = again.local_addr()?.port();
+            }
             self.upstream.base = format!("http://127.0.0.1:{}", serve.vllm_port);
         }
         Ok(())
+    }
+}
+
+/// Where the configuration came from, kept so that a reload reads it again the same way: the
+/// command line as parsed at start (flags, and the `GATEWAY_*` variables clap read), the file it
+/// names, and the mode.
+#[derive(Clone)]
+pub struct Source {
+    pub proxy_args: ProxyArgs,
+    pub serve_args: Option<ServeArgs>,
+    pub mode: Mode,
+}
+
+impl Source {
+    /// [`load`] with this source's command line and mode: the file is read again.
+    pub fn load(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        load(&self.proxy_args, self.serve_args.as_ref(), self.mode, env)
+    }
+}
+
+/// Whether a reload (SIGHUP) may change a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// Applied at once: whatever uses the key reads it from the live configuration
+    /// (`proxy::Live`) each time, or is told (the log filter).
+    Live,
+    /// Read once, by vLLM's command line, the supervisor, the listener or a connection pool: a
+    /// changed value is logged as needing a restart and the running one stays.
+    Restart,
+}
+
+/// One configuration key as a reload sees it.
+pub struct Key {
+    /// The key's name in the file (and, with dashes, its flag).
+    pub name: &'static str,
+    pub reload: Reload,
+    /// Whether two configurations hold the same value for this key.
+    same: fn(&Config, &Config) -> bool,
+    /// Copies this key's value from the second configuration into the first.
+    keep: fn(&mut Config, &Config),
+}
+
+/// A key that is a field of [`Config`] (or of its `serve` part).
+macro_rules! key {
+    ($name:literal, $reload:ident, serve.$($field:ident).+) => {
+        Key {
+            name: $name,
+            reload: Reload::$reload,
+            same: |a, b| {
+                a.serve.as_ref().map(|serve| &serve.$($field).+)
+                    == b.serve.as_ref().map(|serve| &serve.$($field).+)
+            },
+            keep: |to, from| {
+                if let (Some(to), Some(from)) = (&mut to.serve, &from.serve) {
+                    to.$($field).+ = Clone::clone(&from.$($field).+);
+                }
+            },
+        }
+    };
+    ($name:literal, $reload:ident, $($field:ident).+) => {
+        Key {
+            name: $name,
+            reload: Reload::$reload,
+            same: |a, b| a.$($field).+ == b.$($field).+,
+            keep: |to, from| to.$($field).+ = Clone::clone(&from.$($field).+),
+        }
+    };
+}
+
+/// Every key of the configuration, and whether a reload may change it: the one place that says
+/// so. A key marked `Live` must be read from the live configuration by whatever uses it.
+pub const KEYS: &[Key] = &[
+    // Read per request or per log event: a reload applies them.
+    key!("api_keys", Live, proxy.api_keys),
+    key!("cors_allowed_origins", Live, proxy.cors),
+    key!("request_timeout", Live, proxy.request_timeout),
+    key!("first_byte_timeout", Live, proxy.first_byte_timeout),
+    key!("stream_idle_timeout", Live, proxy.stream_idle_timeout),
+    key!("max_body_bytes", Live, proxy.max_body_bytes),
+    key!("ready_wait_timeout", Live, serve.ready_wait_timeout),
+    key!("log_level", Live, log.level),
+    key!("access_log", Live, log.access_log),
+    key!("metrics_merge_upstream", Live, metrics_merge_upstream),
+    // Read when a drain begins.
+    key!("drain_timeout", Live, drain_timeout),
+    // The listening socket, the upstream pools and the health poller are set up once.
+    Key {
+        name: "host",
+        reload: Reload::Restart,
+        same: |a, b| a.listen.ip() == b.listen.ip(),
+        keep: |to, from| to.listen.set_ip(from.listen.ip()),
+    },
+    Key {
+        name: "port",
+        reload: Reload::Restart,
+        same: |a, b| a.listen.port() == b.listen.port(),
+        keep: |to, from| to.listen.set_port(from.listen.port()),
+    },
+    Key {
+        name: "llm_api_base",
+        reload: Reload::Restart,
+        // Under `serve` the base is vLLM's port, which `vllm_port` reports.
+        same: |a, b| a.serve.is_some() || a.upstream.base == b.upstream.base,
+        keep: |to, from| to.upstream.base.clone_from(&from.upstream.base),
+    },
+    key!("upstream_api_key", Restart, upstream.api_key),
+    key!("connect_timeout", Restart, proxy.connect_timeout),
+    key!("pool_idle_timeout", Restart, proxy.pool_idle_timeout),
+    key!("health_interval", Restart, health.interval),
+    key!("health_timeout", Restart, health.timeout),
+    key!("log_format", Restart, log.format),
+    // vLLM's command line and environment, and the supervisor that owns it.
+    key!("model", Restart, serve.model),
+    key!("vllm_bin", Restart, serve.vllm_bin),
+    Key {
+        name: "vllm_port",
+        reload: Reload::Restart,
+        same: |a, b| {
+            a.serve.as_ref().map(|serve| serve.vllm_port)
+                == b.serve.as_ref().map(|serve| serve.vllm_port)
+        },
+        keep: |to, from| {
+            if let (Some(to_serve), Some(from_serve)) = (&mut to.serve, &from.serve) {
+                to_serve.vllm_port = from_serve.vllm_port;
+                to.upstream.base.clone_from(&from.upstream.base);
+            }
+        },
+    },
+    key!("vllm_args", Restart, serve.vllm_args),
+    key!("child_env", Restart, serve.child_env),
+    key!("restart", Restart, serve.restart),
+    key!("restart_delay", Restart, serve.backoff.delay),
+    key!("restart_max_delay", Restart, serve.backoff.max_delay),
+    key!("restart_reset_after", Restart, serve.backoff.reset_after),
+    key!("max_restarts", Restart, serve.backoff.max_restarts),
+    key!(
+        "restart_prevent_exit_codes",
+        Restart,
+        serve.restart_prevent_exit_codes
+    ),
+    key!(
+        "startup_poll_interval",
+        Restart,
+        serve.startup_poll_interval
+    ),
+    key!("startup_timeout", Restart, serve.startup_timeout),
+    key!("health_failures", Restart, serve.health_failures),
+    key!("stop_timeout", Restart, serve.stop_timeout),
+];
+
+/// What a reload makes of a newly loaded configuration.
+#[derive(Debug)]
+pub struct Reconciled {
+    /// The configuration to run with: the new values of `Live` keys, the running ones of the rest.
+    pub running: Config,
+    /// The same, as loaded (before `resolve_vllm_port`): what the next reload compares against.
+    pub loaded: Config,
+    /// `Live` keys whose value changed, now applied.
+    pub applied: Vec<&'static str>,
+    /// `Restart` keys whose value changed, left as they are.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Splits a newly loaded configuration into what a reload applies and what needs a restart.
+/// `loaded` is the previous configuration as loaded, `running` the one in force (the same, with
+/// `vllm_port = 0` resolved to the port vLLM got).
+pub fn reconcile(loaded: &Config, running: &Config, new: Config) -> Reconciled {
+    let changed = |reload: Reload| -> Vec<&'static str> {
+        KEYS.iter()
+            .filter(|key| key.reload == reload && !(key.same)(loaded, &new))
+            .map(|key| key.name)
+            .collect()
+    };
+    let applied = changed(Reload::Live);
+    let needs_restart = changed(Reload::Restart);
+    let mut new_loaded = new.clone();
+    let mut new_running = new;
+    for key in KEYS.iter().filter(|key| key.reload == Reload::Restart) {
+        (key.keep)(&mut new_loaded, loaded);
+        (key.keep)(&mut new_running, running);
+    }
+    Reconciled {
+        running: new_running,
+        loaded: new_loaded,
+        applied,
+        needs_restart,
     }
 }
 
@@ -603,14 +824,44 @@ fn normalise_base_url(url: &str) -> Result<String, String> {
         }
         _ => return Err(format!("{expected}, got {url:?}")),
     }
-    if uri.authority().is_none() || uri.query().is_some() {
+    let Some(authority) = uri.authority() else {
         return Err(format!("{expected}, got {url:?}"));
+    };
+    if uri.query().is_some() {
+        return Err(format!("{expected}, without a query (`?...`), got {url:?}"));
+    }
+    // The URI parser drops a fragment silently; the upstream client would keep it in every request.
+    if url.contains('#') {
+        return Err(format!(
+            "{expected}, without a fragment (`#...`), got {url:?}"
+        ));
+    }
+    // Checked here, naming the key, rather than failing at start-up with a bare "invalid port".
+    // (`Authority::port` cannot tell a bad port from none, so the text after the last `:` is read,
+    // unless that colon is inside an IPv6 address.)
+    let port = authority
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, port)| port)
+        .filter(|port| !port.is_empty() && !port.contains(']'));
+    if let Some(port) = port {
+        if !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(format!(
+                "the port must be a number from 1 to 65535, got {port:?} in {url:?}"
+            ));
+        }
     }
     let mut base = url.trim_end_matches('/');
     if let Some(stripped) = base.strip_suffix("/v1") {
         base = stripped;
     }
-    Ok(base.trim_end_matches('/').to_string())
+    let base = base.trim_end_matches('/').to_string();
+    // The upstream client parses the base once more at start: whatever it would refuse is refused
+    // now, with the key's name.
+    if let Err(error) = reqwest::Url::parse(&base) {
+        return Err(format!("{expected}, got {url:?} ({error})"));
+    }
+    Ok(base)
 }
 
 fn secs(n: u64) -> Duration {
@@ -839,20 +1090,90 @@ mod tests {
 
     #[test]
     fn config_example_parses_with_every_key_documented() {
-        let text = include_str!("../config.example.toml");
         // The example keeps keys commented out at their defaults; uncommenting every one must
         // still be a valid file.
-        let uncommented: String = text
+        let uncommented = example_uncommented();
+        let config = load_file(&uncommented, Mode::Check).expect("the example is valid");
+        assert_eq!(config.listen.port(), DEFAULT_PORT);
+        assert_eq!(config.proxy.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    /// The example with every key uncommented.
+    fn example_uncommented() -> String {
+        include_str!("../config.example.toml")
             .lines()
             .map(|line| match line.strip_prefix("# ") {
                 Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
                 _ => line,
             })
             .collect::<Vec<_>>()
-            .join("\n");
-        let config = load_file(&uncommented, Mode::Check).expect("the example is valid");
-        assert_eq!(config.listen.port(), DEFAULT_PORT);
-        assert_eq!(config.proxy.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+            .join("\n")
+    }
+
+    #[test]
+    fn every_key_says_whether_a_reload_may_change_it() {
+        let example: toml::Table = example_uncommented().parse().expect("TOML");
+        let documented: BTreeSet<&str> = example.keys().map(String::as_str).collect();
+        let marked: BTreeSet<&str> = KEYS.iter().map(|key| key.name).collect();
+        assert_eq!(marked.len(), KEYS.len(), "a key is listed twice");
+        assert_eq!(documented, marked, "config.example.toml and KEYS disagree");
+    }
+
+    #[test]
+    fn the_example_lists_exactly_the_keys_a_reload_applies() {
+        let text = include_str!("../config.example.toml");
+        let start = text.find("It applies").expect("the reload paragraph");
+        let end = start + text[start..].find("; any other key").expect("its end");
+        let listed: BTreeSet<&str> = text[start..end]
+            .split(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .filter(|word| KEYS.iter().any(|key| key.name == *word))
+            .collect();
+        let live: BTreeSet<&str> = KEYS
+            .iter()
+            .filter(|key| key.reload == Reload::Live)
+            .map(|key| key.name)
+            .collect();
+        assert_eq!(listed, live);
+    }
+
+    fn serve_config(text: &str) -> Config {
+        load_file(&format!("model = \"m\"\n{text}"), Mode::Serve).expect("valid")
+    }
+
+    #[test]
+    fn a_reload_applies_live_keys_and_keeps_the_running_value_of_the_others() {
+        let loaded = serve_config("vllm_port = 0\napi_keys = [\"old\"]\n");
+        let mut running = loaded.clone();
+        running.resolve_vllm_port().expect("a free port");
+        let new = serve_config(
+            "vllm_port = 0\napi_keys = [\"new\"]\nvllm_args = [\"--x\"]\nlog_level = \"debug\"\n",
+        );
+        let reconciled = reconcile(&loaded, &running, new);
+        assert_eq!(reconciled.applied, ["api_keys", "log_level"]);
+        assert_eq!(reconciled.needs_restart, ["vllm_args"]);
+        let applied = &reconciled.running;
+        assert_eq!(applied.proxy.api_keys, [Secret("new".into())]);
+        assert_eq!(applied.log.level, "debug");
+        // The running vLLM's arguments and its resolved port stay; `vllm_port = 0` again is no change.
+        assert_eq!(applied.serve, running.serve);
+        assert_eq!(applied.upstream.base, running.upstream.base);
+        assert!(
+            reconciled
+                .loaded
+                .serve
+                .as_ref()
+                .is_some_and(|serve| serve.vllm_port == 0 && serve.vllm_args.is_empty())
+        );
+        // A file changed back to what runs reports nothing.
+        let again = reconcile(
+            &reconciled.loaded,
+            applied,
+            serve_config("vllm_port = 0\napi_keys = [\"new\"]\nlog_level = \"debug\"\n"),
+        );
+        assert!(
+            again.applied.is_empty() && again.needs_restart.is_empty(),
+            "{again:?}"
+        );
     }
 
     #[test]
@@ -899,6 +1220,32 @@ mod tests {
     }
 
     #[test]
+    fn a_base_url_with_a_bad_port_a_fragment_or_a_query_is_refused_naming_the_problem() {
+        for (url, needle) in [
+            (
+                "http://127.0.0.1:99999",
+                "the port must be a number from 1 to 65535",
+            ),
+            (
+                "http://127.0.0.1:0/v1",
+                "the port must be a number from 1 to 65535",
+            ),
+            ("http://127.0.0.1:8000/v1#top", "without a fragment"),
+            ("http://127.0.0.1:8000/v1?x=1", "without a query"),
+            ("http://sk-SECRET@127.0.0.1:8000", "without credentials"),
+        ] {
+            let message = normalise_base_url(url).expect_err(url);
+            assert!(message.contains(needle), "{url}: {message}");
+            assert!(!message.contains("SECRET"), "{message}");
+        }
+        let err = load_file("llm_api_base = \"http://127.0.0.1:99999\"\n", Mode::Check)
+            .expect_err("invalid");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].key, "llm_api_base");
+        assert!(err.0[0].file.is_some());
+    }
+
+    #[test]
     fn flags_win_over_environment_keys_and_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("gateway.toml");
@@ -938,9 +1285,30 @@ mod tests {
 
     #[test]
     fn vllm_cannot_listen_on_the_gateways_port() {
+        // The file sets `port` only: the clash with vLLM's default port is blamed on it.
         let err = load_file("model = \"m\"\nport = 8000\n", Mode::Serve).expect_err("invalid");
         let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["vllm_port"]);
+        assert_eq!(keys, ["port"]);
+        assert!(err.0[0].file.is_some(), "{err}");
+        let err = load_file("vllm_port = 9000\n", Mode::Serve).expect_err("invalid");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["model", "vllm_port"]);
+    }
+
+    #[test]
+    fn config_check_refuses_what_serve_refuses_and_accepts_what_a_command_line_completes() {
+        // `port = 8000` alone is a file for `serve`, where vLLM's default port is 8000.
+        let err = load_file("port = 8000\n", Mode::Check).expect_err("serve refuses it");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["port"]);
+        // With `llm_api_base` it is a file for the standalone proxy, where 8000 is free.
+        load_file(
+            "llm_api_base = \"http://10.0.0.2:8000\"\nport = 8000\n",
+            Mode::Check,
+        )
+        .expect("valid standalone");
+        // `model` may come from `gateway serve <MODEL>`.
+        load_file("port = 9000\n", Mode::Check).expect("valid");
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     };
     telemetry::publish_gauges();
     let mut body = handle.render();
-    if state.metrics_merge_upstream {
+    if state.live.load().config.metrics_merge_upstream {
         let url = format!("{}/metrics", state.upstream_base);
         match state
             .client

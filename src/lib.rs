@@ -15,8 +15,12 @@
 //!   process groups, `guard` stops a group whose gateway was SIGKILLed, `reaper` owns every
 //!   `waitpid`, `backoff` decides restarts, `output` relays the child's stdout/stderr into the log.
 //!   The supervisor is an actor: one task owns the child.
-//! - `signals`: the one task that turns signals into stop requests or forwards them to the child.
-//! - `notify`: systemd `sd_notify` (readiness, status, start-timeout extensions, drain, watchdog).
+//! - `signals`: the one task that turns signals into stop requests, reloads, or forwards them to
+//!   the child.
+//! - `reload`: SIGHUP: reads the configuration again and swaps in what may change while vLLM runs
+//!   (`config::KEYS` says which keys) as the proxy's `proxy::Live`.
+//! - `notify`: systemd `sd_notify` (readiness, status, start-timeout extensions, drain, watchdog,
+//!   reloads).
 //! - `telemetry`: logging setup, Prometheus metrics, one access-log record per request.
 //!
 //! # Flow
@@ -33,6 +37,8 @@
 //! # Invariants
 //!
 //! - The proxy never touches child processes; it only reads the status watch.
+//! - Forwarding a request reads the live configuration once, so its keys, limits and timeouts
+//!   come from one configuration; only the reload task replaces it, and a reload never touches vLLM.
 //! - Only the supervisor task mutates the child state, and only through `state::transition`.
 //! - Only the reaper calls `waitpid`; nothing else reaps, so no exit status is ever stolen.
 //! - Every signal to the child goes to its whole process group.
@@ -46,6 +52,7 @@ pub mod config;
 pub mod health;
 pub mod notify;
 pub mod proxy;
+pub mod reload;
 pub mod signals;
 pub mod status;
 pub mod supervisor;
@@ -60,7 +67,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::proxy::AppState;
+use crate::proxy::{AppState, LiveConfig};
+use crate::reload::Reloader;
 use crate::signals::Shutdown;
 use crate::status::{ExternalHealth, UpstreamStatus};
 use crate::supervisor::{Control, Outcome};
@@ -68,8 +76,9 @@ use crate::supervisor::{Control, Outcome};
 /// Exit code when the gateway cannot start or gives up on vLLM.
 pub const EXIT_FAILURE: u8 = 1;
 
-/// Everything after configuration: signals, metrics, then [`run`]. Returns the process exit code.
-pub async fn main(config: Config) -> u8 {
+/// Everything after configuration: signals, reloads, metrics, then [`run`]. Returns the process
+/// exit code.
+pub async fn main(config: Config, reloader: Reloader) -> u8 {
     let signals = match signals::install() {
         Ok(signals) => signals,
         Err(error) => {
@@ -89,8 +98,16 @@ pub async fn main(config: Config) -> u8 {
     }
     let shutdown = Shutdown::new();
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let signal_task = tokio::spawn(signals::handle(signals, shutdown.clone(), control_tx));
-    let code = match run(config, shutdown, control_rx, metrics).await {
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    let live = reloader.live();
+    let reload_task = tokio::spawn(reload::run(reloader, reload_rx));
+    let signal_task = tokio::spawn(signals::handle(
+        signals,
+        shutdown.clone(),
+        control_tx,
+        reload_tx,
+    ));
+    let code = match run(config, live, shutdown, control_rx, metrics).await {
         Ok(code) => code,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -98,26 +115,29 @@ pub async fn main(config: Config) -> u8 {
         }
     };
     signal_task.abort();
+    reload_task.abort();
     code
 }
 
-/// Runs the gateway until shutdown. `shutdown` is the trigger (tests cancel it directly);
-/// `control` carries signals to forward to the child.
+/// Runs the gateway until shutdown. `live` is `config` as reloads change it; `shutdown` is the
+/// trigger (tests cancel it directly); `control` carries signals to forward to the child.
 pub async fn run(
     config: Config,
+    live: LiveConfig,
     shutdown: Shutdown,
     control: mpsc::UnboundedReceiver<Control>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<u8> {
     supervisor::reaper::start();
     match config.serve.clone() {
-        None => run_standalone(config, shutdown, metrics).await,
-        Some(_) => run_serve(config, shutdown, control, metrics).await,
+        None => run_standalone(config, live, shutdown, metrics).await,
+        Some(_) => run_serve(config, live, shutdown, control, metrics).await,
     }
 }
 
 async fn run_standalone(
     config: Config,
+    live: LiveConfig,
     shutdown: Shutdown,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<u8> {
@@ -133,6 +153,7 @@ async fn run_standalone(
     ));
     let state = Arc::new(AppState::new(
         &config,
+        live,
         status_rx,
         metrics,
         shutdown.graceful.clone(),
@@ -140,7 +161,7 @@ async fn run_standalone(
     let workers = start_workers(listener, &state)?;
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
-    serve_and_drain(workers, &config, &shutdown).await?;
+    serve_and_drain(workers, &shutdown).await?;
     tracker.close();
     tracker.wait().await;
     tracing::info!("gateway stopped");
@@ -149,6 +170,7 @@ async fn run_standalone(
 
 async fn run_serve(
     config: Config,
+    live: LiveConfig,
     shutdown: Shutdown,
     control: mpsc::UnboundedReceiver<Control>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -182,7 +204,7 @@ async fn run_serve(
         () = shutdown.graceful.cancelled() => false,
     };
     let served = if became_ready {
-        serve_child(socket, &config, &shutdown, &status_rx, metrics).await
+        serve_child(socket, &config, live, &shutdown, &status_rx, metrics).await
     } else {
         notify::stopping();
         Ok(())
@@ -210,6 +232,7 @@ async fn run_serve(
 async fn serve_child(
     socket: TcpSocket,
     config: &Config,
+    live: LiveConfig,
     shutdown: &Shutdown,
     status_rx: &watch::Receiver<UpstreamStatus>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -218,6 +241,7 @@ async fn serve_child(
     let draining = shutdown.graceful.child_token();
     let state = Arc::new(AppState::new(
         config,
+        live,
         status_rx.clone(),
         metrics,
         draining.clone(),
@@ -230,20 +254,16 @@ async fn serve_child(
         let _ = gone.wait_for(|status| !status.may_become_ready()).await;
         draining.cancel();
     });
-    let served = serve_and_drain(workers, config, shutdown).await;
+    let served = serve_and_drain(workers, shutdown).await;
     watch_child.abort();
     served
 }
 
 /// Serves until the drain is over, telling systemd (STOPPING=1, then the count of requests left)
 /// meanwhile. STOPPING=1 goes out exactly once, however fast the drain.
-async fn serve_and_drain(
-    workers: proxy::Workers,
-    config: &Config,
-    shutdown: &Shutdown,
-) -> anyhow::Result<()> {
+async fn serve_and_drain(workers: proxy::Workers, shutdown: &Shutdown) -> anyhow::Result<()> {
     let draining = workers.draining();
-    let served = workers.serve(config.drain_timeout, shutdown.fast.clone());
+    let served = workers.serve(shutdown.fast.clone());
     tokio::pin!(served);
     tokio::select! {
         result = &mut served => {

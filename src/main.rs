@@ -22,7 +22,13 @@ fn main() -> ExitCode {
         }
     };
     let env = |name: &str| std::env::var(name).ok();
-    let mut config = match config::load(proxy_args, serve_args, mode, &env) {
+    // Kept for SIGHUP, which loads the configuration again the same way.
+    let source = config::Source {
+        proxy_args: proxy_args.clone(),
+        serve_args: serve_args.cloned(),
+        mode,
+    };
+    let mut config = match source.load(&env) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("gateway: invalid configuration:\n{errors}");
@@ -33,6 +39,7 @@ fn main() -> ExitCode {
         eprintln!("gateway: cannot set up logging: {error}");
         return ExitCode::from(2);
     }
+    let loaded = config.clone();
     if let Err(error) = config.resolve_vllm_port() {
         eprintln!("gateway: cannot pick a free port for vLLM: {error}");
         return ExitCode::from(1);
@@ -52,7 +59,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = runtime.block_on(gateway::main(config));
+    let reloader = gateway::reload::Reloader::new(source, loaded, &config);
+    let code = runtime.block_on(gateway::main(config, reloader));
     // Tasks still draining after the deadline are abandoned rather than awaited.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     ExitCode::from(code)

@@ -1,12 +1,14 @@
-//! systemd notification (`sd_notify`): READY=1, STATUS=, STOPPING=1, EXTEND_TIMEOUT_USEC= and the
-//! WATCHDOG=1 keep-alive. The sd-notify crate formats the states and reads the watchdog settings;
+//! systemd notification (`sd_notify`): READY=1, STATUS=, STOPPING=1, EXTEND_TIMEOUT_USEC=, the
+//! WATCHDOG=1 keep-alive, and RELOADING=1 then READY=1 around a reload. The sd-notify crate formats the states and reads the watchdog settings;
 //! the datagram is sent here so that abstract sockets (`@name`) work too. Every function is a no-op without
 //! `$NOTIFY_SOCKET`, and a failed send is logged, never fatal.
 //!
 //! Readiness is sent by `run`; status lines follow the child state ([`follow`]); STOPPING=1 and the
 //! count of requests left go out while the proxy drains ([`report_drain`]); watchdog pings come
-//! from the supervisor loop itself, so a wedged loop misses them.
+//! from the supervisor loop itself, so a wedged loop misses them. A reload is announced only between
+//! the first READY=1 and STOPPING=1 ([`reloading`]): before, its READY=1 would pass for the start's.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -48,17 +50,56 @@ fn send_to(socket: &std::ffi::OsStr, message: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// READY=1 went out.
+static READY_SENT: AtomicBool = AtomicBool::new(false);
+/// STOPPING=1 went out.
+static STOPPING_SENT: AtomicBool = AtomicBool::new(false);
+
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    READY_SENT.store(true, Ordering::Relaxed);
 }
 
 pub fn stopping() {
+    STOPPING_SENT.store(true, Ordering::Relaxed);
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// A reload under way, as systemd has been told of it (or not).
+#[must_use = "a reload announced to systemd must be ended with `done`"]
+pub struct Reloading {
+    announced: bool,
+}
+
+/// Begins a reload: RELOADING=1 with MONOTONIC_USEC= (which systemd requires with it). Nothing is
+/// sent before the gateway is ready or once it is stopping.
+pub fn reloading() -> Reloading {
+    let announced = READY_SENT.load(Ordering::Relaxed) && !STOPPING_SENT.load(Ordering::Relaxed);
+    if announced {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => send(&[NotifyState::Reloading, now]),
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the monotonic clock");
+                send(&[NotifyState::Reloading]);
+            }
+        }
+    }
+    Reloading { announced }
+}
+
+impl Reloading {
+    /// Ends the reload, applied or refused: READY=1 again, unless a stop began meanwhile.
+    pub fn done(self) {
+        if self.announced && !STOPPING_SENT.load(Ordering::Relaxed) {
+            send(&[NotifyState::Ready]);
+        }
+    }
 }
 
 /// For a drain that has begun: STOPPING=1 at once, then every second how many requests are
 /// still being drained. Never returns; the caller drops it when the drain is over.
 pub async fn report_drain() {
+    STOPPING_SENT.store(true, Ordering::Relaxed);
     let text = draining_status(telemetry::requests_in_flight());
     send(&[NotifyState::Stopping, NotifyState::Status(&text)]);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));

@@ -1,7 +1,9 @@
 //! The one task that reads process signals and turns them into decisions.
 //!
 //! SIGTERM/SIGINT: graceful stop; a second one: fast stop (skip the drain).
-//! SIGHUP/SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`).
+//! SIGHUP: the gateway's own: reload the configuration (`reload`); vLLM never sees it (vLLM does not
+//! handle SIGHUP and dies of it).
+//! SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`).
 //! SIGQUIT: forwarded, then a graceful stop.
 
 use futures_util::StreamExt;
@@ -41,6 +43,7 @@ impl Shutdown {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignalAction {
     Stop,
+    Reload,
     Forward(Signal),
     ForwardThenStop(Signal),
 }
@@ -48,7 +51,7 @@ pub enum SignalAction {
 pub fn action_for(signal: i32) -> Option<SignalAction> {
     Some(match signal {
         SIGTERM | SIGINT => SignalAction::Stop,
-        SIGHUP => SignalAction::Forward(Signal::SIGHUP),
+        SIGHUP => SignalAction::Reload,
         SIGUSR1 => SignalAction::Forward(Signal::SIGUSR1),
         SIGUSR2 => SignalAction::Forward(Signal::SIGUSR2),
         SIGQUIT => SignalAction::ForwardThenStop(Signal::SIGQUIT),
@@ -63,11 +66,13 @@ pub fn install() -> std::io::Result<Signals> {
 }
 
 /// Reads signals until the process ends. Forwarded signals go to `forward`; with no child they are
-/// logged and dropped.
+/// logged and dropped. Reload requests go to `reload`; one already waiting covers the next (it
+/// reads the file after both).
 pub async fn handle(
     mut signals: Signals,
     shutdown: Shutdown,
     forward: mpsc::UnboundedSender<Control>,
+    reload: mpsc::Sender<()>,
 ) {
     while let Some(signal) = signals.next().await {
         let Some(action) = action_for(signal) else {
@@ -82,6 +87,10 @@ pub async fn handle(
                     tracing::info!(signal = name, "stop signal: shutting down gracefully");
                 }
                 shutdown.request();
+            }
+            SignalAction::Reload => {
+                tracing::info!(signal = name, "reloading the configuration");
+                let _ = reload.try_send(());
             }
             SignalAction::Forward(signal) => {
                 tracing::info!(signal = name, "forwarding signal to vLLM");
@@ -115,9 +124,10 @@ mod tests {
     #[test]
     fn signals_map_to_actions() {
         assert_eq!(action_for(SIGTERM), Some(SignalAction::Stop));
+        assert_eq!(action_for(SIGHUP), Some(SignalAction::Reload));
         assert_eq!(
-            action_for(SIGHUP),
-            Some(SignalAction::Forward(Signal::SIGHUP))
+            action_for(SIGUSR1),
+            Some(SignalAction::Forward(Signal::SIGUSR1))
         );
         assert_eq!(
             action_for(SIGQUIT),

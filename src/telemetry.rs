@@ -4,6 +4,7 @@
 //! because the client went away).
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -11,10 +12,10 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::time::Instant;
 use tracing_journald::{Priority, PriorityMappings};
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::cli::LogFormat;
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
@@ -26,10 +27,9 @@ use crate::supervisor::output;
 /// it falls back to JSON on stderr (which still reaches the journal) and says so, rather than
 /// refusing to start. An explicit `journald` that cannot be opened is an error.
 pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives)?,
-        _ => EnvFilter::try_new(level)?,
-    };
+    let (filter, handle) = reload::Layer::new(log_filter(level)?);
+    // Set once: `init_logging` runs once per process (a second `try_init` fails anyway).
+    let _ = LOG_FILTER.set(handle);
     let mut journald_unavailable = None;
     let journald = match format {
         LogFormat::Journald => Some(journald_layers()?),
@@ -70,8 +70,33 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
     Ok(format)
 }
 
+/// The global filter, behind a reload layer so that a reload can change `log_level`.
+static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// The filter for `log_level`; `RUST_LOG`, when set, wins.
+fn log_filter(level: &str) -> anyhow::Result<EnvFilter> {
+    Ok(match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives)?,
+        _ => EnvFilter::try_new(level)?,
+    })
+}
+
+/// Applies a reloaded `log_level` to every later event. With `RUST_LOG` set, which wins, the filter
+/// stays as it is and this returns false.
+pub fn set_log_level(level: &str) -> anyhow::Result<bool> {
+    if std::env::var("RUST_LOG").is_ok_and(|directives| !directives.is_empty()) {
+        return Ok(false);
+    }
+    let filter = log_filter(level)?;
+    let handle = LOG_FILTER
+        .get()
+        .ok_or_else(|| anyhow::anyhow!("logging is not set up"))?;
+    handle.reload(filter)?;
+    Ok(true)
+}
+
 fn init_text(
-    registry: tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>,
+    registry: tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>,
 ) -> anyhow::Result<LogFormat> {
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())

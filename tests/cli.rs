@@ -203,6 +203,47 @@ fn config_check_accepts_the_example_and_rejects_mistakes() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("`drain_timeout`"));
 }
 
+/// Regression (issue 11): `config check` accepted `port = 8000`, which `serve` then refused (vLLM's
+/// default port), and a port of 99999 in `llm_api_base`, which failed only at start-up with a bare
+/// "invalid port number". Both are now refused by `config check` and by the run, with one text
+/// that names the key and the file.
+#[test]
+fn config_check_refuses_what_the_run_refuses_with_the_same_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (text, key, run) in [
+        ("port = 8000\n", "`port`", &["serve", "mock-model"][..]),
+        (
+            "llm_api_base = \"http://127.0.0.1:99999/v1\"\n",
+            "`llm_api_base`",
+            &[][..],
+        ),
+    ] {
+        let path = write_config(dir.path(), text);
+        let check = gateway()
+            .args(["config", "check", &path])
+            .output()
+            .expect("run");
+        let check_error = String::from_utf8_lossy(&check.stderr).trim().to_string();
+        assert_eq!(check.status.code(), Some(2), "{text}: {check_error}");
+        assert!(
+            check_error.contains(&format!("{path}: key {key}")),
+            "names the file and the key: {check_error}"
+        );
+        let output = gateway()
+            .args(run)
+            .args(["--config", &path])
+            .timeout(std::time::Duration::from_secs(10))
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{text}: {stderr}");
+        assert!(
+            stderr.contains(&check_error),
+            "the run says what `config check` said ({check_error}): {stderr}"
+        );
+    }
+}
+
 #[test]
 fn the_upstream_key_never_appears_in_errors() {
     let output = gateway()

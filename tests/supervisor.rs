@@ -423,15 +423,14 @@ fn sigkill_of_the_gateway_takes_vllms_whole_group_even_one_ignoring_sigterm() {
 }
 
 #[test]
-fn sighup_is_forwarded_to_the_child() {
-    // Like vLLM, mock-vllm dies of SIGHUP unless told to only record it.
-    let (gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_IGNORE_SIGHUP", "1")]);
+fn sigusr1_is_forwarded_to_the_child() {
+    let (gateway, vllm_port) = gateway_serve(&[], &[]);
     wait_ready(&gateway);
-    gateway.signal(Signal::SIGHUP);
-    wait_until("the child to receive SIGHUP", DEADLINE, || {
-        child_signals(vllm_port).contains(&"SIGHUP".to_string())
+    gateway.signal(Signal::SIGUSR1);
+    wait_until("the child to receive SIGUSR1", DEADLINE, || {
+        child_signals(vllm_port).contains(&"SIGUSR1".to_string())
     });
-    assert!(ready(&gateway), "SIGHUP does not stop anything");
+    assert!(ready(&gateway), "SIGUSR1 does not stop anything");
 }
 
 /// Zombie processes whose parent is `pid`.

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
+use crate::config::Config;
 use crate::proxy::AppState;
 use crate::proxy::body::{BodyTooLarge, ClientBodyError, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
@@ -21,19 +22,22 @@ static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-bufferin
 
 /// The fallback handler: everything the gateway does not answer itself goes upstream.
 pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    // This request's settings, whatever a reload does before it ends.
+    let live = state.live.load_full();
+    let config = &live.config;
     let request_id = request_id(request.headers());
     let mut record = RequestRecord::new(
         request_id.clone(),
         request.method(),
         request.uri().path(),
-        state.access_log,
+        config.log.access_log,
     );
-    let result = proxy(&state, request, &request_id, &mut record).await;
+    let result = proxy(&state, config, request, &request_id, &mut record).await;
     let mut response = match result {
         Ok((response, upstream_body, timing, sent_at)) => {
             let stream = matches!(timing, Timing::Stream { .. });
             record.set_response(response.status().as_u16(), stream);
-            let deadline = sent_at + state.proxy.request_timeout;
+            let deadline = sent_at + config.proxy.request_timeout;
             let body = UpstreamBody::new(upstream_body, timing, deadline, record);
             response.map(|()| Body::new(body))
         }
@@ -68,6 +72,7 @@ const WHOLE_BODY_MAX: u64 = 64 * 1024;
 
 async fn proxy(
     state: &AppState,
+    config: &Config,
     request: Request,
     request_id: &HeaderValue,
     record: &mut RequestRecord,
@@ -76,10 +81,10 @@ async fn proxy(
     // is sooner, counted from when the request goes upstream; a small body must arrive within
     // the same time from when the request did. Waiting for a ready vLLM has its own limit.
     let (header_timeout, header_kind) =
-        if state.proxy.first_byte_timeout <= state.proxy.request_timeout {
-            (state.proxy.first_byte_timeout, TimeoutKind::FirstByte)
+        if config.proxy.first_byte_timeout <= config.proxy.request_timeout {
+            (config.proxy.first_byte_timeout, TimeoutKind::FirstByte)
         } else {
-            (state.proxy.request_timeout, TimeoutKind::Request)
+            (config.proxy.request_timeout, TimeoutKind::Request)
         };
     let body_deadline = Instant::now() + header_timeout;
 
@@ -94,13 +99,13 @@ async fn proxy(
             },
         ));
     }
-    authorize(state, &mut parts.headers)?;
+    authorize(config, &mut parts.headers)?;
     if has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::BadRequest(
             "the request path must not contain `.` or `..` segments",
         ));
     }
-    let limit = state.proxy.max_body_bytes;
+    let limit = config.proxy.max_body_bytes;
     let length = content_length(&parts.headers);
     if length.is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
@@ -121,7 +126,7 @@ async fn proxy(
             body, limit, finished,
         )))
     };
-    wait_until_ready(state).await?;
+    wait_until_ready(state, config).await?;
 
     let url = upstream_url(&state.upstream_url, &state.upstream_path, &parts.uri);
     rewrite_request_headers(state, &mut parts.headers, request_id);
@@ -132,7 +137,7 @@ async fn proxy(
     // not noticed yet: such a request (never sent) waits for the next vLLM and goes again, once.
     let serving_pid = state.status.borrow().serving_pid();
     let retry = match serving_pid {
-        Some(_) if state.ready_wait_timeout.is_some() => upstream_request.try_clone(),
+        Some(_) if config.ready_wait_timeout().is_some() => upstream_request.try_clone(),
         _ => None,
     };
     let mut sent_at = Instant::now();
@@ -146,7 +151,7 @@ async fn proxy(
     )
     .await;
     if let (Err(ProxyError::Unavailable(Unavailable::Connect)), Some(request)) = (&outcome, retry) {
-        if wait_for_replacement(state, serving_pid).await? {
+        if wait_for_replacement(state, config, serving_pid).await? {
             tracing::debug!(request_id = %record.request_id(), "vLLM refused the connection; sending again to its replacement");
             sent_at = Instant::now();
             outcome = send(
@@ -165,7 +170,7 @@ async fn proxy(
             return Err(ProxyError::BodyTimeout);
         }
     }
-    let (head, body, timing) = downstream_response(state, outcome?);
+    let (head, body, timing) = downstream_response(config, outcome?);
     Ok((head, body, timing, sent_at))
 }
 
@@ -184,13 +189,13 @@ fn rewrite_request_headers(state: &AppState, headers: &mut HeaderMap, request_id
 
 /// The upstream's response as the client gets it, and how its body is to be timed.
 fn downstream_response(
-    state: &AppState,
+    config: &Config,
     response: reqwest::Response,
 ) -> (http::Response<()>, reqwest::Body, Timing) {
     let response: http::Response<reqwest::Body> = response.into();
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    if state.proxy.cors.is_some() {
+    if config.proxy.cors.is_some() {
         headers::strip_cors(&mut parts.headers);
     }
     let timing = if headers::is_event_stream(&parts.headers) {
@@ -198,7 +203,7 @@ fn downstream_response(
             .headers
             .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
         Timing::Stream {
-            idle: state.proxy.stream_idle_timeout,
+            idle: config.proxy.stream_idle_timeout,
         }
     } else {
         Timing::Whole
@@ -263,9 +268,10 @@ fn has_dot_segment(path: &str) -> bool {
 /// begins meanwhile ends the wait with 503.
 async fn wait_for_replacement(
     state: &AppState,
+    config: &Config,
     refused_by: Option<u32>,
 ) -> Result<bool, ProxyError> {
-    let Some(wait) = state.ready_wait_timeout else {
+    let Some(wait) = config.ready_wait_timeout() else {
         return Ok(false);
     };
     let mut status = state.status.clone();
@@ -283,8 +289,8 @@ async fn wait_for_replacement(
 
 /// Checks the client's key when the gateway has its own keys. A client key is for the gateway
 /// only: it is removed, and the upstream key (if any) is injected in its place.
-fn authorize(state: &AppState, headers: &mut HeaderMap) -> Result<(), ProxyError> {
-    if state.proxy.api_keys.is_empty() {
+fn authorize(config: &Config, headers: &mut HeaderMap) -> Result<(), ProxyError> {
+    if config.proxy.api_keys.is_empty() {
         return Ok(());
     }
     let presented = headers
@@ -300,7 +306,7 @@ fn authorize(state: &AppState, headers: &mut HeaderMap) -> Result<(), ProxyError
         return Err(ProxyError::Unauthorized);
     };
     // Compare against every key without stopping early, so timing does not tell which matched.
-    let matched = state.proxy.api_keys.iter().fold(false, |matched, key| {
+    let matched = config.proxy.api_keys.iter().fold(false, |matched, key| {
         matched | constant_time_eq(key.expose(), presented)
     });
     if !matched {
@@ -328,8 +334,8 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// Under `serve`, holds the request while the child is not ready, up to `ready_wait_timeout`.
-async fn wait_until_ready(state: &AppState) -> Result<(), ProxyError> {
-    let Some(wait) = state.ready_wait_timeout else {
+async fn wait_until_ready(state: &AppState, config: &Config) -> Result<(), ProxyError> {
+    let Some(wait) = config.ready_wait_timeout() else {
         return Ok(());
     };
     if state.status.borrow().accepts_requests() {

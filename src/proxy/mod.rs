@@ -3,7 +3,8 @@
 //!
 //! The proxy owns no process and no child state: it reads the [`UpstreamStatus`] watch and forwards
 //! requests with its worker's pooled upstream client. Each worker thread owns its runtime, its
-//! accept loop on the shared listening socket, and its pool.
+//! accept loop on the shared listening socket, and its pool. The configuration a reload may change
+//! is [`Live`], swapped whole by the reload and read once per request.
 
 pub mod body;
 pub mod errors;
@@ -13,7 +14,11 @@ pub mod headers;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use futures_util::StreamExt;
@@ -23,11 +28,36 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tower::{Layer as _, ServiceExt as _};
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
 use crate::config::{Config, Cors, ProxyConfig};
 use crate::health;
 use crate::status::UpstreamStatus;
+
+/// The configuration as the last reload left it (the start-up one until then), with what requests
+/// derive from it prepared once. Keys a reload may not change keep their start-up values here
+/// (`config::KEYS` says which).
+pub struct Live {
+    pub config: Config,
+    /// `None` leaves CORS off.
+    cors: Option<CorsLayer>,
+}
+
+impl Live {
+    pub fn new(config: Config) -> Self {
+        let cors = config.proxy.cors.as_ref().map(cors_layer);
+        Live { config, cors }
+    }
+}
+
+/// Shared by every worker and the reload: a reload swaps the whole [`Live`] at once, and a request
+/// takes the current one with an atomic load and a reference count, no lock.
+pub type LiveConfig = Arc<ArcSwap<Live>>;
+
+pub fn live_config(config: Config) -> LiveConfig {
+    Arc::new(ArcSwap::from_pointee(Live::new(config)))
+}
 
 /// What every request handler shares. Built once at start-up, then copied for each proxy worker
 /// with a pool of its own.
@@ -43,23 +73,22 @@ pub struct AppState {
     pub upstream_path: String,
     /// `Bearer <key>`, precomputed and marked sensitive, injected when the client sent none.
     pub upstream_auth: Option<HeaderValue>,
-    pub proxy: ProxyConfig,
+    /// What a reload may change: timeouts, limits, keys, CORS, the access log. A request loads it
+    /// once (`live.load_full()`) and keeps that copy to its end.
+    pub live: LiveConfig,
     pub status: watch::Receiver<UpstreamStatus>,
-    /// How long a request waits for a child that is not ready; `None` in standalone mode.
-    pub ready_wait_timeout: Option<Duration>,
     /// How old a standalone health probe may be and still count.
     pub probe_freshness: Duration,
-    pub access_log: bool,
     pub metrics: Option<PrometheusHandle>,
-    /// Appends the upstream's /metrics to ours.
-    pub metrics_merge_upstream: bool,
     /// Cancelled when shutdown begins: readiness turns 503 and waiting requests give up.
     pub draining: CancellationToken,
 }
 
 impl AppState {
+    /// `config` is the start-up configuration, which `live` holds too until a reload.
     pub fn new(
         config: &Config,
+        live: LiveConfig,
         status: watch::Receiver<UpstreamStatus>,
         metrics: Option<PrometheusHandle>,
         draining: CancellationToken,
@@ -81,13 +110,10 @@ impl AppState {
             upstream_url,
             upstream_path,
             upstream_auth,
-            proxy: config.proxy.clone(),
+            live,
             status,
-            ready_wait_timeout: config.serve.as_ref().map(|serve| serve.ready_wait_timeout),
             probe_freshness: config.health.interval + config.health.timeout,
-            access_log: config.log.access_log,
             metrics,
-            metrics_merge_upstream: config.metrics_merge_upstream,
             draining,
         })
     }
@@ -97,8 +123,9 @@ impl AppState {
     /// A copy for one proxy worker, with an upstream pool of its own: connections are driven by
     /// the runtime that opened them, so each worker keeps its own.
     fn for_worker(&self) -> anyhow::Result<AppState> {
+        // The pool's settings are restart-only keys: the live ones are the start-up ones.
         Ok(AppState {
-            client: upstream_client(&self.proxy)?,
+            client: upstream_client(&self.live.load().config.proxy)?,
             ..self.clone()
         })
     }
@@ -121,17 +148,28 @@ fn upstream_client(proxy: &ProxyConfig) -> anyhow::Result<reqwest::Client> {
 
 /// The whole HTTP surface. A function of the state alone, so routing tests need no socket.
 pub fn app(state: Arc<AppState>) -> Router {
-    let cors = state.proxy.cors.clone();
-    let router = Router::new()
+    Router::new()
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
         .route("/health", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .fallback(forward::forward)
-        .with_state(state);
-    match cors {
-        None => router,
-        Some(cors) => router.layer(cors_layer(&cors)),
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
+        .with_state(state)
+}
+
+/// CORS as the live configuration says, so that a reload can turn it on, off, or change the
+/// origins. With CORS off a request goes straight through. This reads the live configuration apart
+/// from `forward`: a reload landing between the two only means that one request's CORS headers
+/// follow the previous configuration.
+async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let layer = state.live.load().cors.clone();
+    match layer {
+        None => next.run(request).await,
+        Some(layer) => match layer.layer(next).oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
     }
 }
 
@@ -177,6 +215,8 @@ pub struct Workers {
     /// Cancelled to drop every worker's connections at once.
     close: CancellationToken,
     draining: CancellationToken,
+    /// For `drain_timeout`, read when the drain begins.
+    live: LiveConfig,
 }
 
 impl Workers {
@@ -232,6 +272,7 @@ impl Workers {
             finished,
             close,
             draining: state.draining.clone(),
+            live: Arc::clone(&state.live),
         })
     }
 
@@ -241,13 +282,9 @@ impl Workers {
     }
 
     /// Serves until `draining` is cancelled, then stops accepting and lets in-flight requests
-    /// finish for up to `drain_timeout`, or until `abort` is cancelled (a second signal). A worker
-    /// that fails ends every worker at once.
-    pub async fn serve(
-        mut self,
-        drain_timeout: Duration,
-        abort: CancellationToken,
-    ) -> std::io::Result<()> {
+    /// finish for up to `drain_timeout` (as configured when the drain begins), or until `abort` is
+    /// cancelled (a second signal). A worker that fails ends every worker at once.
+    pub async fn serve(mut self, abort: CancellationToken) -> std::io::Result<()> {
         let close = self.close.clone();
         let draining = self.draining.clone();
         let all_finished = async move {
@@ -270,6 +307,7 @@ impl Workers {
         let result = match result {
             Some(result) => result,
             None => {
+                let drain_timeout = self.live.load().config.drain_timeout;
                 tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout), "draining in-flight requests");
                 tokio::select! {
                     result = &mut all_finished => result,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod systemd;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -1,0 +1,343 @@
+//! SIGHUP (`systemctl reload`): the gateway reads its configuration file again and applies what can
+//! change while vLLM keeps running. vLLM never gets the signal (a real vLLM dies of it), a file with
+//! mistakes changes nothing, a key that needs a restart is reported and left as it is, and systemd
+//! hears RELOADING=1 then READY=1. Real processes: `gateway serve` with mock-vllm as its child.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::systemd::Systemd;
+use common::*;
+use nix::sys::signal::Signal;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
+
+/// A config file the test rewrites between reloads.
+struct ConfigFile {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.toml");
+        let file = ConfigFile { path, _dir: dir };
+        file.write(text);
+        file
+    }
+
+    fn write(&self, text: &str) {
+        // Written aside and renamed over, as editors and config management do, so a reload never
+        // reads half a file.
+        let next = self.path.with_extension("next");
+        std::fs::write(&next, text).expect("write config");
+        std::fs::rename(&next, &self.path).expect("replace config");
+    }
+
+    fn path(&self) -> &str {
+        self.path.to_str().expect("utf-8 path")
+    }
+}
+
+/// `gateway serve` with mock-vllm, configured by `file`, ready to serve.
+fn serve(file: &ConfigFile, env: &[(&str, &str)]) -> (Proc, u16) {
+    let (gateway, vllm_port) = gateway_serve(&["--config", file.path()], env);
+    wait_until("the gateway to be ready", DEADLINE, || {
+        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+    });
+    (gateway, vllm_port)
+}
+
+/// The status a `/v1/responses` request gets with this client key.
+fn status_with_key(gateway: &Proc, key: &str) -> u16 {
+    post_json(
+        gateway.port,
+        "/v1/responses",
+        RESPONSES_JSON,
+        &format!("\r\nAuthorization: Bearer {key}"),
+    )
+    .status
+}
+
+/// vLLM's pid and the signals it has received, from mock-vllm's own report.
+fn vllm_stats(vllm_port: u16) -> (i64, Vec<String>) {
+    let (_, body) = get(&format!("http://127.0.0.1:{vllm_port}/_mock/stats")).expect("stats");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let signals = stats["signals"]
+        .as_array()
+        .expect("signals")
+        .iter()
+        .map(|signal| signal.as_str().expect("name").to_string())
+        .collect();
+    (stats["pid"].as_i64().expect("pid"), signals)
+}
+
+/// The messages of the gateway's JSON log lines.
+fn log_messages(gateway: &Proc) -> Vec<String> {
+    gateway
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| line["message"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// What `gateway config check` says about a file, line by line.
+fn config_check(path: &Path) -> Vec<String> {
+    let output = Command::new(GATEWAY)
+        .args(["config", "check"])
+        .arg(path)
+        .output()
+        .expect("run config check");
+    assert_eq!(output.status.code(), Some(2), "config check refuses it");
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Regression (issue 11): SIGHUP was forwarded to vLLM, which does not handle it and dies.
+#[test]
+fn sighup_applies_new_client_keys_while_vllm_keeps_running_untouched() {
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let (gateway, vllm_port) = serve(&file, &[]);
+    let (vllm_pid, _) = vllm_stats(vllm_port);
+    assert_eq!(status_with_key(&gateway, "sk-old"), 200);
+    assert_eq!(status_with_key(&gateway, "sk-new"), 401);
+
+    file.write("api_keys = [\"sk-new\"]\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the new key to be accepted", DEADLINE, || {
+        status_with_key(&gateway, "sk-new") == 200
+    });
+    assert_eq!(status_with_key(&gateway, "sk-old"), 401);
+
+    let (pid_after, signals) = vllm_stats(vllm_port);
+    assert_eq!(pid_after, vllm_pid, "the same vLLM serves");
+    assert!(
+        !signals.contains(&"SIGHUP".to_string()),
+        "vLLM never saw the SIGHUP: {signals:?}"
+    );
+    assert!(alive(gateway.pid()));
+}
+
+#[test]
+fn a_file_with_mistakes_on_sighup_changes_nothing_and_is_reported_as_config_check_reports_it() {
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let (gateway, vllm_port) = serve(&file, &[]);
+    let (vllm_pid, _) = vllm_stats(vllm_port);
+
+    // The new key is valid; the file as a whole is not, so none of it applies.
+    file.write("api_keys = [\"sk-new\"]\nrequest_timeout = \"soon\"\n");
+    let expected = config_check(&file.path);
+    assert!(
+        expected
+            .iter()
+            .any(|line| line.contains("`request_timeout`") && line.contains(file.path())),
+        "{expected:?}"
+    );
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the refusal to be logged", DEADLINE, || {
+        let messages = log_messages(&gateway);
+        expected.iter().all(|line| {
+            messages
+                .iter()
+                .any(|message| message.contains(line.as_str()))
+        })
+    });
+
+    assert_eq!(
+        status_with_key(&gateway, "sk-old"),
+        200,
+        "the old keys stay"
+    );
+    assert_eq!(status_with_key(&gateway, "sk-new"), 401);
+    assert_eq!(vllm_stats(vllm_port).0, vllm_pid);
+
+    // Once the file is fixed, the next reload applies it.
+    file.write("api_keys = [\"sk-new\"]\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the new key to be accepted", DEADLINE, || {
+        status_with_key(&gateway, "sk-new") == 200
+    });
+    assert_eq!(vllm_stats(vllm_port).0, vllm_pid);
+}
+
+#[test]
+fn a_changed_key_that_needs_a_restart_is_reported_and_left_as_it_is() {
+    let (_dir, pids, pids_text) = {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pids");
+        let text = path.to_str().expect("utf-8 path").to_string();
+        (dir, path, text)
+    };
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let (gateway, vllm_port) = serve(&file, &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    let (vllm_pid, _) = vllm_stats(vllm_port);
+
+    // vLLM's arguments need a new vLLM; the client keys in the same file do not.
+    file.write("api_keys = [\"sk-new\"]\nvllm_args = [\"--max-model-len\", \"2048\"]\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the new key to be accepted", DEADLINE, || {
+        status_with_key(&gateway, "sk-new") == 200
+    });
+    wait_until("the restart-only key to be reported", DEADLINE, || {
+        log_messages(&gateway)
+            .iter()
+            .any(|message| message.contains("`vllm_args`") && message.contains("needs a restart"))
+    });
+    assert!(
+        !log_messages(&gateway)
+            .iter()
+            .any(|message| message.contains("`api_keys`") && message.contains("needs a restart")),
+        "a key a reload applies is not reported as needing a restart"
+    );
+    assert_eq!(vllm_stats(vllm_port).0, vllm_pid, "vLLM was not restarted");
+    assert_eq!(read_pid_file(&pids).len(), 1, "vLLM was started once");
+}
+
+#[test]
+fn a_reload_is_told_to_systemd_as_reloading_then_ready() {
+    let port = free_port();
+    let systemd = Systemd::listen(false, port);
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let (gateway, _) = gateway_serve_on(
+        port,
+        &["--config", file.path()],
+        &[("NOTIFY_SOCKET", &systemd.socket_env)],
+    );
+    wait_until("READY=1", DEADLINE, || systemd.count("READY=1") == 1);
+
+    file.write("api_keys = [\"sk-new\"]\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("READY=1 after the reload", DEADLINE, || {
+        systemd.count("READY=1") == 2
+    });
+    // A refused file is a reload too: systemd must not be left waiting in "reloading".
+    file.write("api_keys = 1\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("READY=1 after the refused reload", DEADLINE, || {
+        systemd.count("READY=1") == 3
+    });
+
+    let messages = systemd.messages();
+    let sequence: Vec<&str> = messages
+        .iter()
+        .map(String::as_str)
+        .filter(|message| {
+            *message == "READY=1"
+                || *message == "RELOADING=1"
+                || message.starts_with("MONOTONIC_USEC=")
+        })
+        .collect();
+    assert_eq!(sequence.len(), 7, "{messages:?}");
+    for (index, expected) in [
+        "READY=1",
+        "RELOADING=1",
+        "MONOTONIC_USEC=",
+        "READY=1",
+        "RELOADING=1",
+        "MONOTONIC_USEC=",
+        "READY=1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(sequence[index].starts_with(expected), "{messages:?}");
+    }
+    // MONOTONIC_USEC= goes with RELOADING=1, as systemd requires, and is a number.
+    let reloading = messages
+        .iter()
+        .position(|message| message == "RELOADING=1")
+        .expect("RELOADING=1");
+    assert!(
+        messages[reloading + 1]
+            .strip_prefix("MONOTONIC_USEC=")
+            .is_some_and(|usec| usec.parse::<u64>().is_ok_and(|usec| usec > 0)),
+        "{messages:?}"
+    );
+    assert_eq!(status_with_key(&gateway, "sk-new"), 200);
+}
+
+/// The origin a CORS preflight from `origin` is allowed, if any.
+fn preflight_allows(gateway: &Proc, origin: &str) -> Option<String> {
+    let response = raw_request(
+        gateway.port,
+        &format!(
+            "OPTIONS /v1/responses HTTP/1.1\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST"
+        ),
+        b"",
+    );
+    response
+        .header("access-control-allow-origin")
+        .map(str::to_string)
+}
+
+#[test]
+fn a_reload_turns_cors_on_for_the_requests_that_follow() {
+    let file = ConfigFile::new("");
+    let (gateway, _) = serve(&file, &[]);
+    assert_eq!(preflight_allows(&gateway, "https://app.example"), None);
+
+    file.write("cors_allowed_origins = [\"https://app.example\"]\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("CORS to answer the preflight", DEADLINE, || {
+        preflight_allows(&gateway, "https://app.example").as_deref() == Some("https://app.example")
+    });
+    assert_eq!(preflight_allows(&gateway, "https://other.example"), None);
+}
+
+#[test]
+fn the_standalone_proxy_reloads_its_client_keys_too() {
+    let vllm = mock_vllm(&[]);
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let gateway = gateway(vllm.port, &["--config", file.path()], &[]);
+    assert_eq!(status_with_key(&gateway, "sk-old"), 200);
+
+    file.write("api_keys = [\"sk-new\"]\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the new key to be accepted", DEADLINE, || {
+        status_with_key(&gateway, "sk-new") == 200
+    });
+    assert_eq!(status_with_key(&gateway, "sk-old"), 401);
+    assert!(alive(vllm.pid()));
+}
+
+#[test]
+fn a_reload_changes_the_log_level_of_the_lines_that_follow() {
+    let file = ConfigFile::new("log_level = \"warn\"\n");
+    // RUST_LOG, which would win over `log_level`, is left empty.
+    let (gateway, _) = serve(&file, &[("RUST_LOG", "")]);
+    let request = |id: &str| {
+        post_json(
+            gateway.port,
+            "/v1/responses",
+            RESPONSES_JSON,
+            &format!("\r\nx-request-id: {id}"),
+        )
+        .status
+    };
+    let logged = |id: &str| {
+        gateway
+            .log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|line| line["request_id"] == id)
+    };
+    assert_eq!(request("before-reload"), 200);
+
+    file.write("log_level = \"info\"\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("an access log line at info", DEADLINE, || {
+        request("after-reload") == 200 && logged("after-reload")
+    });
+    assert!(
+        !logged("before-reload"),
+        "at warn, the request before the reload was not logged"
+    );
+}
