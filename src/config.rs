@@ -52,6 +52,14 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// `None` leaves CORS off: no CORS headers are added and none are stripped.
     pub cors: Option<Cors>,
+    /// A request head must be whole this long after the connection opened or its first byte came.
+    pub client_header_timeout: Duration,
+    /// A kept-alive connection waits this long for its next request.
+    pub client_idle_timeout: Duration,
+    /// A client that takes no bytes of its response for this long is cut off.
+    pub client_send_timeout: Duration,
+    /// Most client connections open at once; `None` derives it from the open-files limit at start.
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +246,19 @@ pub fn load(
         .max_body_bytes
         .or(file.integer("max_body_bytes"))
         .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let client_header_timeout = a
+        .client_header_timeout
+        .or(file.duration("client_header_timeout"))
+        .unwrap_or(secs(30));
+    let client_idle_timeout = a
+        .client_idle_timeout
+        .or(file.duration("client_idle_timeout"))
+        .unwrap_or(secs(75));
+    let client_send_timeout = a
+        .client_send_timeout
+        .or(file.duration("client_send_timeout"))
+        .unwrap_or(secs(60));
+    let max_connections = a.max_connections.or(file.integer("max_connections"));
     let drain_timeout = a
         .drain_timeout
         .or(file.duration("drain_timeout"))
@@ -437,6 +458,9 @@ pub fn load(
         ("first_byte_timeout", first_byte_timeout, false),
         ("stream_idle_timeout", stream_idle_timeout, false),
         ("pool_idle_timeout", pool_idle_timeout, false),
+        ("client_header_timeout", client_header_timeout, false),
+        ("client_idle_timeout", client_idle_timeout, false),
+        ("client_send_timeout", client_send_timeout, false),
         ("drain_timeout", drain_timeout, true),
         ("health_interval", health_interval, false),
         ("health_timeout", health_timeout, false),
@@ -457,6 +481,9 @@ pub fn load(
     }
     if max_body_bytes == 0 {
         error("max_body_bytes", "must be greater than zero".into());
+    }
+    if max_connections == Some(0) {
+        error("max_connections", "must be at least 1".into());
     }
     if mode == Mode::Serve && vllm_port != 0 && vllm_port == port {
         error(
@@ -546,6 +573,10 @@ pub fn load(
             stream_idle_timeout,
             pool_idle_timeout,
             cors,
+            client_header_timeout,
+            client_idle_timeout,
+            client_send_timeout,
+            max_connections,
         },
         health: HealthConfig {
             interval: health_interval,

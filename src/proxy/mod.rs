@@ -6,6 +6,7 @@
 //! accept loop on the shared listening socket, and its pool.
 
 pub mod body;
+pub mod conn;
 pub mod errors;
 pub mod forward;
 pub mod headers;
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use http::HeaderValue;
@@ -76,7 +76,7 @@ impl AppState {
         let upstream_url = reqwest::Url::parse(&config.upstream.base)?;
         let upstream_path = upstream_url.path().trim_end_matches('/').to_string();
         Ok(AppState {
-            client: upstream_client(&config.proxy)?,
+            client: upstream_client(&config.proxy, usize::MAX)?,
             upstream_base: config.upstream.base.clone(),
             upstream_url,
             upstream_path,
@@ -95,10 +95,11 @@ impl AppState {
 
 impl AppState {
     /// A copy for one proxy worker, with an upstream pool of its own: connections are driven by
-    /// the runtime that opened them, so each worker keeps its own.
-    fn for_worker(&self) -> anyhow::Result<AppState> {
+    /// the runtime that opened them, so each worker keeps its own. The pool keeps at most
+    /// `max_idle` idle connections (the worker's share of `max_connections`).
+    fn for_worker(&self, max_idle: usize) -> anyhow::Result<AppState> {
         Ok(AppState {
-            client: upstream_client(&self.proxy)?,
+            client: upstream_client(&self.proxy, max_idle)?,
             ..self.clone()
         })
     }
@@ -107,11 +108,11 @@ impl AppState {
 /// The pooled client for proxied requests. Idle connections are dropped before the upstream
 /// would close them (uvicorn: 5 s), so a request never lands on a connection that is being closed;
 /// hyper retries on its own a request that could not be written to a pooled connection.
-fn upstream_client(proxy: &ProxyConfig) -> anyhow::Result<reqwest::Client> {
+fn upstream_client(proxy: &ProxyConfig, max_idle: usize) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .connect_timeout(proxy.connect_timeout)
         .pool_idle_timeout(proxy.pool_idle_timeout)
-        .pool_max_idle_per_host(usize::MAX)
+        .pool_max_idle_per_host(max_idle)
         .tcp_nodelay(true)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -190,9 +191,17 @@ impl Workers {
     ) -> std::io::Result<Workers> {
         let listener = listener.into_std()?;
         let close = CancellationToken::new();
+        let count = count.max(1);
+        let limit =
+            conn::ConnectionLimit::new(conn::max_connections(state.proxy.max_connections, count));
+        tracing::info!(
+            max_connections = limit.max(),
+            "client connections are limited"
+        );
+        let max_idle = limit.max().div_ceil(count);
         let mut built = Vec::with_capacity(count);
-        for _ in 0..count.max(1) {
-            match Worker::build(&listener, state, &close) {
+        for _ in 0..count {
+            match Worker::build(&listener, state, &close, &limit, max_idle) {
                 Ok(worker) => built.push(worker),
                 Err(error) => {
                     built.into_iter().for_each(Worker::discard);
@@ -295,6 +304,7 @@ struct Worker {
     listener: TcpListener,
     state: Arc<AppState>,
     close: CancellationToken,
+    limit: conn::ConnectionLimit,
 }
 
 impl Worker {
@@ -302,6 +312,8 @@ impl Worker {
         listener: &std::net::TcpListener,
         state: &AppState,
         close: &CancellationToken,
+        limit: &conn::ConnectionLimit,
+        max_idle: usize,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -318,7 +330,7 @@ impl Worker {
                 return Err(error);
             }
         };
-        let state = match state.for_worker() {
+        let state = match state.for_worker(max_idle) {
             Ok(state) => Arc::new(state),
             Err(error) => {
                 drop(listener);
@@ -331,6 +343,7 @@ impl Worker {
             listener,
             state,
             close: close.clone(),
+            limit: limit.clone(),
         })
     }
 
@@ -346,22 +359,17 @@ impl Worker {
             listener,
             state,
             close,
+            limit,
         } = self;
         runtime.block_on(async move {
             let draining = state.draining.clone();
-            // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the
-            // client's delayed ACK: tens of milliseconds per response.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(%error, "cannot set TCP_NODELAY");
-                }
-            });
-            let server = axum::serve(listener, app(state))
-                .with_graceful_shutdown(draining.cancelled_owned());
+            let timeouts = conn::ClientTimeouts::from_config(&state.proxy);
+            let served = conn::serve(listener, app(state), timeouts, limit, draining);
             tokio::select! {
-                result = std::future::IntoFuture::into_future(server) => result,
-                () = close.cancelled() => Ok(()),
+                () = served => {}
+                () = close.cancelled() => {}
             }
-        })
+        });
+        Ok(())
     }
 }
