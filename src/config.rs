@@ -985,6 +985,29 @@ mod tests {
     }
 
     #[test]
+    fn client_limits_default_and_refuse_zero() {
+        let config = load_file("", Mode::Check).expect("valid");
+        assert_eq!(config.proxy.client_header_timeout, secs(30));
+        assert_eq!(config.proxy.client_idle_timeout, secs(75));
+        assert_eq!(config.proxy.client_send_timeout, secs(60));
+        assert_eq!(config.proxy.max_connections, None);
+        let err = load_file(
+            "client_header_timeout = \"0s\"\nclient_send_timeout = \"0s\"\nmax_connections = 0\n",
+            Mode::Check,
+        )
+        .expect_err("invalid");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "client_header_timeout",
+                "client_send_timeout",
+                "max_connections"
+            ]
+        );
+    }
+
+    #[test]
     fn serve_requires_a_model_and_rejects_a_base_url() {
         let err = load_file("llm_api_base = \"http://a:1\"\n", Mode::Serve).expect_err("invalid");
         let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
