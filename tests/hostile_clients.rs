@@ -351,14 +351,13 @@ fn a_connection_flood_past_the_open_files_limit_leaves_vllm_alone_and_the_gatewa
     });
     let pid = vllm_pid(&gateway);
 
-    // More idle connections than the gateway has descriptors; the listen backlog takes them all.
+    // More idle connections than the gateway has descriptors, as far as the listen backlog takes
+    // them (a connection it has no room for is not answered at all).
     let address: SocketAddr = ([127, 0, 0, 1], gateway.port).into();
     let flood: Vec<TcpStream> = (0..OPEN_FILES * 2)
-        .map(|_| {
-            TcpStream::connect_timeout(&address, Duration::from_secs(5))
-                .expect("a flood connection")
-        })
+        .map_while(|_| TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok())
         .collect();
+    assert!(!flood.is_empty(), "no flood connection got through");
     // It has filled what the gateway accepts: its connection limit, or (without one) its
     // descriptors.
     wait_until("the flood to reach the gateway's limit", DEADLINE, || {

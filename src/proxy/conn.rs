@@ -34,17 +34,18 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
 
@@ -164,6 +165,10 @@ impl ClientTimeouts {
 /// Accepts and serves connections until `draining` is cancelled, then stops accepting (dropping
 /// this worker's copy of the listening socket) and returns once every connection has finished:
 /// idle ones close at once, busy ones after their response. The caller cuts the wait short.
+///
+/// A request that reached the gateway before the drain is still served: connections already
+/// waiting in the backlog are taken in, and each connection reads what it was sent before it is
+/// told to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -173,7 +178,7 @@ pub async fn serve(
 ) {
     let builder = http1_builder(timeouts);
     let service = TowerToHyperService::new(router);
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let mut full = Throttle::default();
     let mut failing = Throttle::default();
     let mut backoff = Duration::ZERO;
@@ -203,14 +208,12 @@ pub async fn serve(
         match accepted {
             Ok((tcp, _)) => {
                 backoff = Duration::ZERO;
-                spawn_connection(
-                    tcp,
-                    permit,
-                    &builder,
-                    &service,
-                    timeouts,
-                    graceful.watcher(),
-                );
+                let connection = serve_connection(tcp, &builder, &service, timeouts, &draining);
+                connections.spawn(async move {
+                    connection.await;
+                    // The slot frees only once the socket is closed.
+                    drop(permit);
+                });
             }
             Err(error) if is_connection_error(&error) => {}
             Err(error) => {
@@ -232,8 +235,24 @@ pub async fn serve(
             }
         }
     }
+    // What is already in the backlog was sent before the drain; what is not, is left to the
+    // kernel to refuse once the last copy of the listening socket is closed.
+    for _ in 0..limit.max {
+        let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
+            break;
+        };
+        let Some(Ok((tcp, _))) = listener.accept().now_or_never() else {
+            break;
+        };
+        let connection = serve_connection(tcp, &builder, &service, timeouts, &draining);
+        connections.spawn(async move {
+            connection.await;
+            drop(permit);
+        });
+    }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }
 
 /// The peer gave up before its connection was accepted: nothing to report.
@@ -258,14 +277,15 @@ fn http1_builder(timeouts: ClientTimeouts) -> http1::Builder {
     builder
 }
 
-fn spawn_connection(
+/// One connection, served until it closes; once `draining` is cancelled it finishes the request
+/// in progress (without keep-alive) and closes.
+fn serve_connection(
     tcp: TcpStream,
-    permit: OwnedSemaphorePermit,
     builder: &http1::Builder,
     service: &TowerToHyperService<Router>,
     timeouts: ClientTimeouts,
-    watcher: Watcher,
-) {
+    draining: &CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
     // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the client's
     // delayed ACK: tens of milliseconds per response.
     if let Err(error) = tcp.set_nodelay(true) {
@@ -277,14 +297,24 @@ fn spawn_connection(
         inner: service.clone(),
         activity,
     };
-    let connection = watcher.watch(builder.serve_connection(io, service));
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
+    let connection = builder.serve_connection(io, service);
+    let draining = draining.clone();
+    async move {
+        let mut connection = std::pin::pin!(connection);
+        // The connection first: told to finish before it read anything, hyper would close it
+        // with a request already sent unread.
+        let result = tokio::select! {
+            biased;
+            result = connection.as_mut() => result,
+            () = draining.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = result {
             tracing::debug!(%error, "client connection ended with an error");
         }
-        // The slot frees only once the socket is closed.
-        drop(permit);
-    });
+    }
 }
 
 /// What the socket side needs to know of a connection's requests: a request is being served
