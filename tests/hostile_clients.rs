@@ -388,3 +388,44 @@ fn a_connection_flood_past_the_open_files_limit_leaves_vllm_alone_and_the_gatewa
         "the gateway ran out of descriptors:\n{log}"
     );
 }
+
+/// How many connections wait in the accept queue of the socket listening on `port` (for a
+/// listening socket, /proc/net/tcp's rx_queue is that count).
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (_, local_port) = fields.get(1)?.split_once(':')?;
+        let listening = *fields.get(3)? == "0A";
+        if !listening || u16::from_str_radix(local_port, 16).ok()? != port {
+            return None;
+        }
+        let (_, queued) = fields.get(4)?.split_once(':')?;
+        u64::from_str_radix(queued, 16).ok()
+    })
+}
+
+#[test]
+fn past_max_connections_a_new_connection_waits_until_one_closes() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[("GATEWAY_MAX_CONNECTIONS", "2")]);
+    let mut first = connect(gateway.port);
+    let mut second = connect(gateway.port);
+    wait_until("both connections to be accepted", DEADLINE, || {
+        accept_queue(gateway.port) == Some(0)
+    });
+    let mut third = connect(gateway.port);
+    third.write_all(livez_request()).expect("write a request");
+    // The gateway goes on serving the two it holds, while the third waits, unaccepted.
+    for stream in [&mut first, &mut second] {
+        stream.write_all(livez_request()).expect("write a request");
+        assert_eq!(read_response(stream).status, 200);
+    }
+    assert_eq!(
+        accept_queue(gateway.port),
+        Some(1),
+        "the third was accepted"
+    );
+    drop(first);
+    assert_eq!(read_response(&mut third).status, 200);
+}
