@@ -222,10 +222,15 @@ pub async fn serve(
                 // something other than client connections holds them, and may let go.
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 if failing.due() {
+                    let open_files_limit =
+                        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                            .map_or(0, |(soft, _)| soft);
                     tracing::warn!(
                         %error,
+                        open_files_limit,
+                        max_connections = limit.max,
                         retry_in = ?backoff,
-                        "cannot accept a client connection; retrying"
+                        "the gateway cannot accept a client connection; retrying"
                     );
                 }
                 tokio::select! {
