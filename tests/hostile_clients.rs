@@ -64,6 +64,16 @@ fn read_response(stream: &mut TcpStream) -> RawResponse {
     parse_response(&raw)
 }
 
+/// `gateway_client_timeouts_total{kind}` from the gateway's /metrics.
+fn client_timeouts(gateway: &Proc, kind: &str) -> u64 {
+    let (_, metrics) = get(&gateway.url("/metrics")).expect("metrics");
+    let series = format!("gateway_client_timeouts_total{{kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |value| value.trim().parse().expect("a count"))
+}
+
 fn livez_request() -> &'static [u8] {
     b"GET /livez HTTP/1.1\r\nHost: gateway\r\n\r\n"
 }
@@ -88,11 +98,7 @@ fn a_client_that_sends_half_its_headers_gets_408_and_is_closed() {
         "{}",
         String::from_utf8_lossy(&received)
     );
-    // The gateway still serves everyone else.
-    assert_eq!(
-        get(&gateway.url("/livez")).map(|(status, _)| status),
-        Some(200)
-    );
+    assert_eq!(client_timeouts(&gateway, "header"), 1);
 }
 
 #[test]
@@ -146,6 +152,8 @@ fn an_idle_kept_alive_connection_is_closed_at_the_idle_timeout() {
         "an idle connection was sent {}",
         String::from_utf8_lossy(&received)
     );
+    assert_eq!(client_timeouts(&gateway, "idle"), 1);
+    assert_eq!(client_timeouts(&gateway, "header"), 0);
 }
 
 #[test]
@@ -290,6 +298,7 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_the_upstream_request_drop
     wait_until("the access log to blame the client", DEADLINE, || {
         gateway.log_text().contains("client_disconnect")
     });
+    assert_eq!(client_timeouts(&gateway, "send"), 1);
 }
 
 #[test]

@@ -305,6 +305,7 @@ fn serve_connection(
     let connection = builder.serve_connection(io, service);
     let draining = draining.clone();
     async move {
+        let _open = OpenConnection::count();
         let mut connection = std::pin::pin!(connection);
         // The connection first: told to finish before it read anything, hyper would close it
         // with a request already sent unread.
@@ -320,6 +321,27 @@ fn serve_connection(
             tracing::debug!(%error, "client connection ended with an error");
         }
     }
+}
+
+/// Counts a client connection in `gateway_client_connections` while it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn count() -> OpenConnection {
+        metrics::gauge!("gateway_client_connections").increment(1.0);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("gateway_client_connections").decrement(1.0);
+    }
+}
+
+/// Counts a connection closed by one of the client-side timeouts.
+fn count_timeout(kind: &'static str) {
+    metrics::counter!("gateway_client_timeouts_total", "kind" => kind).increment(1);
 }
 
 /// What the socket side needs to know of a connection's requests: a request is being served
@@ -480,6 +502,7 @@ impl ClientIo {
     fn read_timed_out(&mut self) {
         match self.reading {
             Reading::Head { begun: true, .. } => {
+                count_timeout("header");
                 if self.write_deadline.is_none() {
                     // Best effort: 80 bytes into an idle socket's empty send buffer.
                     let _ = self.tcp.try_write(REQUEST_TIMEOUT);
@@ -489,14 +512,20 @@ impl ClientIo {
                     "a request head did not arrive whole within client_header_timeout; closing the connection"
                 );
             }
-            Reading::Head { begun: false, .. } => tracing::debug!(
-                timeout = ?self.timeouts.header,
-                "a connection sent no request within client_header_timeout; closing it"
-            ),
-            Reading::Idle { .. } => tracing::debug!(
-                timeout = ?self.timeouts.idle,
-                "a kept-alive connection was idle for client_idle_timeout; closing it"
-            ),
+            Reading::Head { begun: false, .. } => {
+                count_timeout("header");
+                tracing::debug!(
+                    timeout = ?self.timeouts.header,
+                    "a connection sent no request within client_header_timeout; closing it"
+                );
+            }
+            Reading::Idle { .. } => {
+                count_timeout("idle");
+                tracing::debug!(
+                    timeout = ?self.timeouts.idle,
+                    "a kept-alive connection was idle for client_idle_timeout; closing it"
+                );
+            }
             Reading::Busy | Reading::TimedOut => {}
         }
         self.reading = Reading::TimedOut;
@@ -520,6 +549,7 @@ impl ClientIo {
                 if !self.write_timer.expired(deadline, cx) {
                     return Poll::Pending;
                 }
+                count_timeout("send");
                 tracing::info!(
                     timeout = ?send,
                     "a client took no bytes of its response for client_send_timeout; closing its connection"
