@@ -137,9 +137,10 @@ fn headers_trickled_a_byte_at_a_time_are_cut_off_at_the_header_timeout() {
 #[test]
 fn an_idle_kept_alive_connection_is_closed_at_the_idle_timeout() {
     let mock = mock_vllm(&[]);
-    let gateway = gateway(mock.port, &[], &[("GATEWAY_CLIENT_IDLE_TIMEOUT", "500ms")]);
+    let gateway = gateway(mock.port, &[], &[("GATEWAY_CLIENT_IDLE_TIMEOUT", "2s")]);
     let mut stream = connect(gateway.port);
-    // Two requests in a row: the connection is kept alive between them.
+    // Two requests in a row: the connection is kept alive between them (2 s leaves a busy machine
+    // time to send the second).
     for _ in 0..2 {
         stream.write_all(livez_request()).expect("write a request");
         assert_eq!(read_response(&mut stream).status, 200);
