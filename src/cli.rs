@@ -116,6 +116,25 @@ pub struct ProxyArgs {
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
 
+    /// Time for a client to send a request's headers whole, counted from the connection's start or
+    /// the request's first byte [default: 30s].
+    #[arg(long, env = "GATEWAY_CLIENT_HEADER_TIMEOUT", value_parser = parse_duration)]
+    pub client_header_timeout: Option<Duration>,
+
+    /// How long a kept-alive client connection may wait for its next request [default: 75s].
+    #[arg(long, env = "GATEWAY_CLIENT_IDLE_TIMEOUT", value_parser = parse_duration)]
+    pub client_idle_timeout: Option<Duration>,
+
+    /// A client that takes no bytes of its response for this long is cut off, and its upstream
+    /// request with it [default: 60s].
+    #[arg(long, env = "GATEWAY_CLIENT_SEND_TIMEOUT", value_parser = parse_duration)]
+    pub client_send_timeout: Option<Duration>,
+
+    /// Most client connections open at once; past it new ones wait [default: derived from the
+    /// open-files limit].
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+
     /// Origins allowed by CORS, comma-separated, or `*` [default: none, CORS off].
     #[arg(long, env = "GATEWAY_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub cors_allowed_origins: Vec<String>,

@@ -52,6 +52,14 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// `None` leaves CORS off: no CORS headers are added and none are stripped.
     pub cors: Option<Cors>,
+    /// A request head must be whole this long after the connection opened or its first byte came.
+    pub client_header_timeout: Duration,
+    /// A kept-alive connection waits this long for its next request.
+    pub client_idle_timeout: Duration,
+    /// A client that takes no bytes of its response for this long is cut off.
+    pub client_send_timeout: Duration,
+    /// Most client connections open at once; `None` derives it from the open-files limit at start.
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +247,19 @@ pub fn load(
         .max_body_bytes
         .or(file.integer("max_body_bytes"))
         .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let client_header_timeout = a
+        .client_header_timeout
+        .or(file.duration("client_header_timeout"))
+        .unwrap_or(secs(30));
+    let client_idle_timeout = a
+        .client_idle_timeout
+        .or(file.duration("client_idle_timeout"))
+        .unwrap_or(secs(75));
+    let client_send_timeout = a
+        .client_send_timeout
+        .or(file.duration("client_send_timeout"))
+        .unwrap_or(secs(60));
+    let max_connections = a.max_connections.or(file.integer("max_connections"));
     let drain_timeout = a
         .drain_timeout
         .or(file.duration("drain_timeout"))
@@ -443,6 +464,9 @@ pub fn load(
         ("first_byte_timeout", first_byte_timeout, false),
         ("stream_idle_timeout", stream_idle_timeout, false),
         ("pool_idle_timeout", pool_idle_timeout, false),
+        ("client_header_timeout", client_header_timeout, false),
+        ("client_idle_timeout", client_idle_timeout, false),
+        ("client_send_timeout", client_send_timeout, false),
         ("drain_timeout", drain_timeout, true),
         ("health_interval", health_interval, false),
         ("health_timeout", health_timeout, false),
@@ -463,6 +487,9 @@ pub fn load(
     }
     if max_body_bytes == 0 {
         error("max_body_bytes", "must be greater than zero".into());
+    }
+    if max_connections == Some(0) {
+        error("max_connections", "must be at least 1".into());
     }
     if serves && vllm_port != 0 && vllm_port == port {
         // Blamed on the key the file sets, so that `port = 8000` alone (vLLM's default port) names
@@ -568,6 +595,10 @@ pub fn load(
             stream_idle_timeout,
             pool_idle_timeout,
             cors,
+            client_header_timeout,
+            client_idle_timeout,
+            client_send_timeout,
+            max_connections,
         },
         health: HealthConfig {
             interval: health_interval,
@@ -692,6 +723,10 @@ pub const KEYS: &[Key] = &[
     key!("log_level", Live, log.level),
     key!("access_log", Live, log.access_log),
     key!("metrics_merge_upstream", Live, metrics_merge_upstream),
+    // Read as each client connection is accepted.
+    key!("client_header_timeout", Live, proxy.client_header_timeout),
+    key!("client_idle_timeout", Live, proxy.client_idle_timeout),
+    key!("client_send_timeout", Live, proxy.client_send_timeout),
     // Read when a drain begins.
     key!("drain_timeout", Live, drain_timeout),
     // The listening socket, the upstream pools and the health poller are set up once.
@@ -717,6 +752,8 @@ pub const KEYS: &[Key] = &[
     key!("upstream_api_key", Restart, upstream.api_key),
     key!("connect_timeout", Restart, proxy.connect_timeout),
     key!("pool_idle_timeout", Restart, proxy.pool_idle_timeout),
+    // Sizes the workers' shared connection semaphore and their pools.
+    key!("max_connections", Restart, proxy.max_connections),
     key!("health_interval", Restart, health.interval),
     key!("health_timeout", Restart, health.timeout),
     key!("log_format", Restart, log.format),
@@ -1319,6 +1356,29 @@ mod tests {
         )
         .expect("valid");
         assert!(!format!("{config:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn client_limits_default_and_refuse_zero() {
+        let config = load_file("", Mode::Check).expect("valid");
+        assert_eq!(config.proxy.client_header_timeout, secs(30));
+        assert_eq!(config.proxy.client_idle_timeout, secs(75));
+        assert_eq!(config.proxy.client_send_timeout, secs(60));
+        assert_eq!(config.proxy.max_connections, None);
+        let err = load_file(
+            "client_header_timeout = \"0s\"\nclient_send_timeout = \"0s\"\nmax_connections = 0\n",
+            Mode::Check,
+        )
+        .expect_err("invalid");
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "client_header_timeout",
+                "client_send_timeout",
+                "max_connections"
+            ]
+        );
     }
 
     #[test]

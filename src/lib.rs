@@ -5,7 +5,9 @@
 //! - `cli`: the command line (clap); options only, no defaults.
 //! - `config`: file + environment + flags merged and validated into [`config::Config`].
 //! - `proxy`: the HTTP surface, served by one worker thread per CPU (each its own single-threaded
-//!   runtime, accept loop and upstream pool). `proxy::forward` forwards one request; `proxy::headers` holds the
+//!   runtime, accept loop and upstream pool). `proxy::conn` accepts client connections under the
+//!   shared `max_connections` limit and enforces the client-side header, idle and send timeouts on
+//!   the socket. `proxy::forward` forwards one request; `proxy::headers` holds the
 //!   hop-by-hop rules; `proxy::body` wraps bodies with limits and timeouts; `proxy::errors` shapes
 //!   every error as OpenAI JSON or a final SSE `error` event.
 //! - `health`: `/livez`, `/readyz`, `/health`, `/metrics`, and the upstream `/health` probe.
@@ -25,7 +27,8 @@
 //!
 //! # Flow
 //!
-//! A request enters `proxy::app`, reaches `forward::forward`, waits (under `serve`) until the
+//! A connection is accepted by `proxy::conn` once a permit of the connection limit is free; its
+//! request enters `proxy::app`, reaches `forward::forward`, waits (under `serve`) until the
 //! status says the child accepts requests, is rewritten and sent over the worker's pooled upstream
 //! client; the answer streams back frame by frame through `body::UpstreamBody`. A request never
 //! leaves the worker thread that accepted its connection.

@@ -7,6 +7,7 @@
 //! is [`Live`], swapped whole by the reload and read once per request.
 
 pub mod body;
+pub mod conn;
 pub mod errors;
 pub mod forward;
 pub mod headers;
@@ -20,7 +21,6 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use http::HeaderValue;
@@ -105,7 +105,7 @@ impl AppState {
         let upstream_url = reqwest::Url::parse(&config.upstream.base)?;
         let upstream_path = upstream_url.path().trim_end_matches('/').to_string();
         Ok(AppState {
-            client: upstream_client(&config.proxy)?,
+            client: upstream_client(&config.proxy, usize::MAX)?,
             upstream_base: config.upstream.base.clone(),
             upstream_url,
             upstream_path,
@@ -121,11 +121,12 @@ impl AppState {
 
 impl AppState {
     /// A copy for one proxy worker, with an upstream pool of its own: connections are driven by
-    /// the runtime that opened them, so each worker keeps its own.
-    fn for_worker(&self) -> anyhow::Result<AppState> {
+    /// the runtime that opened them, so each worker keeps its own. The pool keeps at most
+    /// `max_idle` idle connections (the worker's share of `max_connections`).
+    fn for_worker(&self, max_idle: usize) -> anyhow::Result<AppState> {
         // The pool's settings are restart-only keys: the live ones are the start-up ones.
         Ok(AppState {
-            client: upstream_client(&self.live.load().config.proxy)?,
+            client: upstream_client(&self.live.load().config.proxy, max_idle)?,
             ..self.clone()
         })
     }
@@ -134,11 +135,11 @@ impl AppState {
 /// The pooled client for proxied requests. Idle connections are dropped before the upstream
 /// would close them (uvicorn: 5 s), so a request never lands on a connection that is being closed;
 /// hyper retries on its own a request that could not be written to a pooled connection.
-fn upstream_client(proxy: &ProxyConfig) -> anyhow::Result<reqwest::Client> {
+fn upstream_client(proxy: &ProxyConfig, max_idle: usize) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .connect_timeout(proxy.connect_timeout)
         .pool_idle_timeout(proxy.pool_idle_timeout)
-        .pool_max_idle_per_host(usize::MAX)
+        .pool_max_idle_per_host(max_idle)
         .tcp_nodelay(true)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -230,9 +231,19 @@ impl Workers {
     ) -> std::io::Result<Workers> {
         let listener = listener.into_std()?;
         let close = CancellationToken::new();
+        let count = count.max(1);
+        let limit = conn::ConnectionLimit::new(conn::max_connections(
+            state.live.load().config.proxy.max_connections,
+            count,
+        ));
+        tracing::info!(
+            max_connections = limit.max(),
+            "client connections are limited"
+        );
+        let max_idle = limit.max().div_ceil(count);
         let mut built = Vec::with_capacity(count);
-        for _ in 0..count.max(1) {
-            match Worker::build(&listener, state, &close) {
+        for _ in 0..count {
+            match Worker::build(&listener, state, &close, &limit, max_idle) {
                 Ok(worker) => built.push(worker),
                 Err(error) => {
                     built.into_iter().for_each(Worker::discard);
@@ -333,6 +344,7 @@ struct Worker {
     listener: TcpListener,
     state: Arc<AppState>,
     close: CancellationToken,
+    limit: conn::ConnectionLimit,
 }
 
 impl Worker {
@@ -340,6 +352,8 @@ impl Worker {
         listener: &std::net::TcpListener,
         state: &AppState,
         close: &CancellationToken,
+        limit: &conn::ConnectionLimit,
+        max_idle: usize,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -356,7 +370,7 @@ impl Worker {
                 return Err(error);
             }
         };
-        let state = match state.for_worker() {
+        let state = match state.for_worker(max_idle) {
             Ok(state) => Arc::new(state),
             Err(error) => {
                 drop(listener);
@@ -369,6 +383,7 @@ impl Worker {
             listener,
             state,
             close: close.clone(),
+            limit: limit.clone(),
         })
     }
 
@@ -384,22 +399,17 @@ impl Worker {
             listener,
             state,
             close,
+            limit,
         } = self;
         runtime.block_on(async move {
             let draining = state.draining.clone();
-            // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the
-            // client's delayed ACK: tens of milliseconds per response.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(%error, "cannot set TCP_NODELAY");
-                }
-            });
-            let server = axum::serve(listener, app(state))
-                .with_graceful_shutdown(draining.cancelled_owned());
+            let live = Arc::clone(&state.live);
+            let served = conn::serve(listener, app(state), live, limit, draining);
             tokio::select! {
-                result = std::future::IntoFuture::into_future(server) => result,
-                () = close.cancelled() => Ok(()),
+                () = served => {}
+                () = close.cancelled() => {}
             }
-        })
+        });
+        Ok(())
     }
 }

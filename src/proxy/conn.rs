@@ -1,0 +1,690 @@
+//! Client connections: the accept loop, the connection limit and the client-side timeouts.
+//!
+//! A worker accepts a connection only once it holds a permit of the [`ConnectionLimit`] that every
+//! worker shares, so no more than `max_connections` client connections are ever open: past the
+//! limit, new connections wait in the kernel's listen backlog, and the descriptors kept back for
+//! connections to vLLM, the health probe and spawning vLLM stay free. An accept that fails for
+//! want of descriptors or memory is logged and retried after a pause; it never ends the worker.
+//!
+//! Each connection is served by hyper's HTTP/1 server over a [`ClientIo`], which enforces the
+//! client-side timeouts on the socket itself:
+//!
+//! - header: a request head must be whole `client_header_timeout` after the connection opened, or
+//!   after the first byte of a later request arrived; if part of it came, the client gets a 408.
+//! - idle: a kept-alive connection waits at most `client_idle_timeout` for its next request.
+//! - send: a client that takes no byte of its response for `client_send_timeout` (its receive
+//!   window stays shut) is cut off; hyper then drops the response body, and with it the upstream
+//!   request, so vLLM aborts the generation.
+//!
+//! The timeouts live on the socket because that is where a stall shows: hyper polls a response
+//! body only when it has room to write, so a timer on the body could not tell a client that stopped
+//! reading from a model that is slow to produce its next token. Hyper has one timer for the head
+//! and the wait before it; it is set to their sum, so it never fires first, and only makes hyper
+//! start reading the next head as soon as a response is done, which is when the idle clock starts.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ProxyConfig;
+use crate::proxy::LiveConfig;
+
+/// The largest request head (request line and headers) accepted: a larger one gets 431. It also
+/// bounds each connection's read and write buffers (hyper's default is about 400 KB), so that a
+/// connection that sends half a head pins at most this much.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Descriptors kept back from client connections whatever the worker count: standard streams,
+/// the main runtime, the signal pipe, the log, the health probe, and spawning vLLM (its output
+/// pipes, the guard's pipe, the pipes of the spawn itself).
+pub const RESERVED_FDS: u64 = 64;
+
+/// Descriptors kept back for each proxy worker: its runtime's epoll and event descriptors and its
+/// copy of the listening socket, with room to spare.
+pub const RESERVED_FDS_PER_WORKER: u64 = 8;
+
+/// The answer to a request whose head did not arrive whole in time.
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// How often the same accept trouble is logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How many client connections may be open at once, shared by every worker.
+#[derive(Clone)]
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> ConnectionLimit {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        ConnectionLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// `max_connections` as configured, else derived from the open-files limit as it is now (after
+/// `raise_open_files_limit`): see [`derive_max_connections`].
+pub fn max_connections(configured: Option<u32>, workers: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let open_files = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => Some(soft),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open-files limit");
+            None
+        }
+    };
+    let derived = open_files.map(|limit| derive_max_connections(limit, workers));
+    match (configured, derived) {
+        (Some(max), Some(derived)) => {
+            let max = usize::try_from(max).unwrap_or(usize::MAX);
+            if max > derived {
+                tracing::warn!(
+                    max_connections = max,
+                    open_files_limit = open_files,
+                    fits = derived,
+                    "max_connections is more than the open-files limit leaves room for: the gateway may run out of descriptors"
+                );
+            }
+            max
+        }
+        (Some(max), None) => usize::try_from(max).unwrap_or(usize::MAX),
+        (None, Some(derived)) => {
+            if derived < 16 {
+                tracing::warn!(
+                    open_files_limit = open_files,
+                    max_connections = derived,
+                    "the open-files limit leaves room for very few client connections; raise it (LimitNOFILE=, ulimit -n)"
+                );
+            }
+            derived
+        }
+        (None, None) => 1024,
+    }
+}
+
+/// The default `max_connections` for an open-files limit: the reserve ([`RESERVED_FDS`] plus
+/// [`RESERVED_FDS_PER_WORKER`] per worker) comes off first, and the rest is split in three, as
+/// each client connection may hold a connection to vLLM, and the workers' pools may keep as many
+/// again idle (each pools at most its share, `max_connections / workers`). At least 1.
+pub fn derive_max_connections(open_files: u64, workers: usize) -> usize {
+    let workers = u64::try_from(workers.max(1)).unwrap_or(u64::MAX);
+    let reserve = RESERVED_FDS.saturating_add(RESERVED_FDS_PER_WORKER.saturating_mul(workers));
+    let budget = open_files.saturating_sub(reserve) / 3;
+    usize::try_from(budget)
+        .unwrap_or(usize::MAX)
+        .clamp(1, Semaphore::MAX_PERMITS)
+}
+
+/// The client-side timeouts, read from the live configuration as each connection is accepted, so
+/// that a reload applies to the connections that follow.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    pub header: Duration,
+    pub idle: Duration,
+    pub send: Duration,
+}
+
+impl ClientTimeouts {
+    pub fn from_config(proxy: &ProxyConfig) -> ClientTimeouts {
+        ClientTimeouts {
+            header: proxy.client_header_timeout,
+            idle: proxy.client_idle_timeout,
+            send: proxy.client_send_timeout,
+        }
+    }
+}
+
+/// Accepts and serves connections until `draining` is cancelled, then stops accepting (dropping
+/// this worker's copy of the listening socket) and returns once every connection has finished:
+/// idle ones close at once, busy ones after their response. The caller cuts the wait short.
+///
+/// A request that reached the gateway before the drain is still served: connections already
+/// waiting in the backlog are taken in, and each connection reads what it was sent before it is
+/// told to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    live: LiveConfig,
+    limit: ConnectionLimit,
+    draining: CancellationToken,
+) {
+    let service = TowerToHyperService::new(router);
+    let connections = TaskTracker::new();
+    let mut full = Throttle::default();
+    let mut failing = Throttle::default();
+    let mut backoff = Duration::ZERO;
+    loop {
+        let permit = match limit.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if full.due() {
+                    tracing::warn!(
+                        max_connections = limit.max,
+                        "at max_connections: new connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    permit = limit.permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    () = draining.cancelled() => break,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = draining.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                backoff = Duration::ZERO;
+                let connection = serve_connection(tcp, &service, &live, &draining);
+                connections.spawn(async move {
+                    connection.await;
+                    // The slot frees only once the socket is closed.
+                    drop(permit);
+                });
+            }
+            Err(error) if is_connection_error(&error) => {}
+            Err(error) => {
+                drop(permit);
+                // Most likely out of descriptors (EMFILE, ENFILE) or memory (ENOBUFS, ENOMEM):
+                // something other than client connections holds them, and may let go.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                if failing.due() {
+                    let open_files_limit =
+                        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                            .map_or(0, |(soft, _)| soft);
+                    tracing::warn!(
+                        %error,
+                        open_files_limit,
+                        max_connections = limit.max,
+                        retry_in = ?backoff,
+                        "the gateway cannot accept a client connection; retrying"
+                    );
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = draining.cancelled() => break,
+                }
+            }
+        }
+    }
+    // What is already in the backlog was sent before the drain; what is not, is left to the
+    // kernel to refuse once the last copy of the listening socket is closed.
+    for _ in 0..limit.max {
+        let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
+            break;
+        };
+        let Some(Ok((tcp, _))) = listener.accept().now_or_never() else {
+            break;
+        };
+        let connection = serve_connection(tcp, &service, &live, &draining);
+        connections.spawn(async move {
+            connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// The peer gave up before its connection was accepted: nothing to report.
+fn is_connection_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+fn http1_builder(timeouts: ClientTimeouts) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Never fires before ClientIo's own deadlines (see the module documentation).
+        .header_read_timeout(timeouts.header.saturating_add(timeouts.idle))
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    builder
+}
+
+/// One connection, served until it closes; once `draining` is cancelled it finishes the request
+/// in progress (without keep-alive) and closes.
+fn serve_connection(
+    tcp: TcpStream,
+    service: &TowerToHyperService<Router>,
+    live: &LiveConfig,
+    draining: &CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let timeouts = ClientTimeouts::from_config(&live.load().config.proxy);
+    let builder = http1_builder(timeouts);
+    // Without TCP_NODELAY, small writes (SSE events, short JSON answers) wait on the client's
+    // delayed ACK: tens of milliseconds per response.
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(ClientIo::new(tcp, timeouts, activity.clone()));
+    let service = TrackedService {
+        inner: service.clone(),
+        activity,
+    };
+    let connection = builder.serve_connection(io, service);
+    let draining = draining.clone();
+    async move {
+        let _open = OpenConnection::count();
+        let mut connection = std::pin::pin!(connection);
+        // The connection first: told to finish before it read anything, hyper would close it
+        // with a request already sent unread.
+        let result = tokio::select! {
+            biased;
+            result = connection.as_mut() => result,
+            () = draining.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "client connection ended with an error");
+        }
+    }
+}
+
+/// Counts a client connection in `gateway_client_connections` while it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn count() -> OpenConnection {
+        metrics::gauge!("gateway_client_connections").increment(1.0);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("gateway_client_connections").decrement(1.0);
+    }
+}
+
+/// Counts a connection closed by one of the client-side timeouts.
+fn count_timeout(kind: &'static str) {
+    metrics::counter!("gateway_client_timeouts_total", "kind" => kind).increment(1);
+}
+
+/// What the socket side needs to know of a connection's requests: a request is being served
+/// while `started` and `finished` differ; `finished` moving on means a response just ended.
+#[derive(Default)]
+struct Activity {
+    started: AtomicU32,
+    finished: AtomicU32,
+}
+
+/// The router as a hyper service, counting requests in and responses out for [`ClientIo`].
+#[derive(Clone)]
+struct TrackedService {
+    inner: TowerToHyperService<Router>,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for TrackedService {
+    type Response = http::Response<TrackedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        self.activity.started.fetch_add(1, Ordering::Relaxed);
+        let response = self.inner.call(request);
+        let activity = self.activity.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| TrackedBody {
+                body,
+                activity: Some(activity),
+            }))
+        })
+    }
+}
+
+/// A response body that counts its response as finished when it ends or is dropped.
+struct TrackedBody {
+    body: Body,
+    activity: Option<Arc<Activity>>,
+}
+
+impl TrackedBody {
+    fn finish(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            activity.finished.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            this.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Where a connection's reading stands.
+#[derive(Debug, Clone, Copy)]
+enum Reading {
+    /// Waiting for a request head, due whole by the deadline; `begun` once a byte of it came.
+    Head { deadline: Instant, begun: bool },
+    /// Kept alive after a response, waiting for the next request's first byte.
+    Idle { deadline: Instant },
+    /// A request is being served: reads are its body's, or hyper watching for a hang-up.
+    Busy,
+    /// A read deadline passed: every read is the end of the stream.
+    TimedOut,
+}
+
+/// A client's socket with the header, idle and send deadlines.
+pub struct ClientIo {
+    tcp: TcpStream,
+    timeouts: ClientTimeouts,
+    activity: Arc<Activity>,
+    /// The `finished` count last seen, to notice a response ending.
+    seen_finished: u32,
+    reading: Reading,
+    read_timer: Timer,
+    /// Set while writes make no progress: when the client must have taken a byte by.
+    write_deadline: Option<Instant>,
+    write_timer: Timer,
+}
+
+impl ClientIo {
+    fn new(tcp: TcpStream, timeouts: ClientTimeouts, activity: Arc<Activity>) -> ClientIo {
+        ClientIo {
+            tcp,
+            timeouts,
+            activity,
+            seen_finished: 0,
+            // The first head is due `client_header_timeout` after the connection opened.
+            reading: Reading::Head {
+                deadline: Instant::now() + timeouts.header,
+                begun: false,
+            },
+            read_timer: Timer::default(),
+            write_deadline: None,
+            write_timer: Timer::default(),
+        }
+    }
+
+    /// Catches up with the requests hyper started and the responses that ended since last time.
+    fn observe_requests(&mut self) {
+        if matches!(self.reading, Reading::TimedOut) {
+            return;
+        }
+        let finished = self.activity.finished.load(Ordering::Relaxed);
+        if self.activity.started.load(Ordering::Relaxed) != finished {
+            self.reading = Reading::Busy;
+        } else if finished != self.seen_finished {
+            self.seen_finished = finished;
+            self.reading = Reading::Idle {
+                deadline: Instant::now() + self.timeouts.idle,
+            };
+        }
+    }
+
+    fn bytes_arrived(&mut self) {
+        match &mut self.reading {
+            Reading::Idle { .. } => {
+                self.reading = Reading::Head {
+                    deadline: Instant::now() + self.timeouts.header,
+                    begun: true,
+                };
+            }
+            Reading::Head { begun, .. } => *begun = true,
+            Reading::Busy | Reading::TimedOut => {}
+        }
+    }
+
+    /// The read deadline passed: answers 408 when part of a head came (and no response is still
+    /// being written, which the 408 would cut into), then ends the stream so that hyper closes.
+    fn read_timed_out(&mut self) {
+        match self.reading {
+            Reading::Head { begun: true, .. } => {
+                count_timeout("header");
+                if self.write_deadline.is_none() {
+                    // Best effort: 80 bytes into an idle socket's empty send buffer.
+                    let _ = self.tcp.try_write(REQUEST_TIMEOUT);
+                }
+                tracing::debug!(
+                    timeout = ?self.timeouts.header,
+                    "a request head did not arrive whole within client_header_timeout; closing the connection"
+                );
+            }
+            Reading::Head { begun: false, .. } => {
+                count_timeout("header");
+                tracing::debug!(
+                    timeout = ?self.timeouts.header,
+                    "a connection sent no request within client_header_timeout; closing it"
+                );
+            }
+            Reading::Idle { .. } => {
+                count_timeout("idle");
+                tracing::debug!(
+                    timeout = ?self.timeouts.idle,
+                    "a kept-alive connection was idle for client_idle_timeout; closing it"
+                );
+            }
+            Reading::Busy | Reading::TimedOut => {}
+        }
+        self.reading = Reading::TimedOut;
+    }
+
+    fn write_progress(
+        &mut self,
+        polled: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(written)) if written > 0 => {
+                self.write_deadline = None;
+                Poll::Ready(Ok(written))
+            }
+            Poll::Pending => {
+                let send = self.timeouts.send;
+                let deadline = *self
+                    .write_deadline
+                    .get_or_insert_with(|| Instant::now() + send);
+                if !self.write_timer.expired(deadline, cx) {
+                    return Poll::Pending;
+                }
+                count_timeout("send");
+                tracing::info!(
+                    timeout = ?send,
+                    "a client took no bytes of its response for client_send_timeout; closing its connection"
+                );
+                // What it did not take is thrown away rather than kept in the kernel for it.
+                let _ = self.tcp.set_zero_linger();
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no bytes for client_send_timeout",
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.observe_requests();
+        if matches!(this.reading, Reading::TimedOut) {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.bytes_arrived();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let deadline = match this.reading {
+                    Reading::Head { deadline, .. } | Reading::Idle { deadline } => deadline,
+                    Reading::Busy | Reading::TimedOut => return Poll::Pending,
+                };
+                if !this.read_timer.expired(deadline, cx) {
+                    return Poll::Pending;
+                }
+                this.read_timed_out();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        this.write_progress(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        this.write_progress(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// A sleep allocated on first use and moved to each new deadline.
+#[derive(Default)]
+struct Timer(Option<Pin<Box<Sleep>>>);
+
+impl Timer {
+    /// Whether `deadline` has passed; if not, the task is woken when it does.
+    fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let sleep = match &mut self.0 {
+            Some(sleep) => {
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => self.0.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// Lets a repeated warning through once per [`LOG_EVERY`].
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now < last + LOG_EVERY) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_limit_leaves_the_reserve_and_room_for_upstream_connections() {
+        // 1024 descriptors, 2 workers: 80 kept back, the rest split in three.
+        assert_eq!(derive_max_connections(1024, 2), 314);
+        let max = derive_max_connections(524_288, 8);
+        assert!(3 * max as u64 + RESERVED_FDS + 8 * RESERVED_FDS_PER_WORKER <= 524_288);
+        // A limit below the reserve still lets one connection in.
+        assert_eq!(derive_max_connections(10, 8), 1);
+    }
+}
