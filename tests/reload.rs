@@ -341,3 +341,32 @@ fn a_reload_changes_the_log_level_of_the_lines_that_follow() {
         "at warn, the request before the reload was not logged"
     );
 }
+
+/// Whether a connection that sends half a head is answered 408 within two seconds.
+fn half_head_gets_408(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("read timeout");
+    stream
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: gateway\r\n")
+        .expect("write half a head");
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    received.starts_with(b"HTTP/1.1 408")
+}
+
+#[test]
+fn a_reload_applies_a_new_client_header_timeout_to_the_connections_that_follow() {
+    let vllm = mock_vllm(&[]);
+    let file = ConfigFile::new("client_header_timeout = \"1h\"\n");
+    let gateway = gateway(vllm.port, &["--config", file.path()], &[]);
+    assert!(!half_head_gets_408(gateway.port), "an hour is not up yet");
+
+    file.write("client_header_timeout = \"300ms\"\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("a half head to get 408", DEADLINE, || {
+        half_head_gets_408(gateway.port)
+    });
+}
