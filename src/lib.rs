@@ -68,6 +68,11 @@ use crate::supervisor::{Control, Outcome};
 /// Exit code when the gateway cannot start or gives up on vLLM.
 pub const EXIT_FAILURE: u8 = 1;
 
+/// Exit code when vLLM exited 0 on its own and the gateway stops because of it (`restart = "no"`):
+/// EX_TEMPFAIL of sysexits.h, "try again later". Real vLLM exits 0 when its engine dies, so a 0
+/// must not reach systemd's `Restart=on-failure` as a clean stop.
+pub const EXIT_VLLM_EXITED_0: u8 = 75;
+
 /// Everything after configuration: signals, metrics, then [`run`]. Returns the process exit code.
 pub async fn main(config: Config) -> u8 {
     let signals = match signals::install() {
@@ -193,17 +198,22 @@ async fn run_serve(
     // The notifier ends once the supervisor's status sender is gone, after sending the last state.
     let _ = tokio::time::timeout(Duration::from_secs(1), notifier).await;
     served?;
-    Ok(match exit {
-        Outcome::Stopped => 0,
-        Outcome::ChildExited(info) => {
-            tracing::info!(exit = %info, "vLLM exited and the restart policy does not restart it");
-            u8::try_from(info.exit_code()).unwrap_or(EXIT_FAILURE)
-        }
-        Outcome::GaveUp(reason) => {
-            tracing::error!(%reason, "giving up on vLLM");
-            EXIT_FAILURE
-        }
-    })
+    let code = exit.exit_code();
+    match &exit {
+        Outcome::Stopped => {}
+        Outcome::ChildExited(info) => tracing::error!(
+            exit = %info,
+            exit_code = code,
+            "vLLM exited on its own and the restart policy does not restart it; the gateway exits"
+        ),
+        Outcome::Prevented(info) => tracing::warn!(
+            exit = %info,
+            exit_code = code,
+            "vLLM exited with a code of restart_prevent_exit_codes; the gateway exits with it"
+        ),
+        Outcome::GaveUp(reason) => tracing::error!(%reason, exit_code = code, "giving up on vLLM"),
+    }
+    Ok(code)
 }
 
 /// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain is over.

@@ -110,7 +110,7 @@ fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed
         crash_child(vllm_port, 3);
         wait_until("the crashed child to be gone", DEADLINE, || !alive(crashed));
         wait_until("the supervisor to notice", DEADLINE, || {
-            log_lines(&gateway, "vLLM exited").len() == crash
+            log_lines(&gateway, "vLLM exited on its own").len() == crash
         });
         // Sent while the child is down or restarting: it waits for readiness, then succeeds.
         let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");

@@ -40,10 +40,32 @@ pub enum Control {
 pub enum Outcome {
     /// Asked to stop; the child was stopped.
     Stopped,
-    /// The child exited and the restart policy does not restart it.
+    /// The child exited on its own and the restart policy (`no`) does not restart it.
     ChildExited(ExitInfo),
+    /// The child exited with a code of `restart_prevent_exit_codes`.
+    Prevented(ExitInfo),
     /// Too many starts in a row never became ready (or the child could not be spawned).
     GaveUp(String),
+}
+
+impl Outcome {
+    /// The gateway's own exit code. An exit of vLLM that the gateway did not ask for is a failure
+    /// whatever its code, so that the layer above (systemd, a container runtime) restarts the
+    /// gateway: vLLM's code when it is not 0, [`crate::EXIT_VLLM_EXITED_0`] when it is. Only a code
+    /// the operator listed in `restart_prevent_exit_codes` is passed on as it is, 0 included.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Stopped => 0,
+            Outcome::ChildExited(exit) => match exit.exit_code() {
+                0 => crate::EXIT_VLLM_EXITED_0,
+                code => u8::try_from(code).unwrap_or(crate::EXIT_FAILURE),
+            },
+            Outcome::Prevented(exit) => {
+                u8::try_from(exit.exit_code()).unwrap_or(crate::EXIT_FAILURE)
+            }
+            Outcome::GaveUp(_) => crate::EXIT_FAILURE,
+        }
+    }
 }
 
 /// Starts the supervisor task. It stops the child and returns when `stop` is cancelled, or earlier
@@ -326,7 +348,7 @@ impl Supervisor {
         };
         match cause {
             EndCause::Exited => {
-                tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM exited")
+                tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM exited on its own")
             }
             _ => {
                 tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped")
