@@ -9,6 +9,8 @@
 //!   hop-by-hop rules; `proxy::body` wraps bodies with limits and timeouts; `proxy::errors` shapes
 //!   every error as OpenAI JSON or a final SSE `error` event.
 //! - `health`: `/livez`, `/readyz`, `/health`, `/metrics`, and the upstream `/health` probe.
+//! - `resources`: which errors mean the gateway itself ran out of descriptors or memory, and which
+//!   limit it hit; such errors are never counted against vLLM.
 //! - `status`: [`status::UpstreamStatus`], the one value on a `watch` channel that tells the proxy
 //!   and the health endpoints whether the upstream can serve.
 //! - `supervisor`: `gateway serve`. `state` is the child's state machine, `child` spawns and stops
@@ -46,6 +48,7 @@ pub mod config;
 pub mod health;
 pub mod notify;
 pub mod proxy;
+pub mod resources;
 pub mod signals;
 pub mod status;
 pub mod supervisor;

@@ -148,3 +148,58 @@ fn an_exit_0_listed_in_restart_prevent_exit_codes_stops_the_gateway_with_0() {
     assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
     assert_eq!(read_pid_file(&pids).len(), 1, "not restarted");
 }
+
+/// Regression: under the open-files limit, a flood of idle connections made the `/health` probe
+/// fail with EMFILE; the supervisor counted that against vLLM and killed a healthy model.
+#[test]
+fn a_probe_failing_for_lack_of_descriptors_does_not_kill_vllm() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (mut gateway, _) = gateway_serve_wrapped(
+        &["prlimit", "--nofile=128:128"],
+        free_port(),
+        &["--health-interval", "100ms", "--health-failures", "2"],
+        &[("MOCK_VLLM_PID_FILE", &pids_text)],
+    );
+    wait_ready(&gateway);
+    let vllm = wait_for_starts(&pids, 1)[0].0;
+    // More idle connections than the gateway has descriptors: the kernel completes them all
+    // (the listen backlog is larger), and the gateway accepts until it runs out.
+    let flood: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect"))
+        .collect();
+    let local_failures = |gateway: &Proc| {
+        lines_with_message(
+            gateway,
+            "the gateway could not send its /health probe: the gateway's own problem, not counted against vLLM",
+        )
+    };
+    // Three probes in a row could not be sent (health_failures is 2), unless vLLM was killed first.
+    wait_until("probes failing for lack of descriptors", DEADLINE, || {
+        local_failures(&gateway).len() >= 3
+            || read_pid_file(&pids).len() > 1
+            || !alive(vllm)
+            || gateway.child.try_wait().ok().flatten().is_some()
+    });
+    assert!(alive(vllm), "vLLM was killed:\n{}", gateway.log_text());
+    assert_eq!(read_pid_file(&pids).len(), 1, "vLLM was restarted");
+    let failures = local_failures(&gateway);
+    let limit = failures[0]["limit"].as_str().expect("limit field");
+    assert!(
+        limit.contains("open-files limit (RLIMIT_NOFILE 128)"),
+        "{limit}"
+    );
+
+    drop(flood);
+    wait_until("the gateway to serve again", DEADLINE, || {
+        post_json(
+            gateway.port,
+            "/v1/responses",
+            r#"{"model":"mock-model","input":"hi"}"#,
+            "",
+        )
+        .status
+            == 200
+    });
+    assert!(alive(vllm));
+    assert_eq!(read_pid_file(&pids).len(), 1, "the same vLLM serves");
+}

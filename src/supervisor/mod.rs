@@ -24,6 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, ServeConfig};
+use crate::health::ProbeError;
+use crate::resources::Exhausted;
 use crate::status::{ChildStatus, UpstreamStatus};
 use crate::supervisor::backoff::{Decision, End, EndCause, History};
 use crate::supervisor::state::{ChildState, ExitInfo, StopReason, transition};
@@ -104,7 +106,7 @@ pub fn start(
     (status_rx, tokio::spawn(supervisor.run()))
 }
 
-type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Send>>;
 
 /// The running child, as far as the supervisor needs it.
 struct Running {
@@ -136,6 +138,9 @@ struct Supervisor {
     /// Probes never reuse connections (see `health`).
     probe_client: reqwest::Client,
 }
+
+/// The shortest wait before retrying a start that failed for lack of the gateway's own resources.
+const LOCAL_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// A pending future for `select!` branches that have nothing to wait for.
 async fn never<T>() -> T {
@@ -297,6 +302,20 @@ impl Supervisor {
                 tracing::info!(pid, "vLLM started; waiting for /health");
                 None
             }
+            Err(error) if let Some(exhausted) = Exhausted::from_spawn(&error) => {
+                // The gateway's own problem, not vLLM's: retried without counting a failed start.
+                let delay = self.serve.backoff.delay.max(LOCAL_RETRY_DELAY);
+                tracing::error!(
+                    limit = %exhausted,
+                    retry_in = %humantime::format_duration(delay),
+                    "cannot start vLLM: the gateway's own problem, not vLLM's; retrying, not counted against max_restarts"
+                );
+                self.set_state(ChildState::Backoff {
+                    attempt: self.status.restarts,
+                    until: Instant::now() + delay,
+                });
+                None
+            }
             Err(error) => {
                 tracing::error!(vllm_bin = %self.serve.vllm_bin, %error, "cannot start vLLM");
                 // A start that could not even spawn counts as a failed start, with the shell's code.
@@ -400,12 +419,30 @@ impl Supervisor {
         outcome
     }
 
-    fn on_probe(&mut self, result: Result<(), String>) {
+    fn on_probe(&mut self, result: Result<(), ProbeError>) {
         let now = Instant::now();
         let Some(child) = self.child.as_mut() else {
             return;
         };
         let pid = child.pid;
+        let result = match result {
+            Err(ProbeError::Local(exhausted)) => {
+                // Not vLLM's fault: neither a failure nor a success, the state stays as it is.
+                tracing::warn!(
+                    pid,
+                    limit = %exhausted,
+                    "the gateway could not send its /health probe: the gateway's own problem, not counted against vLLM"
+                );
+                self.next_probe = now
+                    + match self.status.state {
+                        ChildState::Starting { .. } => self.serve.startup_poll_interval,
+                        _ => self.health.interval,
+                    };
+                return;
+            }
+            Err(ProbeError::Upstream(reason)) => Err(reason),
+            Ok(()) => Ok(()),
+        };
         match (&self.status.state, result) {
             (ChildState::Starting { since, .. }, Ok(())) => {
                 let took = now.saturating_duration_since(*since);
@@ -519,7 +556,7 @@ impl Supervisor {
 
 enum Event {
     Exited(Option<ExitInfo>),
-    Probed(Result<(), String>),
+    Probed(Result<(), ProbeError>),
     Timer,
     Control(Control),
     Stop,
