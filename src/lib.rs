@@ -14,8 +14,10 @@
 //! - `status`: [`status::UpstreamStatus`], the one value on a `watch` channel that tells the proxy
 //!   and the health endpoints whether the upstream can serve.
 //! - `supervisor`: `gateway serve`. `state` is the child's state machine, `child` spawns and stops
-//!   process groups, `guard` stops a group whose gateway was SIGKILLed, `reaper` owns every
-//!   `waitpid`, `backoff` decides restarts, `output` relays the child's stdout/stderr into the log.
+//!   process groups, `port` checks that `vllm_port` is free and that vLLM's group owns the socket
+//!   that answered before `Ready`, `guard` stops a group whose gateway was SIGKILLed, `reaper`
+//!   owns every `waitpid`, `backoff` decides restarts, `output` relays the child's stdout/stderr
+//!   into the log.
 //!   The supervisor is an actor: one task owns the child.
 //! - `signals`: the one task that turns signals into stop requests or forwards them to the child.
 //! - `notify`: systemd `sd_notify` (readiness, status, start-timeout extensions, drain, watchdog).

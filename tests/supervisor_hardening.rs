@@ -203,3 +203,193 @@ fn a_probe_failing_for_lack_of_descriptors_does_not_kill_vllm() {
     assert!(alive(vllm));
     assert_eq!(read_pid_file(&pids).len(), 1, "the same vLLM serves");
 }
+
+/// A server that is not vLLM: answers every request 200 with `{}` and records its request lines.
+struct Stranger {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Stranger {
+    fn start() -> Stranger {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = requests.clone();
+        // The thread lives as long as the test process; it only ever answers.
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(&stream).read_line(&mut line);
+                record.lock().expect("lock").push(line.trim().to_string());
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                );
+            }
+        });
+        Stranger { port, requests }
+    }
+
+    fn proxied_requests(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|line| line.contains("/v1/"))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Waits until the gateway exits or reports ready; if it went ready, sends it a request, so that a
+/// gateway that proxies to a stranger is seen doing it.
+fn exit_or_ready_then_request(gateway: &mut Proc) -> bool {
+    wait_until("the gateway to exit or become ready", DEADLINE, || {
+        gateway.child.try_wait().ok().flatten().is_some()
+            || get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+    });
+    let went_ready = accepts_connections(gateway.port);
+    if went_ready {
+        post_json(
+            gateway.port,
+            "/v1/responses",
+            r#"{"model":"mock-model","input":"hi"}"#,
+            "",
+        );
+    }
+    went_ready
+}
+
+/// Writes an executable script into `dir` and returns its path.
+fn script(dir: &std::path::Path, name: &str, text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.to_str().expect("utf-8 path").to_string()
+}
+
+/// A "vLLM" that imports its model for ever and never binds its port (real vLLM binds only once
+/// the model is loaded, minutes later). It appends its pid to `$STARTS` at each start.
+const IMPORTING_VLLM: &str = "#!/bin/sh\necho $$ >> \"$STARTS\"\nexec sleep 100000\n";
+
+/// Regression: a foreign server on vLLM's port answered `/health` 200 while the child was still
+/// loading; the gateway reported ready and proxied to the stranger.
+#[test]
+fn a_foreign_server_on_vllms_port_is_never_proxied_to_and_is_named() {
+    let stranger = Stranger::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vllm = script(dir.path(), "vllm", IMPORTING_VLLM);
+    let starts = dir.path().join("starts");
+    let (mut gateway, _) = gateway_serve_child(
+        &[],
+        free_port(),
+        &vllm,
+        stranger.port,
+        &["--max-restarts", "2", "--stop-timeout", "1s"],
+        &[("STARTS", starts.to_str().expect("utf-8"))],
+    );
+    let went_ready = exit_or_ready_then_request(&mut gateway);
+    assert_eq!(stranger.proxied_requests(), Vec::<String>::new());
+    assert!(!went_ready, "the gateway went ready on a stranger");
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(1));
+    assert!(!starts.exists(), "vLLM was never started");
+    let taken = lines_with_message(
+        &gateway,
+        "vLLM's port is in use by another process; not starting vLLM",
+    );
+    assert_eq!(taken.len(), 2, "{}", gateway.log_text());
+    assert_eq!(taken[0]["vllm_port"], stranger.port);
+    let holder = taken[0]["holder"].as_str().expect("holder");
+    assert!(
+        holder.starts_with(&format!("pid {} (", std::process::id())),
+        "{holder}"
+    );
+}
+
+/// Kills the pids listed in a file (one a line) when the test ends, however it ends.
+struct KillListed(std::path::PathBuf);
+
+impl Drop for KillListed {
+    fn drop(&mut self) {
+        for pid in std::fs::read_to_string(&self.0).unwrap_or_default().lines() {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A "vLLM" whose port is taken after the gateway checked it and before vLLM binds it: a server
+/// that left vLLM's process group (setsid) binds it first and answers `/health` 200, while vLLM
+/// itself is still importing. The server appends its pid to `$STRANGERS` and its request lines to
+/// `$REQUESTS`.
+const VLLM_BEATEN_TO_ITS_PORT: &str = r#"#!/bin/sh
+python3 - "$6" <<'PYTHON' >/dev/null 2>&1
+import os, socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(16)
+if os.fork():
+    os._exit(0)
+os.setsid()
+with open(os.environ["STRANGERS"], "a") as pids:
+    pids.write(f"{os.getpid()}\n")
+while True:
+    connection, _ = server.accept()
+    line = connection.recv(65536).split(b"\r\n", 1)[0].decode()
+    with open(os.environ["REQUESTS"], "a") as requests:
+        requests.write(line + "\n")
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    connection.close()
+PYTHON
+exec sleep 100000
+"#;
+
+#[test]
+fn a_port_taken_between_the_check_and_the_spawn_never_makes_the_gateway_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vllm = script(dir.path(), "vllm", VLLM_BEATEN_TO_ITS_PORT);
+    let strangers = dir.path().join("strangers");
+    let requests = dir.path().join("requests");
+    let _cleanup = KillListed(strangers.clone());
+    let (mut gateway, _) = gateway_serve_child(
+        &[],
+        free_port(),
+        &vllm,
+        free_port(),
+        &[
+            "--restart",
+            "no",
+            "--startup-timeout",
+            "5s",
+            "--stop-timeout",
+            "1s",
+        ],
+        &[
+            ("STRANGERS", strangers.to_str().expect("utf-8")),
+            ("REQUESTS", requests.to_str().expect("utf-8")),
+        ],
+    );
+    let went_ready = exit_or_ready_then_request(&mut gateway);
+    let seen = std::fs::read_to_string(&requests).unwrap_or_default();
+    assert!(
+        seen.lines().any(|line| line.starts_with("GET /health")),
+        "the stranger answered the probe: {seen:?}"
+    );
+    assert!(!seen.contains("/v1/"), "proxied to the stranger: {seen}");
+    assert!(!went_ready, "the gateway went ready on a stranger");
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(1));
+    let stranger = lines_with_message(
+        &gateway,
+        "something other than vLLM answers on vLLM's port; not ready",
+    );
+    assert_eq!(stranger.len(), 1, "{}", gateway.log_text());
+    let reason = stranger[0]["reason"].as_str().expect("reason");
+    assert!(reason.contains("not by vLLM's group"), "{reason}");
+}

@@ -17,6 +17,8 @@ pub enum EndCause {
     StartupTimeout,
     /// Its /health stopped answering and it was stopped.
     Unhealthy,
+    /// It was not spawned: another process holds `vllm_port`.
+    PortInUse,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +78,9 @@ pub fn decide(
                 Outcome::GaveUp("vLLM did not become ready within startup_timeout".into())
             }
             EndCause::Unhealthy => Outcome::GaveUp("vLLM stopped answering /health".into()),
+            EndCause::PortInUse => {
+                Outcome::GaveUp("vllm_port is held by a process that is not vLLM".into())
+            }
         });
     }
     if let (EndCause::Exited, ExitInfo::Code(code)) = (end.cause, end.exit) {
@@ -86,7 +91,11 @@ pub fn decide(
     if config.max_restarts > 0 && history.failed_starts >= config.max_restarts {
         return Decision::Stop(Outcome::GaveUp(format!(
             "vLLM failed to become ready {} times in a row (max_restarts); last: {}",
-            history.failed_starts, end.exit
+            history.failed_starts,
+            match end.cause {
+                EndCause::PortInUse => "vllm_port held by another process".to_string(),
+                _ => end.exit.to_string(),
+            }
         )));
     }
     let nominal = config

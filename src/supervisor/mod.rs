@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod child;
 pub mod guard;
 pub mod output;
+pub mod port;
 pub mod reaper;
 pub mod state;
 
@@ -113,6 +114,8 @@ struct Running {
     pid: u32,
     exit: oneshot::Receiver<ExitInfo>,
     ready_since: Option<Instant>,
+    /// A stranger answered on vLLM's port during this start, and that was logged.
+    stranger_logged: bool,
     /// Stops the group if the gateway dies; released once the group is gone.
     guard: Option<guard::Guard>,
 }
@@ -284,6 +287,30 @@ impl Supervisor {
     }
 
     async fn spawn_child(&mut self) -> Option<Outcome> {
+        let vllm_port = self.serve.vllm_port;
+        match port::check_free(vllm_port) {
+            port::PortCheck::Free => {}
+            port::PortCheck::Taken(holder) => {
+                let holder = holder.map_or_else(
+                    || "a process the gateway cannot see".to_string(),
+                    |holder| holder.to_string(),
+                );
+                tracing::error!(
+                    vllm_port,
+                    %holder,
+                    "vLLM's port is in use by another process; not starting vLLM"
+                );
+                return self.after_end(End {
+                    exit: ExitInfo::Code(1),
+                    cause: EndCause::PortInUse,
+                    ready_for: None,
+                });
+            }
+            port::PortCheck::Local(exhausted) => return self.retry_local(exhausted),
+            port::PortCheck::Unknown(error) => {
+                tracing::warn!(vllm_port, %error, "cannot check that vLLM's port is free; starting vLLM anyway");
+            }
+        }
         let command = child::command(&self.serve);
         tracing::info!(command = %child::describe(&command), "starting vLLM");
         match child::spawn(command).await {
@@ -295,6 +322,7 @@ impl Supervisor {
                     pid,
                     exit: spawned.exit,
                     ready_since: None,
+                    stranger_logged: false,
                     guard: guard::Guard::start(pid, self.serve.stop_timeout),
                 });
                 self.next_probe = now + self.serve.startup_poll_interval;
@@ -303,18 +331,7 @@ impl Supervisor {
                 None
             }
             Err(error) if let Some(exhausted) = Exhausted::from_spawn(&error) => {
-                // The gateway's own problem, not vLLM's: retried without counting a failed start.
-                let delay = self.serve.backoff.delay.max(LOCAL_RETRY_DELAY);
-                tracing::error!(
-                    limit = %exhausted,
-                    retry_in = %humantime::format_duration(delay),
-                    "cannot start vLLM: the gateway's own problem, not vLLM's; retrying, not counted against max_restarts"
-                );
-                self.set_state(ChildState::Backoff {
-                    attempt: self.status.restarts,
-                    until: Instant::now() + delay,
-                });
-                None
+                self.retry_local(exhausted)
             }
             Err(error) => {
                 tracing::error!(vllm_bin = %self.serve.vllm_bin, %error, "cannot start vLLM");
@@ -331,6 +348,22 @@ impl Supervisor {
                 })
             }
         }
+    }
+
+    /// A start failed for lack of the gateway's own resources: that is not vLLM's failure, so it
+    /// is retried after a delay without counting toward `max_restarts`.
+    fn retry_local(&mut self, exhausted: Exhausted) -> Option<Outcome> {
+        let delay = self.serve.backoff.delay.max(LOCAL_RETRY_DELAY);
+        tracing::error!(
+            limit = %exhausted,
+            retry_in = %humantime::format_duration(delay),
+            "cannot start vLLM: the gateway's own problem, not vLLM's; retrying, not counted against max_restarts"
+        );
+        self.set_state(ChildState::Backoff {
+            attempt: self.status.restarts,
+            until: Instant::now() + delay,
+        });
+        None
     }
 
     async fn on_exit(&mut self, exit: Option<ExitInfo>) -> Option<Outcome> {
@@ -398,6 +431,7 @@ impl Supervisor {
                 let reason = match (end.cause, end.exit) {
                     (EndCause::StartupTimeout, _) => "startup_timeout",
                     (EndCause::Unhealthy, _) => "unhealthy",
+                    (EndCause::PortInUse, _) => "port_in_use",
                     (EndCause::Exited, ExitInfo::Code(_)) => "exit_code",
                     (EndCause::Exited, ExitInfo::Signal(_)) => "signal",
                 };
@@ -410,7 +444,11 @@ impl Supervisor {
                 });
                 None
             }
-            Decision::Stop(outcome) => Some(self.finish(Some(end.exit), outcome)),
+            // vLLM never ran when its port was taken: there is no exit of its to report.
+            Decision::Stop(outcome) => Some(match end.cause {
+                EndCause::PortInUse => self.finish(self.status.last_exit, outcome),
+                _ => self.finish(Some(end.exit), outcome),
+            }),
         }
     }
 
@@ -444,6 +482,21 @@ impl Supervisor {
             Ok(()) => Ok(()),
         };
         match (&self.status.state, result) {
+            (ChildState::Starting { .. }, Ok(()))
+                if let Err(reason) = port::group_owns_listener(pid, self.serve.vllm_port) =>
+            {
+                // Whatever answered is not vLLM: never ready on it. vLLM, which cannot bind, exits
+                // and the restart policy takes over; or startup_timeout ends the start.
+                if !std::mem::replace(&mut child.stranger_logged, true) {
+                    tracing::error!(
+                        pid,
+                        vllm_port = self.serve.vllm_port,
+                        %reason,
+                        "something other than vLLM answers on vLLM's port; not ready"
+                    );
+                }
+                self.next_probe = now + self.serve.startup_poll_interval;
+            }
             (ChildState::Starting { since, .. }, Ok(())) => {
                 let took = now.saturating_duration_since(*since);
                 child.ready_since = Some(now);
