@@ -15,9 +15,10 @@
 //!   and the health endpoints whether the upstream can serve.
 //! - `supervisor`: `gateway serve`. `state` is the child's state machine, `child` spawns and stops
 //!   process groups, `port` checks that `vllm_port` is free and that vLLM's group owns the socket
-//!   that answered before `Ready`, `guard` stops a group whose gateway was SIGKILLed, `reaper`
-//!   owns every `waitpid`, `backoff` decides restarts, `output` relays the child's stdout/stderr
-//!   into the log.
+//!   that answered before `Ready`, `descendants` stops what vLLM left outside its group (adopted
+//!   orphans) before each start and before exit, `guard` stops a group whose gateway was
+//!   SIGKILLed, `reaper` owns every `waitpid`, `backoff` decides restarts, `output` relays the
+//!   child's stdout/stderr into the log.
 //!   The supervisor is an actor: one task owns the child.
 //! - `signals`: the one task that turns signals into stop requests or forwards them to the child.
 //! - `notify`: systemd `sd_notify` (readiness, status, start-timeout extensions, drain, watchdog).
@@ -40,6 +41,8 @@
 //! - Only the supervisor task mutates the child state, and only through `state::transition`.
 //! - Only the reaper calls `waitpid`; nothing else reaps, so no exit status is ever stolen.
 //! - Every signal to the child goes to its whole process group.
+//! - Nothing of vLLM's outlives it: before each start and before exit, every descendant of the
+//!   gateway but its guards is stopped (`supervisor::descendants`).
 //! - Stream bodies are never collected: frames are forwarded as they arrive.
 //! - No secret is ever formatted into a log line or an error (`config::Secret` has a redacting `Debug`).
 

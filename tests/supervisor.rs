@@ -427,65 +427,6 @@ fn sighup_is_forwarded_to_the_child() {
     assert!(ready(&gateway), "SIGHUP does not stop anything");
 }
 
-/// Zombie processes whose parent is `pid`.
-fn zombie_children(pid: i32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|child| proc_stat(*child) == Some(('Z', pid)))
-        .collect()
-}
-
-#[test]
-fn orphaned_grandchildren_are_reparented_to_the_gateway_and_reaped() {
-    // The gateway is a subreaper (or PID 1 in a container): a grandchild whose parent died is
-    // re-parented to the gateway, not to the machine's init, and the gateway reaps it. This one
-    // left vLLM's process group (as a worker that called setsid would), so stopping the group
-    // leaves it running, still re-parented, until the test kills it.
-    let (_dir, pids, pids_text) = pid_file();
-    // Declared before the gateway, so that it runs after the gateway has stopped.
-    let _cleanup = KillGrandchildren(pids.clone());
-    let (gateway, _) = gateway_serve(
-        &["--restart", "always"],
-        &[
-            ("MOCK_VLLM_SPAWN_GRANDCHILD", "1"),
-            ("MOCK_VLLM_DETACH_GRANDCHILD", "1"),
-            ("MOCK_VLLM_PID_FILE", &pids_text),
-        ],
-    );
-    wait_ready(&gateway);
-    let (child, grandchild) = wait_for_starts(&pids, 1)[0];
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).expect("kill child");
-    wait_until(
-        "the grandchild to be re-parented to the gateway",
-        DEADLINE,
-        || proc_stat(grandchild).map(|(_, parent)| parent) == Some(gateway.pid()),
-    );
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), Signal::SIGKILL)
-        .expect("kill grandchild");
-    wait_until("the gateway to reap the grandchild", DEADLINE, || {
-        !std::path::Path::new(&format!("/proc/{grandchild}")).exists()
-    });
-    assert!(zombie_children(gateway.pid()).is_empty());
-}
-
-/// Kills every detached grandchild named in the pid file when the test ends, however it ends:
-/// they are outside vLLM's process group, so the gateway's stop does not reach them (and the
-/// restarted vLLM starts another).
-struct KillGrandchildren(std::path::PathBuf);
-
-impl Drop for KillGrandchildren {
-    fn drop(&mut self) {
-        for (_, grandchild) in read_pid_file(&self.0) {
-            if grandchild > 0 {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), Signal::SIGKILL);
-            }
-        }
-    }
-}
-
 #[test]
 fn a_child_flooding_its_output_does_not_stall_the_gateway() {
     let (gateway, _) = gateway_serve(&[], &[("MOCK_VLLM_FLOOD", "1")]);

@@ -393,3 +393,128 @@ fn a_port_taken_between_the_check_and_the_spawn_never_makes_the_gateway_ready() 
     let reason = stranger[0]["reason"].as_str().expect("reason");
     assert!(reason.contains("not by vLLM's group"), "{reason}");
 }
+
+/// Regression: a process of vLLM's that left its process group (setsid, a daemonised helper)
+/// survived every stop and restart of vLLM's group, and piled up.
+#[test]
+fn a_detached_descendant_is_gone_after_a_restart_and_after_a_stop() {
+    let (_dir, pids, pids_text) = pid_file();
+    // Kills whatever the gateway left, when the test ends however it ends.
+    let _cleanup = KillGrandchildren(pids.clone());
+    let (mut gateway, vllm_port) = gateway_serve(
+        &["--stop-timeout", "2s"],
+        &[
+            ("MOCK_VLLM_SPAWN_GRANDCHILD", "1"),
+            ("MOCK_VLLM_DETACH_GRANDCHILD", "1"),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    wait_ready(&gateway);
+    let (first, first_grandchild) = wait_for_starts(&pids, 1)[0];
+    assert!(first_grandchild > 0 && alive(first_grandchild));
+    exit_child(vllm_port, 1);
+    let (second, second_grandchild) = wait_for_starts(&pids, 2)[1];
+    assert_ne!(second, first);
+    assert!(
+        !alive(first_grandchild),
+        "the first vLLM's detached process was stopped before the second vLLM started"
+    );
+    wait_ready(&gateway);
+    assert!(alive(second_grandchild));
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    assert!(
+        !alive(second_grandchild),
+        "the gateway stopped the detached process before it exited"
+    );
+}
+
+/// Kills every grandchild named in the pid file when the test ends, however it ends.
+struct KillGrandchildren(std::path::PathBuf);
+
+impl Drop for KillGrandchildren {
+    fn drop(&mut self) {
+        for (_, grandchild) in read_pid_file(&self.0) {
+            if grandchild > 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(grandchild),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Zombie processes whose parent is `pid`.
+fn zombie_children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|child| proc_stat(*child) == Some(('Z', pid)))
+        .collect()
+}
+
+/// A vLLM (mock-vllm, from `$MOCK`) that first starts a helper which left its process group
+/// (setsid) and ignores SIGTERM; the helper's pid is appended to `$HELPERS`.
+const VLLM_WITH_A_STUBBORN_HELPER: &str = "#!/bin/sh
+(trap '' TERM; exec setsid sleep 100000) </dev/null >/dev/null 2>&1 &
+echo $! >> \"$HELPERS\"
+exec \"$MOCK\" \"$@\"
+";
+
+#[test]
+fn orphans_are_reparented_to_the_gateway_then_killed_after_stop_timeout_and_reaped() {
+    // The gateway is a subreaper (or PID 1 in a container): a process whose parent died is
+    // re-parented to the gateway, not to the machine's init. This one left vLLM's group and
+    // ignores SIGTERM, so only the gateway's SIGKILL after stop_timeout ends it, and the gateway
+    // reaps it: no zombie is left.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vllm = script(dir.path(), "vllm", VLLM_WITH_A_STUBBORN_HELPER);
+    let helpers = dir.path().join("helpers");
+    let _cleanup = KillListed(helpers.clone());
+    let (_pids_dir, pids, pids_text) = pid_file();
+    let (gateway, _) = gateway_serve_child(
+        &[],
+        free_port(),
+        &vllm,
+        free_port(),
+        &["--restart", "always", "--stop-timeout", "2s"],
+        &[
+            ("MOCK", MOCK_VLLM),
+            ("HELPERS", helpers.to_str().expect("utf-8")),
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+        ],
+    );
+    wait_ready(&gateway);
+    let child = wait_for_starts(&pids, 1)[0].0;
+    let helper: i32 = std::fs::read_to_string(&helpers)
+        .expect("helpers")
+        .lines()
+        .next()
+        .and_then(|line| line.trim().parse().ok())
+        .expect("a helper pid");
+    assert!(alive(helper));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill child");
+    wait_until(
+        "the helper to be re-parented to the gateway",
+        DEADLINE,
+        || proc_stat(helper).map(|(_, parent)| parent) == Some(gateway.pid()),
+    );
+    wait_until("the gateway to kill and reap the helper", DEADLINE, || {
+        !std::path::Path::new(&format!("/proc/{helper}")).exists()
+    });
+    assert!(
+        gateway
+            .log_text()
+            .contains("processes left behind by vLLM did not stop in time; sending SIGKILL"),
+        "{}",
+        gateway.log_text()
+    );
+    wait_for_starts(&pids, 2);
+    assert!(zombie_children(gateway.pid()).is_empty());
+}

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod child;
+pub mod descendants;
 pub mod guard;
 pub mod output;
 pub mod port;
@@ -151,7 +152,21 @@ async fn never<T>() -> T {
 }
 
 impl Supervisor {
+    /// Supervises until the outcome is known, then stops whatever vLLM left outside its group
+    /// before the gateway exits.
     async fn run(mut self) -> Outcome {
+        let outcome = self.supervise().await;
+        let keep: Vec<u32> = self
+            .child
+            .as_ref()
+            .map(|child| child.pid)
+            .into_iter()
+            .collect();
+        descendants::stop_all(&keep, self.serve.stop_timeout).await;
+        outcome
+    }
+
+    async fn supervise(&mut self) -> Outcome {
         let watchdog_every = crate::notify::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
@@ -180,7 +195,7 @@ impl Supervisor {
                 control,
                 stop,
                 ..
-            } = &mut self;
+            } = self;
             let exit = async {
                 match child.as_mut() {
                     Some(child) => (&mut child.exit).await.ok(),
@@ -287,6 +302,12 @@ impl Supervisor {
     }
 
     async fn spawn_child(&mut self) -> Option<Outcome> {
+        // What the last vLLM left outside its group (it may hold the port, or the GPU) goes first.
+        descendants::stop_all(&[], self.serve.stop_timeout).await;
+        if self.stop.is_cancelled() || self.shutting_down.is_cancelled() {
+            let exit = self.status.last_exit;
+            return Some(self.finish(exit, Outcome::Stopped));
+        }
         let vllm_port = self.serve.vllm_port;
         match port::check_free(vllm_port) {
             port::PortCheck::Free => {}

@@ -147,7 +147,7 @@ fn parse_address(hex: &str) -> Option<IpAddr> {
 }
 
 /// Every pid in `/proc`.
-fn processes() -> impl Iterator<Item = i32> {
+pub(crate) fn processes() -> impl Iterator<Item = i32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
