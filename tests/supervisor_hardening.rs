@@ -518,3 +518,72 @@ fn orphans_are_reparented_to_the_gateway_then_killed_after_stop_timeout_and_reap
     wait_for_starts(&pids, 2);
     assert!(zombie_children(gateway.pid()).is_empty());
 }
+
+/// The soft and hard open-files limits of a process, as `/proc/<pid>/limits` shows them.
+fn open_files_limits(pid: i32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("the open-files line");
+    let mut words = line.split_whitespace().skip(3);
+    let soft = words.next().expect("soft").to_string();
+    let hard = words.next().expect("hard").to_string();
+    (soft, hard)
+}
+
+/// Sets the soft open-files limit of a running process (the hard limit stays, so it can be raised
+/// again without privileges).
+fn set_soft_open_files_limit(pid: i32, soft: &str) {
+    let (_, hard) = open_files_limits(pid);
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:{hard}"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+}
+
+/// Regression: a spawn that failed for lack of descriptors counted as a failed start of vLLM, so
+/// a gateway out of descriptors gave up on the model.
+#[test]
+fn a_spawn_failing_for_lack_of_descriptors_is_retried_without_counting() {
+    let (_dir, pids, pids_text) = pid_file();
+    // One failed start would be enough to give up.
+    let (mut gateway, vllm_port) = gateway_serve(
+        &["--max-restarts", "1"],
+        &[("MOCK_VLLM_PID_FILE", &pids_text)],
+    );
+    wait_ready(&gateway);
+    // Below the descriptors it holds, the gateway can open no new one.
+    let (soft, _) = open_files_limits(gateway.pid());
+    set_soft_open_files_limit(gateway.pid(), "3");
+    exit_child(vllm_port, 1);
+    let retries = |gateway: &Proc| {
+        lines_with_message(
+            gateway,
+            "cannot start vLLM: the gateway's own problem, not vLLM's; retrying, not counted against max_restarts",
+        )
+    };
+    wait_until(
+        "two starts retried for lack of descriptors",
+        DEADLINE,
+        || retries(&gateway).len() >= 2 || gateway.child.try_wait().ok().flatten().is_some(),
+    );
+    assert!(
+        gateway.child.try_wait().expect("try_wait").is_none(),
+        "the gateway gave up:\n{}",
+        gateway.log_text()
+    );
+    let limit = retries(&gateway)[0]["limit"]
+        .as_str()
+        .expect("limit field")
+        .to_string();
+    assert!(
+        limit.contains("open-files limit (RLIMIT_NOFILE 3)"),
+        "{limit}"
+    );
+    set_soft_open_files_limit(gateway.pid(), &soft);
+    wait_for_starts(&pids, 2);
+    wait_ready(&gateway);
+}
