@@ -58,7 +58,8 @@ pub fn holder(port: u16) -> Option<Holder> {
 /// Whether the child whose group `pgid` leads may be declared ready on `port`: the leader is
 /// still running, and every socket listening on the port where a connection to 127.0.0.1 lands
 /// belongs to a process of the group. `Err` says what is wrong. Where `/proc/net/tcp` cannot be
-/// read at all, nothing can be told and the probe is trusted.
+/// read at all, or the descriptors of a process of the group cannot be (one that made itself
+/// non-dumpable), nothing can be told and the probe is trusted.
 pub fn group_owns_listener(pgid: u32, port: u16) -> Result<(), String> {
     let pgid = pgid as i32;
     if !running(pgid) {
@@ -71,6 +72,13 @@ pub fn group_owns_listener(pgid: u32, port: u16) -> Result<(), String> {
         return Err(format!("nothing listens on port {port}"));
     }
     let members: Vec<i32> = processes().filter(|pid| pgrp(*pid) == Some(pgid)).collect();
+    let hidden = members.iter().any(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .is_err_and(|error| error.kind() == ErrorKind::PermissionDenied)
+    });
+    if hidden {
+        return Ok(());
+    }
     for inode in &inodes {
         if !members.iter().any(|pid| owns_any(*pid, &[*inode])) {
             return Err(match holder_of(*inode) {
