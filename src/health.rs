@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthConfig;
 use crate::proxy::AppState;
+use crate::resources::Exhausted;
 use crate::status::{ExternalHealth, Probe, UpstreamStatus};
 use crate::telemetry;
 
@@ -106,18 +107,54 @@ pub fn probe_client() -> reqwest::Client {
         .expect("a client without TLS or proxies always builds")
 }
 
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    /// The upstream did not answer 200 in time: this counts against it.
+    Upstream(String),
+    /// The gateway could not even send the probe, for lack of a resource of its own (descriptors,
+    /// memory): this says nothing about the upstream.
+    Local(Exhausted),
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Upstream(reason) => f.write_str(reason),
+            ProbeError::Local(exhausted) => {
+                write!(
+                    f,
+                    "the gateway could not send the /health probe: {exhausted}"
+                )
+            }
+        }
+    }
+}
+
 /// One GET of `{base}/health`; Ok when it answers 200 within `timeout`.
-pub async fn probe(client: &reqwest::Client, base: &str, timeout: Duration) -> Result<(), String> {
+pub async fn probe(
+    client: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
     let url = format!("{base}/health");
     match client.get(&url).timeout(timeout).send().await {
         Ok(response) if response.status() == StatusCode::OK => Ok(()),
-        Ok(response) => Err(format!("upstream /health answered {}", response.status())),
-        Err(error) if error.is_timeout() => Err(format!(
-            "upstream /health did not answer within {}",
-            humantime::format_duration(timeout)
-        )),
-        Err(error) if error.is_connect() => Err("upstream /health: connection refused".into()),
-        Err(_) => Err("upstream /health: connection failed".into()),
+        Ok(response) => Err(ProbeError::Upstream(format!(
+            "upstream /health answered {}",
+            response.status()
+        ))),
+        Err(error) => Err(match Exhausted::in_chain(&error) {
+            Some(exhausted) => ProbeError::Local(exhausted),
+            None if error.is_timeout() => ProbeError::Upstream(format!(
+                "upstream /health did not answer within {}",
+                humantime::format_duration(timeout)
+            )),
+            None if error.is_connect() => {
+                ProbeError::Upstream("upstream /health: connection refused".into())
+            }
+            None => ProbeError::Upstream("upstream /health: connection failed".into()),
+        }),
     }
 }
 
@@ -149,7 +186,10 @@ pub async fn poll_upstream(
         let probe = Probe {
             ok,
             at: Instant::now(),
-            detail: outcome.err().unwrap_or_default(),
+            detail: outcome
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default(),
         };
         status.send_replace(UpstreamStatus::External(ExternalHealth {
             last_probe: Some(probe),

@@ -11,11 +11,16 @@
 //!   hop-by-hop rules; `proxy::body` wraps bodies with limits and timeouts; `proxy::errors` shapes
 //!   every error as OpenAI JSON or a final SSE `error` event.
 //! - `health`: `/livez`, `/readyz`, `/health`, `/metrics`, and the upstream `/health` probe.
+//! - `resources`: which errors mean the gateway itself ran out of descriptors or memory, and which
+//!   limit it hit; such errors are never counted against vLLM.
 //! - `status`: [`status::UpstreamStatus`], the one value on a `watch` channel that tells the proxy
 //!   and the health endpoints whether the upstream can serve.
 //! - `supervisor`: `gateway serve`. `state` is the child's state machine, `child` spawns and stops
-//!   process groups, `guard` stops a group whose gateway was SIGKILLed, `reaper` owns every
-//!   `waitpid`, `backoff` decides restarts, `output` relays the child's stdout/stderr into the log.
+//!   process groups, `port` checks that `vllm_port` is free and that vLLM's group owns the socket
+//!   that answered before `Ready`, `descendants` stops what vLLM left outside its group (adopted
+//!   orphans) before each start and before exit, `guard` stops a group whose gateway was
+//!   SIGKILLed, `reaper` owns every `waitpid`, `backoff` decides restarts, `output` relays the
+//!   child's stdout/stderr into the log.
 //!   The supervisor is an actor: one task owns the child.
 //! - `signals`: the one task that turns signals into stop requests, reloads, or forwards them to
 //!   the child.
@@ -45,6 +50,8 @@
 //! - Only the supervisor task mutates the child state, and only through `state::transition`.
 //! - Only the reaper calls `waitpid`; nothing else reaps, so no exit status is ever stolen.
 //! - Every signal to the child goes to its whole process group.
+//! - Nothing of vLLM's outlives it: before each start and before exit, every descendant of the
+//!   gateway but its guards is stopped (`supervisor::descendants`).
 //! - Stream bodies are never collected: frames are forwarded as they arrive.
 //! - No secret is ever formatted into a log line or an error (`config::Secret` has a redacting `Debug`).
 
@@ -56,6 +63,7 @@ pub mod health;
 pub mod notify;
 pub mod proxy;
 pub mod reload;
+pub mod resources;
 pub mod signals;
 pub mod status;
 pub mod supervisor;
@@ -78,6 +86,11 @@ use crate::supervisor::{Control, Outcome};
 
 /// Exit code when the gateway cannot start or gives up on vLLM.
 pub const EXIT_FAILURE: u8 = 1;
+
+/// Exit code when vLLM exited 0 on its own and the gateway stops because of it (`restart = "no"`):
+/// EX_TEMPFAIL of sysexits.h, "try again later". Real vLLM exits 0 when its engine dies, so a 0
+/// must not reach systemd's `Restart=on-failure` as a clean stop.
+pub const EXIT_VLLM_EXITED_0: u8 = 75;
 
 /// Everything after configuration: signals, reloads, metrics, then [`run`]. Returns the process
 /// exit code.
@@ -218,17 +231,22 @@ async fn run_serve(
     // The notifier ends once the supervisor's status sender is gone, after sending the last state.
     let _ = tokio::time::timeout(Duration::from_secs(1), notifier).await;
     served?;
-    Ok(match exit {
-        Outcome::Stopped => 0,
-        Outcome::ChildExited(info) => {
-            tracing::info!(exit = %info, "vLLM exited and the restart policy does not restart it");
-            u8::try_from(info.exit_code()).unwrap_or(EXIT_FAILURE)
-        }
-        Outcome::GaveUp(reason) => {
-            tracing::error!(%reason, "giving up on vLLM");
-            EXIT_FAILURE
-        }
-    })
+    let code = exit.exit_code();
+    match &exit {
+        Outcome::Stopped => {}
+        Outcome::ChildExited(info) => tracing::error!(
+            exit = %info,
+            exit_code = code,
+            "vLLM exited on its own and the restart policy does not restart it; the gateway exits"
+        ),
+        Outcome::Prevented(info) => tracing::warn!(
+            exit = %info,
+            exit_code = code,
+            "vLLM exited with a code of restart_prevent_exit_codes; the gateway exits with it"
+        ),
+        Outcome::GaveUp(reason) => tracing::error!(%reason, exit_code = code, "giving up on vLLM"),
+    }
+    Ok(code)
 }
 
 /// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain is over.

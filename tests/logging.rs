@@ -211,7 +211,7 @@ fn check_one_life(
     assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
 
     let all = entries(gateway);
-    let exited = expect(&all, &[("MESSAGE", "vLLM exited")]);
+    let exited = expect(&all, &[("MESSAGE", "vLLM exited on its own")]);
     assert_eq!(exited["EXIT_CODE"], "3");
     assert_eq!(exited["PID"], first_pid);
     let restarting = expect(&all, &[("STATE", "restarting"), ("PREVIOUS", "ready")]);
@@ -247,7 +247,7 @@ fn under_systemd_logs_go_to_journald_with_fields_and_vllm_under_its_own_identifi
     }
     let ready = expect(&entries, &[("STATE", "ready")]);
     assert_eq!(ready["PRIORITY"], "6", "info is syslog's informational");
-    let exited = expect(&entries, &[("MESSAGE", "vLLM exited")]);
+    let exited = expect(&entries, &[("MESSAGE", "vLLM exited on its own")]);
     assert_eq!(exited["PRIORITY"], "4", "warn is syslog's warning");
     let stderr = gateway.log_text();
     assert!(
@@ -264,7 +264,7 @@ fn without_a_journal_logs_are_json_lines_with_the_same_fields() {
         json_entries(&gateway.log_text())
     });
 
-    let exited = expect(&entries, &[("MESSAGE", "vLLM exited")]);
+    let exited = expect(&entries, &[("MESSAGE", "vLLM exited on its own")]);
     assert_eq!(exited["LEVEL"], "WARN");
     assert!(entries.iter().all(|entry| entry.contains_key("TIMESTAMP")));
 }

@@ -17,6 +17,8 @@ pub enum EndCause {
     StartupTimeout,
     /// Its /health stopped answering and it was stopped.
     Unhealthy,
+    /// It was not spawned: another process holds `vllm_port`.
+    PortInUse,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -61,11 +63,13 @@ pub fn decide(
             }
         }
     }
-    let clean_exit = end.cause == EndCause::Exited && end.exit.success();
+    // Every end that reaches here is a failure, whatever the exit code: the gateway asks vLLM to
+    // exit only to stop it for good (a shutdown never comes here) or because it failed (startup
+    // timeout, hung), and real vLLM exits 0 on its own when its engine dies. So `on-failure`
+    // restarts whatever `always` restarts.
     let restart = match policy {
         RestartPolicy::No => false,
-        RestartPolicy::OnFailure => !clean_exit,
-        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure | RestartPolicy::Always => true,
     };
     if !restart {
         return Decision::Stop(match end.cause {
@@ -74,17 +78,24 @@ pub fn decide(
                 Outcome::GaveUp("vLLM did not become ready within startup_timeout".into())
             }
             EndCause::Unhealthy => Outcome::GaveUp("vLLM stopped answering /health".into()),
+            EndCause::PortInUse => {
+                Outcome::GaveUp("vllm_port is held by a process that is not vLLM".into())
+            }
         });
     }
     if let (EndCause::Exited, ExitInfo::Code(code)) = (end.cause, end.exit) {
         if prevent_exit_codes.contains(&code) {
-            return Decision::Stop(Outcome::ChildExited(end.exit));
+            return Decision::Stop(Outcome::Prevented(end.exit));
         }
     }
     if config.max_restarts > 0 && history.failed_starts >= config.max_restarts {
         return Decision::Stop(Outcome::GaveUp(format!(
             "vLLM failed to become ready {} times in a row (max_restarts); last: {}",
-            history.failed_starts, end.exit
+            history.failed_starts,
+            match end.cause {
+                EndCause::PortInUse => "vllm_port held by another process".to_string(),
+                _ => end.exit.to_string(),
+            }
         )));
     }
     let nominal = config
@@ -222,8 +233,15 @@ mod tests {
             decide_with(RestartPolicy::No, killed),
             Decision::Stop(Outcome::ChildExited(ExitInfo::Signal(9)))
         );
+        assert!(
+            matches!(
+                decide_with(RestartPolicy::OnFailure, clean),
+                Decision::Restart { .. }
+            ),
+            "vLLM exits 0 on its own when its engine dies: a failure"
+        );
         assert_eq!(
-            decide_with(RestartPolicy::OnFailure, clean),
+            decide_with(RestartPolicy::No, clean),
             Decision::Stop(Outcome::ChildExited(ExitInfo::Code(0)))
         );
         assert!(matches!(
@@ -265,7 +283,28 @@ mod tests {
         );
         assert_eq!(
             decision,
-            Decision::Stop(Outcome::ChildExited(ExitInfo::Code(2)))
+            Decision::Stop(Outcome::Prevented(ExitInfo::Code(2)))
+        );
+    }
+
+    #[test]
+    fn an_exit_0_in_the_prevented_codes_is_not_restarted() {
+        let clean = End {
+            exit: ExitInfo::Code(0),
+            cause: EndCause::Exited,
+            ready_for: Some(Duration::ZERO),
+        };
+        let decision = decide(
+            RestartPolicy::OnFailure,
+            &config(),
+            &[0],
+            &mut History::default(),
+            clean,
+            0.0,
+        );
+        assert_eq!(
+            decision,
+            Decision::Stop(Outcome::Prevented(ExitInfo::Code(0)))
         );
     }
 }

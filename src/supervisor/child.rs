@@ -78,21 +78,25 @@ pub fn command(serve: &ServeConfig) -> Command {
 
 /// The program and arguments, for the log.
 ///
-/// The value of any option whose name says it is secret (`--api-key`, `--hf-token`, ...) is
-/// shown as `***`, in both the `--flag value` and the `--flag=value` form.
+/// The values of any option whose name says it is secret (`--api-key`, `--hf-token`, ...) are
+/// shown as `***`: in the `--flag=value` form, and in the `--flag value...` form every word up to
+/// the next option, since some (vLLM's `--api-key`) take a list.
 pub fn describe(command: &Command) -> String {
     let mut words: Vec<String> = vec![command.get_program().to_string_lossy().into_owned()];
-    let mut hide_next = false;
+    let mut hiding = false;
     for arg in command.get_args() {
         let arg = arg.to_string_lossy();
-        if std::mem::take(&mut hide_next) && !arg.starts_with("--") {
+        if hiding && !arg.starts_with('-') {
             words.push("***".into());
             continue;
         }
         match arg.split_once('=') {
-            Some((flag, _)) if is_secret_option(flag) => words.push(format!("{flag}=***")),
+            Some((flag, _)) if is_secret_option(flag) => {
+                hiding = false;
+                words.push(format!("{flag}=***"));
+            }
             _ => {
-                hide_next = is_secret_option(&arg);
+                hiding = is_secret_option(&arg);
                 words.push(arg.into_owned());
             }
         }
@@ -100,6 +104,8 @@ pub fn describe(command: &Command) -> String {
     words.join(" ")
 }
 
+/// Whether an option's value is a secret: its name ends in `key`, `token`, `secret` or
+/// `password` (`--api-key`, `--hf-token`, `--client-secret`), whatever the case.
 fn is_secret_option(word: &str) -> bool {
     let Some(name) = word.strip_prefix("--") else {
         return false;
@@ -189,5 +195,36 @@ mod tests {
             describe(&command),
             "vllm serve m --api-key *** --hf-token=*** --max-num-batched-tokens 8192 --tokenizer t"
         );
+    }
+
+    /// Regression: vLLM's `--api-key` takes a list, and `--api-key sk-a sk-b` was logged as
+    /// `--api-key *** sk-b`.
+    #[test]
+    fn every_value_of_a_secret_list_option_is_hidden() {
+        let mut command = Command::new("vllm");
+        command.args([
+            "serve",
+            "m",
+            "--api-key",
+            "sk-a",
+            "sk-b",
+            "--port",
+            "8000",
+            "--api-key=sk-c",
+            "--client-secret",
+            "s1",
+            "--HF-TOKEN",
+            "hf_x",
+            "--enforce-eager",
+        ]);
+        let line = describe(&command);
+        assert_eq!(
+            line,
+            "vllm serve m --api-key *** *** --port 8000 --api-key=*** --client-secret *** \
+             --HF-TOKEN *** --enforce-eager"
+        );
+        for secret in ["sk-a", "sk-b", "sk-c", "s1", "hf_x"] {
+            assert!(!line.contains(secret), "{secret} in {line}");
+        }
     }
 }

@@ -18,6 +18,9 @@ use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+/// The hidden subcommand a guard runs as (`cli` names it too); `descendants` tells guards by it.
+pub const ARG: &str = "__guard";
+
 /// The gateway's end of a guard.
 pub struct Guard {
     release: std::fs::File,
@@ -30,7 +33,7 @@ impl Guard {
         let start = || -> std::io::Result<Guard> {
             let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
             Command::new("/proc/self/exe")
-                .arg("__guard")
+                .arg(ARG)
                 .arg(pgid.to_string())
                 .arg(grace.as_millis().to_string())
                 .stdin(Stdio::from(read_end))

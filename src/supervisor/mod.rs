@@ -7,8 +7,10 @@
 
 pub mod backoff;
 pub mod child;
+pub mod descendants;
 pub mod guard;
 pub mod output;
+pub mod port;
 pub mod reaper;
 pub mod state;
 
@@ -24,6 +26,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, ServeConfig};
+use crate::health::ProbeError;
+use crate::resources::Exhausted;
 use crate::status::{ChildStatus, UpstreamStatus};
 use crate::supervisor::backoff::{Decision, End, EndCause, History};
 use crate::supervisor::state::{ChildState, ExitInfo, StopReason, transition};
@@ -40,10 +44,32 @@ pub enum Control {
 pub enum Outcome {
     /// Asked to stop; the child was stopped.
     Stopped,
-    /// The child exited and the restart policy does not restart it.
+    /// The child exited on its own and the restart policy (`no`) does not restart it.
     ChildExited(ExitInfo),
+    /// The child exited with a code of `restart_prevent_exit_codes`.
+    Prevented(ExitInfo),
     /// Too many starts in a row never became ready (or the child could not be spawned).
     GaveUp(String),
+}
+
+impl Outcome {
+    /// The gateway's own exit code. An exit of vLLM that the gateway did not ask for is a failure
+    /// whatever its code, so that the layer above (systemd, a container runtime) restarts the
+    /// gateway: vLLM's code when it is not 0, [`crate::EXIT_VLLM_EXITED_0`] when it is. Only a code
+    /// the operator listed in `restart_prevent_exit_codes` is passed on as it is, 0 included.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Stopped => 0,
+            Outcome::ChildExited(exit) => match exit.exit_code() {
+                0 => crate::EXIT_VLLM_EXITED_0,
+                code => u8::try_from(code).unwrap_or(crate::EXIT_FAILURE),
+            },
+            Outcome::Prevented(exit) => {
+                u8::try_from(exit.exit_code()).unwrap_or(crate::EXIT_FAILURE)
+            }
+            Outcome::GaveUp(_) => crate::EXIT_FAILURE,
+        }
+    }
 }
 
 /// Starts the supervisor task. It stops the child and returns when `stop` is cancelled, or earlier
@@ -82,13 +108,15 @@ pub fn start(
     (status_rx, tokio::spawn(supervisor.run()))
 }
 
-type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Send>>;
 
 /// The running child, as far as the supervisor needs it.
 struct Running {
     pid: u32,
     exit: oneshot::Receiver<ExitInfo>,
     ready_since: Option<Instant>,
+    /// A stranger answered on vLLM's port during this start, and that was logged.
+    stranger_logged: bool,
     /// Stops the group if the gateway dies; released once the group is gone.
     guard: Option<guard::Guard>,
 }
@@ -115,13 +143,30 @@ struct Supervisor {
     probe_client: reqwest::Client,
 }
 
+/// The shortest wait before retrying a start that failed for lack of the gateway's own resources.
+const LOCAL_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 /// A pending future for `select!` branches that have nothing to wait for.
 async fn never<T>() -> T {
     std::future::pending().await
 }
 
 impl Supervisor {
+    /// Supervises until the outcome is known, then stops whatever vLLM left outside its group
+    /// before the gateway exits.
     async fn run(mut self) -> Outcome {
+        let outcome = self.supervise().await;
+        let keep: Vec<u32> = self
+            .child
+            .as_ref()
+            .map(|child| child.pid)
+            .into_iter()
+            .collect();
+        descendants::stop_all(&keep, self.serve.stop_timeout).await;
+        outcome
+    }
+
+    async fn supervise(&mut self) -> Outcome {
         let watchdog_every = crate::notify::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
@@ -150,7 +195,7 @@ impl Supervisor {
                 control,
                 stop,
                 ..
-            } = &mut self;
+            } = self;
             let exit = async {
                 match child.as_mut() {
                     Some(child) => (&mut child.exit).await.ok(),
@@ -257,6 +302,36 @@ impl Supervisor {
     }
 
     async fn spawn_child(&mut self) -> Option<Outcome> {
+        // What the last vLLM left outside its group (it may hold the port, or the GPU) goes first.
+        descendants::stop_all(&[], self.serve.stop_timeout).await;
+        if self.stop.is_cancelled() || self.shutting_down.is_cancelled() {
+            let exit = self.status.last_exit;
+            return Some(self.finish(exit, Outcome::Stopped));
+        }
+        let vllm_port = self.serve.vllm_port;
+        match port::check_free(vllm_port) {
+            port::PortCheck::Free => {}
+            port::PortCheck::Taken(holder) => {
+                let holder = holder.map_or_else(
+                    || "a process the gateway cannot see".to_string(),
+                    |holder| holder.to_string(),
+                );
+                tracing::error!(
+                    vllm_port,
+                    %holder,
+                    "vLLM's port is in use by another process; not starting vLLM"
+                );
+                return self.after_end(End {
+                    exit: ExitInfo::Code(1),
+                    cause: EndCause::PortInUse,
+                    ready_for: None,
+                });
+            }
+            port::PortCheck::Local(exhausted) => return self.retry_local(exhausted),
+            port::PortCheck::Unknown(error) => {
+                tracing::warn!(vllm_port, %error, "cannot check that vLLM's port is free; starting vLLM anyway");
+            }
+        }
         let command = child::command(&self.serve);
         tracing::info!(command = %child::describe(&command), "starting vLLM");
         match child::spawn(command).await {
@@ -268,12 +343,16 @@ impl Supervisor {
                     pid,
                     exit: spawned.exit,
                     ready_since: None,
+                    stranger_logged: false,
                     guard: guard::Guard::start(pid, self.serve.stop_timeout),
                 });
                 self.next_probe = now + self.serve.startup_poll_interval;
                 self.set_state(ChildState::Starting { pid, since: now });
                 tracing::info!(pid, "vLLM started; waiting for /health");
                 None
+            }
+            Err(error) if let Some(exhausted) = Exhausted::from_spawn(&error) => {
+                self.retry_local(exhausted)
             }
             Err(error) => {
                 tracing::error!(vllm_bin = %self.serve.vllm_bin, %error, "cannot start vLLM");
@@ -290,6 +369,22 @@ impl Supervisor {
                 })
             }
         }
+    }
+
+    /// A start failed for lack of the gateway's own resources: that is not vLLM's failure, so it
+    /// is retried after a delay without counting toward `max_restarts`.
+    fn retry_local(&mut self, exhausted: Exhausted) -> Option<Outcome> {
+        let delay = self.serve.backoff.delay.max(LOCAL_RETRY_DELAY);
+        tracing::error!(
+            limit = %exhausted,
+            retry_in = %humantime::format_duration(delay),
+            "cannot start vLLM: the gateway's own problem, not vLLM's; retrying, not counted against max_restarts"
+        );
+        self.set_state(ChildState::Backoff {
+            attempt: self.status.restarts,
+            until: Instant::now() + delay,
+        });
+        None
     }
 
     async fn on_exit(&mut self, exit: Option<ExitInfo>) -> Option<Outcome> {
@@ -326,7 +421,7 @@ impl Supervisor {
         };
         match cause {
             EndCause::Exited => {
-                tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM exited")
+                tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM exited on its own")
             }
             _ => {
                 tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped")
@@ -357,6 +452,7 @@ impl Supervisor {
                 let reason = match (end.cause, end.exit) {
                     (EndCause::StartupTimeout, _) => "startup_timeout",
                     (EndCause::Unhealthy, _) => "unhealthy",
+                    (EndCause::PortInUse, _) => "port_in_use",
                     (EndCause::Exited, ExitInfo::Code(_)) => "exit_code",
                     (EndCause::Exited, ExitInfo::Signal(_)) => "signal",
                 };
@@ -369,7 +465,11 @@ impl Supervisor {
                 });
                 None
             }
-            Decision::Stop(outcome) => Some(self.finish(Some(end.exit), outcome)),
+            // vLLM never ran when its port was taken: there is no exit of its to report.
+            Decision::Stop(outcome) => Some(match end.cause {
+                EndCause::PortInUse => self.finish(self.status.last_exit, outcome),
+                _ => self.finish(Some(end.exit), outcome),
+            }),
         }
     }
 
@@ -378,13 +478,46 @@ impl Supervisor {
         outcome
     }
 
-    fn on_probe(&mut self, result: Result<(), String>) {
+    fn on_probe(&mut self, result: Result<(), ProbeError>) {
         let now = Instant::now();
         let Some(child) = self.child.as_mut() else {
             return;
         };
         let pid = child.pid;
+        let result = match result {
+            Err(ProbeError::Local(exhausted)) => {
+                // Not vLLM's fault: neither a failure nor a success, the state stays as it is.
+                tracing::warn!(
+                    pid,
+                    limit = %exhausted,
+                    "the gateway could not send its /health probe: the gateway's own problem, not counted against vLLM"
+                );
+                self.next_probe = now
+                    + match self.status.state {
+                        ChildState::Starting { .. } => self.serve.startup_poll_interval,
+                        _ => self.health.interval,
+                    };
+                return;
+            }
+            Err(ProbeError::Upstream(reason)) => Err(reason),
+            Ok(()) => Ok(()),
+        };
         match (&self.status.state, result) {
+            (ChildState::Starting { .. }, Ok(()))
+                if let Err(reason) = port::group_owns_listener(pid, self.serve.vllm_port) =>
+            {
+                // Whatever answered is not vLLM: never ready on it. vLLM, which cannot bind, exits
+                // and the restart policy takes over; or startup_timeout ends the start.
+                if !std::mem::replace(&mut child.stranger_logged, true) {
+                    tracing::error!(
+                        pid,
+                        vllm_port = self.serve.vllm_port,
+                        %reason,
+                        "something other than vLLM answers on vLLM's port; not ready"
+                    );
+                }
+                self.next_probe = now + self.serve.startup_poll_interval;
+            }
             (ChildState::Starting { since, .. }, Ok(())) => {
                 let took = now.saturating_duration_since(*since);
                 child.ready_since = Some(now);
@@ -497,7 +630,7 @@ impl Supervisor {
 
 enum Event {
     Exited(Option<ExitInfo>),
-    Probed(Result<(), String>),
+    Probed(Result<(), ProbeError>),
     Timer,
     Control(Control),
     Stop,

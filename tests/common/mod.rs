@@ -212,12 +212,23 @@ pub fn gateway_serve_wrapped(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Proc, u16) {
-    let vllm_port = free_port();
+    gateway_serve_child(wrapper, port, MOCK_VLLM, free_port(), extra, env)
+}
+
+/// `gateway_serve_wrapped` with vLLM's executable and port chosen by the caller.
+pub fn gateway_serve_child(
+    wrapper: &[&str],
+    port: u16,
+    vllm_bin: &str,
+    vllm_port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, u16) {
     let mut args = vec![
         "serve".to_string(),
         "mock-model".into(),
         "--vllm-bin".into(),
-        MOCK_VLLM.into(),
+        vllm_bin.into(),
         "--vllm-port".into(),
         vllm_port.to_string(),
         "--host".into(),
