@@ -354,7 +354,8 @@ fn a_connection_flood_past_the_open_files_limit_leaves_vllm_alone_and_the_gatewa
         ],
         free_port(),
         &["--health-interval", "100ms"],
-        &[],
+        // vLLM's access lines for the probe are logged at debug.
+        &[("RUST_LOG", "info,vllm=debug")],
     );
     wait_until("the gateway to be ready", DEADLINE, || {
         get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)

@@ -53,9 +53,20 @@ pub fn relay(pid: u32, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) {
     drop(lines_tx);
     tokio::spawn(async move {
         while let Some((stream, line)) = lines_rx.recv().await {
-            tracing::info!(target: TARGET, pid, stream = stream.name(), "{line}");
+            if is_probe_access_line(&line) {
+                tracing::debug!(target: TARGET, pid, stream = stream.name(), "{line}");
+            } else {
+                tracing::info!(target: TARGET, pid, stream = stream.name(), "{line}");
+            }
         }
     });
+}
+
+/// uvicorn's access line for a `/health` answered 200: what the gateway's own probe causes every
+/// `health_interval` (17,280 lines a day at 5 s). Logged at debug, so the journal keeps vLLM's
+/// other lines; a failed probe (any other status) stays at info.
+fn is_probe_access_line(line: &str) -> bool {
+    line.contains("\"GET /health HTTP/1.1\" 200")
 }
 
 async fn read_lines(
@@ -161,6 +172,19 @@ mod tests {
                 "last"
             ]
         );
+    }
+
+    #[test]
+    fn only_a_successful_health_access_line_is_a_probe_line() {
+        assert!(is_probe_access_line(
+            "INFO:     127.0.0.1:53422 - \"GET /health HTTP/1.1\" 200 OK"
+        ));
+        assert!(!is_probe_access_line(
+            "INFO:     127.0.0.1:53422 - \"GET /health HTTP/1.1\" 503 Service Unavailable"
+        ));
+        assert!(!is_probe_access_line(
+            "INFO:     127.0.0.1:53422 - \"POST /v1/responses HTTP/1.1\" 200 OK"
+        ));
     }
 
     #[tokio::test]
