@@ -1,5 +1,6 @@
 # gateway: build, test, lint, demo, bench, install.
-# `make test` is what CI runs (after .ci/run installs the test dependencies).
+# `make test` is what CI runs: it installs the Python packages its tests need into a venv under
+# target/ by itself.
 
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
@@ -7,8 +8,13 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+# The Python the venvs are made from (3.11 to 3.14: vLLM 0.32 asks for >=3.11,<3.15).
+PYTHON ?= python3
+# The OpenAI SDK and prometheus_client, pinned by tests/requirements.txt, for the SDK and
+# metrics-format tests; the tests run the Python named by GATEWAY_TEST_PYTHON.
+TEST_VENV ?= $(TARGET_DIR)/test-venv
 
-.PHONY: all build test lint fmt demo bench install install-check clean verify-unit
+.PHONY: all build test test-venv lint fmt demo bench install install-check clean verify-unit
 
 all: build
 
@@ -21,14 +27,23 @@ lint:
 
 # nextest runs each test in its own process, which suits tests that own child processes;
 # plain `cargo test` is the fallback where nextest is not installed.
-test: lint
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+test: lint test-venv
+	@export GATEWAY_TEST_PYTHON=$(TEST_VENV)/bin/python; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --no-fail-fast; \
 	else \
 		$(CARGO) test --locked --no-fail-fast; \
 	fi
 	$(MAKE) verify-unit
 	$(MAKE) install-check
+
+# Remade only when the pins change.
+test-venv: $(TEST_VENV)/stamp
+$(TEST_VENV)/stamp: tests/requirements.txt
+	rm -rf $(TEST_VENV)
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --requirement tests/requirements.txt
+	touch $@
 
 # systemd-analyze verify, against a copy of the unit whose ExecStart points at the freshly built
 # binary (verify checks that it exists). Warnings do not change its exit code, so any output fails.

@@ -398,3 +398,9 @@ pub fn start_stream(gateway: &Proc) -> std::thread::JoinHandle<RawResponse> {
     });
     stream
 }
+
+/// The Python that runs the test clients: `make test` points GATEWAY_TEST_PYTHON at a venv holding
+/// the pinned packages of tests/requirements.txt; without it, `python3` from PATH.
+pub fn python() -> String {
+    std::env::var("GATEWAY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
