@@ -1,6 +1,6 @@
 # gateway: build, test, lint, demo, bench, install.
 # `make test` is what CI runs: it installs the Python packages its tests need into a venv under
-# target/ by itself.
+# target/ by itself. `make vllm-setup` installs a real vLLM (CPU build) and a tiny model.
 
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
@@ -13,8 +13,10 @@ PYTHON ?= python3
 # The OpenAI SDK and prometheus_client, pinned by tests/requirements.txt, for the SDK and
 # metrics-format tests; the tests run the Python named by GATEWAY_TEST_PYTHON.
 TEST_VENV ?= $(TARGET_DIR)/test-venv
+# A real vLLM and a tiny model made locally (tests/vllm/setup.sh): about 7 GB.
+VLLM_DIR ?= $(TARGET_DIR)/vllm
 
-.PHONY: all build test test-venv lint fmt demo bench install install-check clean verify-unit
+.PHONY: all build test test-venv vllm-setup lint fmt demo bench install install-check clean verify-unit
 
 all: build
 
@@ -44,6 +46,9 @@ $(TEST_VENV)/stamp: tests/requirements.txt
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --requirement tests/requirements.txt
 	touch $@
+
+vllm-setup:
+	bash tests/vllm/setup.sh $(VLLM_DIR)
 
 # systemd-analyze verify, against a copy of the unit whose ExecStart points at the freshly built
 # binary (verify checks that it exists). Warnings do not change its exit code, so any output fails.
