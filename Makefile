@@ -1,6 +1,6 @@
 # gateway: build, test, lint, demo, bench, install.
 # `make test` is what CI runs: it installs the Python packages its tests need into a venv under
-# target/ by itself. `make vllm-setup` installs a real vLLM (CPU build) and a tiny model.
+# target/ by itself. `make test-vllm` then proves the gateway against a real vLLM (CPU build).
 
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
@@ -16,7 +16,7 @@ TEST_VENV ?= $(TARGET_DIR)/test-venv
 # A real vLLM and a tiny model made locally (tests/vllm/setup.sh): about 7 GB.
 VLLM_DIR ?= $(TARGET_DIR)/vllm
 
-.PHONY: all build test test-venv vllm-setup lint fmt demo bench install install-check clean verify-unit
+.PHONY: all build test test-venv test-vllm vllm-setup lint fmt demo bench install install-check clean verify-unit
 
 all: build
 
@@ -49,6 +49,16 @@ $(TEST_VENV)/stamp: tests/requirements.txt
 
 vllm-setup:
 	bash tests/vllm/setup.sh $(VLLM_DIR)
+
+# tests/real_vllm.rs skips itself under a plain `cargo test`; GATEWAY_TEST_VLLM makes a missing
+# setup a failure. One vLLM at a time: each takes about 3.5 GB and both cores while it loads.
+test-vllm: vllm-setup
+	@export GATEWAY_TEST_VLLM=$(VLLM_DIR) GATEWAY_TEST_PYTHON=$(VLLM_DIR)/venv/bin/python; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --locked --no-fail-fast --test-threads 1 --test real_vllm; \
+	else \
+		$(CARGO) test --locked --no-fail-fast --test real_vllm -- --test-threads=1; \
+	fi
 
 # systemd-analyze verify, against a copy of the unit whose ExecStart points at the freshly built
 # binary (verify checks that it exists). Warnings do not change its exit code, so any output fails.

@@ -112,7 +112,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(program: &str, args: &[String], env: &[(&str, &str)], port: u16) -> Proc {
+pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)], port: u16) -> Proc {
     spawn_wrapped(&[], program, args, env, port)
 }
 
