@@ -402,7 +402,7 @@ fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_clea
     assert!(
         body.ends_with("data: [DONE]\n\n") && body.contains(r#""finish_reason":"length""#),
         "the stream was not completed: ...{}",
-        &body[body.len().saturating_sub(400)..]
+        String::from_utf8_lossy(&stream.body[stream.body.len().saturating_sub(400)..])
     );
     assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
     wait_until("no vLLM process left", DEADLINE, || {
