@@ -53,7 +53,7 @@ vllm-setup:
 # tests/real_vllm.rs skips itself under a plain `cargo test`; GATEWAY_TEST_VLLM makes a missing
 # setup a failure. One vLLM at a time: each takes about 3.5 GB and both cores while it loads.
 test-vllm: vllm-setup
-	@export GATEWAY_TEST_VLLM=$(VLLM_DIR) GATEWAY_TEST_PYTHON=$(VLLM_DIR)/venv/bin/python; \
+	@export GATEWAY_TEST_VLLM=$(VLLM_DIR); \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --no-fail-fast --test-threads 1 --test real_vllm; \
 	else \
