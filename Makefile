@@ -1,5 +1,6 @@
 # gateway: build, test, lint, demo, bench, install.
-# `make test` is what CI runs (after .ci/run installs the test dependencies).
+# `make test` is what CI runs: it installs the Python packages its tests need into a venv under
+# target/ by itself. `make test-vllm` then proves the gateway against a real vLLM (CPU build).
 
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
@@ -7,8 +8,15 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+# The Python the venvs are made from (3.11 to 3.14: vLLM 0.32 asks for >=3.11,<3.15).
+PYTHON ?= python3
+# The OpenAI SDK and prometheus_client, pinned by tests/requirements.txt, for the SDK and
+# metrics-format tests; the tests run the Python named by GATEWAY_TEST_PYTHON.
+TEST_VENV ?= $(TARGET_DIR)/test-venv
+# A real vLLM and a tiny model made locally (tests/vllm/setup.sh): about 7 GB.
+VLLM_DIR ?= $(TARGET_DIR)/vllm
 
-.PHONY: all build test lint fmt demo bench install install-check clean verify-unit
+.PHONY: all build test test-venv test-vllm vllm-setup lint fmt demo bench install install-check clean verify-unit
 
 all: build
 
@@ -21,14 +29,36 @@ lint:
 
 # nextest runs each test in its own process, which suits tests that own child processes;
 # plain `cargo test` is the fallback where nextest is not installed.
-test: lint
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+test: lint test-venv
+	@export GATEWAY_TEST_PYTHON=$(TEST_VENV)/bin/python; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --no-fail-fast; \
 	else \
 		$(CARGO) test --locked --no-fail-fast; \
 	fi
 	$(MAKE) verify-unit
 	$(MAKE) install-check
+
+# Remade only when the pins change.
+test-venv: $(TEST_VENV)/stamp
+$(TEST_VENV)/stamp: tests/requirements.txt
+	rm -rf $(TEST_VENV)
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --requirement tests/requirements.txt
+	touch $@
+
+vllm-setup:
+	bash tests/vllm/setup.sh $(VLLM_DIR)
+
+# tests/real_vllm.rs skips itself under a plain `cargo test`; GATEWAY_TEST_VLLM makes a missing
+# setup a failure. One vLLM at a time: each takes about 3.5 GB and both cores while it loads.
+test-vllm: vllm-setup
+	@export GATEWAY_TEST_VLLM=$(VLLM_DIR); \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --locked --no-fail-fast --test-threads 1 --test real_vllm; \
+	else \
+		$(CARGO) test --locked --no-fail-fast --test real_vllm -- --test-threads=1; \
+	fi
 
 # systemd-analyze verify, against a copy of the unit whose ExecStart points at the freshly built
 # binary (verify checks that it exists). Warnings do not change its exit code, so any output fails.

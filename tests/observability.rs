@@ -24,13 +24,13 @@ fn scrape(gateway: &Proc) -> Vec<Sample> {
     let (status, body) = get(&gateway.url("/metrics")).expect("metrics");
     assert_eq!(status, 200);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/parse_metrics.py");
-    let mut parser = Command::new("python3")
+    let mut parser = Command::new(python())
         .arg(script)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("python3 runs");
+        .expect("python runs (`make test` installs the test clients)");
     parser
         .stdin
         .take()

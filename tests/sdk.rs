@@ -1,4 +1,4 @@
-//! The gateway as OpenAI SDK users meet it: the official Python SDK (installed by .ci/run)
+//! The gateway as OpenAI SDK users meet it: the official Python SDK (installed by `make test`)
 //! calls `responses.create` with and without `stream=True` through the gateway.
 
 mod common;
@@ -12,11 +12,11 @@ fn the_openai_python_sdk_parses_responses_through_the_gateway() {
     let mock = mock_vllm(&[]);
     let gateway = gateway(mock.port, &[], &[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/responses_client.py");
-    let output = Command::new("python3")
+    let output = Command::new(python())
         .arg(script)
         .arg(gateway.url("/v1"))
         .output()
-        .expect("python3 runs (install the test clients with .ci/run)");
+        .expect("python runs (`make test` installs the test clients)");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),

@@ -114,7 +114,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(program: &str, args: &[String], env: &[(&str, &str)], port: u16) -> Proc {
+pub fn spawn(program: &str, args: &[String], env: &[(&str, &str)], port: u16) -> Proc {
     spawn_wrapped(&[], program, args, env, port)
 }
 
@@ -468,4 +468,10 @@ pub fn process_group(pid: i32) -> Option<i32> {
 pub fn mock_stats_on(port: u16) -> serde_json::Value {
     let (_, body) = get(&format!("http://127.0.0.1:{port}/_mock/stats")).expect("mock stats");
     serde_json::from_str(&body).expect("stats are JSON")
+}
+
+/// The Python that runs the test clients: `make test` points GATEWAY_TEST_PYTHON at a venv holding
+/// the pinned packages of tests/requirements.txt; without it, `python3` from PATH.
+pub fn python() -> String {
+    std::env::var("GATEWAY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }

@@ -1,0 +1,106 @@
+"""Records vLLM's answers through a gateway into tests/fixtures, as the bytes on the wire.
+
+Usage: record.py GATEWAY_URL VLLM_URL OUTDIR [GATEWAY_PID]
+
+GATEWAY_URL is the gateway in front of the tiny model (served as `tiny`), VLLM_URL vLLM itself
+(for its own /metrics and /health). With GATEWAY_PID, the engine core under that gateway is killed
+last, and vLLM's /health answer while its engine is dead is recorded. Run by record.sh.
+"""
+
+import http.client
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PREFIX = "vllm-0.32-tiny-"
+
+
+def exchange(base: str, method: str, path: str, body: dict | None = None):
+    url = urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    payload = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    connection.request(method, url.path.rstrip("/") + path, body=payload, headers=headers)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, response.getheader("content-type"), data
+
+
+def record(out: Path, name: str, base: str, path: str, body: dict, suffix: str, want: int) -> None:
+    status, content_type, data = exchange(base, "POST", path, body)
+    assert status == want, (name, status, data[:300])
+    (out / f"{PREFIX}{name}.request.json").write_text(json.dumps(body, indent=2) + "\n")
+    (out / f"{PREFIX}{name}.{suffix}").write_bytes(data)
+    print(f"{PREFIX}{name}.{suffix}: {status} {content_type} {len(data)} bytes")
+
+
+def engine_core(gateway_pid: int) -> int:
+    """The pid of the VLLM::EngineCore descended from the gateway."""
+    parents = {}
+    names = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            head, rest = stat.rsplit(") ", 1)
+            names[int(entry)] = head.split(" (", 1)[1]
+            parents[int(entry)] = int(rest.split()[1])
+    for pid, name in names.items():
+        ancestor = parents.get(pid)
+        while ancestor and ancestor != gateway_pid:
+            ancestor = parents.get(ancestor)
+        if name.startswith("VLLM::EngineCor") and ancestor == gateway_pid:
+            return pid
+    raise SystemExit("no engine core under the gateway")
+
+
+def main() -> None:
+    gateway, vllm, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    out.mkdir(parents=True, exist_ok=True)
+    v1 = gateway.rstrip("/") + "/v1"
+
+    record(out, "responses", v1, "/responses",
+           {"model": "tiny", "input": "Hello", "max_output_tokens": 50, "stop": [" "]}, "json", 200)
+    record(out, "responses-incomplete", v1, "/responses",
+           {"model": "tiny", "input": "Hello", "max_output_tokens": 8}, "json", 200)
+    record(out, "responses-stream", v1, "/responses",
+           {"model": "tiny", "input": "Hello", "max_output_tokens": 16, "stream": True}, "sse", 200)
+    record(out, "chat-stream", v1, "/chat/completions",
+           {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+            "stream": True}, "sse", 200)
+    record(out, "error-unknown-model", v1, "/responses",
+           {"model": "no-such-model", "input": "Hello"}, "json", 404)
+    record(out, "error-too-long", v1, "/responses",
+           {"model": "tiny", "input": "hello " * 2000, "max_output_tokens": 8}, "json", 400)
+
+    status, content_type, data = exchange(vllm, "GET", "/metrics")
+    assert status == 200, status
+    (out / f"{PREFIX}metrics.txt").write_bytes(data)
+    print(f"{PREFIX}metrics.txt: {status} {content_type} {len(data)} bytes")
+
+    if len(sys.argv) > 4:
+        os.kill(engine_core(int(sys.argv[4])), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                status, content_type, data = exchange(vllm, "GET", "/health")
+            except OSError:
+                raise SystemExit("vLLM exited before its /health answered 503")
+            if status == 503:
+                head = f"HTTP {status}\n" + (f"content-type: {content_type}\n" if content_type else "")
+                (out / f"{PREFIX}health-engine-dead.txt").write_bytes(head.encode() + b"\n" + data)
+                print(f"{PREFIX}health-engine-dead.txt: {status} {content_type} {len(data)} bytes")
+                return
+            time.sleep(0.1)
+        raise SystemExit("vLLM's /health never answered 503 after its engine died")
+
+
+if __name__ == "__main__":
+    main()
