@@ -154,6 +154,11 @@ fn a_request_refused_by_a_dying_vllm_waits_for_its_replacement() {
     let response = raw_request(vllm_port, "POST /_mock/exit?code=1&linger=1s HTTP/1.1", b"");
     assert_eq!(response.status, 200);
     assert!(alive(first), "the child lingers with its port closed");
+    // mock-vllm closes its listener after it answered: a request that reached the listening
+    // socket before that would be reset from vLLM's backlog, not refused.
+    wait_until("vLLM's port to refuse connections", DEADLINE, || {
+        !accepts_connections(vllm_port)
+    });
 
     let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
     assert_eq!(
