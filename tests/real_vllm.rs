@@ -13,14 +13,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use common::systemd::Systemd;
 use common::*;
 
 /// A vLLM start on 2 busy cores, with room to spare.
@@ -249,47 +248,6 @@ fn running_requests(vllm_port: u16) -> Option<f64> {
     vllm_metric(vllm_port, "vllm:num_requests_running", &[])
 }
 
-/// A systemd stand-in: a datagram socket collecting notify messages, noting for READY=1 whether
-/// the proxy port already accepted connections.
-struct Systemd {
-    messages: Arc<Mutex<Vec<String>>>,
-    socket_env: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Systemd {
-    fn listen(proxy_port: u16) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("notify.sock");
-        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-        let messages = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&messages);
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 4096];
-            while let Ok(len) = socket.recv(&mut buffer) {
-                let text = String::from_utf8_lossy(&buffer[..len]).to_string();
-                let mut sink = sink.lock().expect("lock");
-                for line in text.lines() {
-                    if line == "READY=1" && !accepts_connections(proxy_port) {
-                        sink.push("READY=1 (before the listener accepted)".into());
-                    } else {
-                        sink.push(line.to_string());
-                    }
-                }
-            }
-        });
-        Systemd {
-            messages,
-            socket_env: path.to_str().expect("utf-8").to_string(),
-            _dir: dir,
-        }
-    }
-
-    fn messages(&self) -> Vec<String> {
-        self.messages.lock().expect("lock").clone()
-    }
-}
-
 /// Runs a Python script from the setup's venv (it holds the OpenAI SDK and prometheus_client).
 fn run_python(setup: &Setup, script: &str, args: &[&str], stdin: &[u8]) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
@@ -321,7 +279,7 @@ fn run_python(setup: &Setup, script: &str, args: &[&str], stdin: &[u8]) -> serde
 fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_cleanly_on_sigterm() {
     let Some(setup) = setup() else { return };
     let port_hint = free_port();
-    let systemd = Systemd::listen(port_hint);
+    let systemd = Systemd::listen(false, port_hint);
     // The port must be known before the gateway starts, for the stand-in's READY=1 check.
     let (mut gateway, vllm_port) = serve(
         &setup,
