@@ -103,6 +103,52 @@ fn a_bad_flag_is_not_blamed_on_the_config_file() {
     assert!(!stderr.contains(&path), "the file has no `host`: {stderr}");
 }
 
+/// Regression (issue 13): values were merged before they were checked, so a bad flag for a key the
+/// file also set was blamed on the file, whose value was fine.
+#[test]
+fn a_bad_flag_is_blamed_on_the_flag_even_when_the_file_sets_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        "llm_api_base = \"http://127.0.0.1:8000\"\nhost = \"127.0.0.1\"\n",
+    );
+    let output = gateway()
+        .args(["--config", &path, "--host", "not-an-ip"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--host"), "names the flag: {stderr}");
+    assert!(
+        !stderr.contains(&path),
+        "the file's `host` is fine: {stderr}"
+    );
+}
+
+/// Regression (issue 13): clap parsed `GATEWAY_*` variables and blamed a bad one on its flag,
+/// which the operator never passed.
+#[test]
+fn a_bad_variable_is_blamed_on_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "port = 9001\n");
+    let output = gateway()
+        .args(["--llm-api-base", "http://127.0.0.1:8000", "--config", &path])
+        .env("GATEWAY_PORT", "nine-thousand")
+        .env("GATEWAY_STREAM_IDLE_TIMEOUT", "soon")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for variable in ["GATEWAY_PORT", "GATEWAY_STREAM_IDLE_TIMEOUT"] {
+        assert!(stderr.contains(variable), "names {variable}: {stderr}");
+    }
+    assert!(!stderr.contains("--port"), "no flag was passed: {stderr}");
+    assert!(
+        !stderr.contains(&path),
+        "the file's `port` is fine: {stderr}"
+    );
+}
+
 #[test]
 fn unknown_keys_are_rejected_by_name() {
     rejects(
