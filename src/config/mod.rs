@@ -409,6 +409,28 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_flag_tables_list_every_flag() {
+        let readme = include_str!("../../README.md");
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter(|line| line.starts_with("| `--"))
+            .collect();
+        for key in KEYS {
+            if let Flag::Long(long, _) = key.flag {
+                let flag = format!("`--{long}");
+                assert!(
+                    rows.iter()
+                        .any(|row| row.split('|').nth(1).is_some_and(|cell| cell
+                            .split(", ")
+                            .any(|name| name.trim() == format!("{flag}`")
+                                || name.trim().starts_with(&format!("{flag} "))))),
+                    "README's flag tables list {flag}`"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn flags_and_variables_are_named_after_their_keys() {
         // The exceptions the README names: `--api-key` (and its variable) for the list
         // `api_keys`, the positional model, the arguments after `--`, and the upstream key's
