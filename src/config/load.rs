@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::table::{KEYS, Key, Kind, Scope};
-use super::{ConfigError, Mode, Origin, parse_duration};
+use super::{ConfigError, Cors, LogFormat, Mode, Origin, RestartPolicy, Secret, parse_duration};
 
 /// The flags as given on the command line, as text; `cli` fills it, `load` parses it.
 #[derive(Clone, Default)]
@@ -74,6 +74,133 @@ pub(super) enum Value {
     Integers(Vec<i32>),
 }
 
+/// A field's type, filled from the value of its key (see `table::field!`). `None`: the value is
+/// not of the field's type, a mistake in the table that its tests show.
+pub(super) trait FromValue: Sized {
+    fn from_value(value: &Value) -> Option<Self>;
+}
+
+impl FromValue for Duration {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Duration(duration) => Some(*duration),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for bool {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Bool(value) => Some(*value),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! from_integer {
+    ($($int:ty),+) => {$(
+        impl FromValue for $int {
+            fn from_value(value: &Value) -> Option<Self> {
+                match value {
+                    Value::Integer(number) => <$int>::try_from(*number).ok(),
+                    _ => None,
+                }
+            }
+        }
+    )+};
+}
+
+from_integer!(u16, u32, u64);
+
+impl FromValue for Option<u32> {
+    fn from_value(value: &Value) -> Option<Self> {
+        u32::from_value(value).map(Some)
+    }
+}
+
+impl FromValue for String {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Text(text) => Some(text.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for Option<Secret> {
+    fn from_value(value: &Value) -> Option<Self> {
+        String::from_value(value).map(|text| Some(Secret(text)))
+    }
+}
+
+impl FromValue for LogFormat {
+    fn from_value(value: &Value) -> Option<Self> {
+        String::from_value(value)?.parse().ok()
+    }
+}
+
+impl FromValue for RestartPolicy {
+    fn from_value(value: &Value) -> Option<Self> {
+        String::from_value(value)?.parse().ok()
+    }
+}
+
+impl FromValue for Vec<String> {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Texts(texts) => Some(texts.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for Vec<Secret> {
+    fn from_value(value: &Value) -> Option<Self> {
+        Some(
+            Vec::<String>::from_value(value)?
+                .into_iter()
+                .map(Secret)
+                .collect(),
+        )
+    }
+}
+
+/// CORS origins: none leaves CORS off, `*` among them allows any.
+impl FromValue for Option<Cors> {
+    fn from_value(value: &Value) -> Option<Self> {
+        let origins = Vec::<String>::from_value(value)?;
+        Some(if origins.is_empty() {
+            None
+        } else if origins.iter().any(|origin| origin == "*") {
+            Some(Cors::AnyOrigin)
+        } else {
+            Some(Cors::Origins(origins))
+        })
+    }
+}
+
+/// `NAME=VALUE` pairs; `validate` has refused any other entry before a field is filled.
+impl FromValue for Vec<(String, String)> {
+    fn from_value(value: &Value) -> Option<Self> {
+        let pairs = Vec::<String>::from_value(value)?
+            .iter()
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        Some(pairs)
+    }
+}
+
+impl FromValue for Vec<i32> {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Integers(numbers) => Some(numbers.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Every key's value (or none, for a key without a default that nobody set) and where it came
 /// from, plus every mistake found on the way.
 pub(super) struct Values {
@@ -89,7 +216,7 @@ impl Values {
             .map_or(Origin::Default, |(_, origin)| origin.clone())
     }
 
-    fn get(&self, name: &str) -> Option<&Value> {
+    pub(super) fn get(&self, name: &str) -> Option<&Value> {
         self.values.get(name).and_then(|(value, _)| value.as_ref())
     }
 
@@ -98,54 +225,10 @@ impl Values {
         self.origin(name) != Origin::Default
     }
 
-    pub(super) fn text(&self, name: &str) -> Option<String> {
-        match self.get(name) {
-            Some(Value::Text(text)) => Some(text.clone()),
-            _ => None,
-        }
+    /// A key's value as the type its field has; `None` when nobody set a key without default.
+    pub(super) fn value<T: FromValue>(&self, name: &str) -> Option<T> {
+        self.get(name).and_then(T::from_value)
     }
-
-    pub(super) fn duration(&self, name: &str) -> Duration {
-        match self.get(name) {
-            Some(Value::Duration(duration)) => *duration,
-            _ => unreachable_key(name),
-        }
-    }
-
-    pub(super) fn integer<T: TryFrom<u64>>(&self, name: &str) -> Option<T> {
-        match self.get(name) {
-            // The kind's bounds fit the field's type.
-            Some(Value::Integer(number)) => T::try_from(*number).ok(),
-            _ => None,
-        }
-    }
-
-    pub(super) fn boolean(&self, name: &str) -> bool {
-        match self.get(name) {
-            Some(Value::Bool(value)) => *value,
-            _ => unreachable_key(name),
-        }
-    }
-
-    pub(super) fn texts(&self, name: &str) -> Vec<String> {
-        match self.get(name) {
-            Some(Value::Texts(texts)) => texts.clone(),
-            _ => Vec::new(),
-        }
-    }
-
-    pub(super) fn integers(&self, name: &str) -> Vec<i32> {
-        match self.get(name) {
-            Some(Value::Integers(numbers)) => numbers.clone(),
-            _ => Vec::new(),
-        }
-    }
-}
-
-/// A key read with the wrong getter, or without its default: a mistake in the table, which
-/// `config`'s tests (loading every mode with no key set) would show.
-fn unreachable_key(name: &str) -> ! {
-    panic!("configuration key {name} is read as another type than its table entry says")
 }
 
 /// Reads the layers and merges them: flags > environment > file > defaults. A file that cannot

@@ -26,7 +26,8 @@ use std::time::Duration;
 pub use load::Flags;
 pub use table::{Flag, KEYS, Key, Kind, Reload, Scope};
 
-/// Everything the gateway needs to run, validated.
+/// Everything the gateway needs to run, validated. (The parts' `Default`s are only the blank that
+/// `load` fills from the table: the defaults that count are `KEYS`'.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file the settings were read from, if any (for messages).
@@ -42,14 +43,14 @@ pub struct Config {
     pub serve: Option<ServeConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct UpstreamConfig {
     /// Scheme and authority (and any path prefix), without a trailing slash or `/v1`.
     pub base: String,
     pub api_key: Option<Secret>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxyConfig {
     /// Keys clients must present; empty means the gateway does not check.
     pub api_keys: Vec<Secret>,
@@ -77,20 +78,20 @@ pub enum Cors {
     Origins(Vec<String>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct HealthConfig {
     pub interval: Duration,
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServeConfig {
     pub model: String,
     pub vllm_bin: String,
@@ -108,7 +109,7 @@ pub struct ServeConfig {
     pub stop_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BackoffConfig {
     pub delay: Duration,
     pub max_delay: Duration,
@@ -133,9 +134,10 @@ impl fmt::Debug for Secret {
 }
 
 /// When to restart vLLM after it exits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum RestartPolicy {
     No,
+    #[default]
     OnFailure,
     Always,
 }
@@ -159,9 +161,10 @@ impl FromStr for RestartPolicy {
 }
 
 /// Where log lines go, and in which shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
     /// journald under systemd, text on a terminal, else JSON.
+    #[default]
     Auto,
     Text,
     Json,
@@ -378,6 +381,27 @@ mod tests {
         let config = load_file(&uncommented, Mode::Check).expect("the example is valid");
         assert_eq!(config.listen.port(), DEFAULT_PORT);
         assert_eq!(config.proxy.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn every_key_of_the_example_reaches_its_field_in_each_mode() {
+        // A key whose table entry names a field of another type trips `validate`'s assertion.
+        let serve_file: String = example_uncommented()
+            .lines()
+            .filter(|line| !line.starts_with("llm_api_base"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let config = load_file(&serve_file, Mode::Serve).expect("valid for serve");
+        let serve = config.serve.as_ref().expect("serve");
+        assert_eq!(serve.model, "Qwen/Qwen3-8B");
+        assert_eq!(serve.restart, RestartPolicy::OnFailure);
+        assert_eq!(serve.startup_poll_interval, Duration::from_millis(500));
+        assert_eq!(config.proxy.max_connections, Some(1000));
+        assert_eq!(config.proxy.cors, None);
+        assert_eq!(config.log.format, LogFormat::Auto);
+        let config = load_file(&example_uncommented(), Mode::Standalone).expect("valid");
+        assert_eq!(config.upstream.base, "http://127.0.0.1:8000");
+        assert_eq!(config.serve, None);
     }
 
     /// The example with every key uncommented.

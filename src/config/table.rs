@@ -4,9 +4,11 @@
 //! Everything else follows from it: the flags and `--help` (`cli`), merging and the per-value
 //! checks (`load`), which keys a reload applies (`reconcile`), and the tests that
 //! config.example.toml documents every key at its default. Adding a key is an entry here, the
-//! field of [`Config`] that holds it (read in `validate`), and its line in the docs.
+//! field of [`Config`] that holds it (named in the entry, filled by `validate`), and its line in
+//! the docs.
 
 use super::Config;
+use super::load::{FromValue, Value};
 
 /// One configuration key.
 #[derive(Clone, Copy)]
@@ -33,6 +35,9 @@ pub struct Key {
     pub(super) same: fn(&Config, &Config) -> bool,
     /// Copies this key's value from the second configuration into the first.
     pub(super) keep: fn(&mut Config, &Config),
+    /// Fills the key's field from its value (`false`: the value is not of the field's type).
+    /// `None` for keys `validate` combines by hand (the listening address, the upstream URL).
+    pub(super) set: Option<fn(&mut Config, &Value) -> bool>,
 }
 
 /// The values a key takes.
@@ -108,6 +113,7 @@ impl Key {
         secret: false,
         same: |_, _| true,
         keep: |_, _| {},
+        set: None,
     };
 
     /// The flag's name as the command line shows it, e.g. `--port`, `<MODEL>`.
@@ -140,12 +146,20 @@ impl Kind {
     };
 }
 
-/// `same` and `keep` for a key that is one field of [`Config`] (or of its `serve` part, which
-/// also makes it a `serve` flag).
+/// `same`, `keep` and `set` for a key that is one field of [`Config`] (or of its `serve` part,
+/// which also makes it a `serve` flag).
 macro_rules! field {
     (serve.$($field:ident).+) => {
         Key {
             scope: Scope::Serve,
+            set: Some(|config, value| match (&mut config.serve, FromValue::from_value(value)) {
+                (Some(serve), Some(value)) => {
+                    serve.$($field).+ = value;
+                    true
+                }
+                (None, _) => true,
+                (Some(_), None) => false,
+            }),
             same: |a, b| {
                 a.serve.as_ref().map(|serve| &serve.$($field).+)
                     == b.serve.as_ref().map(|serve| &serve.$($field).+)
@@ -160,6 +174,13 @@ macro_rules! field {
     };
     ($($field:ident).+) => {
         Key {
+            set: Some(|config, value| match FromValue::from_value(value) {
+                Some(value) => {
+                    config.$($field).+ = value;
+                    true
+                }
+                None => false,
+            }),
             same: |a, b| a.$($field).+ == b.$($field).+,
             keep: |to, from| to.$($field).+ = Clone::clone(&from.$($field).+),
             ..Key::BASE
@@ -461,6 +482,7 @@ pub const KEYS: &[Key] = &[
                 to.upstream.base.clone_from(&from.upstream.base);
             }
         },
+        set: field!(serve.vllm_port).set,
         ..Key::BASE
     },
     Key {

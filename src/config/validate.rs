@@ -4,10 +4,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use std::time::Duration;
+
 use super::load::Values;
+use super::table::KEYS;
 use super::{
-    BackoffConfig, Config, ConfigError, ConfigErrors, Cors, HealthConfig, LogConfig, LogFormat,
-    Mode, ProxyConfig, RestartPolicy, Secret, ServeConfig, UpstreamConfig,
+    Config, ConfigError, ConfigErrors, HealthConfig, LogConfig, Mode, ProxyConfig, ServeConfig,
+    UpstreamConfig,
 };
 
 /// Builds the configuration, or reports every mistake of `values` and of the checks here.
@@ -21,11 +24,11 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
         });
     };
 
-    let host = values.text("host").unwrap_or_default();
-    let port: u16 = values.integer("port").unwrap_or_default();
-    let llm_api_base = values.text("llm_api_base");
-    let model = values.text("model");
-    let vllm_port: u16 = values.integer("vllm_port").unwrap_or_default();
+    let host = values.value::<String>("host").unwrap_or_default();
+    let port: u16 = values.value("port").unwrap_or_default();
+    let llm_api_base = values.value::<String>("llm_api_base");
+    let model = values.value::<String>("model");
+    let vllm_port: u16 = values.value("vllm_port").unwrap_or_default();
 
     let ip: Option<IpAddr> = match host.parse() {
         Ok(ip) => Some(ip),
@@ -74,12 +77,10 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             "is required: `gateway serve <MODEL>` or `model = \"...\"` in the config file".into(),
         );
     }
-    let origins = values.texts("cors_allowed_origins");
-    let cors = if origins.is_empty() {
-        None
-    } else if origins.iter().any(|origin| origin == "*") {
-        Some(Cors::AnyOrigin)
-    } else {
+    let origins = values
+        .value::<Vec<String>>("cors_allowed_origins")
+        .unwrap_or_default();
+    if !origins.iter().any(|origin| origin == "*") {
         for origin in &origins {
             // A browser's Origin is scheme://host[:port], never with a path or a trailing slash.
             let host = origin
@@ -96,22 +97,16 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
                 );
             }
         }
-        Some(Cors::Origins(origins))
-    };
-    let api_keys = values.texts("api_keys");
-    let mut api_key_secrets = Vec::with_capacity(api_keys.len());
-    for key in api_keys {
+    }
+    for key in values.value::<Vec<String>>("api_keys").unwrap_or_default() {
         if key.is_empty() || http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
             error(
                 "api_keys",
                 "every key must be non-empty printable ASCII".into(),
             );
-        } else {
-            api_key_secrets.push(Secret(key));
         }
     }
-    let upstream_api_key = values.text("upstream_api_key");
-    if let Some(key) = &upstream_api_key {
+    if let Some(key) = &values.value::<String>("upstream_api_key") {
         if http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
             error("upstream_api_key", "must be printable ASCII".into());
         }
@@ -133,8 +128,8 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             );
         }
     }
-    let restart_delay = values.duration("restart_delay");
-    let restart_max_delay = values.duration("restart_max_delay");
+    let restart_delay: Duration = values.value("restart_delay").unwrap_or_default();
+    let restart_max_delay: Duration = values.value("restart_max_delay").unwrap_or_default();
     if restart_delay > restart_max_delay {
         error(
             "restart_delay",
@@ -144,7 +139,7 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             ),
         );
     }
-    let log_level = values.text("log_level").unwrap_or_default();
+    let log_level = values.value::<String>("log_level").unwrap_or_default();
     if log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
         error(
             "log_level",
@@ -153,15 +148,10 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             ),
         );
     }
-    let child_env = values.texts("child_env");
-    let mut child_env_pairs = Vec::with_capacity(child_env.len());
-    for pair in &child_env {
+    for pair in &values.value::<Vec<String>>("child_env").unwrap_or_default() {
         match pair.split_once('=') {
             Some((name, value))
-                if !name.is_empty() && !name.contains('\0') && !value.contains('\0') =>
-            {
-                child_env_pairs.push((name.to_string(), value.to_string()));
-            }
+                if !name.is_empty() && !name.contains('\0') && !value.contains('\0') => {}
             // The value may be a secret (HF_TOKEN=...): only the name is repeated.
             Some((name, _)) if !name.is_empty() && !name.contains('\0') => error(
                 "child_env",
@@ -180,69 +170,29 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
     let (Some(ip), Some(base)) = (ip, base) else {
         unreachable!("every None above pushed an error")
     };
-    // Choices were checked against these very names when they were read.
-    let log_format = values
-        .text("log_format")
-        .and_then(|name| name.parse().ok())
-        .unwrap_or(LogFormat::Auto);
-    let restart = values
-        .text("restart")
-        .and_then(|name| name.parse().ok())
-        .unwrap_or(RestartPolicy::OnFailure);
-    let serve = (mode == Mode::Serve).then(|| ServeConfig {
-        model: model.unwrap_or_default(),
-        vllm_bin: values.text("vllm_bin").unwrap_or_default(),
-        vllm_port,
-        vllm_args: values.texts("vllm_args"),
-        child_env: child_env_pairs,
-        restart,
-        backoff: BackoffConfig {
-            delay: restart_delay,
-            max_delay: restart_max_delay,
-            reset_after: values.duration("restart_reset_after"),
-            max_restarts: values.integer("max_restarts").unwrap_or_default(),
-        },
-        restart_prevent_exit_codes: values.integers("restart_prevent_exit_codes"),
-        startup_poll_interval: values.duration("startup_poll_interval"),
-        startup_timeout: values.duration("startup_timeout"),
-        health_failures: values.integer("health_failures").unwrap_or(1),
-        ready_wait_timeout: values.duration("ready_wait_timeout"),
-        stop_timeout: values.duration("stop_timeout"),
-    });
-    Ok(Config {
+    let mut config = Config {
         file: values.file.clone(),
         listen: SocketAddr::new(ip, port),
         upstream: UpstreamConfig {
             base,
-            api_key: upstream_api_key.map(Secret),
+            api_key: None,
         },
-        proxy: ProxyConfig {
-            api_keys: api_key_secrets,
-            max_body_bytes: values.integer("max_body_bytes").unwrap_or(1),
-            connect_timeout: values.duration("connect_timeout"),
-            request_timeout: values.duration("request_timeout"),
-            first_byte_timeout: values.duration("first_byte_timeout"),
-            stream_idle_timeout: values.duration("stream_idle_timeout"),
-            pool_idle_timeout: values.duration("pool_idle_timeout"),
-            cors,
-            client_header_timeout: values.duration("client_header_timeout"),
-            client_idle_timeout: values.duration("client_idle_timeout"),
-            client_send_timeout: values.duration("client_send_timeout"),
-            max_connections: values.integer("max_connections"),
-        },
-        health: HealthConfig {
-            interval: values.duration("health_interval"),
-            timeout: values.duration("health_timeout"),
-        },
-        drain_timeout: values.duration("drain_timeout"),
-        log: LogConfig {
-            level: log_level,
-            format: log_format,
-            access_log: values.boolean("access_log"),
-        },
-        metrics_merge_upstream: values.boolean("metrics_merge_upstream"),
-        serve,
-    })
+        proxy: ProxyConfig::default(),
+        health: HealthConfig::default(),
+        drain_timeout: Duration::ZERO,
+        log: LogConfig::default(),
+        metrics_merge_upstream: false,
+        serve: (mode == Mode::Serve).then(ServeConfig::default),
+    };
+    // Every other field is its key's value, or the blank for a key nobody set that has no
+    // default (no upstream key, no CORS, no connection limit).
+    for key in KEYS {
+        if let (Some(set), Some(value)) = (key.set, values.get(key.name)) {
+            let fits = set(&mut config, value);
+            debug_assert!(fits, "the table gives {} a value of another type", key.name);
+        }
+    }
+    Ok(config)
 }
 
 /// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
