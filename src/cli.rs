@@ -60,7 +60,7 @@ pub struct HealthcheckArgs {
     pub timeout: Duration,
 }
 
-/// The standalone proxy's options: `--config` and a flag for every key of [`config::KEYS`] that
+/// The standalone proxy's options: `--config` and a flag for every key of [`KEYS`] that
 /// is not `serve`'s alone.
 #[derive(Debug, Clone, Default)]
 pub struct ProxyArgs(pub Flags);

@@ -1,13 +1,14 @@
 //! Configuration: the TOML file, the environment and the flags, merged and validated once.
 //!
-//! [`table::KEYS`] is the one table of keys (name, type, default, help, flag, variables, whether
-//! a reload may change it); the command line, merging, the checks and reloads all read it.
-//! Loading is two steps. [`load`](self::load) (module `load`) reads each layer and keeps, per key,
-//! the value of the first layer that has it (flags > `GATEWAY_*` environment > file > defaults),
-//! parsed and checked on its own and remembering its [`Origin`]. `validate` then makes the checks
-//! that span keys and builds [`Config`]: plain types that cannot hold an invalid value. Every
-//! mistake is collected into [`ConfigErrors`] before anything starts, each blamed on the flag, the
-//! variable or the file's key that gave the value.
+//! [`table::KEYS`] is the one table of keys (name, type, default, help, flag, variables, the
+//! field it fills, whether a reload may change it); the command line, merging, the checks and
+//! reloads all read it. [`load()`] is two steps. Module `load` reads each layer and keeps, per
+//! key, the value of the first layer that has it (flags > `GATEWAY_*` environment > file >
+//! defaults), parsed and checked on its own and remembering its [`Origin`]. Module `validate`
+//! then makes the checks that span keys and builds [`Config`]: plain types that cannot hold an
+//! invalid value. Every mistake is collected into [`ConfigErrors`] before anything starts, each
+//! blamed on the flag, the variable or the file's key that gave the value. [`reconcile`] splits a
+//! reloaded configuration by `Reload`.
 //!
 //! The layers are read by hand rather than through serde (or figment, which extracts through
 //! serde) because deserializing stops at the first mistake; an operator fixing a unit file wants
