@@ -82,6 +82,32 @@ fn help_lists_every_flag_and_version_prints_the_version() {
 }
 
 #[test]
+fn help_shows_every_key_of_the_table_with_its_variables_and_serve_keys_only_under_serve() {
+    use gateway::config::{Flag, KEYS, Scope};
+    let help = |args: &[&str]| {
+        let output = gateway().args(args).output().expect("run");
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let (standalone, serve) = (help(&["--help"]), help(&["serve", "--help"]));
+    for key in KEYS {
+        let Flag::Long(long, _) = key.flag else {
+            continue;
+        };
+        let flag = format!("--{long} <");
+        assert!(serve.contains(&flag), "serve --help lists {flag}");
+        assert_eq!(
+            standalone.contains(&flag),
+            key.scope == Scope::All,
+            "--help lists {flag} exactly when the standalone proxy takes it"
+        );
+        for variable in key.env {
+            assert!(serve.contains(variable), "serve --help names {variable}");
+        }
+    }
+}
+
+#[test]
 fn durations_beyond_a_year_are_rejected_instead_of_overflowing_the_clock() {
     rejects(
         "llm_api_base = \"http://127.0.0.1:8000\"\nrequest_timeout = \"500000000000y\"\n",

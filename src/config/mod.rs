@@ -521,6 +521,22 @@ mod tests {
     }
 
     #[test]
+    fn a_file_value_that_a_flag_overrides_is_still_checked() {
+        let (path, result) = load_with(
+            "llm_api_base = \"http://a:1\"\nport = \"x\"\n",
+            &[("port", "9001")],
+            &[],
+            Mode::Standalone,
+        );
+        let err = result.expect_err("the file is wrong");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(
+            (err.0[0].key.as_str(), &err.0[0].origin),
+            ("port", &Origin::File(path))
+        );
+    }
+
+    #[test]
     fn a_bad_variable_is_blamed_on_the_variable_and_a_bad_file_key_on_the_file() {
         let (path, result) = load_with(
             "llm_api_base = \"http://a:1\"\nport = 9001\nhealth_interval = \"later\"\n",
