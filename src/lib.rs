@@ -2,8 +2,12 @@
 //!
 //! # Codemap
 //!
-//! - `cli`: the command line (clap); options only, no defaults.
-//! - `config`: file + environment + flags merged and validated into [`config::Config`].
+//! - `cli`: the command line (clap). The flags of configuration keys are made from
+//!   `config::KEYS` and passed on as text; nothing here has a default or reads the environment.
+//! - `config`: `table` is the one table of keys (type, default, help, flag, variables, reload);
+//!   `load` merges flags > `GATEWAY_*` environment > file > defaults key by key, each value
+//!   remembering its origin; `validate` makes the checks that span keys and builds
+//!   [`config::Config`], every mistake blamed on the flag, variable or file key that gave it.
 //! - `proxy`: the HTTP surface, served by one worker thread per CPU (each its own single-threaded
 //!   runtime, accept loop and upstream pool). `proxy::conn` accepts client connections under the
 //!   shared `max_connections` limit and enforces the client-side header, idle and send timeouts on
@@ -54,6 +58,8 @@
 //!   gateway but its guards is stopped (`supervisor::descendants`).
 //! - Stream bodies are never collected: frames are forwarded as they arrive.
 //! - No secret is ever formatted into a log line or an error (`config::Secret` has a redacting `Debug`).
+//! - Nothing below `cli` depends on clap: the domain enums (`RestartPolicy`, `LogFormat`) are
+//!   `config`'s.
 
 #![warn(clippy::unwrap_used)]
 

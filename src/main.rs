@@ -4,30 +4,26 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use gateway::cli::{Cli, Command, ConfigCommand, ProxyArgs};
-use gateway::config::{self, Mode};
+use gateway::cli::{Cli, Command, ConfigCommand};
+use gateway::config::{self, Flags, Mode};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (mode, proxy_args, serve_args) = match &cli.command {
-        None => (Mode::Standalone, &cli.proxy, None),
-        Some(Command::Serve(serve)) => (Mode::Serve, &serve.proxy, Some(&**serve)),
-        Some(Command::Config(ConfigCommand::Check { file })) => return check_config(file),
+    let (mode, flags) = match cli.command {
+        None => (Mode::Standalone, cli.proxy.0),
+        Some(Command::Serve(serve)) => (Mode::Serve, serve.0),
+        Some(Command::Config(ConfigCommand::Check { file })) => return check_config(&file),
         Some(Command::Healthcheck(args)) => return gateway::healthcheck(&args.url, args.timeout),
         Some(Command::Guard { pgid, grace_ms }) => {
             return gateway::supervisor::guard::run(
-                *pgid,
-                std::time::Duration::from_millis(*grace_ms),
+                pgid,
+                std::time::Duration::from_millis(grace_ms),
             );
         }
     };
     let env = |name: &str| std::env::var(name).ok();
     // Kept for SIGHUP, which loads the configuration again the same way.
-    let source = config::Source {
-        proxy_args: proxy_args.clone(),
-        serve_args: serve_args.cloned(),
-        mode,
-    };
+    let source = config::Source { flags, mode };
     let mut config = match source.load(&env) {
         Ok(config) => config,
         Err(errors) => {
@@ -67,11 +63,7 @@ fn main() -> ExitCode {
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
-    let args = ProxyArgs {
-        config: Some(file.to_path_buf()),
-        ..ProxyArgs::default()
-    };
-    match config::load(&args, None, Mode::Check, &|_| None) {
+    match config::load(&Flags::file(file), Mode::Check, &|_| None) {
         Ok(_) => {
             println!("{}: ok", file.display());
             ExitCode::SUCCESS

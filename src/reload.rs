@@ -1,7 +1,7 @@
 //! SIGHUP: the configuration is read again and what may change while vLLM runs is applied.
 //!
-//! The file is read again; the flags (and the `GATEWAY_*` variables clap read with them) stay as
-//! given at start, and the environment is the process's own. A file `load` refuses changes nothing,
+//! The file is read again; the flags stay as given at start, and the environment (`GATEWAY_*`,
+//! `OPENAI_API_KEY`, ...) is the process's own, which does not change. A file `load` refuses changes nothing,
 //! and its mistakes are logged in the words of `gateway config check`. Otherwise `config::KEYS`
 //! decides key by key: a `Live` key takes its new value, a `Restart` key keeps the running one and
 //! is logged as needing a restart. The [`Reloader`] owns the configuration as last loaded and as in

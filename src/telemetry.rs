@@ -17,7 +17,7 @@ use tracing_subscriber::layer::{Layer as _, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
-use crate::cli::LogFormat;
+use crate::config::LogFormat;
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::supervisor::output;
 

@@ -82,6 +82,32 @@ fn help_lists_every_flag_and_version_prints_the_version() {
 }
 
 #[test]
+fn help_shows_every_key_of_the_table_with_its_variables_and_serve_keys_only_under_serve() {
+    use gateway::config::{Flag, KEYS, Scope};
+    let help = |args: &[&str]| {
+        let output = gateway().args(args).output().expect("run");
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let (standalone, serve) = (help(&["--help"]), help(&["serve", "--help"]));
+    for key in KEYS {
+        let Flag::Long(long, _) = key.flag else {
+            continue;
+        };
+        let flag = format!("--{long} <");
+        assert!(serve.contains(&flag), "serve --help lists {flag}");
+        assert_eq!(
+            standalone.contains(&flag),
+            key.scope == Scope::All,
+            "--help lists {flag} exactly when the standalone proxy takes it"
+        );
+        for variable in key.env {
+            assert!(serve.contains(variable), "serve --help names {variable}");
+        }
+    }
+}
+
+#[test]
 fn durations_beyond_a_year_are_rejected_instead_of_overflowing_the_clock() {
     rejects(
         "llm_api_base = \"http://127.0.0.1:8000\"\nrequest_timeout = \"500000000000y\"\n",
@@ -101,6 +127,52 @@ fn a_bad_flag_is_not_blamed_on_the_config_file() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("`host`"), "{stderr}");
     assert!(!stderr.contains(&path), "the file has no `host`: {stderr}");
+}
+
+/// Regression (issue 13): values were merged before they were checked, so a bad flag for a key the
+/// file also set was blamed on the file, whose value was fine.
+#[test]
+fn a_bad_flag_is_blamed_on_the_flag_even_when_the_file_sets_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        "llm_api_base = \"http://127.0.0.1:8000\"\nhost = \"127.0.0.1\"\n",
+    );
+    let output = gateway()
+        .args(["--config", &path, "--host", "not-an-ip"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--host"), "names the flag: {stderr}");
+    assert!(
+        !stderr.contains(&path),
+        "the file's `host` is fine: {stderr}"
+    );
+}
+
+/// Regression (issue 13): clap parsed `GATEWAY_*` variables and blamed a bad one on its flag,
+/// which the operator never passed.
+#[test]
+fn a_bad_variable_is_blamed_on_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "port = 9001\n");
+    let output = gateway()
+        .args(["--llm-api-base", "http://127.0.0.1:8000", "--config", &path])
+        .env("GATEWAY_PORT", "nine-thousand")
+        .env("GATEWAY_STREAM_IDLE_TIMEOUT", "soon")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for variable in ["GATEWAY_PORT", "GATEWAY_STREAM_IDLE_TIMEOUT"] {
+        assert!(stderr.contains(variable), "names {variable}: {stderr}");
+    }
+    assert!(!stderr.contains("--port"), "no flag was passed: {stderr}");
+    assert!(
+        !stderr.contains(&path),
+        "the file's `port` is fine: {stderr}"
+    );
 }
 
 #[test]

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::cli::RestartPolicy;
 use crate::config::BackoffConfig;
+use crate::config::RestartPolicy;
 use crate::supervisor::Outcome;
 use crate::supervisor::state::ExitInfo;
 
