@@ -9,6 +9,7 @@
 //! the first READY=1 and STOPPING=1 ([`reloading`]): before, its READY=1 would pass for the start's.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -55,7 +56,13 @@ static READY_SENT: AtomicBool = AtomicBool::new(false);
 /// STOPPING=1 went out.
 static STOPPING_SENT: AtomicBool = AtomicBool::new(false);
 
+/// Held while READY=1 or RELOADING=1 is sent with its flag read or set, so that a reload that
+/// follows a READY=1 (the moment systemd, or a test, can see it) always finds it sent, and none
+/// can slip a RELOADING=1 in before the first READY=1.
+static READY_ORDER: Mutex<()> = Mutex::new(());
+
 pub fn ready(status: &str) {
+    let _order = READY_ORDER.lock().unwrap_or_else(PoisonError::into_inner);
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
     READY_SENT.store(true, Ordering::Relaxed);
 }
@@ -74,6 +81,7 @@ pub struct Reloading {
 /// Begins a reload: RELOADING=1 with MONOTONIC_USEC= (which systemd requires with it). Nothing is
 /// sent before the gateway is ready or once it is stopping.
 pub fn reloading() -> Reloading {
+    let _order = READY_ORDER.lock().unwrap_or_else(PoisonError::into_inner);
     let announced = READY_SENT.load(Ordering::Relaxed) && !STOPPING_SENT.load(Ordering::Relaxed);
     if announced {
         match NotifyState::monotonic_usec_now() {

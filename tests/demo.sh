@@ -1,34 +1,63 @@
 #!/usr/bin/env bash
 # `make demo`: gateway supervising mock-vllm (a stand-in for vLLM that needs no GPU), one
 # non-streaming and one streaming Responses API request through it, then both keep running
-# until Ctrl-C.
+# until Ctrl-C, which stops them cleanly (exit 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT="${PORT:-9000}"
 BIN=target/release
+URL="http://127.0.0.1:$PORT"
 
+# The gateway stays in the terminal's process group, so Ctrl-C reaches it too: it drains, stops
+# mock-vllm and exits 0. The traps only make sure it also stops when this script ends otherwise.
 "$BIN/gateway" serve demo-model \
     --vllm-bin "$BIN/mock-vllm" --vllm-port 0 \
     --host 127.0.0.1 --port "$PORT" --log-format text \
     --child-env MOCK_VLLM_STREAM_DELAY=20ms &
 GATEWAY_PID=$!
-trap 'kill -TERM $GATEWAY_PID 2>/dev/null; wait $GATEWAY_PID 2>/dev/null' EXIT INT TERM
+stop() {
+    kill -TERM "$GATEWAY_PID" 2>/dev/null || true
+    wait "$GATEWAY_PID"
+}
+trap 'stop; exit $?' INT TERM
+trap 'kill -TERM $GATEWAY_PID 2>/dev/null || true' EXIT
 
 echo "waiting for the gateway on port $PORT (it opens once mock-vllm is ready)..."
 for _ in $(seq 1 100); do
-    if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then break; fi
+    if curl -fsS "$URL/readyz" >/dev/null 2>&1; then break; fi
     sleep 0.1
 done
-curl -fsS "http://127.0.0.1:$PORT/readyz"; echo
-
-echo; echo "== POST /v1/responses (JSON)"
-curl -sS "http://127.0.0.1:$PORT/v1/responses" -H 'content-type: application/json' \
-    -d '{"model":"demo-model","input":"What is the status of job-382?"}'
-echo; echo; echo "== POST /v1/responses (stream: true), events as they arrive"
-curl -sSN "http://127.0.0.1:$PORT/v1/responses" -H 'content-type: application/json' \
-    -d '{"model":"demo-model","input":"Reply with exactly one word: HELLO","stream":true}' | head -c 2000 || true
-echo; echo "..."
+curl -fsS "$URL/readyz"
 echo
-echo "gateway: http://127.0.0.1:$PORT (try /readyz, /metrics, /v1/models); Ctrl-C stops both."
-wait $GATEWAY_PID
+
+echo
+echo "== POST /v1/responses (JSON)"
+curl -sS "$URL/v1/responses" -H 'content-type: application/json' \
+    -d '{"model":"demo-model","input":"What is the status of job-382?"}'
+echo
+echo
+echo "== POST /v1/responses (stream: true): the text as its events arrive"
+# Each `response.*.delta` event carries a piece of text; printed as it comes, reasoning first.
+curl -sSN "$URL/v1/responses" -H 'content-type: application/json' \
+    -d '{"model":"demo-model","input":"Reply with exactly one word: HELLO","stream":true}' |
+    python3 -u -c '
+import json, sys
+kind = None
+for line in sys.stdin:
+    if not line.startswith("data: "):
+        continue
+    event = json.loads(line[6:])
+    name = event.get("type", "")
+    if name.endswith(".delta") and isinstance(event.get("delta"), str):
+        section = "reasoning" if "reasoning" in name else "answer"
+        if section != kind:
+            print(("\n" if kind else "") + f"[{section}] ", end="")
+            kind = section
+        print(event["delta"], end="", flush=True)
+    elif name == "response.completed":
+        print(f"\n[{name}: {event[\"response\"][\"status\"]}]")
+'
+echo
+echo "gateway: $URL (try /readyz, /metrics, /v1/models); Ctrl-C stops both."
+wait "$GATEWAY_PID"
