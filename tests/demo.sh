@@ -9,21 +9,28 @@ PORT="${PORT:-9000}"
 BIN=target/release
 URL="http://127.0.0.1:$PORT"
 
+LOG="${LOG:-target/demo.log}"
+
 # The gateway stays in the terminal's process group, so Ctrl-C reaches it too: it drains, stops
-# mock-vllm and exits 0. The traps only make sure it also stops when this script ends otherwise.
+# mock-vllm and exits 0. Its log (and mock-vllm's, which it relays) goes to a file, so that the
+# terminal shows the answers.
 "$BIN/gateway" serve demo-model \
     --vllm-bin "$BIN/mock-vllm" --vllm-port 0 \
     --host 127.0.0.1 --port "$PORT" --log-format text \
-    --child-env MOCK_VLLM_STREAM_DELAY=20ms &
+    --child-env MOCK_VLLM_STREAM_DELAY=20ms >"$LOG" 2>&1 &
 GATEWAY_PID=$!
 stop() {
     kill -TERM "$GATEWAY_PID" 2>/dev/null || true
-    wait "$GATEWAY_PID"
+    local code=0
+    wait "$GATEWAY_PID" || code=$?
+    echo
+    echo "gateway stopped (exit $code); its log: $LOG"
+    exit "$code"
 }
-trap 'stop; exit $?' INT TERM
+trap stop INT TERM
 trap 'kill -TERM $GATEWAY_PID 2>/dev/null || true' EXIT
 
-echo "waiting for the gateway on port $PORT (it opens once mock-vllm is ready)..."
+echo "waiting for the gateway on port $PORT (it opens once mock-vllm is ready; log: $LOG)..."
 for _ in $(seq 1 100); do
     if curl -fsS "$URL/readyz" >/dev/null 2>&1; then break; fi
     sleep 0.1
@@ -34,30 +41,12 @@ echo
 echo
 echo "== POST /v1/responses (JSON)"
 curl -sS "$URL/v1/responses" -H 'content-type: application/json' \
-    -d '{"model":"demo-model","input":"What is the status of job-382?"}'
-echo
+    -d '{"model":"demo-model","input":"What is the status of job-382?"}' | python3 tests/demo_show.py
 echo
 echo "== POST /v1/responses (stream: true): the text as its events arrive"
-# Each `response.*.delta` event carries a piece of text; printed as it comes, reasoning first.
 curl -sSN "$URL/v1/responses" -H 'content-type: application/json' \
     -d '{"model":"demo-model","input":"Reply with exactly one word: HELLO","stream":true}' |
-    python3 -u -c '
-import json, sys
-kind = None
-for line in sys.stdin:
-    if not line.startswith("data: "):
-        continue
-    event = json.loads(line[6:])
-    name = event.get("type", "")
-    if name.endswith(".delta") and isinstance(event.get("delta"), str):
-        section = "reasoning" if "reasoning" in name else "answer"
-        if section != kind:
-            print(("\n" if kind else "") + f"[{section}] ", end="")
-            kind = section
-        print(event["delta"], end="", flush=True)
-    elif name == "response.completed":
-        print(f"\n[{name}: {event[\"response\"][\"status\"]}]")
-'
+    python3 -u tests/demo_show.py
 echo
-echo "gateway: $URL (try /readyz, /metrics, /v1/models); Ctrl-C stops both."
+echo "gateway: $URL (try /readyz, /metrics, /v1/models); its log: $LOG; Ctrl-C stops both."
 wait "$GATEWAY_PID"
