@@ -6,13 +6,10 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-
-const DEADLINE: Duration = Duration::from_secs(20);
 
 /// `/proc/<pid>/comm` keeps 15 bytes, so vLLM's `VLLM::EngineCore` shows as this.
 const ENGINE_CORE_COMM: &str = "VLLM::EngineCor";
@@ -404,11 +401,7 @@ fn sigterm_ends_an_in_flight_chat_stream_with_finish_reason_abort() {
 #[test]
 fn sigterm_ends_an_in_flight_responses_stream_with_a_cancelled_response() {
     let mut server = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);
-    let stream = start_stream_on(
-        &server,
-        "/v1/responses",
-        r#"{"model":"mock-model","input":"hi","stream":true}"#,
-    );
+    let stream = start_stream_on(&server, "/v1/responses", RESPONSES_STREAM);
     server.signal(Signal::SIGTERM);
     let response = stream.join().expect("the stream thread");
     let events = sse_data(&response.body);

@@ -3,13 +3,9 @@
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-
-const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
-const DEADLINE: Duration = Duration::from_secs(20);
 
 fn ready(gateway: &Proc) -> bool {
     get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
