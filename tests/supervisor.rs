@@ -105,8 +105,13 @@ fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed
         let crashed = wait_for_starts(&pids, crash)[crash - 1].0;
         crash_child(vllm_port, 3);
         wait_until("the crashed child to be gone", DEADLINE, || !alive(crashed));
+        // The supervisor counts a restart as soon as it has seen the exit and decided.
         wait_until("the supervisor to notice", DEADLINE, || {
-            log_lines(&gateway, "vLLM exited on its own").len() == crash
+            get(&gateway.url("/metrics")).is_some_and(|(_, body)| {
+                body.contains(&format!(
+                    "\ngateway_child_restarts_total{{reason=\"exit_code\"}} {crash}\n"
+                ))
+            })
         });
         // Sent while the child is down or restarting: it waits for readiness, then succeeds.
         let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
@@ -325,8 +330,9 @@ fn a_child_that_exits_during_the_drain_is_not_restarted() {
             .is_some_and(|(_, body)| body.contains("\ngateway_requests_in_flight 1\n"))
     });
     gateway.signal(Signal::SIGTERM);
+    // The drain begins by closing the listener: new connections are refused from then on.
     wait_until("the drain to begin", DEADLINE, || {
-        gateway.log_text().contains("draining in-flight requests")
+        !accepts_connections(gateway.port)
     });
     crash_child(vllm_port, 3);
     wait_until("the supervisor to see the exit", DEADLINE, || {
