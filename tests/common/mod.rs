@@ -533,12 +533,14 @@ pub fn read_pid_file(path: &std::path::Path) -> Vec<(i32, i32)> {
 }
 
 /// Starts a streaming `/v1/responses` request through `gateway` on another thread, and returns
-/// once the supervised mock-vllm has logged it (so the stream is in flight).
+/// once the gateway counts it among its active streams (vLLM has answered and the response is
+/// under way).
 pub fn start_stream(gateway: &Proc) -> std::thread::JoinHandle<RawResponse> {
     let port = gateway.port;
     let stream = std::thread::spawn(move || post_json(port, "/v1/responses", RESPONSES_STREAM, ""));
-    wait_until("the stream to start", Duration::from_secs(20), || {
-        gateway.log_text().contains("/v1/responses HTTP/1.1")
+    wait_until("the stream to start", DEADLINE, || {
+        get(&gateway.url("/metrics"))
+            .is_some_and(|(_, body)| body.contains("\ngateway_streams_active 1\n"))
     });
     stream
 }
