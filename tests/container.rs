@@ -53,9 +53,7 @@ fn serve_as_pid_1(extra: &[&str]) -> (Proc, u16, i32) {
     let (gateway, vllm_port) = gateway_serve_wrapped(&wrapper, 0, extra, &[]);
     let gateway_pid = gateway_host_pid(&gateway);
     assert_eq!(namespace_pid(gateway_pid), 1, "the gateway runs as PID 1");
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     (gateway, vllm_port, gateway_pid)
 }
 

@@ -349,9 +349,7 @@ fn a_connection_flood_past_the_open_files_limit_leaves_vllm_alone_and_the_gatewa
         &["--health-interval", "100ms"],
         &[],
     );
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     let pid = vllm_pid(&gateway);
 
     // More idle connections than the gateway has descriptors, as far as the listen backlog takes

@@ -187,9 +187,7 @@ fn with_the_ignore_sighup_knob_sighup_is_only_recorded() {
 #[test]
 fn the_gateways_stop_leaves_no_engine_process() {
     let (mut gateway, vllm_port) = gateway_serve(&[], &[]);
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     let server = mock_stats_on(vllm_port)["pid"]
         .as_i64()
         .and_then(|pid| i32::try_from(pid).ok())
@@ -426,9 +424,7 @@ fn engine_cores(path: &std::path::Path) -> Vec<i32> {
 
 #[test]
 fn the_gateway_stops_an_orphaned_engine_before_it_starts_vllm_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pids = dir.path().join("pids");
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (gateway, _) = gateway_serve(
         &["--restart", "always"],
         &[("MOCK_VLLM_PID_FILE", &pids_text)],

@@ -44,9 +44,7 @@ impl ConfigFile {
 /// `gateway serve` with mock-vllm, configured by `file`, ready to serve.
 fn serve(file: &ConfigFile, env: &[(&str, &str)]) -> (Proc, u16) {
     let (gateway, vllm_port) = gateway_serve(&["--config", file.path()], env);
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     (gateway, vllm_port)
 }
 
@@ -167,12 +165,7 @@ fn a_file_with_mistakes_on_sighup_changes_nothing_and_is_reported_as_config_chec
 
 #[test]
 fn a_changed_key_that_needs_a_restart_is_reported_and_left_as_it_is() {
-    let (_dir, pids, pids_text) = {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("pids");
-        let text = path.to_str().expect("utf-8 path").to_string();
-        (dir, path, text)
-    };
+    let (_dir, pids, pids_text) = pid_file();
     let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
     let (gateway, vllm_port) = serve(&file, &[("MOCK_VLLM_PID_FILE", &pids_text)]);
     let (vllm_pid, _) = vllm_stats(vllm_port);

@@ -7,30 +7,6 @@ use std::io::Write;
 use common::*;
 use nix::sys::signal::Signal;
 
-fn ready(gateway: &Proc) -> bool {
-    get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-}
-
-fn wait_ready(gateway: &Proc) {
-    wait_until("the gateway to be ready", DEADLINE, || ready(gateway));
-}
-
-/// A file mock-vllm appends `<pid> <grandchild pid>` to at each start: the directory guard, the
-/// path, and the path as the text an environment variable takes.
-fn pid_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("pids");
-    let text = path.to_str().expect("utf-8 path").to_string();
-    (dir, path, text)
-}
-
-fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
-    wait_until(&format!("{count} child start(s)"), DEADLINE, || {
-        read_pid_file(path).len() >= count
-    });
-    read_pid_file(path)
-}
-
 /// Asks mock-vllm to exit with `code`, as a crash would.
 fn crash_child(vllm_port: u16, code: i32) {
     let response = raw_request(

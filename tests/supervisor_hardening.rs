@@ -10,26 +10,6 @@ use common::*;
 
 /// A file mock-vllm appends `<pid> <grandchild pid>` to at each start: the directory guard, the
 /// path, and the path as the text an environment variable takes.
-fn pid_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("pids");
-    let text = path.to_str().expect("utf-8 path").to_string();
-    (dir, path, text)
-}
-
-fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
-    wait_until(&format!("{count} child start(s)"), DEADLINE, || {
-        read_pid_file(path).len() >= count
-    });
-    read_pid_file(path)
-}
-
-fn wait_ready(gateway: &Proc) {
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
-}
-
 /// The gateway's own JSON log lines (not vLLM's relayed output).
 fn gateway_lines(gateway: &Proc) -> Vec<serde_json::Value> {
     gateway

@@ -520,6 +520,32 @@ pub fn alive(pid: i32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
 }
 
+/// Whether the gateway's `/readyz` answers 200.
+pub fn ready(gateway: &Proc) -> bool {
+    get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+}
+
+pub fn wait_ready(gateway: &Proc) {
+    wait_until("the gateway to be ready", DEADLINE, || ready(gateway));
+}
+
+/// A file mock-vllm appends `<pid> <grandchild pid>` to at each start (`MOCK_VLLM_PID_FILE`): the
+/// directory guard, the path, and the path as the text an environment variable takes.
+pub fn pid_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pids");
+    let text = path.to_str().expect("utf-8 path").to_string();
+    (dir, path, text)
+}
+
+/// Waits until the pid file shows `count` starts, and returns them.
+pub fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
+    wait_until(&format!("{count} child start(s)"), DEADLINE, || {
+        read_pid_file(path).len() >= count
+    });
+    read_pid_file(path)
+}
+
 /// Reads the pid file mock-vllm appends to: one `(pid, grandchild pid)` per start.
 pub fn read_pid_file(path: &std::path::Path) -> Vec<(i32, i32)> {
     std::fs::read_to_string(path)
