@@ -20,6 +20,8 @@ pub struct Systemd {
 }
 
 impl Systemd {
+    /// Binds the socket to give the gateway as `$NOTIFY_SOCKET`; once the gateway has reported
+    /// its proxy port, the test passes it to [`Systemd::set_proxy_port`].
     pub fn listen(abstract_name: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (socket, socket_env) = if abstract_name {
