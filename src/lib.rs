@@ -166,6 +166,8 @@ async fn run_standalone(
     let (status_tx, status_rx) =
         watch::channel(UpstreamStatus::External(ExternalHealth::default()));
     let listener = listen(reserve(&config)?)?;
+    // The bound address, not the configured one: with port 0 the kernel picks the port.
+    let address = listener.local_addr()?;
     let tracker = TaskTracker::new();
     tracker.spawn(health::poll_upstream(
         config.upstream.base.clone(),
@@ -182,7 +184,7 @@ async fn run_standalone(
     )?);
     let workers = start_workers(listener, &state)?;
     notify::ready("ready (standalone proxy)");
-    tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
+    tracing::info!(listen = %address, upstream = %config.upstream.base, "gateway listening");
     serve_and_drain(workers, &shutdown).await?;
     tracker.close();
     tracker.wait().await;
@@ -205,6 +207,11 @@ async fn run_serve(
     // The address is taken now, so that a port in use fails the start before a model loads; it
     // listens (and accepts connections) only once vLLM is ready.
     let socket = reserve(&config)?;
+    // The bound address (with port 0, the port the kernel picked), told before vLLM starts.
+    tracing::info!(
+        listen = %socket.local_addr()?,
+        "listen address reserved; connections are accepted once vLLM is ready"
+    );
     // The supervisor stops the child when this is cancelled: after the drain, not at the signal.
     let stop_child = tokio_util::sync::CancellationToken::new();
     let (status_rx, supervisor_task) = supervisor::start(
@@ -264,6 +271,7 @@ async fn serve_child(
     status_rx: &watch::Receiver<UpstreamStatus>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<()> {
+    let address = socket.local_addr()?;
     // Draining starts at a stop signal, or when the child is gone for good.
     let draining = shutdown.graceful.child_token();
     let state = Arc::new(AppState::new(
@@ -275,7 +283,7 @@ async fn serve_child(
     )?);
     let workers = start_workers(listen(socket)?, &state)?;
     notify::ready("ready");
-    tracing::info!(listen = %config.listen, "gateway listening");
+    tracing::info!(listen = %address, "gateway listening");
     let mut gone = status_rx.clone();
     let watch_child = tokio::spawn(async move {
         let _ = gone.wait_for(|status| !status.may_become_ready()).await;

@@ -26,6 +26,7 @@ fn write_config(dir: &Path, text: &str) -> String {
 fn rejects(text: &str, needles: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_config(dir.path(), text);
+    // A port named before the gateway runs, to show afterwards that it never listened there.
     let port = free_port();
     let output = gateway()
         .args(["--config", &path, "--port", &port.to_string()])
@@ -225,10 +226,7 @@ fn every_mistake_in_a_file_is_reported_at_once() {
 
 #[test]
 fn a_missing_upstream_is_an_error_that_says_what_to_do() {
-    let output = gateway()
-        .args(["--port", &free_port().to_string()])
-        .output()
-        .expect("run");
+    let output = gateway().args(["--port", "0"]).output().expect("run");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--llm-api-base"));
 }
@@ -382,11 +380,12 @@ fn healthcheck_exits_0_when_ready_and_1_otherwise() {
         .args(["healthcheck", "--url", &proxy.url("/readyz")])
         .assert()
         .code(0);
+    let nobody = ClosedPort::new();
     gateway()
         .args([
             "healthcheck",
             "--url",
-            &format!("http://127.0.0.1:{}/readyz", free_port()),
+            &format!("http://127.0.0.1:{}/readyz", nobody.port),
         ])
         .assert()
         .code(1);

@@ -5,12 +5,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use nix::sys::signal::Signal;
-
-const DEADLINE: Duration = Duration::from_secs(20);
 
 /// `unshare` forks the gateway as PID 1 of a new PID namespace and exits with its exit status;
 /// if the test dies first, `--kill-child` takes the namespace down.
@@ -54,24 +50,17 @@ fn namespace_pid(host_pid: i32) -> i32 {
 
 fn serve_as_pid_1(extra: &[&str]) -> (Proc, u16, i32) {
     let wrapper = in_pid_namespace();
-    let (gateway, vllm_port) = gateway_serve_wrapped(&wrapper, free_port(), extra, &[]);
+    let (gateway, vllm_port) = gateway_serve_wrapped(&wrapper, 0, extra, &[]);
     let gateway_pid = gateway_host_pid(&gateway);
     assert_eq!(namespace_pid(gateway_pid), 1, "the gateway runs as PID 1");
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     (gateway, vllm_port, gateway_pid)
 }
 
 #[test]
 fn as_pid_1_it_serves_and_a_sigterm_drains_stops_vllm_and_exits_0() {
     let (mut container, _, gateway_pid) = serve_as_pid_1(&["--restart", "always"]);
-    let response = post_json(
-        container.port,
-        "/v1/responses",
-        r#"{"model":"mock-model","input":"hi"}"#,
-        "",
-    );
+    let response = post_json(container.port, "/v1/responses", RESPONSES_JSON, "");
     assert_eq!(response.status, 200);
 
     // What `docker stop` and the kubelet do: SIGTERM to PID 1.

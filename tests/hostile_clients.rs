@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
 /// Connects to the gateway with a read deadline, so that a connection the gateway keeps open
 /// fails the test instead of hanging it.
 fn connect(port: u16) -> TcpStream {
@@ -315,12 +313,7 @@ fn a_slow_model_is_not_mistaken_for_a_slow_client() {
             ("GATEWAY_CLIENT_SEND_TIMEOUT", "300ms"),
         ],
     );
-    let response = post_json(
-        gateway.port,
-        "/v1/responses",
-        r#"{"model":"mock-model","input":"hi","stream":true}"#,
-        "",
-    );
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_STREAM, "");
     assert_eq!(response.status, 200);
     assert_eq!(
         response.body,
@@ -352,14 +345,12 @@ fn a_connection_flood_past_the_open_files_limit_leaves_vllm_alone_and_the_gatewa
             &format!("--nofile={OPEN_FILES}:{OPEN_FILES}"),
             "--",
         ],
-        free_port(),
+        0,
         &["--health-interval", "100ms"],
         // vLLM's access lines for the probe are logged at debug.
         &[("RUST_LOG", "info,vllm=debug")],
     );
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     let pid = vllm_pid(&gateway);
 
     // More idle connections than the gateway has descriptors, as far as the listen backlog takes
@@ -385,12 +376,7 @@ fn a_connection_flood_past_the_open_files_limit_leaves_vllm_alone_and_the_gatewa
     wait_until("the gateway to serve again", DEADLINE, || {
         get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
     });
-    let response = post_json(
-        gateway.port,
-        "/v1/responses",
-        r#"{"model":"mock-model","input":"hi"}"#,
-        "",
-    );
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
     assert_eq!(response.status, 200);
     assert_eq!(vllm_pid(&gateway), pid, "vLLM was restarted");
     let log = gateway.log_text();

@@ -13,7 +13,6 @@ use common::*;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 const STREAMS: usize = 1000;
-const REQUEST: &str = r#"{"model":"mock-model","input":"hi","stream":true}"#;
 
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -35,9 +34,9 @@ fn a_thousand_streams_stay_open_under_the_default_soft_limit() {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise our own limit");
 
     let mock = mock_vllm(&[("MOCK_VLLM_STALL_MID_STREAM", "1")]);
-    let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log");
+    let log_path = dir.path().join("gateway.log");
+    let log = std::fs::File::create(&log_path).expect("log");
     let mut command = Command::new(GATEWAY);
     command
         .args([
@@ -46,7 +45,7 @@ fn a_thousand_streams_stay_open_under_the_default_soft_limit() {
             "--host",
             "127.0.0.1",
             "--port",
-            &port.to_string(),
+            "0",
         ])
         .args(["--access-log", "false"])
         .stdin(Stdio::null())
@@ -60,8 +59,11 @@ fn a_thousand_streams_stay_open_under_the_default_soft_limit() {
         });
     }
     let mut gateway = command.spawn().expect("start gateway");
-    wait_until("the gateway to listen", Duration::from_secs(10), || {
-        accepts_connections(port)
+    let mut port = 0;
+    wait_until("the gateway to report its port", DEADLINE, || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        port = reported_listen_port(&log).unwrap_or(0);
+        port != 0
     });
     let idle_rss = rss_kib(gateway.id() as i32);
 
@@ -71,7 +73,7 @@ fn a_thousand_streams_stay_open_under_the_default_soft_limit() {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
-        write!(stream, "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{REQUEST}", REQUEST.len())
+        write!(stream, "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESPONSES_STREAM}", RESPONSES_STREAM.len())
             .expect("write");
         streams.push(BufReader::new(stream));
     }

@@ -8,11 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(20);
 
 /// One log entry as journald stores it: upper-case field names, text values.
 type Entry = BTreeMap<String, String>;
@@ -161,7 +158,7 @@ fn check_one_life(
     let response = post_json(
         gateway.port,
         "/v1/responses",
-        r#"{"model":"mock-model","input":"hi"}"#,
+        RESPONSES_JSON,
         "\r\nX-Request-Id: log-test-1",
     );
     assert_eq!(response.status, 200);
@@ -233,7 +230,20 @@ fn check_one_life(
 fn under_systemd_logs_go_to_journald_with_fields_and_vllm_under_its_own_identifier() {
     let journald = Journald::listen();
     let wrapper = journald.wrapper();
-    let (mut gateway, vllm_port) = gateway_serve_wrapped(&wrapper, free_port(), &[], &[]);
+    // The gateway reports its ports to the journal here, not to its output.
+    let mut gateway = spawn_gateway_serve(&wrapper, 0, MOCK_VLLM, 0, &[], &[]);
+    let mut vllm_port = 0;
+    wait_until("the gateway to journal its ports", DEADLINE, || {
+        let entries = journald.entries();
+        let field = |name: &str| entries.iter().find_map(|entry| entry.get(name).cloned());
+        gateway.port = field("LISTEN")
+            .and_then(|listen| listen.parse::<std::net::SocketAddr>().ok())
+            .map_or(0, |address| address.port());
+        vllm_port = field("VLLM_PORT")
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(0);
+        gateway.port != 0 && vllm_port != 0
+    });
 
     let entries = check_one_life(&mut gateway, vllm_port, &|_| journald.entries());
 
@@ -272,7 +282,7 @@ fn without_a_journal_logs_are_json_lines_with_the_same_fields() {
 #[test]
 fn when_stderr_is_the_journal_but_journald_is_unreachable_logs_fall_back_to_json() {
     let wrapper = journal_namespace(None);
-    let (mut gateway, _) = gateway_serve_wrapped(&wrapper, free_port(), &[], &[]);
+    let (mut gateway, _) = gateway_serve_wrapped(&wrapper, 0, &[], &[]);
     wait_until("the gateway to listen", DEADLINE, || {
         accepts_connections(gateway.port)
     });

@@ -6,13 +6,10 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-
-const DEADLINE: Duration = Duration::from_secs(20);
 
 /// `/proc/<pid>/comm` keeps 15 bytes, so vLLM's `VLLM::EngineCore` shows as this.
 const ENGINE_CORE_COMM: &str = "VLLM::EngineCor";
@@ -190,9 +187,7 @@ fn with_the_ignore_sighup_knob_sighup_is_only_recorded() {
 #[test]
 fn the_gateways_stop_leaves_no_engine_process() {
     let (mut gateway, vllm_port) = gateway_serve(&[], &[]);
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     let server = mock_stats_on(vllm_port)["pid"]
         .as_i64()
         .and_then(|pid| i32::try_from(pid).ok())
@@ -404,11 +399,7 @@ fn sigterm_ends_an_in_flight_chat_stream_with_finish_reason_abort() {
 #[test]
 fn sigterm_ends_an_in_flight_responses_stream_with_a_cancelled_response() {
     let mut server = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);
-    let stream = start_stream_on(
-        &server,
-        "/v1/responses",
-        r#"{"model":"mock-model","input":"hi","stream":true}"#,
-    );
+    let stream = start_stream_on(&server, "/v1/responses", RESPONSES_STREAM);
     server.signal(Signal::SIGTERM);
     let response = stream.join().expect("the stream thread");
     let events = sse_data(&response.body);
@@ -433,9 +424,7 @@ fn engine_cores(path: &std::path::Path) -> Vec<i32> {
 
 #[test]
 fn the_gateway_stops_an_orphaned_engine_before_it_starts_vllm_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pids = dir.path().join("pids");
-    let pids_text = pids.to_str().expect("utf-8 path").to_string();
+    let (_dir, pids, pids_text) = pid_file();
     let (gateway, _) = gateway_serve(
         &["--restart", "always"],
         &[("MOCK_VLLM_PID_FILE", &pids_text)],

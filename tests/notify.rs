@@ -8,13 +8,10 @@ use std::time::Duration;
 use common::systemd::Systemd;
 use common::*;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
 fn notify_sequence(abstract_name: bool) {
-    let port_hint = free_port();
-    let systemd = Systemd::listen(abstract_name, port_hint);
+    let systemd = Systemd::listen(abstract_name);
     let (mut gateway, _) = serve_with_child_env(
-        port_hint,
+        &systemd,
         &[("MOCK_VLLM_STARTUP_DELAY", "1500ms")],
         &[
             ("NOTIFY_SOCKET", &systemd.socket_env),
@@ -64,9 +61,9 @@ fn notify_sequence(abstract_name: bool) {
     assert_eq!(messages.iter().filter(|m| *m == "READY=1").count(), 1);
 }
 
-/// `gateway serve` on `port`, with extra environment for the child.
+/// `gateway serve` notifying `systemd`, with extra environment for the child.
 fn serve_with_child_env(
-    port: u16,
+    systemd: &Systemd,
     child_env: &[(&str, &str)],
     env: &[(&str, &str)],
 ) -> (Proc, u16) {
@@ -76,7 +73,9 @@ fn serve_with_child_env(
         extra.push(format!("{name}={value}"));
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    gateway_serve_on(port, &extra, env)
+    let (gateway, vllm_port) = gateway_serve(&extra, env);
+    systemd.set_proxy_port(gateway.port);
+    (gateway, vllm_port)
 }
 
 #[test]
@@ -91,10 +90,9 @@ fn notify_messages_arrive_in_order_on_an_abstract_socket() {
 
 #[test]
 fn a_wedged_supervisor_loop_stops_the_watchdog_pings() {
-    let port = free_port();
-    let systemd = Systemd::listen(false, port);
+    let systemd = Systemd::listen(false);
     let (_gateway, _) = serve_with_child_env(
-        port,
+        &systemd,
         &[],
         &[
             ("NOTIFY_SOCKET", &systemd.socket_env),
@@ -122,10 +120,9 @@ fn a_wedged_supervisor_loop_stops_the_watchdog_pings() {
 
 #[test]
 fn a_failed_first_start_keeps_extending_the_start_timeout_while_it_waits_to_retry() {
-    let port = free_port();
-    let systemd = Systemd::listen(false, port);
+    let systemd = Systemd::listen(false);
     let (mut gateway, _) = serve_with_child_env(
-        port,
+        &systemd,
         &[("MOCK_VLLM_EXIT_AT_START", "1")],
         &[("NOTIFY_SOCKET", &systemd.socket_env)],
     );
@@ -154,10 +151,9 @@ fn a_failed_first_start_keeps_extending_the_start_timeout_while_it_waits_to_retr
 
 #[test]
 fn a_stop_sends_stopping_first_then_counts_the_requests_being_drained() {
-    let port = free_port();
-    let systemd = Systemd::listen(false, port);
+    let systemd = Systemd::listen(false);
     let (mut gateway, _) = serve_with_child_env(
-        port,
+        &systemd,
         &[("MOCK_VLLM_STREAM_DELAY", "20ms")],
         &[("NOTIFY_SOCKET", &systemd.socket_env)],
     );

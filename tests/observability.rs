@@ -6,13 +6,8 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::*;
-
-const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
-const RESPONSES_STREAM: &str = r#"{"model":"mock-model","input":"hi","stream":true}"#;
-const DEADLINE: Duration = Duration::from_secs(20);
 
 struct Sample {
     name: String,

@@ -8,9 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
-const RESPONSES_STREAM: &str = r#"{"model":"mock-model","input":"hi","stream":true}"#;
-
 fn mock_stats(mock: &Proc) -> serde_json::Value {
     let (_, body) = get(&mock.url("/_mock/stats")).expect("mock stats");
     serde_json::from_str(&body).expect("stats JSON")
@@ -281,7 +278,8 @@ fn upstream_errors_pass_through_unchanged() {
 
 #[test]
 fn refused_upstream_connection_is_502_upstream_unavailable() {
-    let gateway = gateway(free_port(), &[], &[]);
+    let upstream = ClosedPort::new();
+    let gateway = gateway(upstream.port, &[], &[]);
     let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
     assert_eq!(response.status, 502);
     let error = &response.json()["error"];

@@ -13,9 +13,6 @@ use common::systemd::Systemd;
 use common::*;
 use nix::sys::signal::Signal;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
-
 /// A config file the test rewrites between reloads.
 struct ConfigFile {
     path: PathBuf,
@@ -47,9 +44,7 @@ impl ConfigFile {
 /// `gateway serve` with mock-vllm, configured by `file`, ready to serve.
 fn serve(file: &ConfigFile, env: &[(&str, &str)]) -> (Proc, u16) {
     let (gateway, vllm_port) = gateway_serve(&["--config", file.path()], env);
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
+    wait_ready(&gateway);
     (gateway, vllm_port)
 }
 
@@ -170,12 +165,7 @@ fn a_file_with_mistakes_on_sighup_changes_nothing_and_is_reported_as_config_chec
 
 #[test]
 fn a_changed_key_that_needs_a_restart_is_reported_and_left_as_it_is() {
-    let (_dir, pids, pids_text) = {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("pids");
-        let text = path.to_str().expect("utf-8 path").to_string();
-        (dir, path, text)
-    };
+    let (_dir, pids, pids_text) = pid_file();
     let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
     let (gateway, vllm_port) = serve(&file, &[("MOCK_VLLM_PID_FILE", &pids_text)]);
     let (vllm_pid, _) = vllm_stats(vllm_port);
@@ -203,14 +193,13 @@ fn a_changed_key_that_needs_a_restart_is_reported_and_left_as_it_is() {
 
 #[test]
 fn a_reload_is_told_to_systemd_as_reloading_then_ready() {
-    let port = free_port();
-    let systemd = Systemd::listen(false, port);
+    let systemd = Systemd::listen(false);
     let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
-    let (gateway, _) = gateway_serve_on(
-        port,
+    let (gateway, _) = gateway_serve(
         &["--config", file.path()],
         &[("NOTIFY_SOCKET", &systemd.socket_env)],
     );
+    systemd.set_proxy_port(gateway.port);
     wait_until("READY=1", DEADLINE, || systemd.count("READY=1") == 1);
 
     file.write("api_keys = [\"sk-new\"]\n");
@@ -310,8 +299,9 @@ fn the_standalone_proxy_reloads_its_client_keys_too() {
 
 #[test]
 fn a_reload_changes_the_log_level_of_the_lines_that_follow() {
-    let file = ConfigFile::new("log_level = \"warn\"\n");
-    // RUST_LOG, which would win over `log_level`, is left empty.
+    // Access lines start at warn, hidden; the gateway's other info lines stay, among them the
+    // ports it reports. RUST_LOG, which would win over `log_level`, is left empty.
+    let file = ConfigFile::new("log_level = \"info,gateway::access=warn\"\n");
     let (gateway, _) = serve(&file, &[("RUST_LOG", "")]);
     let request = |id: &str| {
         post_json(

@@ -3,37 +3,9 @@
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-
-const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
-const DEADLINE: Duration = Duration::from_secs(20);
-
-fn ready(gateway: &Proc) -> bool {
-    get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-}
-
-fn wait_ready(gateway: &Proc) {
-    wait_until("the gateway to be ready", DEADLINE, || ready(gateway));
-}
-
-/// A file mock-vllm appends `<pid> <grandchild pid>` to at each start: the directory guard, the
-/// path, and the path as the text an environment variable takes.
-fn pid_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("pids");
-    let text = path.to_str().expect("utf-8 path").to_string();
-    (dir, path, text)
-}
-
-fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
-    wait_until(&format!("{count} child start(s)"), DEADLINE, || {
-        read_pid_file(path).len() >= count
-    });
-    read_pid_file(path)
-}
 
 /// Asks mock-vllm to exit with `code`, as a crash would.
 fn crash_child(vllm_port: u16, code: i32) {
@@ -109,8 +81,13 @@ fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed
         let crashed = wait_for_starts(&pids, crash)[crash - 1].0;
         crash_child(vllm_port, 3);
         wait_until("the crashed child to be gone", DEADLINE, || !alive(crashed));
+        // The supervisor counts a restart as soon as it has seen the exit and decided.
         wait_until("the supervisor to notice", DEADLINE, || {
-            log_lines(&gateway, "vLLM exited on its own").len() == crash
+            get(&gateway.url("/metrics")).is_some_and(|(_, body)| {
+                body.contains(&format!(
+                    "\ngateway_child_restarts_total{{reason=\"exit_code\"}} {crash}\n"
+                ))
+            })
         });
         // Sent while the child is down or restarting: it waits for readiness, then succeeds.
         let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
@@ -334,8 +311,9 @@ fn a_child_that_exits_during_the_drain_is_not_restarted() {
             .is_some_and(|(_, body)| body.contains("\ngateway_requests_in_flight 1\n"))
     });
     gateway.signal(Signal::SIGTERM);
+    // The drain begins by closing the listener: new connections are refused from then on.
     wait_until("the drain to begin", DEADLINE, || {
-        gateway.log_text().contains("draining in-flight requests")
+        !accepts_connections(gateway.port)
     });
     crash_child(vllm_port, 3);
     wait_until("the supervisor to see the exit", DEADLINE, || {

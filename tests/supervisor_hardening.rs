@@ -8,30 +8,8 @@ use std::time::Duration;
 
 use common::*;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
 /// A file mock-vllm appends `<pid> <grandchild pid>` to at each start: the directory guard, the
 /// path, and the path as the text an environment variable takes.
-fn pid_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("pids");
-    let text = path.to_str().expect("utf-8 path").to_string();
-    (dir, path, text)
-}
-
-fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
-    wait_until(&format!("{count} child start(s)"), DEADLINE, || {
-        read_pid_file(path).len() >= count
-    });
-    read_pid_file(path)
-}
-
-fn wait_ready(gateway: &Proc) {
-    wait_until("the gateway to be ready", DEADLINE, || {
-        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
-    });
-}
-
 /// The gateway's own JSON log lines (not vLLM's relayed output).
 fn gateway_lines(gateway: &Proc) -> Vec<serde_json::Value> {
     gateway
@@ -156,7 +134,7 @@ fn a_probe_failing_for_lack_of_descriptors_does_not_kill_vllm() {
     let (_dir, pids, pids_text) = pid_file();
     let (mut gateway, _) = gateway_serve_wrapped(
         &["prlimit", "--nofile=128:128"],
-        free_port(),
+        0,
         // A connection limit above the descriptors, so that the flood does exhaust them: the
         // default limit would keep the gateway clear of that (tests/hostile_clients.rs).
         &[
@@ -203,14 +181,7 @@ fn a_probe_failing_for_lack_of_descriptors_does_not_kill_vllm() {
 
     drop(flood);
     wait_until("the gateway to serve again", DEADLINE, || {
-        post_json(
-            gateway.port,
-            "/v1/responses",
-            r#"{"model":"mock-model","input":"hi"}"#,
-            "",
-        )
-        .status
-            == 200
+        post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "").status == 200
     });
     assert!(alive(vllm));
     assert_eq!(read_pid_file(&pids).len(), 1, "the same vLLM serves");
@@ -263,12 +234,7 @@ fn exit_or_ready_then_request(gateway: &mut Proc) -> bool {
     });
     let went_ready = accepts_connections(gateway.port);
     if went_ready {
-        post_json(
-            gateway.port,
-            "/v1/responses",
-            r#"{"model":"mock-model","input":"hi"}"#,
-            "",
-        );
+        post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
     }
     went_ready
 }
@@ -296,7 +262,7 @@ fn a_foreign_server_on_vllms_port_is_never_proxied_to_and_is_named() {
     let starts = dir.path().join("starts");
     let (mut gateway, _) = gateway_serve_child(
         &[],
-        free_port(),
+        0,
         &vllm,
         stranger.port,
         &["--max-restarts", "2", "--stop-timeout", "1s"],
@@ -372,9 +338,9 @@ fn a_port_taken_between_the_check_and_the_spawn_never_makes_the_gateway_ready() 
     let _cleanup = KillListed(strangers.clone());
     let (mut gateway, _) = gateway_serve_child(
         &[],
-        free_port(),
+        0,
         &vllm,
-        free_port(),
+        0,
         &[
             "--restart",
             "no",
@@ -488,9 +454,9 @@ fn orphans_are_reparented_to_the_gateway_then_killed_after_stop_timeout_and_reap
     let (_pids_dir, pids, pids_text) = pid_file();
     let (gateway, _) = gateway_serve_child(
         &[],
-        free_port(),
+        0,
         &vllm,
-        free_port(),
+        0,
         &["--restart", "always", "--stop-timeout", "2s"],
         &[
             ("MOCK", MOCK_VLLM),

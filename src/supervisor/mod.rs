@@ -333,7 +333,7 @@ impl Supervisor {
             }
         }
         let command = child::command(&self.serve);
-        tracing::info!(command = %child::describe(&command), "starting vLLM");
+        tracing::info!(vllm_port, command = %child::describe(&command), "starting vLLM");
         match child::spawn(command).await {
             Ok(spawned) => {
                 let pid = spawned.pid;

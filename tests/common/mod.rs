@@ -1,5 +1,7 @@
-//! Shared test harness: starts the real `gateway` and `mock-vllm` binaries on free loopback
-//! ports, waits on conditions with deadlines (never fixed sleeps), and kills what it started.
+//! Shared test harness: starts the real `gateway` and `mock-vllm` binaries on loopback port 0 and
+//! reads the port each reports it bound (so parallel tests never race for a port), waits on
+//! conditions with deadlines (never fixed sleeps), and kills what it started. The constants tests
+//! share live here too.
 
 #![allow(dead_code)]
 
@@ -14,6 +16,16 @@ use std::time::{Duration, Instant};
 pub const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 pub const MOCK_VLLM: &str = env!("CARGO_BIN_EXE_mock-vllm");
 
+/// How long a test waits for something it expects: long enough for a loaded machine, short
+/// enough that a hang fails the test rather than the run.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A non-streaming Responses request for the model every test serves.
+pub const RESPONSES_JSON: &str = r#"{"model":"mock-model","input":"hi"}"#;
+
+/// A streaming Responses request for the model every test serves.
+pub const RESPONSES_STREAM: &str = r#"{"model":"mock-model","input":"hi","stream":true}"#;
+
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -21,10 +33,84 @@ pub fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listened on a moment ago. Another process may take it before the caller uses
+/// it, so it is only for a test that must name a port before any process exists (to show that a
+/// process never listened on it); a process the test starts gets port 0 and reports its port, and
+/// a port that must refuse connections is a [`ClosedPort`].
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").port()
+}
+
+/// A loopback port bound but not listening, for as long as this lives: connections to it are
+/// refused, and no other process can take it meanwhile.
+pub struct ClosedPort {
+    pub port: u16,
+    _socket: socket2::Socket,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("create a socket");
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind an ephemeral port");
+        let port = socket
+            .local_addr()
+            .expect("local address")
+            .as_socket()
+            .expect("an IP address")
+            .port();
+        ClosedPort {
+            port,
+            _socket: socket,
+        }
+    }
+}
+
+/// The value of field `name` on one log line, whether the line is JSON (`"name":value`, as the
+/// gateway logs to a file) or text (`name=value`, as it logs to a terminal).
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(line) {
+        return match fields.get(name)? {
+            serde_json::Value::String(text) => Some(text.clone()),
+            other => Some(other.to_string()),
+        };
+    }
+    let prefix = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&prefix))
+        .map(|value| value.trim_matches('"').to_string())
+}
+
+/// The port the gateway reports it listens on: the `listen` field it logs once the address is
+/// bound (under `serve`, before vLLM starts; standalone, with "gateway listening").
+pub fn reported_listen_port(log: &str) -> Option<u16> {
+    log.lines()
+        .filter_map(|line| log_field(line, "listen"))
+        .find_map(|address| address.parse::<SocketAddr>().ok())
+        .map(|address| address.port())
+        .filter(|port| *port != 0)
+}
+
+/// vLLM's port as `gateway serve` reports it: the `vllm_port` field of "starting vLLM" (the port
+/// `--vllm-port 0` resolved to), or of the line saying why vLLM was not started.
+pub fn reported_vllm_port(log: &str) -> Option<u16> {
+    log.lines()
+        .filter_map(|line| log_field(line, "vllm_port"))
+        .find_map(|port| port.parse::<u16>().ok())
+        .filter(|port| *port != 0)
+}
+
+/// The port mock-vllm reports in its startup line, as uvicorn does:
+/// `Uvicorn running on http://127.0.0.1:PORT (Press CTRL+C to quit)`.
+pub fn reported_uvicorn_port(log: &str) -> Option<u16> {
+    log.lines().find_map(|line| {
+        let url = line.split("Uvicorn running on http://").nth(1)?;
+        let authority = url.split(|c: char| c == '/' || c.is_whitespace()).next()?;
+        authority.rsplit_once(':')?.1.parse().ok()
+    })
 }
 
 /// Polls `condition` until it holds or `timeout` passes; panics with `what` on timeout.
@@ -89,6 +175,41 @@ impl Proc {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log shows what `read` looks for (a port the process reports), or the
+    /// process exits first (`None`); panics after [`DEADLINE`].
+    pub fn wait_report(&mut self, what: &str, read: impl Fn(&str) -> Option<u16>) -> Option<u16> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let exited = self.child.try_wait().expect("try_wait").is_some();
+            // Read after checking for an exit, so that a report logged just before it counts.
+            if let Some(port) = read(&self.log_text()) {
+                return Some(port);
+            }
+            if exited {
+                return None;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "process {} did not report {what} within {DEADLINE:?}; log:\n{}",
+                    self.pid(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`Proc::wait_report`] for a process that must report before anything else can happen.
+    pub fn expect_report(&mut self, what: &str, read: impl Fn(&str) -> Option<u16>) -> u16 {
+        self.wait_report(what, read).unwrap_or_else(|| {
+            panic!(
+                "process {} exited before reporting {what}; log:\n{}",
+                self.pid(),
+                self.log_text()
+            )
+        })
     }
 }
 
@@ -161,46 +282,35 @@ fn spawn_wrapped(
     }
 }
 
-/// Starts mock-vllm on a free port and waits until its /health answers.
+/// Starts mock-vllm on port 0 and waits until it reports the port it listens on.
 pub fn mock_vllm(env: &[(&str, &str)]) -> Proc {
-    let port = free_port();
-    let args = ["serve", "mock-model", "--host", "127.0.0.1", "--port"]
-        .map(String::from)
-        .into_iter()
-        .chain([port.to_string()])
-        .collect::<Vec<_>>();
-    let proc = spawn(MOCK_VLLM, &args, env, port);
-    wait_until("mock-vllm to listen", Duration::from_secs(10), || {
-        accepts_connections(port)
-    });
-    proc
+    mock_vllm_wrapped(&[], env)
 }
 
-/// Starts the standalone gateway in front of `upstream_port` and waits until it accepts connections.
+/// Starts the standalone gateway on port 0 in front of `upstream_port`, and waits until it reports
+/// the port it listens on (it accepts connections from then on).
 pub fn gateway(upstream_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let port = free_port();
     let mut args = vec![
         "--llm-api-base".to_string(),
         format!("http://127.0.0.1:{upstream_port}/v1"),
         "--host".into(),
         "127.0.0.1".into(),
         "--port".into(),
-        port.to_string(),
+        "0".into(),
     ];
     args.extend(extra.iter().map(|arg| arg.to_string()));
-    let proc = spawn(GATEWAY, &args, env, port);
-    wait_until("the gateway to listen", Duration::from_secs(10), || {
-        accepts_connections(port)
-    });
+    let mut proc = spawn(GATEWAY, &args, env, 0);
+    proc.port = proc.expect_report("the port it listens on", reported_listen_port);
     proc
 }
 
-/// Starts `gateway serve mock-model` with mock-vllm as the child; does not wait for anything.
+/// Starts `gateway serve mock-model` with mock-vllm as the child, both on port 0; returns once
+/// the gateway has reported both ports (before vLLM is ready), with vLLM's.
 pub fn gateway_serve(extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
-    gateway_serve_on(free_port(), extra, env)
+    gateway_serve_on(0, extra, env)
 }
 
-/// `gateway_serve` listening on a port chosen by the caller.
+/// `gateway_serve` listening on `port` (0: the port the gateway reports).
 pub fn gateway_serve_on(port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
     gateway_serve_wrapped(&[], port, extra, env)
 }
@@ -212,10 +322,12 @@ pub fn gateway_serve_wrapped(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Proc, u16) {
-    gateway_serve_child(wrapper, port, MOCK_VLLM, free_port(), extra, env)
+    gateway_serve_child(wrapper, port, MOCK_VLLM, 0, extra, env)
 }
 
-/// `gateway_serve_wrapped` with vLLM's executable and port chosen by the caller.
+/// `gateway_serve_wrapped` with vLLM's executable and port chosen by the caller. A port of 0 is
+/// the one the gateway reports; one the gateway exits without reporting stays 0, for the test to
+/// see the exit.
 pub fn gateway_serve_child(
     wrapper: &[&str],
     port: u16,
@@ -224,6 +336,32 @@ pub fn gateway_serve_child(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Proc, u16) {
+    let mut proc = spawn_gateway_serve(wrapper, port, vllm_bin, vllm_port, extra, env);
+    if port == 0 {
+        proc.port = proc
+            .wait_report("the port it listens on", reported_listen_port)
+            .unwrap_or(0);
+    }
+    let vllm_port = match vllm_port {
+        0 => proc
+            .wait_report("vLLM's port", reported_vllm_port)
+            .unwrap_or(0),
+        chosen => chosen,
+    };
+    (proc, vllm_port)
+}
+
+/// Starts `gateway serve` as [`gateway_serve_child`] does, without waiting for anything: for a
+/// gateway that reports its ports somewhere else than its output (the journal), where the test
+/// reads them and sets `port` itself.
+pub fn spawn_gateway_serve(
+    wrapper: &[&str],
+    port: u16,
+    vllm_bin: &str,
+    vllm_port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut args = vec![
         "serve".to_string(),
         "mock-model".into(),
@@ -241,7 +379,7 @@ pub fn gateway_serve_child(
         "100ms".into(),
     ];
     args.extend(extra.iter().map(|arg| arg.to_string()));
-    (spawn_wrapped(wrapper, GATEWAY, &args, env, port), vllm_port)
+    spawn_wrapped(wrapper, GATEWAY, &args, env, port)
 }
 
 /// A minimal HTTP/1.1 exchange over a raw socket, for tests that must see exact bytes and headers.
@@ -382,6 +520,32 @@ pub fn alive(pid: i32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
 }
 
+/// Whether the gateway's `/readyz` answers 200.
+pub fn ready(gateway: &Proc) -> bool {
+    get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+}
+
+pub fn wait_ready(gateway: &Proc) {
+    wait_until("the gateway to be ready", DEADLINE, || ready(gateway));
+}
+
+/// A file mock-vllm appends `<pid> <grandchild pid>` to at each start (`MOCK_VLLM_PID_FILE`): the
+/// directory guard, the path, and the path as the text an environment variable takes.
+pub fn pid_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pids");
+    let text = path.to_str().expect("utf-8 path").to_string();
+    (dir, path, text)
+}
+
+/// Waits until the pid file shows `count` starts, and returns them.
+pub fn wait_for_starts(path: &std::path::Path, count: usize) -> Vec<(i32, i32)> {
+    wait_until(&format!("{count} child start(s)"), DEADLINE, || {
+        read_pid_file(path).len() >= count
+    });
+    read_pid_file(path)
+}
+
 /// Reads the pid file mock-vllm appends to: one `(pid, grandchild pid)` per start.
 pub fn read_pid_file(path: &std::path::Path) -> Vec<(i32, i32)> {
     std::fs::read_to_string(path)
@@ -395,19 +559,14 @@ pub fn read_pid_file(path: &std::path::Path) -> Vec<(i32, i32)> {
 }
 
 /// Starts a streaming `/v1/responses` request through `gateway` on another thread, and returns
-/// once the supervised mock-vllm has logged it (so the stream is in flight).
+/// once the gateway counts it among its active streams (vLLM has answered and the response is
+/// under way).
 pub fn start_stream(gateway: &Proc) -> std::thread::JoinHandle<RawResponse> {
     let port = gateway.port;
-    let stream = std::thread::spawn(move || {
-        post_json(
-            port,
-            "/v1/responses",
-            r#"{"model":"mock-model","input":"hi","stream":true}"#,
-            "",
-        )
-    });
-    wait_until("the stream to start", Duration::from_secs(20), || {
-        gateway.log_text().contains("/v1/responses HTTP/1.1")
+    let stream = std::thread::spawn(move || post_json(port, "/v1/responses", RESPONSES_STREAM, ""));
+    wait_until("the stream to start", DEADLINE, || {
+        get(&gateway.url("/metrics"))
+            .is_some_and(|(_, body)| body.contains("\ngateway_streams_active 1\n"))
     });
     stream
 }
@@ -419,19 +578,12 @@ pub fn mock_vllm_own_group(env: &[(&str, &str)]) -> Proc {
     mock_vllm_wrapped(&["setsid"], env)
 }
 
-/// Starts mock-vllm through a wrapper that execs it (see [`spawn_wrapped`]), such as `setsid` or
-/// `nohup`, and waits until it listens.
+/// Starts mock-vllm on port 0 through a wrapper that execs it (see [`spawn_wrapped`]), such as
+/// `setsid` or `nohup`, and waits until it reports the port it listens on.
 pub fn mock_vllm_wrapped(wrapper: &[&str], env: &[(&str, &str)]) -> Proc {
-    let port = free_port();
-    let args = ["serve", "mock-model", "--host", "127.0.0.1", "--port"]
-        .map(String::from)
-        .into_iter()
-        .chain([port.to_string()])
-        .collect::<Vec<_>>();
-    let proc = spawn_wrapped(wrapper, MOCK_VLLM, &args, env, port);
-    wait_until("mock-vllm to listen", Duration::from_secs(10), || {
-        accepts_connections(port)
-    });
+    let args = ["serve", "mock-model", "--host", "127.0.0.1", "--port", "0"].map(String::from);
+    let mut proc = spawn_wrapped(wrapper, MOCK_VLLM, &args, env, 0);
+    proc.port = proc.expect_report("the port it listens on", reported_uvicorn_port);
     proc
 }
 
