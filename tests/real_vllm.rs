@@ -61,8 +61,7 @@ fn setup() -> Option<Setup> {
 
 /// `gateway serve <model> --port <port> [extra] -- <vllm args>` with vLLM found on PATH; returns
 /// the gateway and vLLM's port without waiting.
-fn serve(setup: &Setup, port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
-    let vllm_port = free_port();
+fn serve(setup: &Setup, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
     let stop_timeout = format!("{}s", STOP_TIMEOUT.as_secs());
     let mut args: Vec<String> = vec![
         "serve".into(),
@@ -70,9 +69,9 @@ fn serve(setup: &Setup, port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Pro
         "--host".into(),
         "127.0.0.1".into(),
         "--port".into(),
-        port.to_string(),
+        "0".into(),
         "--vllm-port".into(),
-        vllm_port.to_string(),
+        "0".into(),
         "--startup-poll-interval".into(),
         "200ms".into(),
         "--restart-delay".into(),
@@ -106,7 +105,14 @@ fn serve(setup: &Setup, port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Pro
         ("DO_NOT_TRACK", "1"),
     ];
     all_env.extend_from_slice(env);
-    (spawn(GATEWAY, &args, &all_env, port), vllm_port)
+    let mut gateway = spawn(GATEWAY, &args, &all_env, 0);
+    gateway.port = gateway
+        .wait_report("the port it listens on", reported_listen_port)
+        .expect("the gateway reports its port");
+    let vllm_port = gateway
+        .wait_report("vLLM's port", reported_vllm_port)
+        .expect("the gateway reports vLLM's port");
+    (gateway, vllm_port)
 }
 
 /// Waits until the gateway's /readyz answers 200, failing at once if the gateway exits.
@@ -278,12 +284,9 @@ fn run_python(setup: &Setup, script: &str, args: &[&str], stdin: &[u8]) -> serde
 #[test]
 fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_cleanly_on_sigterm() {
     let Some(setup) = setup() else { return };
-    let port_hint = free_port();
-    let systemd = Systemd::listen(false, port_hint);
-    // The port must be known before the gateway starts, for the stand-in's READY=1 check.
+    let systemd = Systemd::listen(false);
     let (mut gateway, vllm_port) = serve(
         &setup,
-        port_hint,
         &[
             "--metrics-merge-upstream",
             "true",
@@ -292,6 +295,8 @@ fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_clea
         ],
         &[("NOTIFY_SOCKET", &systemd.socket_env)],
     );
+    // Reported when the port is reserved, long before vLLM is ready and READY=1 can come.
+    systemd.set_proxy_port(gateway.port);
 
     // While vLLM loads, its port refuses connections and so does the gateway's; the gateway's
     // opens only once vLLM answers /health.
@@ -507,7 +512,7 @@ fn merged_metrics_hold_vllms_own_and_parse(setup: &Setup, gateway: &Proc) {
 fn a_killed_api_server_leaves_no_engine_behind_before_the_restart_and_a_killed_gateway_leaves_no_vllm()
  {
     let Some(setup) = setup() else { return };
-    let (mut gateway, _) = serve(&setup, free_port(), &[], &[]);
+    let (mut gateway, _) = serve(&setup, &[], &[]);
     wait_ready(&mut gateway);
     let api = api_server(&gateway).expect("vLLM's API server");
     let old = generation(&api);
@@ -563,7 +568,7 @@ fn a_killed_api_server_leaves_no_engine_behind_before_the_restart_and_a_killed_g
 #[test]
 fn an_engine_death_that_vllm_answers_with_exit_0_is_restarted_under_on_failure() {
     let Some(setup) = setup() else { return };
-    let (mut gateway, _) = serve(&setup, free_port(), &["--restart", "on-failure"], &[]);
+    let (mut gateway, _) = serve(&setup, &["--restart", "on-failure"], &[]);
     wait_ready(&mut gateway);
     let api = api_server(&gateway).expect("vLLM's API server");
     let old = generation(&api);
