@@ -200,19 +200,15 @@ fn a_reload_is_told_to_systemd_as_reloading_then_ready() {
         &[("NOTIFY_SOCKET", &systemd.socket_env)],
     );
     systemd.set_proxy_port(gateway.port);
-    wait_until("READY=1", DEADLINE, || systemd.count("READY=1") == 1);
+    systemd.wait_count("READY=1", 1);
 
     file.write("api_keys = [\"sk-new\"]\n");
     gateway.signal(Signal::SIGHUP);
-    wait_until("READY=1 after the reload", DEADLINE, || {
-        systemd.count("READY=1") == 2
-    });
+    systemd.wait_count("READY=1", 2);
     // A refused file is a reload too: systemd must not be left waiting in "reloading".
     file.write("api_keys = 1\n");
     gateway.signal(Signal::SIGHUP);
-    wait_until("READY=1 after the refused reload", DEADLINE, || {
-        systemd.count("READY=1") == 3
-    });
+    systemd.wait_count("READY=1", 3);
 
     let messages = systemd.messages();
     let sequence: Vec<&str> = messages

@@ -81,6 +81,19 @@ impl Systemd {
             .count()
     }
 
+    /// Waits until `line` has come `count` times; on timeout the panic shows every message.
+    pub fn wait_count(&self, line: &str, count: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.count(line) != count {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {line} x{count}: {:?}",
+                self.messages()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn position(&self, predicate: impl Fn(&str) -> bool) -> Option<usize> {
         self.messages()
             .iter()
