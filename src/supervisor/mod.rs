@@ -5,14 +5,12 @@
 //! probe, the control queue (signals to forward), the stop token and the watchdog tick, and
 //! publishes every state change on a `watch` channel. Nothing else mutates the state.
 
-pub mod backoff;
 pub mod child;
 pub mod descendants;
 pub mod guard;
 pub mod output;
 pub mod port;
 pub mod reaper;
-pub mod state;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,50 +24,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, ServeConfig};
-use crate::health::ProbeError;
+use crate::lifecycle::backoff::{self, Decision, End, EndCause, History};
+use crate::lifecycle::outcome::Outcome;
+use crate::lifecycle::state::{ChildState, ExitInfo, StopReason, transition};
+use crate::probe::ProbeError;
 use crate::resources::Exhausted;
 use crate::status::{ChildStatus, UpstreamStatus};
-use crate::supervisor::backoff::{Decision, End, EndCause, History};
-use crate::supervisor::state::{ChildState, ExitInfo, StopReason, transition};
 
 /// Messages to the supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     /// Deliver this signal to the child's process group.
     Forward(Signal),
-}
-
-/// Why the supervisor ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Asked to stop; the child was stopped.
-    Stopped,
-    /// The child exited on its own and the restart policy (`no`) does not restart it.
-    ChildExited(ExitInfo),
-    /// The child exited with a code of `restart_prevent_exit_codes`.
-    Prevented(ExitInfo),
-    /// Too many starts in a row never became ready (or the child could not be spawned).
-    GaveUp(String),
-}
-
-impl Outcome {
-    /// The gateway's own exit code. An exit of vLLM that the gateway did not ask for is a failure
-    /// whatever its code, so that the layer above (systemd, a container runtime) restarts the
-    /// gateway: vLLM's code when it is not 0, [`crate::EXIT_VLLM_EXITED_0`] when it is. Only a code
-    /// the operator listed in `restart_prevent_exit_codes` is passed on as it is, 0 included.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Outcome::Stopped => 0,
-            Outcome::ChildExited(exit) => match exit.exit_code() {
-                0 => crate::EXIT_VLLM_EXITED_0,
-                code => u8::try_from(code).unwrap_or(crate::EXIT_FAILURE),
-            },
-            Outcome::Prevented(exit) => {
-                u8::try_from(exit.exit_code()).unwrap_or(crate::EXIT_FAILURE)
-            }
-            Outcome::GaveUp(_) => crate::EXIT_FAILURE,
-        }
-    }
 }
 
 /// Starts the supervisor task. It stops the child and returns when `stop` is cancelled, or earlier
@@ -103,7 +69,7 @@ pub fn start(
         next_probe: Instant::now(),
         kill_at: None,
         history: History::default(),
-        probe_client: crate::health::probe_client(),
+        probe_client: crate::probe::probe_client(),
     };
     (status_rx, tokio::spawn(supervisor.run()))
 }
@@ -575,7 +541,7 @@ impl Supervisor {
                 let base = self.upstream_base.clone();
                 let timeout = self.health.timeout;
                 self.probe = Some(Box::pin(async move {
-                    crate::health::probe(&client, &base, timeout).await
+                    crate::probe::probe(&client, &base, timeout).await
                 }));
             }
             ChildState::Stopping { pid, .. } if self.kill_at.is_some_and(|at| now >= at) => {

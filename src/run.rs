@@ -1,0 +1,213 @@
+//! The run sequence: what the gateway does between its configuration and its exit code.
+//!
+//! [`run`] takes what it is given: the validated configuration, the bound (not yet listening)
+//! socket, the live configuration, the shutdown triggers, the signals to forward to vLLM and the
+//! metrics handle. It sets up nothing process-wide (signal handlers, the reaper and subreaper, the
+//! open-files limit, the metrics recorder: `main` does), so tests drive it in-process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use nix::sys::signal::Signal;
+use tokio::net::TcpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::lifecycle::outcome::Outcome;
+use crate::notify;
+use crate::probe;
+use crate::proxy::state::{AppState, LiveConfig};
+use crate::proxy::workers::{self, Workers};
+use crate::signals::Shutdown;
+use crate::status::{ExternalHealth, UpstreamStatus};
+use crate::supervisor;
+use crate::telemetry;
+
+/// What [`run`] is given besides the configuration and the socket.
+pub struct Context {
+    /// The configuration as reloads change it (the start-up one until then).
+    pub live: LiveConfig,
+    /// The stop triggers: the signal task cancels them, tests cancel them directly.
+    pub shutdown: Shutdown,
+    /// Signals to forward to vLLM's process group (under `serve`; dropped in standalone mode).
+    pub forward: mpsc::UnboundedReceiver<Signal>,
+    /// Renders `/metrics`; `None` turns the endpoint off.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Runs the gateway until shutdown and returns its exit code. `socket` is bound to the listen
+/// address and listens only once the gateway may serve (under `serve`: once vLLM is ready).
+pub async fn run(config: Config, socket: TcpSocket, context: Context) -> anyhow::Result<u8> {
+    match config.serve.clone() {
+        None => run_standalone(config, socket, context).await,
+        Some(_) => run_serve(config, socket, context).await,
+    }
+}
+
+async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> anyhow::Result<u8> {
+    let Context {
+        live,
+        shutdown,
+        metrics,
+        ..
+    } = context;
+    let (status_tx, status_rx) =
+        watch::channel(UpstreamStatus::External(ExternalHealth::default()));
+    let listener = workers::listen(socket)?;
+    let tracker = TaskTracker::new();
+    tracker.spawn(probe::poll_upstream(
+        config.upstream.base.clone(),
+        config.health,
+        status_tx,
+        shutdown.graceful.clone(),
+    ));
+    let state = Arc::new(AppState::new(
+        &config,
+        live,
+        status_rx,
+        metrics,
+        shutdown.graceful.clone(),
+    )?);
+    let workers = start_workers(listener, &state)?;
+    notify::ready("ready (standalone proxy)");
+    tracing::info!(listen = %config.listen, upstream = %config.upstream.base, "gateway listening");
+    serve_and_drain(workers, &shutdown).await?;
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("gateway stopped");
+    Ok(0)
+}
+
+async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyhow::Result<u8> {
+    let Context {
+        live,
+        shutdown,
+        mut forward,
+        metrics,
+    } = context;
+    let serve = config
+        .serve
+        .clone()
+        .expect("run_serve is only called with a serve config");
+    let serve_startup_timeout = serve.startup_timeout;
+    // The supervisor stops the child when this is cancelled: after the drain, not at the signal.
+    let stop_child = tokio_util::sync::CancellationToken::new();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let relay = tokio::spawn(async move {
+        while let Some(signal) = forward.recv().await {
+            let _ = control_tx.send(supervisor::Control::Forward(signal));
+        }
+    });
+    let (status_rx, supervisor_task) = supervisor::start(
+        serve,
+        config.upstream.base.clone(),
+        config.health,
+        control_rx,
+        stop_child.clone(),
+        shutdown.graceful.clone(),
+    );
+    let notifier = tokio::spawn(notify::follow(status_rx.clone(), serve_startup_timeout));
+
+    // The listener opens only once the child is ready the first time.
+    let mut first_ready = status_rx.clone();
+    let became_ready = tokio::select! {
+        result = first_ready.wait_for(|status| status.accepts_requests() || !status.may_become_ready()) => {
+            result.is_ok_and(|status| status.accepts_requests())
+        }
+        () = shutdown.graceful.cancelled() => false,
+    };
+    let served = if became_ready {
+        serve_child(socket, &config, live, &shutdown, &status_rx, metrics).await
+    } else {
+        notify::stopping();
+        Ok(())
+    };
+    // Whatever happened to the proxy, vLLM's process group is stopped before the gateway exits.
+    stop_child.cancel();
+    let exit = supervisor_task.await?;
+    relay.abort();
+    // The notifier ends once the supervisor's status sender is gone, after sending the last state.
+    let _ = tokio::time::timeout(Duration::from_secs(1), notifier).await;
+    served?;
+    let code = exit.exit_code();
+    match &exit {
+        Outcome::Stopped => {}
+        Outcome::ChildExited(info) => tracing::error!(
+            exit = %info,
+            exit_code = code,
+            "vLLM exited on its own and the restart policy does not restart it; the gateway exits"
+        ),
+        Outcome::Prevented(info) => tracing::warn!(
+            exit = %info,
+            exit_code = code,
+            "vLLM exited with a code of restart_prevent_exit_codes; the gateway exits with it"
+        ),
+        Outcome::GaveUp(reason) => tracing::error!(%reason, exit_code = code, "giving up on vLLM"),
+    }
+    Ok(code)
+}
+
+/// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain is over.
+async fn serve_child(
+    socket: TcpSocket,
+    config: &Config,
+    live: LiveConfig,
+    shutdown: &Shutdown,
+    status_rx: &watch::Receiver<UpstreamStatus>,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<()> {
+    // Draining starts at a stop signal, or when the child is gone for good.
+    let draining = shutdown.graceful.child_token();
+    let state = Arc::new(AppState::new(
+        config,
+        live,
+        status_rx.clone(),
+        metrics,
+        draining.clone(),
+    )?);
+    let workers = start_workers(workers::listen(socket)?, &state)?;
+    notify::ready("ready");
+    tracing::info!(listen = %config.listen, "gateway listening");
+    let mut gone = status_rx.clone();
+    let watch_child = tokio::spawn(async move {
+        let _ = gone.wait_for(|status| !status.may_become_ready()).await;
+        draining.cancel();
+    });
+    let served = serve_and_drain(workers, shutdown).await;
+    watch_child.abort();
+    served
+}
+
+/// Serves until the drain is over, telling systemd (STOPPING=1, then the count of requests left)
+/// meanwhile. STOPPING=1 goes out exactly once, however fast the drain.
+async fn serve_and_drain(workers: Workers, shutdown: &Shutdown) -> anyhow::Result<()> {
+    let draining = workers.draining();
+    let served = workers.serve(shutdown.fast.clone());
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => {
+            // Ended without a drain: a worker failed.
+            notify::stopping();
+            return Ok(result?);
+        }
+        () = draining.cancelled() => {}
+    }
+    let report = notify::report_drain(telemetry::requests_in_flight);
+    tokio::pin!(report);
+    let result = loop {
+        tokio::select! {
+            // The report first, so that its STOPPING=1 is sent before the drain can be seen over.
+            biased;
+            () = &mut report => {}
+            result = &mut served => break result,
+        }
+    };
+    Ok(result?)
+}
+
+fn start_workers(listener: tokio::net::TcpListener, state: &AppState) -> anyhow::Result<Workers> {
+    Workers::start(listener, state, workers::worker_count())
+        .map_err(|error| anyhow::anyhow!("cannot start the proxy workers: {error}"))
+}
