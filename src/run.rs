@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use nix::sys::signal::Signal;
 use tokio::net::TcpSocket;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -22,7 +23,7 @@ use crate::proxy::state::{AppState, LiveConfig};
 use crate::proxy::workers::{self, Workers};
 use crate::signals::Shutdown;
 use crate::status::{ExternalHealth, UpstreamStatus};
-use crate::supervisor;
+use crate::supervisor::{self, SupervisorHandle};
 use crate::telemetry;
 
 /// What [`run`] is given besides the configuration and the socket.
@@ -84,7 +85,7 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
     let Context {
         live,
         shutdown,
-        mut forward,
+        forward,
         metrics,
     } = context;
     let serve = config
@@ -92,22 +93,14 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         .clone()
         .expect("run_serve is only called with a serve config");
     let serve_startup_timeout = serve.startup_timeout;
-    // The supervisor stops the child when this is cancelled: after the drain, not at the signal.
-    let stop_child = tokio_util::sync::CancellationToken::new();
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let relay = tokio::spawn(async move {
-        while let Some(signal) = forward.recv().await {
-            let _ = control_tx.send(supervisor::Control::Forward(signal));
-        }
-    });
-    let (status_rx, supervisor_task) = supervisor::start(
-        serve,
-        config.upstream.base.clone(),
-        config.health,
-        control_rx,
-        stop_child.clone(),
+    let (supervisor, supervised) =
+        supervisor::start(serve, config.upstream.base.clone(), config.health);
+    let status_rx = supervisor.status();
+    let relay = tokio::spawn(relay(
+        forward,
+        supervisor.clone(),
         shutdown.graceful.clone(),
-    );
+    ));
     let notifier = tokio::spawn(notify::follow(status_rx.clone(), serve_startup_timeout));
 
     // The listener opens only once the child is ready the first time.
@@ -125,8 +118,8 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         Ok(())
     };
     // Whatever happened to the proxy, vLLM's process group is stopped before the gateway exits.
-    stop_child.cancel();
-    let exit = supervisor_task.await?;
+    supervisor.stop().await;
+    let exit = supervised.await?;
     relay.abort();
     // The notifier ends once the supervisor's status sender is gone, after sending the last state.
     let _ = tokio::time::timeout(Duration::from_secs(1), notifier).await;
@@ -147,6 +140,27 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         Outcome::GaveUp(reason) => tracing::error!(%reason, exit_code = code, "giving up on vLLM"),
     }
     Ok(code)
+}
+
+/// Forwards the signals meant for vLLM to the supervisor, and tells it when the shutdown begins
+/// (before a signal that came with it, so that a child the signal ends is not restarted).
+async fn relay(
+    mut forward: mpsc::UnboundedReceiver<Signal>,
+    supervisor: SupervisorHandle,
+    graceful: CancellationToken,
+) {
+    let mut begun = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = graceful.cancelled(), if !begun => {
+                begun = true;
+                supervisor.shutdown_begun();
+            }
+            Some(signal) = forward.recv() => supervisor.forward(signal),
+            else => return,
+        }
+    }
 }
 
 /// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain is over.

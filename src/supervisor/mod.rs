@@ -2,8 +2,10 @@
 //!
 //! One task ([`Supervisor::run`]) owns the child and its state. It `select!`s on the child's exit,
 //! one timer (next probe, startup deadline, kill deadline or end of backoff), the in-flight health
-//! probe, the control queue (signals to forward), the stop token and the watchdog tick, and
-//! publishes every state change on a `watch` channel. Nothing else mutates the state.
+//! probe, the control queue and the watchdog tick, and publishes every state change on a `watch`
+//! channel. Nothing else mutates the state. Others hold a [`SupervisorHandle`]: the control sender
+//! ([`Control`]: forward a signal, shutdown begun, stop and answer when done) and the status
+//! receiver.
 
 pub mod child;
 pub mod descendants;
@@ -21,7 +23,6 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, ServeConfig};
 use crate::lifecycle::backoff::{self, Decision, End, EndCause, History};
@@ -32,36 +33,72 @@ use crate::resources::Exhausted;
 use crate::status::{ChildStatus, UpstreamStatus};
 
 /// Messages to the supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Control {
     /// Deliver this signal to the child's process group.
     Forward(Signal),
+    /// The gateway's shutdown has begun (it drains before it stops the child): a child that exits
+    /// from now on is not restarted, and a pending restart does not happen.
+    ShutdownBegun,
+    /// Stop the child's group and end; the outcome is sent back once vLLM and whatever it left
+    /// outside its group are gone.
+    Stop(oneshot::Sender<Outcome>),
 }
 
-/// Starts the supervisor task. It stops the child and returns when `stop` is cancelled, or earlier
-/// when the restart policy ends it. Once `shutting_down` is cancelled (the gateway drains before it
-/// cancels `stop`), a child that exits is not restarted: the shutdown has begun.
+/// The way to the supervisor task: its control queue and its status. Cloned freely.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    control: mpsc::UnboundedSender<Control>,
+    status: watch::Receiver<UpstreamStatus>,
+}
+
+impl SupervisorHandle {
+    /// The child's status as the supervisor publishes it.
+    pub fn status(&self) -> watch::Receiver<UpstreamStatus> {
+        self.status.clone()
+    }
+
+    /// Delivers `signal` to the child's process group (logged and dropped with no child).
+    pub fn forward(&self, signal: Signal) {
+        let _ = self.control.send(Control::Forward(signal));
+    }
+
+    /// Tells the supervisor that the shutdown has begun: no restarts from now on.
+    pub fn shutdown_begun(&self) {
+        let _ = self.control.send(Control::ShutdownBegun);
+    }
+
+    /// Stops the child's group and returns once everything of vLLM's is gone, with how
+    /// supervision ended; `None` when the supervisor had already ended on its own (its task
+    /// returns the outcome then).
+    pub async fn stop(&self) -> Option<Outcome> {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.control.send(Control::Stop(done_tx)).ok()?;
+        done_rx.await.ok()
+    }
+}
+
+/// Starts the supervisor task, which starts vLLM at once and runs until it is stopped or the
+/// restart policy ends it. The task returns how supervision ended.
 pub fn start(
     serve: ServeConfig,
     upstream_base: String,
     health: HealthConfig,
-    control: mpsc::UnboundedReceiver<Control>,
-    stop: CancellationToken,
-    shutting_down: CancellationToken,
-) -> (watch::Receiver<UpstreamStatus>, JoinHandle<Outcome>) {
+) -> (SupervisorHandle, JoinHandle<Outcome>) {
     let initial = ChildStatus {
         state: ChildState::Idle,
         restarts: 0,
         last_exit: None,
     };
     let (status_tx, status_rx) = watch::channel(UpstreamStatus::Child(initial.clone()));
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor {
         serve,
         upstream_base,
         health,
-        control,
-        stop,
-        shutting_down,
+        control: control_rx,
+        stop_requested: Vec::new(),
+        shutting_down: false,
         status_tx,
         status: initial,
         child: None,
@@ -71,7 +108,11 @@ pub fn start(
         history: History::default(),
         probe_client: crate::probe::probe_client(),
     };
-    (status_rx, tokio::spawn(supervisor.run()))
+    let handle = SupervisorHandle {
+        control: control_tx,
+        status: status_rx,
+    };
+    (handle, tokio::spawn(supervisor.run()))
 }
 
 type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Send>>;
@@ -92,9 +133,10 @@ struct Supervisor {
     upstream_base: String,
     health: HealthConfig,
     control: mpsc::UnboundedReceiver<Control>,
-    stop: CancellationToken,
-    /// Cancelled when the gateway's shutdown begins, before `stop`: no restarts from then on.
-    shutting_down: CancellationToken,
+    /// Who asked for the stop, to be told the outcome; not empty once a stop was asked for.
+    stop_requested: Vec<oneshot::Sender<Outcome>>,
+    /// The gateway's shutdown has begun (it stops the child later): no restarts from then on.
+    shutting_down: bool,
     status_tx: watch::Sender<UpstreamStatus>,
     /// The published value; changed only through [`Supervisor::set_state`].
     status: ChildStatus,
@@ -129,6 +171,9 @@ impl Supervisor {
             .into_iter()
             .collect();
         descendants::stop_all(&keep, self.serve.stop_timeout).await;
+        for done in self.stop_requested.drain(..) {
+            let _ = done.send(outcome.clone());
+        }
         outcome
     }
 
@@ -136,30 +181,15 @@ impl Supervisor {
         let watchdog_every = crate::notify::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
-        let freeze_after = debug_freeze_after();
-        if self.stop.is_cancelled() {
-            return self.finish(None, Outcome::Stopped);
-        }
         if let Some(outcome) = self.spawn_child().await {
             return outcome;
         }
         loop {
-            if let (Some(after), ChildState::Ready { since, .. }) =
-                (freeze_after, &self.status.state)
-                && since.elapsed() >= after
-            {
-                tracing::warn!(
-                    "GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER: freezing the supervisor loop"
-                );
-                std::future::pending::<()>().await;
-            }
             let deadline = self.next_deadline();
-            let stop_enabled = !self.stopping_for_shutdown();
             let Supervisor {
                 child,
                 probe,
                 control,
-                stop,
                 ..
             } = self;
             let exit = async {
@@ -179,7 +209,6 @@ impl Supervisor {
                 result = probe => Event::Probed(result),
                 () = tokio::time::sleep_until(deadline) => Event::Timer,
                 Some(control) = control.recv() => Event::Control(control),
-                () = stop.cancelled(), if stop_enabled => Event::Stop,
                 _ = watchdog.tick(), if watchdog_every.is_some() => Event::Watchdog,
             };
             let outcome = match event {
@@ -190,17 +219,7 @@ impl Supervisor {
                     None
                 }
                 Event::Timer => self.on_timer().await,
-                Event::Control(Control::Forward(signal)) => {
-                    match &self.child {
-                        Some(child) => child::signal_group_logged(child.pid, signal),
-                        None => tracing::info!(
-                            signal = signal.as_str(),
-                            "no vLLM running; signal not forwarded"
-                        ),
-                    }
-                    None
-                }
-                Event::Stop => self.on_stop(),
+                Event::Control(control) => self.on_control(control),
                 Event::Watchdog => {
                     crate::notify::watchdog_ping();
                     None
@@ -212,14 +231,44 @@ impl Supervisor {
         }
     }
 
-    fn stopping_for_shutdown(&self) -> bool {
-        matches!(
-            self.status.state,
-            ChildState::Stopping {
-                reason: StopReason::Shutdown,
-                ..
+    fn on_control(&mut self, control: Control) -> Option<Outcome> {
+        match control {
+            Control::Forward(signal) => {
+                match &self.child {
+                    Some(child) => child::signal_group_logged(child.pid, signal),
+                    None => tracing::info!(
+                        signal = signal.as_str(),
+                        "no vLLM running; signal not forwarded"
+                    ),
+                }
+                None
             }
-        )
+            Control::ShutdownBegun => {
+                self.shutting_down = true;
+                None
+            }
+            Control::Stop(done) => {
+                let first = self.stop_requested.is_empty();
+                self.stop_requested.push(done);
+                if first { self.on_stop() } else { None }
+            }
+        }
+    }
+
+    /// Takes the control messages already queued, so that a decision about the child (spawn it,
+    /// restart it) sees a shutdown or stop that was asked for before it.
+    fn take_queued_control(&mut self) -> Option<Outcome> {
+        while let Ok(control) = self.control.try_recv() {
+            if let Some(outcome) = self.on_control(control) {
+                return Some(outcome);
+            }
+        }
+        None
+    }
+
+    /// A stop was asked for, or the shutdown has begun.
+    fn ending(&self) -> bool {
+        !self.stop_requested.is_empty() || self.shutting_down
     }
 
     /// The one timer: whichever of the state's deadlines comes first.
@@ -270,7 +319,10 @@ impl Supervisor {
     async fn spawn_child(&mut self) -> Option<Outcome> {
         // What the last vLLM left outside its group (it may hold the port, or the GPU) goes first.
         descendants::stop_all(&[], self.serve.stop_timeout).await;
-        if self.stop.is_cancelled() || self.shutting_down.is_cancelled() {
+        if let Some(outcome) = self.take_queued_control() {
+            return Some(outcome);
+        }
+        if self.ending() {
             let exit = self.status.last_exit;
             return Some(self.finish(exit, Outcome::Stopped));
         }
@@ -393,7 +445,11 @@ impl Supervisor {
                 tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped")
             }
         }
-        if self.stop.is_cancelled() || self.shutting_down.is_cancelled() {
+        // A shutdown or a stop asked for meanwhile comes before the restart policy.
+        if let Some(outcome) = self.take_queued_control() {
+            return Some(outcome);
+        }
+        if self.ending() {
             return Some(self.finish(Some(exit), Outcome::Stopped));
         }
         self.after_end(End {
@@ -553,7 +609,7 @@ impl Supervisor {
                 child::signal_group_logged(pid, Signal::SIGKILL);
                 self.kill_at = None;
             }
-            ChildState::Backoff { .. } if self.shutting_down.is_cancelled() => {
+            ChildState::Backoff { .. } if self.shutting_down => {
                 let exit = self.status.last_exit;
                 return Some(self.finish(exit, Outcome::Stopped));
             }
@@ -599,18 +655,9 @@ enum Event {
     Probed(Result<(), ProbeError>),
     Timer,
     Control(Control),
-    Stop,
     Watchdog,
 }
 
 fn round_ms(duration: Duration) -> Duration {
     Duration::from_millis(duration.as_millis() as u64)
-}
-
-/// A debug hook for testing the systemd watchdog: `GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER=2s`
-/// wedges the supervisor loop that long after the child became ready.
-fn debug_freeze_after() -> Option<Duration> {
-    std::env::var("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER")
-        .ok()
-        .and_then(|text| crate::cli::parse_duration(&text).ok())
 }
