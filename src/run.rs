@@ -225,3 +225,153 @@ fn start_workers(listener: tokio::net::TcpListener, state: &AppState) -> anyhow:
     Workers::start(listener, state, workers::worker_count())
         .map_err(|error| anyhow::anyhow!("cannot start the proxy workers: {error}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::routing::get;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::cli::ProxyArgs;
+    use crate::config::{self, Mode};
+    use crate::proxy::state::live_config;
+
+    /// How long a condition may take on a loaded machine.
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    /// A stand-in vLLM on a port of its own: `/health`, `/v1/models`, and `/slow`, which tells
+    /// `arrived` and answers once `release` fires.
+    async fn upstream(
+        arrived: Arc<tokio::sync::Notify>,
+        release: Arc<tokio::sync::Notify>,
+    ) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let app = Router::new()
+            .route("/health", get(|| async { "" }))
+            .route(
+                "/v1/models",
+                get(|| async { r#"{"object":"list","data":[{"id":"stand-in"}]}"# }),
+            )
+            .route(
+                "/slow",
+                get(move || async move {
+                    arrived.notify_one();
+                    release.notified().await;
+                    "finished"
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    }
+
+    /// A standalone configuration for `upstream`, listening on a port of the kernel's choosing.
+    fn standalone(upstream: String) -> Config {
+        let args = ProxyArgs {
+            llm_api_base: Some(upstream),
+            host: Some("127.0.0.1".into()),
+            port: Some(0),
+            health_interval: Some(Duration::from_millis(100)),
+            ..ProxyArgs::default()
+        };
+        config::load(&args, None, Mode::Standalone, &|_| None).expect("valid config")
+    }
+
+    /// Starts [`run`] on a socket bound here; returns its port, its shutdown and its task.
+    fn start(config: Config) -> (u16, Shutdown, tokio::task::JoinHandle<anyhow::Result<u8>>) {
+        let socket = workers::bind(config.listen).expect("bind");
+        let port = socket.local_addr().expect("address").port();
+        let shutdown = Shutdown::new();
+        let (_forward_tx, forward) = mpsc::unbounded_channel();
+        let context = Context {
+            live: live_config(config.clone()),
+            shutdown: shutdown.clone(),
+            forward,
+            metrics: None,
+        };
+        (port, shutdown, tokio::spawn(run(config, socket, context)))
+    }
+
+    async fn wait_ready(client: &reqwest::Client, port: u16) {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let response = client.get(&url).send().await;
+            if response.is_ok_and(|response| response.status() == 200) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not ready in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_proxies_on_the_socket_it_is_given_and_returns_0_once_its_shutdown_is_cancelled() {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let upstream = upstream(Arc::clone(&notify), notify).await;
+        let (port, shutdown, running) = start(standalone(upstream));
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        wait_ready(&client, port).await;
+        let response = client
+            .get(format!("http://127.0.0.1:{port}/v1/models"))
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(response.status(), 200);
+        assert!(response.text().await.expect("body").contains("stand-in"));
+
+        shutdown.graceful.cancel();
+        let code = tokio::time::timeout(DEADLINE, running)
+            .await
+            .expect("run ends")
+            .expect("no panic")
+            .expect("no error");
+        assert_eq!(code, 0);
+        let refused = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+        assert!(refused.is_err(), "the listener is closed after run");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_in_flight_when_the_shutdown_begins_is_answered_before_run_returns() {
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let upstream = upstream(Arc::clone(&arrived), Arc::clone(&release)).await;
+        let (port, shutdown, running) = start(standalone(upstream));
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        wait_ready(&client, port).await;
+        let slow = tokio::spawn(client.get(format!("http://127.0.0.1:{port}/slow")).send());
+        tokio::time::timeout(DEADLINE, arrived.notified())
+            .await
+            .expect("the request reaches the stand-in");
+        shutdown.graceful.cancel();
+        let readyz = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await;
+        assert!(
+            readyz.is_err() || readyz.is_ok_and(|response| response.status() == 503),
+            "draining: not ready, or no longer listening"
+        );
+        assert!(
+            !running.is_finished(),
+            "run waits for the request in flight"
+        );
+        release.notify_one();
+        let response = slow.await.expect("no panic").expect("answered");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.expect("body"), "finished");
+        let code = tokio::time::timeout(DEADLINE, running)
+            .await
+            .expect("run ends")
+            .expect("no panic")
+            .expect("no error");
+        assert_eq!(code, 0);
+    }
+}
