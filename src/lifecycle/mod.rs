@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod outcome;
+pub mod schedule;
 pub mod state;
 
 pub use crate::lifecycle::outcome::{EXIT_FAILURE, EXIT_VLLM_EXITED_0, Outcome};

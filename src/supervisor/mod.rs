@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::config::{HealthConfig, ServeConfig};
 use crate::lifecycle::backoff::{self, Decision, End, EndCause, History};
 use crate::lifecycle::outcome::Outcome;
+use crate::lifecycle::schedule::{self, AfterProbe, Timers, after_probe};
 use crate::lifecycle::state::{ChildState, ExitInfo, StopReason, transition};
 use crate::probe::ProbeError;
 use crate::resources::Exhausted;
@@ -273,27 +274,17 @@ impl Supervisor {
 
     /// The one timer: whichever of the state's deadlines comes first.
     fn next_deadline(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(86400);
-        match &self.status.state {
-            ChildState::Starting { since, .. } => {
-                let startup_deadline = *since + self.serve.startup_timeout;
-                if self.probe.is_some() {
-                    startup_deadline
-                } else {
-                    startup_deadline.min(self.next_probe)
-                }
-            }
-            ChildState::Ready { .. } | ChildState::Unhealthy { .. } => {
-                if self.probe.is_some() {
-                    far
-                } else {
-                    self.next_probe
-                }
-            }
-            ChildState::Stopping { .. } => self.kill_at.unwrap_or(far),
-            ChildState::Backoff { until, .. } => *until,
-            ChildState::Idle | ChildState::Exited { .. } => far,
-        }
+        let timers = Timers {
+            next_probe: self.next_probe,
+            probe_in_flight: self.probe.is_some(),
+            kill_at: self.kill_at,
+        };
+        schedule::next_deadline(
+            &self.status.state,
+            self.serve.startup_timeout,
+            timers,
+            Instant::now(),
+        )
     }
 
     fn set_state(&mut self, next: ChildState) {
@@ -554,27 +545,29 @@ impl Supervisor {
             }
             (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Ok(())) => {
                 self.next_probe = now + self.health.interval;
-                if let ChildState::Unhealthy { .. } = self.status.state {
+                if after_probe(&self.status.state, true, self.serve.health_failures)
+                    == AfterProbe::Ready
+                {
                     tracing::info!(pid, "vLLM /health answers again");
                     self.set_state(ChildState::Ready { pid, since: now });
                 }
             }
             (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err(reason)) => {
                 self.next_probe = now + self.health.interval;
-                let failures = match self.status.state {
-                    ChildState::Unhealthy { failures, .. } => failures + 1,
-                    _ => 1,
-                };
-                if failures >= self.serve.health_failures {
-                    tracing::error!(pid, failures, %reason, "vLLM is hung: /health failed too many times in a row; stopping it");
-                    self.begin_stop(StopReason::Unhealthy);
-                } else {
-                    tracing::warn!(pid, failures, threshold = self.serve.health_failures, %reason, "vLLM /health failed");
-                    self.set_state(ChildState::Unhealthy {
-                        pid,
-                        failures,
-                        since: now,
-                    });
+                match after_probe(&self.status.state, false, self.serve.health_failures) {
+                    AfterProbe::Hung { failures } => {
+                        tracing::error!(pid, failures, %reason, "vLLM is hung: /health failed too many times in a row; stopping it");
+                        self.begin_stop(StopReason::Unhealthy);
+                    }
+                    AfterProbe::Unhealthy { failures } => {
+                        tracing::warn!(pid, failures, threshold = self.serve.health_failures, %reason, "vLLM /health failed");
+                        self.set_state(ChildState::Unhealthy {
+                            pid,
+                            failures,
+                            since: now,
+                        });
+                    }
+                    AfterProbe::Same | AfterProbe::Ready => {}
                 }
             }
             _ => {}
@@ -584,7 +577,13 @@ impl Supervisor {
     async fn on_timer(&mut self) -> Option<Outcome> {
         let now = Instant::now();
         match self.status.state.clone() {
-            ChildState::Starting { since, pid } if now >= since + self.serve.startup_timeout => {
+            ChildState::Starting { pid, .. }
+                if schedule::startup_expired(
+                    &self.status.state,
+                    self.serve.startup_timeout,
+                    now,
+                ) =>
+            {
                 tracing::error!(pid, startup_timeout = %humantime::format_duration(self.serve.startup_timeout), "vLLM did not become ready in time; stopping it");
                 self.begin_stop(StopReason::StartupTimeout);
             }
