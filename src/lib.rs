@@ -5,19 +5,23 @@
 //! Modules in layers; a module uses only modules of the layers below it (no import cycles):
 //!
 //! ```text
-//!  main.rs     process-wide setup (signals, reaper, rlimit, metrics recorder), subcommands
-//!    │
-//!  run (the run sequence)      commands (healthcheck, config check)
-//!    │
-//!  signals (stop triggers, the signal task)      reload (SIGHUP)
-//!    │
-//!  proxy (router, endpoints, workers, conn)       supervisor (the actor and its processes)
-//!    │                                              │
-//!  proxy::forward, body, errors, headers; telemetry; notify
-//!    │
-//!  status (the upstream's state on a watch), probe (the upstream /health probe, the poller)
-//!    │
-//!  lifecycle (state, backoff, outcome: the supervisor's pure parts), config, cli, resources
+//!  main.rs       process-wide setup, subcommands
+//!     │
+//!  run           the run sequence            (beside it: commands)
+//!     │
+//!  signals       reload
+//!     │
+//!  proxy: workers ─▶ conn, router ─▶ endpoints       supervisor (the actor, its handle)
+//!     │                                                 │
+//!  proxy::forward ─▶ body, errors, headers;          supervisor::child ─▶ reaper; port,
+//!  telemetry; notify                                 descendants ─▶ guard; output
+//!     │                                                 │
+//!  probe         the upstream /health probe, the standalone poller
+//!     │
+//!  status        the upstream's state on a watch
+//!     │
+//!  lifecycle     state, backoff, schedule, outcome: the supervisor's pure parts
+//!  config, cli, resources
 //! ```
 //!
 //! - `run`: the run sequence, given a config, a bound socket and the shutdown triggers
@@ -36,7 +40,8 @@
 //!   forwards one request; `proxy::headers` holds the hop-by-hop rules; `proxy::body` wraps
 //!   bodies with limits and timeouts; `proxy::errors` shapes every error as OpenAI JSON or a
 //!   final SSE `error` event.
-//! - `supervisor`: `gateway serve`, the actor that owns the child (one task). `child` spawns and
+//! - `supervisor`: `gateway serve`, the actor that owns the child (one task); others hold a
+//!   `SupervisorHandle` (its `Control` sender and status receiver). `child` spawns and
 //!   stops process groups, `port` checks that `vllm_port` is free and that vLLM's group owns the
 //!   socket that answered before `Ready`, `descendants` stops what vLLM left outside its group
 //!   (adopted orphans) before each start and before exit, `guard` stops a group whose gateway was
@@ -49,7 +54,8 @@
 //!   and the health endpoints whether the upstream can serve.
 //! - `probe`: the upstream `/health` probe, and the standalone poller that publishes its outcome.
 //! - `lifecycle`: the child's life as data: `state` is the child's state machine, `backoff`
-//!   decides restarts, `outcome` says how supervision ended and with which exit code.
+//!   decides restarts, `schedule` holds the supervisor's timing (next deadline, startup timeout,
+//!   the streak of failed probes), `outcome` says how supervision ended and with which exit code.
 //! - `config`: file + environment + flags merged and validated into [`config::Config`].
 //! - `cli`: the command line (clap); options only, no defaults.
 //! - `resources`: which errors mean the gateway itself ran out of descriptors or memory, and which

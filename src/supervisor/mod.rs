@@ -148,7 +148,7 @@ struct Supervisor {
     /// When SIGKILL follows the SIGTERM of a stop.
     kill_at: Option<Instant>,
     history: History,
-    /// Probes never reuse connections (see `health`).
+    /// Probes never reuse connections (see `probe`).
     probe_client: reqwest::Client,
 }
 
