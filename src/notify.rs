@@ -16,9 +16,8 @@ use sd_notify::NotifyState;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::lifecycle::state::ChildState;
 use crate::status::UpstreamStatus;
-use crate::supervisor::state::ChildState;
-use crate::telemetry;
 
 fn send(states: &[NotifyState<'_>]) {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -105,16 +104,17 @@ impl Reloading {
 }
 
 /// For a drain that has begun: STOPPING=1 at once, then every second how many requests are
-/// still being drained. Never returns; the caller drops it when the drain is over.
-pub async fn report_drain() {
+/// still being drained, as `in_flight` counts them. Never returns; the caller drops it when the
+/// drain is over.
+pub async fn report_drain(in_flight: impl Fn() -> i64) {
     STOPPING_SENT.store(true, Ordering::Relaxed);
-    let text = draining_status(telemetry::requests_in_flight());
+    let text = draining_status(in_flight());
     send(&[NotifyState::Stopping, NotifyState::Status(&text)]);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        status(&draining_status(telemetry::requests_in_flight()));
+        status(&draining_status(in_flight()));
     }
 }
 

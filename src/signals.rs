@@ -13,8 +13,6 @@ use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::supervisor::Control;
-
 /// The gateway's shutdown triggers. `main` makes them; `run` and its tasks watch them.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
@@ -65,13 +63,13 @@ pub fn install() -> std::io::Result<Signals> {
     Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT])
 }
 
-/// Reads signals until the process ends. Forwarded signals go to `forward`; with no child they are
-/// logged and dropped. Reload requests go to `reload`; one already waiting covers the next (it
+/// Reads signals until the process ends. Signals to forward go to `forward` (under `serve`, on to
+/// the supervisor; with no child they are logged and dropped). Reload requests go to `reload`; one already waiting covers the next (it
 /// reads the file after both).
 pub async fn handle(
     mut signals: Signals,
     shutdown: Shutdown,
-    forward: mpsc::UnboundedSender<Control>,
+    forward: mpsc::UnboundedSender<Signal>,
     reload: mpsc::Sender<()>,
 ) {
     while let Some(signal) = signals.next().await {
@@ -94,14 +92,14 @@ pub async fn handle(
             }
             SignalAction::Forward(signal) => {
                 tracing::info!(signal = name, "forwarding signal to vLLM");
-                let _ = forward.send(Control::Forward(signal));
+                let _ = forward.send(signal);
             }
             SignalAction::ForwardThenStop(signal) => {
                 tracing::info!(
                     signal = name,
                     "forwarding signal to vLLM, then shutting down"
                 );
-                let _ = forward.send(Control::Forward(signal));
+                let _ = forward.send(signal);
                 shutdown.request();
             }
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::supervisor::state::{ChildState, ExitInfo};
+use crate::lifecycle::state::{ChildState, ExitInfo};
 
 #[derive(Debug, Clone)]
 pub enum UpstreamStatus {

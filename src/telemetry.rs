@@ -18,8 +18,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::LogFormat;
-use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
-use crate::supervisor::output;
+
+/// The tracing target of vLLM's lines (`supervisor::output`); under journald they get their own
+/// `SYSLOG_IDENTIFIER`.
+pub const VLLM_TARGET: &str = "vllm";
 
 /// Sets up the global tracing subscriber. `RUST_LOG`, when set, wins over `log_level`.
 ///
@@ -46,10 +48,8 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
     let format = match (journald, format) {
         (Some((gateway, vllm)), _) => {
             registry
-                .with(
-                    gateway.with_filter(filter_fn(|metadata| metadata.target() != output::TARGET)),
-                )
-                .with(vllm.with_filter(filter_fn(|metadata| metadata.target() == output::TARGET)))
+                .with(gateway.with_filter(filter_fn(|metadata| metadata.target() != VLLM_TARGET)))
+                .with(vllm.with_filter(filter_fn(|metadata| metadata.target() == VLLM_TARGET)))
                 .try_init()?;
             LogFormat::Journald
         }
@@ -210,19 +210,6 @@ fn method_label(method: &http::Method) -> &'static str {
     }
 }
 
-/// How a proxied request went wrong, as the `kind` label of `gateway_upstream_errors_total`.
-pub fn error_kind(error: &ProxyError) -> Option<&'static str> {
-    Some(match error {
-        ProxyError::Unavailable(Unavailable::Connect) => "connect",
-        ProxyError::Timeout(TimeoutKind::Connect) => "connect",
-        ProxyError::Timeout(TimeoutKind::FirstByte) => "timeout_first_byte",
-        ProxyError::Timeout(TimeoutKind::Request) => "timeout_request",
-        ProxyError::Timeout(TimeoutKind::StreamIdle) => "timeout_idle",
-        ProxyError::Unavailable(Unavailable::Reset) => "reset_mid_stream",
-        _ => return None,
-    })
-}
-
 /// Proxied requests in flight, and the event streams among them: plain atomics, so a request
 /// touches no metrics registry for them. `/metrics` and the drain status read them.
 static REQUESTS_IN_FLIGHT: AtomicI64 = AtomicI64::new(0);
@@ -294,15 +281,16 @@ impl RequestRecord {
         }
     }
 
-    /// The request failed before any response headers were sent.
-    pub fn set_failed(&mut self, error: &ProxyError) {
-        self.status = error.status().as_u16();
-        self.set_error(error);
+    /// The request failed before any response headers were sent, answered with `status`.
+    /// `error_kind` is the `kind` label of `gateway_upstream_errors_total`, if the upstream failed.
+    pub fn set_failed(&mut self, status: u16, error_kind: Option<&'static str>) {
+        self.status = status;
+        self.set_error(error_kind);
         self.complete = true;
     }
 
-    pub fn set_error(&mut self, error: &ProxyError) {
-        self.error_kind = error_kind(error);
+    pub fn set_error(&mut self, error_kind: Option<&'static str>) {
+        self.error_kind = error_kind;
     }
 
     pub fn add_bytes(&mut self, len: usize) {

@@ -129,7 +129,7 @@ impl UpstreamBody {
     fn fail(&mut self, error: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BodyFailed>>> {
         self.done = true;
         tracing::warn!(request_id = %self.record.request_id(), error = %error, "upstream response broke off");
-        self.record.set_error(&error);
+        self.record.set_error(error.metric_kind());
         match self.timing {
             Timing::Stream { .. } => {
                 let event = error.sse_event(self.at_boundary);

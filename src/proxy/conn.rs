@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
-use crate::proxy::LiveConfig;
+use crate::proxy::state::LiveConfig;
 
 /// The largest request head (request line and headers) accepted: a larger one gets 431. It also
 /// bounds each connection's read and write buffers (hyper's default is about 400 KB), so that a

@@ -68,6 +68,19 @@ impl std::fmt::Display for TimeoutKind {
 }
 
 impl ProxyError {
+    /// How a proxied request went wrong, as the `kind` label of `gateway_upstream_errors_total`.
+    pub fn metric_kind(&self) -> Option<&'static str> {
+        Some(match self {
+            ProxyError::Unavailable(Unavailable::Connect) => "connect",
+            ProxyError::Timeout(TimeoutKind::Connect) => "connect",
+            ProxyError::Timeout(TimeoutKind::FirstByte) => "timeout_first_byte",
+            ProxyError::Timeout(TimeoutKind::Request) => "timeout_request",
+            ProxyError::Timeout(TimeoutKind::StreamIdle) => "timeout_idle",
+            ProxyError::Unavailable(Unavailable::Reset) => "reset_mid_stream",
+            _ => return None,
+        })
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,

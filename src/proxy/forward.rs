@@ -11,10 +11,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::proxy::AppState;
 use crate::proxy::body::{BodyTooLarge, ClientBodyError, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::proxy::headers;
+use crate::proxy::state::AppState;
 use crate::telemetry::RequestRecord;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -50,7 +50,7 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
                     tracing::debug!(request_id = %record.request_id(), error = %error, "request refused")
                 }
             }
-            record.set_failed(&error);
+            record.set_failed(error.status().as_u16(), error.metric_kind());
             drop(record);
             error.into_response()
         }

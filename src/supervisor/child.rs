@@ -19,8 +19,8 @@ use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
 use crate::config::ServeConfig;
+use crate::lifecycle::state::ExitInfo;
 use crate::supervisor::reaper;
-use crate::supervisor::state::ExitInfo;
 
 /// Environment variables that belong to the gateway's own service manager, never to vLLM.
 const SYSTEMD_VARS: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];

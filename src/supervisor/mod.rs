@@ -2,17 +2,17 @@
 //!
 //! One task ([`Supervisor::run`]) owns the child and its state. It `select!`s on the child's exit,
 //! one timer (next probe, startup deadline, kill deadline or end of backoff), the in-flight health
-//! probe, the control queue (signals to forward), the stop token and the watchdog tick, and
-//! publishes every state change on a `watch` channel. Nothing else mutates the state.
+//! probe, the control queue and the watchdog tick, and publishes every state change on a `watch`
+//! channel. Nothing else mutates the state. Others hold a [`SupervisorHandle`]: the control sender
+//! ([`Control`]: forward a signal, shutdown begun, stop and answer when done) and the status
+//! receiver.
 
-pub mod backoff;
 pub mod child;
 pub mod descendants;
 pub mod guard;
 pub mod output;
 pub mod port;
 pub mod reaper;
-pub mod state;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,79 +23,83 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthConfig, ServeConfig};
-use crate::health::ProbeError;
+use crate::lifecycle::backoff::{self, Decision, End, EndCause, History};
+use crate::lifecycle::outcome::Outcome;
+use crate::lifecycle::schedule::{self, AfterProbe, Timers, after_probe};
+use crate::lifecycle::state::{ChildState, ExitInfo, StopReason, transition};
+use crate::probe::ProbeError;
 use crate::resources::Exhausted;
 use crate::status::{ChildStatus, UpstreamStatus};
-use crate::supervisor::backoff::{Decision, End, EndCause, History};
-use crate::supervisor::state::{ChildState, ExitInfo, StopReason, transition};
 
 /// Messages to the supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Control {
     /// Deliver this signal to the child's process group.
     Forward(Signal),
+    /// The gateway's shutdown has begun (it drains before it stops the child): a child that exits
+    /// from now on is not restarted, and a pending restart does not happen.
+    ShutdownBegun,
+    /// Stop the child's group and end; the outcome is sent back once vLLM and whatever it left
+    /// outside its group are gone.
+    Stop(oneshot::Sender<Outcome>),
 }
 
-/// Why the supervisor ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Asked to stop; the child was stopped.
-    Stopped,
-    /// The child exited on its own and the restart policy (`no`) does not restart it.
-    ChildExited(ExitInfo),
-    /// The child exited with a code of `restart_prevent_exit_codes`.
-    Prevented(ExitInfo),
-    /// Too many starts in a row never became ready (or the child could not be spawned).
-    GaveUp(String),
+/// The way to the supervisor task: its control queue and its status. Cloned freely.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    control: mpsc::UnboundedSender<Control>,
+    status: watch::Receiver<UpstreamStatus>,
 }
 
-impl Outcome {
-    /// The gateway's own exit code. An exit of vLLM that the gateway did not ask for is a failure
-    /// whatever its code, so that the layer above (systemd, a container runtime) restarts the
-    /// gateway: vLLM's code when it is not 0, [`crate::EXIT_VLLM_EXITED_0`] when it is. Only a code
-    /// the operator listed in `restart_prevent_exit_codes` is passed on as it is, 0 included.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Outcome::Stopped => 0,
-            Outcome::ChildExited(exit) => match exit.exit_code() {
-                0 => crate::EXIT_VLLM_EXITED_0,
-                code => u8::try_from(code).unwrap_or(crate::EXIT_FAILURE),
-            },
-            Outcome::Prevented(exit) => {
-                u8::try_from(exit.exit_code()).unwrap_or(crate::EXIT_FAILURE)
-            }
-            Outcome::GaveUp(_) => crate::EXIT_FAILURE,
-        }
+impl SupervisorHandle {
+    /// The child's status as the supervisor publishes it.
+    pub fn status(&self) -> watch::Receiver<UpstreamStatus> {
+        self.status.clone()
+    }
+
+    /// Delivers `signal` to the child's process group (logged and dropped with no child).
+    pub fn forward(&self, signal: Signal) {
+        let _ = self.control.send(Control::Forward(signal));
+    }
+
+    /// Tells the supervisor that the shutdown has begun: no restarts from now on.
+    pub fn shutdown_begun(&self) {
+        let _ = self.control.send(Control::ShutdownBegun);
+    }
+
+    /// Stops the child's group and returns once everything of vLLM's is gone, with how
+    /// supervision ended; `None` when the supervisor had already ended on its own (its task
+    /// returns the outcome then).
+    pub async fn stop(&self) -> Option<Outcome> {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.control.send(Control::Stop(done_tx)).ok()?;
+        done_rx.await.ok()
     }
 }
 
-/// Starts the supervisor task. It stops the child and returns when `stop` is cancelled, or earlier
-/// when the restart policy ends it. Once `shutting_down` is cancelled (the gateway drains before it
-/// cancels `stop`), a child that exits is not restarted: the shutdown has begun.
+/// Starts the supervisor task, which starts vLLM at once and runs until it is stopped or the
+/// restart policy ends it. The task returns how supervision ended.
 pub fn start(
     serve: ServeConfig,
     upstream_base: String,
     health: HealthConfig,
-    control: mpsc::UnboundedReceiver<Control>,
-    stop: CancellationToken,
-    shutting_down: CancellationToken,
-) -> (watch::Receiver<UpstreamStatus>, JoinHandle<Outcome>) {
+) -> (SupervisorHandle, JoinHandle<Outcome>) {
     let initial = ChildStatus {
         state: ChildState::Idle,
         restarts: 0,
         last_exit: None,
     };
     let (status_tx, status_rx) = watch::channel(UpstreamStatus::Child(initial.clone()));
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
     let supervisor = Supervisor {
         serve,
         upstream_base,
         health,
-        control,
-        stop,
-        shutting_down,
+        control: control_rx,
+        stop_requested: Vec::new(),
+        shutting_down: false,
         status_tx,
         status: initial,
         child: None,
@@ -103,9 +107,13 @@ pub fn start(
         next_probe: Instant::now(),
         kill_at: None,
         history: History::default(),
-        probe_client: crate::health::probe_client(),
+        probe_client: crate::probe::probe_client(),
     };
-    (status_rx, tokio::spawn(supervisor.run()))
+    let handle = SupervisorHandle {
+        control: control_tx,
+        status: status_rx,
+    };
+    (handle, tokio::spawn(supervisor.run()))
 }
 
 type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Send>>;
@@ -126,9 +134,10 @@ struct Supervisor {
     upstream_base: String,
     health: HealthConfig,
     control: mpsc::UnboundedReceiver<Control>,
-    stop: CancellationToken,
-    /// Cancelled when the gateway's shutdown begins, before `stop`: no restarts from then on.
-    shutting_down: CancellationToken,
+    /// Who asked for the stop, to be told the outcome; not empty once a stop was asked for.
+    stop_requested: Vec<oneshot::Sender<Outcome>>,
+    /// The gateway's shutdown has begun (it stops the child later): no restarts from then on.
+    shutting_down: bool,
     status_tx: watch::Sender<UpstreamStatus>,
     /// The published value; changed only through [`Supervisor::set_state`].
     status: ChildStatus,
@@ -139,7 +148,7 @@ struct Supervisor {
     /// When SIGKILL follows the SIGTERM of a stop.
     kill_at: Option<Instant>,
     history: History,
-    /// Probes never reuse connections (see `health`).
+    /// Probes never reuse connections (see `probe`).
     probe_client: reqwest::Client,
 }
 
@@ -163,6 +172,9 @@ impl Supervisor {
             .into_iter()
             .collect();
         descendants::stop_all(&keep, self.serve.stop_timeout).await;
+        for done in self.stop_requested.drain(..) {
+            let _ = done.send(outcome.clone());
+        }
         outcome
     }
 
@@ -170,30 +182,15 @@ impl Supervisor {
         let watchdog_every = crate::notify::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
-        let freeze_after = debug_freeze_after();
-        if self.stop.is_cancelled() {
-            return self.finish(None, Outcome::Stopped);
-        }
         if let Some(outcome) = self.spawn_child().await {
             return outcome;
         }
         loop {
-            if let (Some(after), ChildState::Ready { since, .. }) =
-                (freeze_after, &self.status.state)
-                && since.elapsed() >= after
-            {
-                tracing::warn!(
-                    "GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER: freezing the supervisor loop"
-                );
-                std::future::pending::<()>().await;
-            }
             let deadline = self.next_deadline();
-            let stop_enabled = !self.stopping_for_shutdown();
             let Supervisor {
                 child,
                 probe,
                 control,
-                stop,
                 ..
             } = self;
             let exit = async {
@@ -213,7 +210,6 @@ impl Supervisor {
                 result = probe => Event::Probed(result),
                 () = tokio::time::sleep_until(deadline) => Event::Timer,
                 Some(control) = control.recv() => Event::Control(control),
-                () = stop.cancelled(), if stop_enabled => Event::Stop,
                 _ = watchdog.tick(), if watchdog_every.is_some() => Event::Watchdog,
             };
             let outcome = match event {
@@ -224,17 +220,7 @@ impl Supervisor {
                     None
                 }
                 Event::Timer => self.on_timer().await,
-                Event::Control(Control::Forward(signal)) => {
-                    match &self.child {
-                        Some(child) => child::signal_group_logged(child.pid, signal),
-                        None => tracing::info!(
-                            signal = signal.as_str(),
-                            "no vLLM running; signal not forwarded"
-                        ),
-                    }
-                    None
-                }
-                Event::Stop => self.on_stop(),
+                Event::Control(control) => self.on_control(control),
                 Event::Watchdog => {
                     crate::notify::watchdog_ping();
                     None
@@ -246,39 +232,59 @@ impl Supervisor {
         }
     }
 
-    fn stopping_for_shutdown(&self) -> bool {
-        matches!(
-            self.status.state,
-            ChildState::Stopping {
-                reason: StopReason::Shutdown,
-                ..
+    fn on_control(&mut self, control: Control) -> Option<Outcome> {
+        match control {
+            Control::Forward(signal) => {
+                match &self.child {
+                    Some(child) => child::signal_group_logged(child.pid, signal),
+                    None => tracing::info!(
+                        signal = signal.as_str(),
+                        "no vLLM running; signal not forwarded"
+                    ),
+                }
+                None
             }
-        )
+            Control::ShutdownBegun => {
+                self.shutting_down = true;
+                None
+            }
+            Control::Stop(done) => {
+                let first = self.stop_requested.is_empty();
+                self.stop_requested.push(done);
+                if first { self.on_stop() } else { None }
+            }
+        }
+    }
+
+    /// Takes the control messages already queued, so that a decision about the child (spawn it,
+    /// restart it) sees a shutdown or stop that was asked for before it.
+    fn take_queued_control(&mut self) -> Option<Outcome> {
+        while let Ok(control) = self.control.try_recv() {
+            if let Some(outcome) = self.on_control(control) {
+                return Some(outcome);
+            }
+        }
+        None
+    }
+
+    /// A stop was asked for, or the shutdown has begun.
+    fn ending(&self) -> bool {
+        !self.stop_requested.is_empty() || self.shutting_down
     }
 
     /// The one timer: whichever of the state's deadlines comes first.
     fn next_deadline(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(86400);
-        match &self.status.state {
-            ChildState::Starting { since, .. } => {
-                let startup_deadline = *since + self.serve.startup_timeout;
-                if self.probe.is_some() {
-                    startup_deadline
-                } else {
-                    startup_deadline.min(self.next_probe)
-                }
-            }
-            ChildState::Ready { .. } | ChildState::Unhealthy { .. } => {
-                if self.probe.is_some() {
-                    far
-                } else {
-                    self.next_probe
-                }
-            }
-            ChildState::Stopping { .. } => self.kill_at.unwrap_or(far),
-            ChildState::Backoff { until, .. } => *until,
-            ChildState::Idle | ChildState::Exited { .. } => far,
-        }
+        let timers = Timers {
+            next_probe: self.next_probe,
+            probe_in_flight: self.probe.is_some(),
+            kill_at: self.kill_at,
+        };
+        schedule::next_deadline(
+            &self.status.state,
+            self.serve.startup_timeout,
+            timers,
+            Instant::now(),
+        )
     }
 
     fn set_state(&mut self, next: ChildState) {
@@ -304,7 +310,10 @@ impl Supervisor {
     async fn spawn_child(&mut self) -> Option<Outcome> {
         // What the last vLLM left outside its group (it may hold the port, or the GPU) goes first.
         descendants::stop_all(&[], self.serve.stop_timeout).await;
-        if self.stop.is_cancelled() || self.shutting_down.is_cancelled() {
+        if let Some(outcome) = self.take_queued_control() {
+            return Some(outcome);
+        }
+        if self.ending() {
             let exit = self.status.last_exit;
             return Some(self.finish(exit, Outcome::Stopped));
         }
@@ -427,7 +436,11 @@ impl Supervisor {
                 tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped")
             }
         }
-        if self.stop.is_cancelled() || self.shutting_down.is_cancelled() {
+        // A shutdown or a stop asked for meanwhile comes before the restart policy.
+        if let Some(outcome) = self.take_queued_control() {
+            return Some(outcome);
+        }
+        if self.ending() {
             return Some(self.finish(Some(exit), Outcome::Stopped));
         }
         self.after_end(End {
@@ -532,27 +545,29 @@ impl Supervisor {
             }
             (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Ok(())) => {
                 self.next_probe = now + self.health.interval;
-                if let ChildState::Unhealthy { .. } = self.status.state {
+                if after_probe(&self.status.state, true, self.serve.health_failures)
+                    == AfterProbe::Ready
+                {
                     tracing::info!(pid, "vLLM /health answers again");
                     self.set_state(ChildState::Ready { pid, since: now });
                 }
             }
             (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err(reason)) => {
                 self.next_probe = now + self.health.interval;
-                let failures = match self.status.state {
-                    ChildState::Unhealthy { failures, .. } => failures + 1,
-                    _ => 1,
-                };
-                if failures >= self.serve.health_failures {
-                    tracing::error!(pid, failures, %reason, "vLLM is hung: /health failed too many times in a row; stopping it");
-                    self.begin_stop(StopReason::Unhealthy);
-                } else {
-                    tracing::warn!(pid, failures, threshold = self.serve.health_failures, %reason, "vLLM /health failed");
-                    self.set_state(ChildState::Unhealthy {
-                        pid,
-                        failures,
-                        since: now,
-                    });
+                match after_probe(&self.status.state, false, self.serve.health_failures) {
+                    AfterProbe::Hung { failures } => {
+                        tracing::error!(pid, failures, %reason, "vLLM is hung: /health failed too many times in a row; stopping it");
+                        self.begin_stop(StopReason::Unhealthy);
+                    }
+                    AfterProbe::Unhealthy { failures } => {
+                        tracing::warn!(pid, failures, threshold = self.serve.health_failures, %reason, "vLLM /health failed");
+                        self.set_state(ChildState::Unhealthy {
+                            pid,
+                            failures,
+                            since: now,
+                        });
+                    }
+                    AfterProbe::Same | AfterProbe::Ready => {}
                 }
             }
             _ => {}
@@ -562,7 +577,13 @@ impl Supervisor {
     async fn on_timer(&mut self) -> Option<Outcome> {
         let now = Instant::now();
         match self.status.state.clone() {
-            ChildState::Starting { since, pid } if now >= since + self.serve.startup_timeout => {
+            ChildState::Starting { pid, .. }
+                if schedule::startup_expired(
+                    &self.status.state,
+                    self.serve.startup_timeout,
+                    now,
+                ) =>
+            {
                 tracing::error!(pid, startup_timeout = %humantime::format_duration(self.serve.startup_timeout), "vLLM did not become ready in time; stopping it");
                 self.begin_stop(StopReason::StartupTimeout);
             }
@@ -575,7 +596,7 @@ impl Supervisor {
                 let base = self.upstream_base.clone();
                 let timeout = self.health.timeout;
                 self.probe = Some(Box::pin(async move {
-                    crate::health::probe(&client, &base, timeout).await
+                    crate::probe::probe(&client, &base, timeout).await
                 }));
             }
             ChildState::Stopping { pid, .. } if self.kill_at.is_some_and(|at| now >= at) => {
@@ -587,7 +608,7 @@ impl Supervisor {
                 child::signal_group_logged(pid, Signal::SIGKILL);
                 self.kill_at = None;
             }
-            ChildState::Backoff { .. } if self.shutting_down.is_cancelled() => {
+            ChildState::Backoff { .. } if self.shutting_down => {
                 let exit = self.status.last_exit;
                 return Some(self.finish(exit, Outcome::Stopped));
             }
@@ -633,18 +654,9 @@ enum Event {
     Probed(Result<(), ProbeError>),
     Timer,
     Control(Control),
-    Stop,
     Watchdog,
 }
 
 fn round_ms(duration: Duration) -> Duration {
     Duration::from_millis(duration.as_millis() as u64)
-}
-
-/// A debug hook for testing the systemd watchdog: `GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER=2s`
-/// wedges the supervisor loop that long after the child became ready.
-fn debug_freeze_after() -> Option<Duration> {
-    std::env::var("GATEWAY_DEBUG_FREEZE_SUPERVISOR_AFTER")
-        .ok()
-        .and_then(|text| crate::cli::parse_duration(&text).ok())
 }

@@ -12,8 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-/// The tracing target of vLLM's lines; under journald they get their own `SYSLOG_IDENTIFIER`.
-pub const TARGET: &str = "vllm";
+pub use crate::telemetry::VLLM_TARGET as TARGET;
 
 /// Longest line kept; the rest of a longer line is dropped.
 pub const MAX_LINE: usize = 16 * 1024;

@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use signal_hook::consts::signal::SIGCHLD;
 use tokio::sync::oneshot;
 
-use crate::supervisor::state::ExitInfo;
+use crate::lifecycle::state::ExitInfo;
 
 /// Waiters by pid.
 type Waiters = HashMap<i32, oneshot::Sender<ExitInfo>>;

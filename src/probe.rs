@@ -1,101 +1,19 @@
-//! Health in both directions: the endpoints the gateway answers for orchestrators
-//! (`/livez`, `/readyz`, `/health`, `/metrics`), the upstream `/health` probe, and the poller that
-//! keeps the standalone [`UpstreamStatus`] current.
+//! The upstream's `/health` probe, and the poller that keeps the standalone [`UpstreamStatus`]
+//! current. Under `serve` the supervisor runs the same probe on its own schedule.
 //!
 //! Probes use their own client that never reuses a connection: a pooled connection that the
 //! upstream closed while idle would otherwise fail the next probe and make readiness flap.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthConfig;
-use crate::proxy::AppState;
 use crate::resources::Exhausted;
 use crate::status::{ExternalHealth, Probe, UpstreamStatus};
-use crate::telemetry;
-
-/// 200 while the process serves (and, under `serve`, while the supervisor loop runs: it publishes
-/// `Exited` when it stops).
-pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
-    let status = state.status.borrow().clone();
-    let ready = status.is_ready(state.probe_freshness) && !state.draining.is_cancelled();
-    let mut report = status.report(ready, state.draining.is_cancelled());
-    let alive = match &status {
-        UpstreamStatus::Child(child) => !matches!(
-            child.state,
-            crate::supervisor::state::ChildState::Exited { .. }
-        ),
-        UpstreamStatus::External(_) => true,
-    };
-    report.status = if alive { "alive" } else { "dead" };
-    let code = if alive {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(report)).into_response()
-}
-
-/// 200 when the upstream is ready to serve and the gateway is not draining, else 503.
-pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let draining = state.draining.is_cancelled();
-    let status = state.status.borrow().clone();
-    let ready = !draining && status.is_ready(state.probe_freshness);
-    let code = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(status.report(ready, draining))).into_response()
-}
-
-/// Prometheus text exposition, optionally followed by the upstream's own metrics.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let Some(handle) = &state.metrics else {
-        return (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response();
-    };
-    telemetry::publish_gauges();
-    let mut body = handle.render();
-    if state.live.load().config.metrics_merge_upstream {
-        let url = format!("{}/metrics", state.upstream_base);
-        match state
-            .client
-            .get(url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-        {
-            Ok(response) if response.status().is_success() => {
-                if let Ok(text) = response.text().await {
-                    if !body.ends_with('\n') {
-                        body.push('\n');
-                    }
-                    body.push_str(&text);
-                }
-            }
-            Ok(response) => {
-                tracing::debug!(status = %response.status(), "upstream /metrics failed")
-            }
-            Err(error) => tracing::debug!(error = %error, "upstream /metrics failed"),
-        }
-    }
-    (
-        [(
-            http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
-}
 
 /// A client for probes: no pooling, so every probe opens a fresh connection.
 pub fn probe_client() -> reqwest::Client {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::config::BackoffConfig;
 use crate::config::RestartPolicy;
-use crate::supervisor::Outcome;
-use crate::supervisor::state::ExitInfo;
+use crate::lifecycle::outcome::Outcome;
+use crate::lifecycle::state::ExitInfo;
 
 /// How one run of the child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,173 @@
+//! The router: the gateway's own endpoints (`endpoints`) and forwarding (`forward`) for everything
+//! else, under CORS as the live configuration says.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use tower::{Layer as _, ServiceExt as _};
+
+use crate::proxy::state::AppState;
+use crate::proxy::{endpoints, forward};
+
+/// The whole HTTP surface. A function of the state alone, so routing tests need no socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/livez", get(endpoints::livez))
+        .route("/readyz", get(endpoints::readyz))
+        .route("/health", get(endpoints::readyz))
+        .route("/metrics", get(endpoints::metrics))
+        .fallback(forward::forward)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
+        .with_state(state)
+}
+
+/// CORS as the live configuration says, so that a reload can turn it on, off, or change the
+/// origins. With CORS off a request goes straight through. This reads the live configuration apart
+/// from `forward`: a reload landing between the two only means that one request's CORS headers
+/// follow the previous configuration.
+async fn cors(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let layer = state.live.load().cors.clone();
+    match layer {
+        None => next.run(request).await,
+        Some(layer) => match layer.layer(next).oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http::{Request, StatusCode};
+    use tokio::sync::watch;
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::config::{self, Flags, Mode};
+    use crate::lifecycle::state::{ChildState, ExitInfo};
+    use crate::proxy::state::live_config;
+    use crate::status::{ChildStatus, ExternalHealth, Probe, UpstreamStatus};
+
+    /// The router over `status`, for a standalone gateway whose upstream is never reached.
+    fn router(
+        status: UpstreamStatus,
+    ) -> (Router, watch::Sender<UpstreamStatus>, CancellationToken) {
+        let mut flags = Flags::default();
+        flags.set("llm_api_base", ["http://127.0.0.1:9"]);
+        let config = config::load(&flags, Mode::Standalone, &|_| None).expect("valid config");
+        let (status_tx, status_rx) = watch::channel(status);
+        let draining = CancellationToken::new();
+        let state = AppState::new(
+            &config,
+            live_config(config.clone()),
+            status_rx,
+            None,
+            draining.clone(),
+        )
+        .expect("state");
+        (app(Arc::new(state)), status_tx, draining)
+    }
+
+    async fn get(router: &Router, path: &str) -> (StatusCode, serde_json::Value) {
+        let request = Request::get(path).body(Body::empty()).expect("request");
+        let response = router.clone().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    fn probed(ok: bool) -> UpstreamStatus {
+        UpstreamStatus::External(ExternalHealth {
+            last_probe: Some(Probe {
+                ok,
+                at: Instant::now(),
+                detail: if ok {
+                    String::new()
+                } else {
+                    "upstream /health answered 500".into()
+                },
+            }),
+        })
+    }
+
+    fn child(state: ChildState) -> UpstreamStatus {
+        UpstreamStatus::Child(ChildStatus {
+            state,
+            restarts: 0,
+            last_exit: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn readyz_and_health_follow_the_last_probe_and_turn_503_when_draining() {
+        let (router, status_tx, draining) =
+            router(UpstreamStatus::External(ExternalHealth::default()));
+        let (code, body) = get(&router, "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "not_ready");
+        assert_eq!(body["reason"], "upstream /health not probed yet");
+
+        status_tx.send_replace(probed(true));
+        for path in ["/readyz", "/health"] {
+            let (code, body) = get(&router, path).await;
+            assert_eq!(code, StatusCode::OK, "{path}");
+            assert_eq!(body["status"], "ready", "{path}");
+        }
+
+        status_tx.send_replace(probed(false));
+        let (code, body) = get(&router, "/health").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["reason"], "upstream /health answered 500");
+
+        status_tx.send_replace(probed(true));
+        draining.cancel();
+        let (code, body) = get(&router, "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "draining");
+    }
+
+    #[tokio::test]
+    async fn livez_stays_200_until_the_child_is_gone_for_good() {
+        let now = Instant::now();
+        let (router, status_tx, _draining) =
+            router(child(ChildState::Starting { pid: 7, since: now }));
+        let (code, body) = get(&router, "/livez").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["status"], "alive");
+        assert_eq!(body["state"], "starting");
+        let (code, _) = get(&router, "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+
+        status_tx.send_replace(child(ChildState::Ready { pid: 7, since: now }));
+        let (code, body) = get(&router, "/readyz").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body["pid"], 7);
+
+        status_tx.send_replace(child(ChildState::Exited {
+            status: Some(ExitInfo::Code(3)),
+        }));
+        let (code, body) = get(&router, "/livez").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "dead");
+    }
+
+    #[tokio::test]
+    async fn metrics_is_404_when_metrics_are_disabled() {
+        let (router, _status_tx, _draining) = router(probed(true));
+        let request = Request::get("/metrics")
+            .body(Body::empty())
+            .expect("request");
+        let response = router.oneshot(request).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+}

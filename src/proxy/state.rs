@@ -1,0 +1,146 @@
+//! What every request handler shares: [`AppState`] (a worker's pooled upstream client, the upstream
+//! URL, the precomputed auth header, the status watch), and [`Live`], the part of the configuration
+//! a reload may change, swapped whole and read once per request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
+
+use crate::config::{Config, Cors, ProxyConfig};
+use crate::status::UpstreamStatus;
+
+/// The configuration as the last reload left it (the start-up one until then), with what requests
+/// derive from it prepared once. Keys a reload may not change keep their start-up values here
+/// (`config::KEYS` says which).
+pub struct Live {
+    pub config: Config,
+    /// `None` leaves CORS off.
+    pub(super) cors: Option<CorsLayer>,
+}
+
+impl Live {
+    pub fn new(config: Config) -> Self {
+        let cors = config.proxy.cors.as_ref().map(cors_layer);
+        Live { config, cors }
+    }
+}
+
+/// Shared by every worker and the reload: a reload swaps the whole [`Live`] at once, and a request
+/// takes the current one with an atomic load and a reference count, no lock.
+pub type LiveConfig = Arc<ArcSwap<Live>>;
+
+pub fn live_config(config: Config) -> LiveConfig {
+    Arc::new(ArcSwap::from_pointee(Live::new(config)))
+}
+
+/// What every request handler shares. Built once at start-up, then copied for each proxy worker
+/// with a pool of its own.
+#[derive(Clone)]
+pub struct AppState {
+    /// This worker's upstream client: its pool is the worker's pool of connections to vLLM.
+    pub client: reqwest::Client,
+    /// Upstream base URL without a trailing slash, e.g. `http://127.0.0.1:8000`.
+    pub upstream_base: String,
+    /// The same, parsed once, so that a request only sets its path and query on a copy.
+    pub upstream_url: reqwest::Url,
+    /// The base URL's path prefix without a trailing slash (usually empty).
+    pub upstream_path: String,
+    /// `Bearer <key>`, precomputed and marked sensitive, injected when the client sent none.
+    pub upstream_auth: Option<HeaderValue>,
+    /// What a reload may change: timeouts, limits, keys, CORS, the access log. A request loads it
+    /// once (`live.load_full()`) and keeps that copy to its end.
+    pub live: LiveConfig,
+    pub status: watch::Receiver<UpstreamStatus>,
+    /// How old a standalone health probe may be and still count.
+    pub probe_freshness: Duration,
+    pub metrics: Option<PrometheusHandle>,
+    /// Cancelled when shutdown begins: readiness turns 503 and waiting requests give up.
+    pub draining: CancellationToken,
+}
+
+impl AppState {
+    /// `config` is the start-up configuration, which `live` holds too until a reload.
+    pub fn new(
+        config: &Config,
+        live: LiveConfig,
+        status: watch::Receiver<UpstreamStatus>,
+        metrics: Option<PrometheusHandle>,
+        draining: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let upstream_auth = match &config.upstream.api_key {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                    .map_err(|_| anyhow::anyhow!("upstream_api_key must be printable ASCII"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let upstream_url = reqwest::Url::parse(&config.upstream.base)?;
+        let upstream_path = upstream_url.path().trim_end_matches('/').to_string();
+        Ok(AppState {
+            client: upstream_client(&config.proxy, usize::MAX)?,
+            upstream_base: config.upstream.base.clone(),
+            upstream_url,
+            upstream_path,
+            upstream_auth,
+            live,
+            status,
+            probe_freshness: config.health.interval + config.health.timeout,
+            metrics,
+            draining,
+        })
+    }
+}
+
+impl AppState {
+    /// A copy for one proxy worker, with an upstream pool of its own: connections are driven by
+    /// the runtime that opened them, so each worker keeps its own. The pool keeps at most
+    /// `max_idle` idle connections (the worker's share of `max_connections`).
+    pub(super) fn for_worker(&self, max_idle: usize) -> anyhow::Result<AppState> {
+        // The pool's settings are restart-only keys: the live ones are the start-up ones.
+        Ok(AppState {
+            client: upstream_client(&self.live.load().config.proxy, max_idle)?,
+            ..self.clone()
+        })
+    }
+}
+
+/// The pooled client for proxied requests. Idle connections are dropped before the upstream
+/// would close them (uvicorn: 5 s), so a request never lands on a connection that is being closed;
+/// hyper retries on its own a request that could not be written to a pooled connection.
+fn upstream_client(proxy: &ProxyConfig, max_idle: usize) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(proxy.connect_timeout)
+        .pool_idle_timeout(proxy.pool_idle_timeout)
+        .pool_max_idle_per_host(max_idle)
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .http1_only()
+        .build()?)
+}
+
+fn cors_layer(cors: &Cors) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods(Any)
+        // Mirrored rather than `*`: in a preflight, `*` does not cover Authorization, which every
+        // OpenAI SDK sends.
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers(Any)
+        .max_age(Duration::from_secs(600));
+    match cors {
+        Cors::AnyOrigin => layer.allow_origin(Any),
+        Cors::Origins(origins) => layer.allow_origin(AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        )),
+    }
+}

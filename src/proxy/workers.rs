@@ -1,0 +1,261 @@
+//! The listening socket and the proxy's worker threads: one per CPU, each a single-threaded
+//! runtime with its own accept loop on the shared socket and its own upstream pool, and the
+//! graceful drain that ends them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::conn;
+use crate::proxy::router::app;
+use crate::proxy::state::{AppState, LiveConfig};
+
+/// How many proxy workers to run: one per CPU the process may use (cgroup quotas and affinity
+/// count), at most [`MAX_WORKERS`].
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |cpus| cpus.get())
+        .min(MAX_WORKERS)
+}
+
+/// More workers than this only add idle upstream connections: one vLLM is the bottleneck long
+/// before eight cores of proxying are.
+const MAX_WORKERS: usize = 8;
+
+/// The proxy's worker threads, started and serving.
+///
+/// The work is split across threads, each a single-threaded runtime with its own accept loop on
+/// the shared listening socket and its own upstream connection pool, as nginx splits it across
+/// worker processes: a request is read, forwarded and answered on one thread, with no wake-ups
+/// across threads on the way.
+pub struct Workers {
+    /// One per worker: its outcome once its server has stopped.
+    finished: FuturesUnordered<oneshot::Receiver<std::io::Result<()>>>,
+    /// Cancelled to drop every worker's connections at once.
+    close: CancellationToken,
+    draining: CancellationToken,
+    /// For `drain_timeout`, read when the drain begins.
+    live: LiveConfig,
+}
+
+impl Workers {
+    /// Builds every worker (runtime, listener registration, upstream pool) before starting any,
+    /// so that a failure (no file descriptors left, say) fails the start instead of leaving the
+    /// gateway short of workers.
+    pub fn start(
+        listener: TcpListener,
+        state: &AppState,
+        count: usize,
+    ) -> std::io::Result<Workers> {
+        let listener = listener.into_std()?;
+        let close = CancellationToken::new();
+        let count = count.max(1);
+        let limit = conn::ConnectionLimit::new(conn::max_connections(
+            state.live.load().config.proxy.max_connections,
+            count,
+        ));
+        tracing::info!(
+            max_connections = limit.max(),
+            "client connections are limited"
+        );
+        let max_idle = limit.max().div_ceil(count);
+        let mut built = Vec::with_capacity(count);
+        for _ in 0..count {
+            match Worker::build(&listener, state, &close, &limit, max_idle) {
+                Ok(worker) => built.push(worker),
+                Err(error) => {
+                    built.into_iter().for_each(Worker::discard);
+                    return Err(error);
+                }
+            }
+        }
+        let finished = FuturesUnordered::new();
+        let mut built = built.into_iter().enumerate();
+        while let Some((index, worker)) = built.next() {
+            let (done_tx, done_rx) = oneshot::channel();
+            // The worker goes over once the thread exists, so that a failed spawn leaves it here
+            // to be discarded rather than dropped (and its runtime with it) in async code.
+            let (worker_tx, worker_rx) = std::sync::mpsc::sync_channel::<Worker>(1);
+            let spawned = std::thread::Builder::new()
+                .name(format!("proxy-{index}"))
+                .spawn(move || {
+                    if let Ok(worker) = worker_rx.recv() {
+                        let _ = done_tx.send(worker.run());
+                    }
+                });
+            if let Err(error) = spawned {
+                close.cancel();
+                worker.discard();
+                built.for_each(|(_, worker)| worker.discard());
+                return Err(error);
+            }
+            if let Err(std::sync::mpsc::SendError(worker)) = worker_tx.send(worker) {
+                close.cancel();
+                worker.discard();
+                built.for_each(|(_, worker)| worker.discard());
+                return Err(std::io::Error::other("a proxy worker thread died at start"));
+            }
+            finished.push(done_rx);
+        }
+        Ok(Workers {
+            finished,
+            close,
+            draining: state.draining.clone(),
+            live: Arc::clone(&state.live),
+        })
+    }
+
+    /// Cancelled when the drain begins.
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.clone()
+    }
+
+    /// Serves until `draining` is cancelled, then stops accepting and lets in-flight requests
+    /// finish for up to `drain_timeout` (as configured when the drain begins), or until `abort` is
+    /// cancelled (a second signal). A worker that fails ends every worker at once.
+    pub async fn serve(mut self, abort: CancellationToken) -> std::io::Result<()> {
+        let close = self.close.clone();
+        let draining = self.draining.clone();
+        let all_finished = async move {
+            while let Some(done) = self.finished.next().await {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => {
+                        return Err(std::io::Error::other("a proxy worker stopped unexpectedly"));
+                    }
+                }
+            }
+            Ok(())
+        };
+        tokio::pin!(all_finished);
+        let result = tokio::select! {
+            result = &mut all_finished => Some(result),
+            () = draining.cancelled() => None,
+        };
+        let result = match result {
+            Some(result) => result,
+            None => {
+                let drain_timeout = self.live.load().config.drain_timeout;
+                tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout), "draining in-flight requests");
+                tokio::select! {
+                    result = &mut all_finished => result,
+                    () = tokio::time::sleep(drain_timeout) => {
+                        tracing::warn!("drain_timeout expired; closing the remaining connections");
+                        Ok(())
+                    }
+                    () = abort.cancelled() => {
+                        tracing::warn!("second signal; closing the remaining connections");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        close.cancel();
+        result
+    }
+}
+
+/// One proxy worker: a thread with its own runtime, accept loop and upstream pool.
+struct Worker {
+    runtime: tokio::runtime::Runtime,
+    listener: TcpListener,
+    state: Arc<AppState>,
+    close: CancellationToken,
+    limit: conn::ConnectionLimit,
+}
+
+impl Worker {
+    fn build(
+        listener: &std::net::TcpListener,
+        state: &AppState,
+        close: &CancellationToken,
+        limit: &conn::ConnectionLimit,
+        max_idle: usize,
+    ) -> std::io::Result<Worker> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let listener = {
+            // Registers the socket with this worker's runtime, not the caller's.
+            let _runtime = runtime.enter();
+            TcpListener::from_std(listener.try_clone()?)
+        };
+        let listener = match listener {
+            Ok(listener) => listener,
+            Err(error) => {
+                runtime.shutdown_background();
+                return Err(error);
+            }
+        };
+        let state = match state.for_worker(max_idle) {
+            Ok(state) => Arc::new(state),
+            Err(error) => {
+                drop(listener);
+                runtime.shutdown_background();
+                return Err(std::io::Error::other(error));
+            }
+        };
+        Ok(Worker {
+            runtime,
+            listener,
+            state,
+            close: close.clone(),
+            limit: limit.clone(),
+        })
+    }
+
+    /// Drops a worker that never ran, from async code (where dropping a runtime would block).
+    fn discard(self) {
+        drop(self.listener);
+        self.runtime.shutdown_background();
+    }
+
+    fn run(self) -> std::io::Result<()> {
+        let Worker {
+            runtime,
+            listener,
+            state,
+            close,
+            limit,
+        } = self;
+        runtime.block_on(async move {
+            let draining = state.draining.clone();
+            let live = Arc::clone(&state.live);
+            let served = conn::serve(listener, app(state), live, limit, draining);
+            tokio::select! {
+                () = served => {}
+                () = close.cancelled() => {}
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Binds the listening address without listening yet: a port in use fails at once, and clients
+/// are refused until [`listen`].
+pub fn bind(address: SocketAddr) -> anyhow::Result<TcpSocket> {
+    let bind = || {
+        let socket = match address {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        Ok::<_, std::io::Error>(socket)
+    };
+    bind().map_err(|error| anyhow::anyhow!("cannot listen on {address}: {error}"))
+}
+
+/// Starts listening on a socket from [`bind`].
+pub fn listen(socket: TcpSocket) -> anyhow::Result<TcpListener> {
+    let address = socket.local_addr()?;
+    socket
+        .listen(1024)
+        .map_err(|error| anyhow::anyhow!("cannot listen on {address}: {error}"))
+}
