@@ -5,7 +5,7 @@
 //! Modules in layers; a module uses only modules of the layers below it (no import cycles):
 //!
 //! ```text
-//!  main.rs       process-wide setup, subcommands
+//!  main.rs, cli  process-wide setup, subcommands; the flags, made from config's table
 //!     │
 //!  run           the run sequence            (beside it: commands)
 //!     │
@@ -21,7 +21,7 @@
 //!  status        the upstream's state on a watch
 //!     │
 //!  lifecycle     state, backoff, schedule, outcome: the supervisor's pure parts
-//!  config, cli, resources
+//!  config, resources
 //! ```
 //!
 //! - `run`: the run sequence, given a config, a bound socket and the shutdown triggers
