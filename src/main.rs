@@ -63,6 +63,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(gateway::main(config, reloader));
     // Tasks still draining after the deadline are abandoned rather than awaited.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    gateway::telemetry::flush_logs();
     ExitCode::from(code)
 }
 
