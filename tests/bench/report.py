@@ -276,10 +276,11 @@ def report_streams(path):
     print("   added TTFB: median over rounds of each round's p50, minus direct's; RSS: the proxy with its children")
     hdr = f"   {'target':<28}{'TTFB p50':>10}{'added':>10}{'RSS idle':>11}"
     for n in counts:
-        hdr += f"{f'RSS {n:,}':>13}{'a stream':>10}{'whole':>12}"
+        hdr += f"{f'RSS {n:,}':>13}{'a stream':>10}{'whole':>14}"
     print(hdr)
     print("   " + "-" * (len(hdr) - 3))
     failed = False
+    notes = []
     good = {t: [v for v in vs if v is not None] for t, vs in ttfb.items()}
     med = {t: statistics.median(v) if v else None for t, v in good.items()}
     direct = med.get("direct")
@@ -297,13 +298,17 @@ def report_streams(path):
         for n in counts:
             r = mine.get(n)
             if r is None:
-                row += f"{('' if t == 'direct' else 'n/a'):>13}{'':>10}{'':>12}"
+                row += f"{('' if t == 'direct' else 'n/a'):>13}{'':>10}{'':>14}"
                 failed |= t != "direct"
                 continue
             per = (r[0] - idle[0]) / n / 1e3 if idle else None
-            whole = f"{r[2]:,}/{n:,}" + ("" if r[1] >= n else f" (peak {r[1]:,})")
-            row += f"{fmt_mb(r[0]):>13}{(f'{per:.1f} KB' if per is not None else 'n/a'):>10}{whole:>12}"
+            whole = f"{r[2]:,}/{n:,}" + ("" if r[1] >= n else "*")
+            if r[1] < n:
+                notes.append(f"{LABELS.get(t, t)}, {n:,}: at most {r[1]:,} streams were open at once; the RSS is at that point")
+            row += f"{fmt_mb(r[0]):>13}{(f'{per:.1f} KB' if per is not None else 'n/a'):>10}{whole:>14}"
         print(row)
+    for note in notes:
+        print(f"   * {note}")
     return failed
 
 

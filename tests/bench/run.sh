@@ -405,6 +405,17 @@ start_gateway() {
     local -a args=(--llm-api-base "http://127.0.0.1:${PORT[direct_$kind]}"
                    --host 127.0.0.1 --port "${PORT[${target}_$kind]}" --log-format json)
     [[ "$target" != gateway-nolog ]] || args+=(--access-log false)
+    # The gateway derives max_connections from its open-files limit (a third of it: a client
+    # socket, an upstream socket and room to spare). Under the shipped unit (LimitNOFILE=65536)
+    # that is over 21,000; where this machine allows fewer, the streams leg asks for enough.
+    if [[ "$kind" == streams ]]; then
+        local most=0 n
+        for n in $STREAM_COUNTS; do (( n <= most )) || most=$n; done
+        if (( ($(ulimit -n) - 100) / 3 < most )); then
+            args+=(--max-connections $((most + 100)))
+            log "open-files limit $(ulimit -n) is below the unit's: --max-connections $((most + 100))"
+        fi
+    fi
     # shellcheck disable=SC2206
     args+=(${GATEWAY_EXTRA_ARGS:-})
     if [[ -z "$GATEWAY" ]]; then mark_broken "$target" "$kind" "no gateway binary (build failed)"; return 0; fi

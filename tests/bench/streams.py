@@ -14,8 +14,9 @@
       event (`\\n\\n`) of the body.
 
   streams.py hold URL COUNT EVENTS INTERVAL PIDS
-      Opens COUNT streams at once (EVENTS events INTERVAL seconds apart) and, as soon as all of them have
-      their first event, samples the resident memory of PIDS (comma-separated; each process with its
+      Opens COUNT streams (EVENTS events INTERVAL seconds apart, 256 connecting at a time) and, when
+      all of them have their first event (or at the most open at once), samples the resident memory
+      of PIDS (comma-separated; each process with its
       descendants, summed). Prints "<rss bytes> <most streams open at once> <whole streams>": a
       stream is whole when it got every event and its end.
 
@@ -202,27 +203,31 @@ async def hold(url, count, events, interval, pids):
     opened = 0
     peak = 0
     rss = 0
-    all_open = asyncio.Event()
+    step = max(count // 20, 1)
+    # Connections are opened a few hundred at a time, so that a burst does not overflow a
+    # proxy's accept queue (a dropped SYN is retried only a second later).
+    opening = asyncio.Semaphore(256)
 
     def first_event():
         nonlocal opened, peak, rss
         opened += 1
         if opened > peak:
             peak = opened
-        if opened == count and not all_open.is_set():
-            rss = rss_of(pids)
-            all_open.set()
+            if peak == count or peak % step == 0:
+                rss = rss_of(pids)  # the RSS at the most streams open at once
 
     async def one():
         nonlocal opened
         writer = None
         counted = []
+        await opening.acquire()
         try:
             reader, writer = await asyncio.open_connection(parts.hostname, parts.port, limit=65536)
             writer.write(request)
 
             def mark():
                 counted.append(1)
+                opening.release()
                 first_event()
 
             status, body, _ = await read_response(reader, mark)
@@ -232,6 +237,8 @@ async def hold(url, count, events, interval, pids):
         finally:
             if counted:
                 opened -= 1
+            else:
+                opening.release()
             if writer:
                 writer.close()
 
@@ -242,7 +249,7 @@ async def hold(url, count, events, interval, pids):
         task.cancel()
     whole = sum(1 for task in done if not task.cancelled() and task.exception() is None and task.result())
     if not rss:
-        rss = rss_of(pids)  # not all open at once: the RSS at the end, flagged by peak < count
+        rss = rss_of(pids)
     print(f"{rss} {peak} {whole}")
 
 
