@@ -23,7 +23,8 @@
 //!   (`config::KEYS` says which keys) as the proxy's `proxy::Live`.
 //! - `notify`: systemd `sd_notify` (readiness, status, start-timeout extensions, drain, watchdog,
 //!   reloads).
-//! - `telemetry`: logging setup, Prometheus metrics, one access-log record per request.
+//! - `telemetry`: logging setup (the access log through a queue off the request path), Prometheus
+//!   metrics, one access-log record per request.
 //!
 //! # Flow
 //!

@@ -237,7 +237,8 @@ def cmd_report(args):
                 print(f"   {other:<15} {ratio(g['rps'], o['rps']):>10}   {ratio(g['p50'], o['p50']):>11}")
         nolog = s["gateway-nolog"]
         if g["rps"] and nolog["rps"]:
-            print(f"   access log cost: {(1 - g['rps'] / nolog['rps']) * 100:+.1f}% of throughput")
+            print(f"   the access log costs {(1 - g['rps'] / nolog['rps']) * 100:.1f}% of the throughput"
+                  " (gateway against gateway --access-log false)")
         print()
         d = s["direct"]["p50"]
         added = []
