@@ -47,7 +47,8 @@
 //!   (adopted orphans) before each start and before exit, `guard` stops a group whose gateway was
 //!   SIGKILLed (`gateway __guard`), `reaper` owns every `waitpid`, `output` relays the child's
 //!   stdout/stderr into the log.
-//! - `telemetry`: logging setup, Prometheus metrics, one access-log record per request.
+//! - `telemetry`: logging setup (the access log through a queue off the request path), Prometheus
+//!   metrics, one access-log record per request.
 //! - `notify`: systemd `sd_notify` (readiness, status, start-timeout extensions, drain, watchdog,
 //!   reloads).
 //! - `status`: [`status::UpstreamStatus`], the one value on a `watch` channel that tells the proxy

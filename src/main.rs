@@ -67,6 +67,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(serve(config, reloader));
     // Tasks still draining after the deadline are abandoned rather than awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    telemetry::flush_logs();
     ExitCode::from(code)
 }
 

@@ -2,10 +2,16 @@
 //! and [`RequestRecord`], which follows one proxied request to its end and then writes its access
 //! log line and its metrics exactly once, however the request ended (completed, failed, or dropped
 //! because the client went away).
+//!
+//! On stderr the access log leaves the request path: its lines are formatted on the worker and
+//! appended to a bounded queue that a writer thread writes out in one piece every 20 ms, so a slow
+//! reader of stderr never stalls a request and a request costs no write and no thread wake-up. When the queue is full a line is dropped and counted (`gateway_log_lines_dropped_total`);
+//! [`flush_logs`] writes out what is queued before the process exits. Every other line is written
+//! at once, as before: nothing the supervisor or vLLM says is ever dropped.
 
-use std::io::IsTerminal;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -14,6 +20,7 @@ use tokio::time::Instant;
 use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Layer as _, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
@@ -53,14 +60,16 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
                 .try_init()?;
             LogFormat::Journald
         }
-        (None, LogFormat::Text) => init_text(registry)?,
-        (None, LogFormat::Auto) if std::io::stderr().is_terminal() => init_text(registry)?,
+        (None, LogFormat::Text) => {
+            registry.with(stderr_layers(false)).try_init()?;
+            LogFormat::Text
+        }
+        (None, LogFormat::Auto) if std::io::stderr().is_terminal() => {
+            registry.with(stderr_layers(false)).try_init()?;
+            LogFormat::Text
+        }
         (None, _) => {
-            let layer = tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_writer(std::io::stderr);
-            registry.with(layer).try_init()?;
+            registry.with(stderr_layers(true)).try_init()?;
             LogFormat::Json
         }
     };
@@ -95,14 +104,162 @@ pub fn set_log_level(level: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn init_text(
-    registry: tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>,
-) -> anyhow::Result<LogFormat> {
-    let layer = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    registry.with(layer).try_init()?;
-    Ok(LogFormat::Text)
+/// The access log's target: its lines go through the non-blocking writer.
+pub const ACCESS_TARGET: &str = "gateway::access";
+
+/// Bytes of access log lines the writer holds before it drops new ones (about 50,000 JSON lines):
+/// seconds of a full request rate, so only a stderr nobody reads for that long loses lines.
+const ACCESS_LOG_QUEUE_BYTES: usize = 16 << 20;
+
+/// How often the writer thread writes out what has been queued: one write for every line queued
+/// meanwhile, and no wake-up per line.
+const ACCESS_LOG_WRITE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The access log's queue, shared by every proxy worker and the writer thread.
+#[derive(Default)]
+struct AccessQueue {
+    lines: Mutex<Vec<u8>>,
+    dropped: AtomicU64,
+    closing: AtomicBool,
+}
+
+static ACCESS_QUEUE: OnceLock<Arc<AccessQueue>> = OnceLock::new();
+static ACCESS_WRITER: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
+
+/// A line written by the fmt layer (one `write_all` of a whole line per event) is appended to the
+/// queue, or dropped and counted when the queue is full.
+#[derive(Clone)]
+struct AccessLog(Arc<AccessQueue>);
+
+impl Write for AccessLog {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let queued = match self.0.lines.lock() {
+            Ok(mut lines) if lines.len() + line.len() <= ACCESS_LOG_QUEUE_BYTES => {
+                lines.extend_from_slice(line);
+                true
+            }
+            _ => false,
+        };
+        if !queued {
+            self.0.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for AccessLog {
+    type Writer = AccessLog;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Starts the access log's writer thread: it writes the queue to stderr every
+/// [`ACCESS_LOG_WRITE_INTERVAL`] until [`flush_logs`], then writes what is left.
+fn access_log() -> AccessLog {
+    let queue = Arc::clone(ACCESS_QUEUE.get_or_init(Default::default));
+    let writer_queue = Arc::clone(&queue);
+    let spawned = std::thread::Builder::new()
+        .name("gateway-access-log".into())
+        .spawn(move || {
+            let mut batch = Vec::new();
+            loop {
+                let closing = writer_queue.closing.load(Ordering::Acquire);
+                if let Ok(mut lines) = writer_queue.lines.lock() {
+                    std::mem::swap(&mut *lines, &mut batch);
+                }
+                if !batch.is_empty() {
+                    // Nothing to tell if stderr is gone: the lines are lost either way.
+                    let _ = std::io::stderr().lock().write_all(&batch);
+                    batch.clear();
+                    batch.shrink_to(ACCESS_LOG_QUEUE_BYTES / 64);
+                }
+                if closing {
+                    return;
+                }
+                std::thread::park_timeout(ACCESS_LOG_WRITE_INTERVAL);
+            }
+        });
+    match spawned {
+        Ok(handle) => {
+            if let Ok(mut slot) = ACCESS_WRITER.lock() {
+                *slot = Some(handle);
+            }
+        }
+        // Without its thread the queue fills and the lines are counted as dropped.
+        Err(error) => eprintln!("gateway: cannot start the access log writer: {error}"),
+    }
+    AccessLog(queue)
+}
+
+/// The stderr layers, JSON or text: the access log through a lossy non-blocking writer (its
+/// thread holds stderr's lock only for one line at a time), everything else written at once.
+fn stderr_layers<S>(json: bool) -> Vec<Box<dyn tracing_subscriber::Layer<S> + Send + Sync>>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let access_writer = access_log();
+    let access = filter_fn(|metadata| metadata.target() == ACCESS_TARGET);
+    let other = filter_fn(|metadata| metadata.target() != ACCESS_TARGET);
+    if json {
+        vec![
+            json_layer(access_writer).with_filter(access).boxed(),
+            json_layer(std::io::stderr).with_filter(other).boxed(),
+        ]
+    } else {
+        let ansi = std::io::stderr().is_terminal();
+        vec![
+            text_layer(access_writer, ansi).with_filter(access).boxed(),
+            text_layer(std::io::stderr, ansi).with_filter(other).boxed(),
+        ]
+    }
+}
+
+fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_writer(writer)
+}
+
+fn text_layer<S, W>(writer: W, ansi: bool) -> impl tracing_subscriber::Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(writer)
+}
+
+/// Writes out the access log lines still queued and stops the writer's thread. Called once,
+/// right before the process exits; later lines are written nowhere.
+pub fn flush_logs() {
+    let Some(queue) = ACCESS_QUEUE.get() else {
+        return;
+    };
+    queue.closing.store(true, Ordering::Release);
+    let writer = ACCESS_WRITER.lock().ok().and_then(|mut slot| slot.take());
+    if let Some(writer) = writer {
+        writer.thread().unpark();
+        let _ = writer.join();
+    }
+}
+
+/// Access log lines dropped because the writer fell behind.
+fn log_lines_dropped() -> u64 {
+    ACCESS_QUEUE
+        .get()
+        .map_or(0, |queue| queue.dropped.load(Ordering::Relaxed))
 }
 
 /// Two journald layers, one for the gateway's events and one for vLLM's lines, so that
@@ -223,6 +380,7 @@ pub fn requests_in_flight() -> i64 {
 pub fn publish_gauges() {
     gauge!("gateway_requests_in_flight").set(requests_in_flight() as f64);
     gauge!("gateway_streams_active").set(STREAMS_ACTIVE.load(Ordering::Relaxed) as f64);
+    counter!("gateway_log_lines_dropped_total").absolute(log_lines_dropped());
 }
 
 /// One proxied request, from arrival to the last byte. Dropping it writes the access log line and
@@ -332,7 +490,7 @@ impl Drop for RequestRecord {
         }
         if self.access_log {
             tracing::info!(
-                target: "gateway::access",
+                target: ACCESS_TARGET,
                 request_id = %self.request_id(),
                 method = self.method,
                 route = self.route,

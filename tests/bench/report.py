@@ -8,13 +8,16 @@ Sub-commands (used by run.sh):
       rps counts only successful (non-4xx/5xx) responses.  Exits non-zero
       if the output cannot be understood or nothing succeeded.
 
-  report.py report RESULTS_TSV [--duration S] [--rounds N]
+  report.py report RESULTS_TSV [--streams STREAMS_TSV] [--duration S] [--rounds N]
                    [--connections N] [--tool NAME]
       RESULTS_TSV lines: kind target round status rps p50_s p99_s errors
       (status is "ok" or "fail"; numbers are "-" for failed runs).
       Prints one table per body kind with medians over rounds, the
       gateway/nginx and gateway/haproxy ratios and the p50 latency each
       proxy adds on top of the direct path.
+      STREAMS_TSV lines: "ttfb target round ok|fail p50_s" and
+      "rss target streams ok|fail rss_bytes peak_open whole"; printed as the
+      streams table (added TTFB p50, RSS idle and with each stream count).
 """
 
 import argparse
@@ -23,8 +26,13 @@ import re
 import statistics
 import sys
 
-TARGETS = ["direct", "nginx", "haproxy", "gateway"]
-PROXIES = ["nginx", "haproxy", "gateway"]
+TARGETS = ["direct", "nginx", "haproxy", "gateway", "gateway-nolog", "router"]
+PROXIES = ["nginx", "haproxy", "gateway", "gateway-nolog", "router"]
+LABELS = {
+    "gateway": "gateway (access log on)",
+    "gateway-nolog": "gateway --access-log false",
+    "router": "vLLM Router",
+}
 KIND_TITLES = {
     "json": "JSON  (POST /v1/responses, non-streaming body)",
     "sse": "SSE   (POST /v1/responses, \"stream\":true, text/event-stream body)",
@@ -206,7 +214,7 @@ def cmd_report(args):
         print(f"== {KIND_TITLES.get(kind, kind)}")
         print(f"   median of {args.rounds} round(s) x {args.duration}s, "
               f"{args.connections} connections, {args.tool}")
-        hdr = f"   {'target':<9}{'req/s':>11}{'p50':>11}{'p99':>11}{'errors':>8}{'ok runs':>9}   req/s per round"
+        hdr = f"   {'target':<28}{'req/s':>11}{'p50':>11}{'p99':>11}{'errors':>8}{'ok runs':>9}   req/s per round"
         print(hdr)
         print("   " + "-" * (len(hdr) - 3))
         for t in TARGETS:
@@ -215,23 +223,94 @@ def cmd_report(args):
                 continue
             if x["rps"] is None:
                 failed = True
-            print(f"   {t:<9}{fmt_rps(x['rps']):>11}{fmt_time(x['p50']):>11}{fmt_time(x['p99']):>11}"
+            print(f"   {LABELS.get(t, t):<28}{fmt_rps(x['rps']):>11}{fmt_time(x['p50']):>11}{fmt_time(x['p99']):>11}"
                   f"{x['errors']:>8}{x['runs']:>9}   {x['per_round']}")
-        g = s["gateway"]
+        base = s["nginx"]["rps"]
         print()
+        print("   x nginx (throughput): " + ", ".join(
+            f"{LABELS.get(t, t)} {ratio(s[t]['rps'], base)}" for t in PROXIES if s[t]["any"]))
+        g = s["gateway"]
         print("   gateway vs      throughput   p50 latency    (throughput >1x and p50 <1x favour the gateway)")
-        for other in ("nginx", "haproxy"):
+        for other in ("nginx", "haproxy", "router"):
             o = s[other]
-            print(f"   {other:<15} {ratio(g['rps'], o['rps']):>10}   {ratio(g['p50'], o['p50']):>11}")
+            if o["any"]:
+                print(f"   {other:<15} {ratio(g['rps'], o['rps']):>10}   {ratio(g['p50'], o['p50']):>11}")
+        nolog = s["gateway-nolog"]
+        if g["rps"] and nolog["rps"]:
+            print(f"   the access log costs {(1 - g['rps'] / nolog['rps']) * 100:.1f}% of the throughput"
+                  " (gateway against gateway --access-log false)")
         print()
         d = s["direct"]["p50"]
         added = []
         for p in PROXIES:
+            if not s[p]["any"]:
+                continue
             v = s[p]["p50"]
             added.append(f"{p} {fmt_delta(None if v is None or d is None else v - d)}")
         print("   p50 added vs direct: " + ", ".join(added))
+    if args.streams:
+        failed |= report_streams(args.streams)
     print()
     return 1 if failed else 0
+
+
+def fmt_mb(b):
+    return "n/a" if b is None else f"{b / 1e6:.1f} MB"
+
+
+def report_streams(path):
+    ttfb, rss = {}, {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            parts = line.split()
+            if parts and parts[0] == "ttfb" and len(parts) == 5:
+                ttfb.setdefault(parts[1], []).append(float(parts[4]) if parts[3] == "ok" else None)
+            elif parts and parts[0] == "rss" and len(parts) == 7:
+                ok = parts[3] == "ok"
+                rss.setdefault(parts[1], {})[int(parts[2])] = (
+                    (int(parts[4]), int(parts[5]), int(parts[6])) if ok else None)
+    if not ttfb and not rss:
+        return False
+    counts = sorted({n for m in rss.values() for n in m if n})
+    print()
+    print("== Streams  (an event-stream upstream: TTFB over sequential requests, then streams held open at once)")
+    print("   added TTFB: median over rounds of each round's p50, minus direct's; RSS: the proxy with its children")
+    hdr = f"   {'target':<28}{'TTFB p50':>10}{'added':>10}{'RSS idle':>11}"
+    for n in counts:
+        hdr += f"{f'RSS {n:,}':>13}{'a stream':>10}{'whole':>14}"
+    print(hdr)
+    print("   " + "-" * (len(hdr) - 3))
+    failed = False
+    notes = []
+    good = {t: [v for v in vs if v is not None] for t, vs in ttfb.items()}
+    med = {t: statistics.median(v) if v else None for t, v in good.items()}
+    direct = med.get("direct")
+    for t in TARGETS:
+        if t not in ttfb and t not in rss:
+            continue
+        m = med.get(t)
+        if t in ttfb and m is None:
+            failed = True
+        added = None if m is None or direct is None or t == "direct" else m - direct
+        row = f"   {LABELS.get(t, t):<28}{fmt_time(m):>10}{(fmt_delta(added) if t != 'direct' else ''):>10}"
+        mine = rss.get(t, {})
+        idle = mine.get(0)
+        row += f"{(fmt_mb(idle[0]) if idle else ('' if t == 'direct' else 'n/a')):>11}"
+        for n in counts:
+            r = mine.get(n)
+            if r is None:
+                row += f"{('' if t == 'direct' else 'n/a'):>13}{'':>10}{'':>14}"
+                failed |= t != "direct"
+                continue
+            per = (r[0] - idle[0]) / n / 1e3 if idle else None
+            whole = f"{r[2]:,}/{n:,}" + ("" if r[1] >= n else "*")
+            if r[1] < n:
+                notes.append(f"{LABELS.get(t, t)}, {n:,}: at most {r[1]:,} streams were open at once; the RSS is at that point")
+            row += f"{fmt_mb(r[0]):>13}{(f'{per:.1f} KB' if per is not None else 'n/a'):>10}{whole:>14}"
+        print(row)
+    for note in notes:
+        print(f"   * {note}")
+    return failed
 
 
 def main():
@@ -242,6 +321,7 @@ def main():
     p.add_argument("file")
     r = sub.add_parser("report")
     r.add_argument("results")
+    r.add_argument("--streams")
     r.add_argument("--duration", default="?")
     r.add_argument("--rounds", default="?")
     r.add_argument("--connections", default="?")

@@ -3,45 +3,50 @@
 #
 # What it measures
 #   The cost of putting a reverse proxy between a client and vLLM's OpenAI
-#   API, for the gateway and for two reference proxies. The "vLLM" here is an
-#   nginx that answers POST /v1/responses instantly with a canned body taken
-#   from tests/fixtures (a non-streaming tool-call reply, and a streaming SSE
-#   reply), so the numbers are pure proxy overhead, not model time.
+#   API, for the gateway and for three peers: nginx, HAProxy and the vLLM
+#   project's own router (PyPI `vllm-router`). The "vLLM" is a stand-in that
+#   does no work, so the numbers are pure proxy overhead, not model time.
 #
-#   Four targets, each on its own loopback port:
-#     direct   load generator -> upstream
-#     nginx    load generator -> nginx (keep-alive pool, no buffering) -> upstream
-#     haproxy  load generator -> haproxy (mode http, http-reuse always) -> upstream
-#     gateway  load generator -> target/release/gateway -> upstream
+#   Targets, each on its own loopback port:
+#     direct         load generator -> upstream
+#     nginx          -> nginx (keep-alive pool, no buffering) -> upstream
+#     haproxy        -> haproxy (mode http, http-reuse always) -> upstream
+#     gateway        -> target/release/gateway (access log on, the default) -> upstream
+#     gateway-nolog  -> the gateway with --access-log false -> upstream
+#     router         -> vllm-router (round_robin, token bucket lifted) -> upstream
 #
-#   For each body kind (json, sse) the targets are run in alternating rounds
-#   (direct, nginx, haproxy, gateway, direct, nginx, ...) so slow drift of the
-#   machine hits every target alike. Each run is a closed loop of
-#   BENCH_CONNECTIONS keep-alive connections sending
-#   {"model":"m","input":"hi"} (plus "stream":true for sse) for BENCH_DURATION
-#   seconds.
+#   Kinds:
+#     json     an nginx answers POST /v1/responses at once with a canned 4 KB
+#              Responses body. oha (wrk as a fallback) runs BENCH_CONNECTIONS
+#              keep-alive connections POSTing
+#              {"model":"m","input":"hello","stream":false} for BENCH_DURATION
+#              seconds; the targets take turns round by round and the table
+#              shows medians.
+#     sse      the same with a canned 31 KB event-stream body sent in one piece.
+#     streams  an event-stream upstream (streams.py) that sends 10 events 1 s
+#              apart. Added time to first byte: 300 sequential requests per
+#              target and round, p50 minus the direct p50. Memory: the proxy's
+#              RSS (with its child processes) idle, with 1,000 and with 8,000
+#              streams open at once, and how many of those streams arrived whole.
 #
-# How to read the output
-#   One table per body kind: the median over rounds of requests/s and of the
-#   p50 / p99 latency, the error count and how many runs succeeded, plus the
-#   per-round req/s so the spread is visible. Below it: gateway/nginx and
-#   gateway/haproxy ratios (throughput above 1x and p50 below 1x favour the
-#   gateway) and the p50 latency each proxy adds on top of the direct path.
 #   Everything (load generator, proxy, upstream) shares this machine's cores,
-#   so absolute numbers are machine-specific; compare the ratios. With many
-#   connections the latencies are queueing-dominated (about connections /
-#   throughput); run with BENCH_CONNECTIONS=1 for unloaded per-request latency.
+#   so absolute numbers are machine-specific: compare the ratios within a run.
 #   A target that could not be started or verified, or whose every run failed,
 #   shows n/a, and the script then exits 1 after printing everything.
 #
 # Knobs (environment)
-#   BENCH_DURATION=10     seconds per measured run
-#   BENCH_ROUNDS=3        rounds per body kind
-#   BENCH_CONNECTIONS=64  concurrent keep-alive connections
+#   BENCH_DURATION=5      seconds per measured run
+#   BENCH_ROUNDS=3        rounds (json, sse: load runs; streams: TTFB runs)
+#   BENCH_CONNECTIONS=32  concurrent keep-alive connections
 #   BENCH_WARMUP=2        seconds of discarded load per target before round 1
-#   BENCH_KINDS="json sse"  body kinds to run
+#   BENCH_KINDS="json streams"  kinds to run (json, sse, streams)
+#   BENCH_TARGETS=        only these targets (direct is always measured)
 #   BENCH_TOOL=           force the load generator: oha or wrk
+#   BENCH_TTFB_REQUESTS=300          sequential requests per TTFB run
+#   BENCH_STREAM_COUNTS="1000 8000"  open streams for the memory figures
+#   BENCH_STREAM_EVENTS=10 BENCH_STREAM_INTERVAL=1   events per stream, seconds apart
 #   GATEWAY_BIN=          use this gateway binary, skip cargo build
+#   GATEWAY_EXTRA_ARGS=   more arguments for both gateway targets
 #   BENCH_GATEWAY_START_TIMEOUT=30  seconds the gateway gets to answer 200
 #   BENCH_KEEP_WORKDIR=1  keep the temp dir (configs, logs, raw outputs)
 #
@@ -51,23 +56,33 @@ set -euo pipefail
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$BENCH_DIR/../.." && pwd)"
+TOOLS="${CARGO_TARGET_DIR:-$ROOT/target}/bench-tools"
+[[ "$TOOLS" = /* ]] || TOOLS="$ROOT/$TOOLS"
 FIXTURES="$ROOT/tests/fixtures"
 JSON_FIXTURE="$FIXTURES/vllm-responses-toolcall-gpt-oss-20b.json"
 SSE_FIXTURE="$FIXTURES/vllm-responses-stream-gpt-oss-20b.sse"
+ROUTER_VERSION=0.1.17
 
-DURATION="${BENCH_DURATION:-10}"
+DURATION="${BENCH_DURATION:-5}"
 ROUNDS="${BENCH_ROUNDS:-3}"
-CONNECTIONS="${BENCH_CONNECTIONS:-64}"
+CONNECTIONS="${BENCH_CONNECTIONS:-32}"
 WARMUP="${BENCH_WARMUP:-2}"
-KINDS="${BENCH_KINDS:-json sse}"
-TARGETS=(direct nginx haproxy gateway)
+KINDS="${BENCH_KINDS:-json streams}"
+TTFB_REQUESTS="${BENCH_TTFB_REQUESTS:-300}"
+STREAM_COUNTS="${BENCH_STREAM_COUNTS:-1000 8000}"
+STREAM_EVENTS="${BENCH_STREAM_EVENTS:-10}"
+STREAM_INTERVAL="${BENCH_STREAM_INTERVAL:-1}"
+ALL_TARGETS=(direct nginx haproxy gateway gateway-nolog router)
+read -r -a TARGETS <<<"direct ${BENCH_TARGETS:-nginx haproxy gateway gateway-nolog router}"
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 WORK=""
 TOOL=""
+OHA=oha
 OHA_JSON=()            # JSON-output flag: -j on older oha, --output-format json on newer
 GATEWAY=""
+ROUTER=""
 declare -A PROCS=()    # name -> pid of every process this script started
 declare -A PORT=()     # "<target>_<kind>" -> port
 declare -A BROKEN=()   # "<target>_<kind>" -> reason the leg is not measured
@@ -76,11 +91,18 @@ log()  { printf '>> %s\n' "$*" >&2; }
 warn() { printf '!! %s\n' "$*" >&2; }
 die()  { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-for n in "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP"; do
-    [[ "$n" =~ ^[0-9]+$ ]] || die "BENCH_DURATION/ROUNDS/CONNECTIONS/WARMUP must be integers (got '$n')"
+for n in "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP" "$TTFB_REQUESTS" "$STREAM_EVENTS" $STREAM_COUNTS; do
+    [[ "$n" =~ ^[0-9]+$ ]] || die "BENCH_DURATION/ROUNDS/CONNECTIONS/WARMUP/TTFB_REQUESTS/STREAM_* must be integers (got '$n')"
 done
+[[ "$STREAM_INTERVAL" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "BENCH_STREAM_INTERVAL must be a number of seconds"
 DURATION=$((10#$DURATION)) ROUNDS=$((10#$ROUNDS)) CONNECTIONS=$((10#$CONNECTIONS)) WARMUP=$((10#$WARMUP))
 (( DURATION > 0 && ROUNDS > 0 && CONNECTIONS > 0 )) || die "duration, rounds and connections must be > 0"
+for t in "${TARGETS[@]}"; do
+    [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "BENCH_TARGETS: unknown target '$t'"
+done
+
+# Every open stream costs a proxy two descriptors: take all the open-files limit allows.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # ---------------------------------------------------------------------------
 # process bookkeeping
@@ -123,10 +145,12 @@ stop() {
 cleanup() {
     local rc=$? name
     trap - EXIT INT TERM
-    # gateway first, then the proxies, the upstream last
-    for name in load gateway_sse gateway_json haproxy nginx_proxy upstream "${!PROCS[@]}"; do
+    # load first, then the proxies, the upstreams last
+    for name in load "${!PROCS[@]}"; do
+        case "$name" in upstream*) continue ;; esac
         stop "$name"
     done
+    for name in "${!PROCS[@]}"; do stop "$name"; done
     if [[ -n "$WORK" && -d "$WORK" ]]; then
         if [[ "${BENCH_KEEP_WORKDIR:-0}" == 1 ]]; then
             log "work dir kept: $WORK"
@@ -160,39 +184,61 @@ apt_install() {
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
 }
 
-# apt_has PKG: apt knows an installable candidate for PKG.
-apt_has() {
-    local cand
-    cand="$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}')"
-    [[ -n "$cand" && "$cand" != "(none)" ]]
-}
+wants() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 install_deps() {
     local want=()
     command -v curl >/dev/null || want+=(curl)
     command -v python3 >/dev/null || want+=(python3)
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null && wants router; then want+=(python3-venv); fi
     command -v nginx >/dev/null || want+=(nginx-light)
     command -v haproxy >/dev/null || want+=(haproxy)
     (( ${#want[@]} == 0 )) || apt_install "${want[@]}"
 
     case "${BENCH_TOOL:-}" in
-        oha|wrk) TOOL="$BENCH_TOOL" ;;
-        "")
-            if command -v oha >/dev/null; then
-                TOOL=oha
-            else
-                # apt lists may be empty on a fresh image: refresh them before
-                # concluding that apt has no oha, unless wrk is already here.
-                command -v wrk >/dev/null || apt_update
-                if apt_has oha; then TOOL=oha; else TOOL=wrk; fi
-            fi
-            ;;
+        oha|wrk|"") ;;
         *) die "BENCH_TOOL must be oha or wrk" ;;
     esac
-    command -v "$TOOL" >/dev/null || apt_install "$TOOL"
-    command -v "$TOOL" >/dev/null || die "$TOOL is not installed"
+    if [[ "${BENCH_TOOL:-oha}" == oha ]]; then
+        if command -v oha >/dev/null; then
+            OHA=oha
+        else
+            OHA="$TOOLS/oha/bin/oha"
+            if [[ ! -x "$OHA" ]]; then
+                log "cargo install oha --locked (into $TOOLS/oha)"
+                cargo install oha --locked --root "$TOOLS/oha" >"$TOOLS.oha-install.log" 2>&1 \
+                    || warn "cargo install oha failed (see $TOOLS.oha-install.log)"
+            fi
+        fi
+        if [[ -x "$OHA" ]] || command -v "$OHA" >/dev/null; then
+            TOOL=oha
+        elif [[ "${BENCH_TOOL:-}" == oha ]]; then
+            die "oha is not installed"
+        fi
+    fi
+    if [[ -z "$TOOL" ]]; then
+        command -v wrk >/dev/null || apt_install wrk
+        command -v wrk >/dev/null || die "neither oha nor wrk could be installed"
+        TOOL=wrk
+    fi
     if [[ "$TOOL" == oha ]]; then
-        if oha --help 2>&1 | grep -q -- '--output-format'; then OHA_JSON=(--output-format json); else OHA_JSON=(-j); fi
+        if "$OHA" --help 2>&1 | grep -q -- '--output-format'; then OHA_JSON=(--output-format json); else OHA_JSON=(-j); fi
+    fi
+    wants router && install_router
+    return 0
+}
+
+install_router() {
+    local venv="$TOOLS/vllm-router-venv"
+    ROUTER="$venv/bin/vllm-router"
+    if [[ -x "$ROUTER" ]] && [[ "$("$venv/bin/python" -m pip show vllm-router 2>/dev/null | awk '/^Version:/ {print $2}')" == "$ROUTER_VERSION" ]]; then
+        return 0
+    fi
+    log "pip install vllm-router==$ROUTER_VERSION (into $venv)"
+    mkdir -p "$TOOLS"
+    if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q "vllm-router==$ROUTER_VERSION"; } >"$TOOLS/router-install.log" 2>&1; then
+        warn "vllm-router could not be installed (see $TOOLS/router-install.log)"
+        ROUTER=""
     fi
 }
 
@@ -207,7 +253,7 @@ build_gateway() {
         GATEWAY="${CARGO_TARGET_DIR:-$ROOT/target}/release/gateway"
         [[ "$GATEWAY" = /* ]] || GATEWAY="$ROOT/$GATEWAY"
     else
-        warn "cargo build failed: the gateway leg will be reported as n/a"
+        warn "cargo build failed: the gateway legs will be reported as n/a"
         GATEWAY=""
     fi
 }
@@ -230,12 +276,14 @@ EOF
 }
 
 allocate_ports() {
-    local ports
-    read -r -a ports <<<"$(free_ports 8)"
-    PORT[direct_json]=${ports[0]}  PORT[direct_sse]=${ports[1]}
-    PORT[nginx_json]=${ports[2]}   PORT[nginx_sse]=${ports[3]}
-    PORT[haproxy_json]=${ports[4]} PORT[haproxy_sse]=${ports[5]}
-    PORT[gateway_json]=${ports[6]} PORT[gateway_sse]=${ports[7]}
+    local ports i=0 target kind
+    read -r -a ports <<<"$(free_ports $(( ${#ALL_TARGETS[@]} * 3 )))"
+    for target in "${ALL_TARGETS[@]}"; do
+        for kind in json sse streams; do
+            PORT[${target}_$kind]=${ports[i]}
+            i=$((i + 1))
+        done
+    done
 }
 
 # render TEMPLATE OUT: fill in @WORK@ and the @*_PORT@ placeholders.
@@ -243,10 +291,13 @@ render() {
     sed -e "s|@WORK@|$WORK|g" \
         -e "s|@UP_JSON_PORT@|${PORT[direct_json]}|g" \
         -e "s|@UP_SSE_PORT@|${PORT[direct_sse]}|g" \
+        -e "s|@UP_STREAMS_PORT@|${PORT[direct_streams]}|g" \
         -e "s|@NGINX_JSON_PORT@|${PORT[nginx_json]}|g" \
         -e "s|@NGINX_SSE_PORT@|${PORT[nginx_sse]}|g" \
+        -e "s|@NGINX_STREAMS_PORT@|${PORT[nginx_streams]}|g" \
         -e "s|@HAPROXY_JSON_PORT@|${PORT[haproxy_json]}|g" \
         -e "s|@HAPROXY_SSE_PORT@|${PORT[haproxy_sse]}|g" \
+        -e "s|@HAPROXY_STREAMS_PORT@|${PORT[haproxy_streams]}|g" \
         "$1" >"$2"
     if grep -q '@[A-Z_]*@' "$2"; then die "unfilled placeholder in $2"; fi
 }
@@ -261,8 +312,9 @@ prepare_workdir() {
     cp "$SSE_FIXTURE" "$WORK/www/response.sse"
     chmod 644 "$WORK/www/"*
     chmod 755 "$WORK/www"
-    printf '{"model":"m","input":"hi"}' >"$WORK/request.json"
-    printf '{"model":"m","input":"hi","stream":true}' >"$WORK/request.sse"
+    printf '{"model":"m","input":"hello","stream":false}' >"$WORK/request.json"
+    printf '{"model":"m","input":"hello","stream":true}' >"$WORK/request.sse"
+    printf '{"model":"m","input":"hello","stream":true,"bench_events":2,"bench_interval":0}' >"$WORK/request.streams"
     allocate_ports
     render "$BENCH_DIR/upstream.nginx.conf.in" "$WORK/upstream.nginx.conf"
     render "$BENCH_DIR/proxy.nginx.conf.in" "$WORK/proxy.nginx.conf"
@@ -311,15 +363,18 @@ start_upstream() {
         cat "$WORK/upstream.error.log" >&2 2>/dev/null || true
         die "upstream nginx did not come up"
     fi
+    log "starting event-stream upstream on :${PORT[direct_streams]}"
+    spawn upstream_streams python3 "$BENCH_DIR/streams.py" upstream "${PORT[direct_streams]}"
+    wait_ready upstream_streams direct streams 10 || { show_log upstream_streams; die "the event-stream upstream did not come up"; }
 }
 
 # await_proxy PROC TARGET KIND: wait for the proxy or mark its leg broken.
 await_proxy() {
-    local proc="$1" target="$2" kind="$3"
+    local proc="$1" target="$2" kind="$3" secs="${4:-10}"
     [[ -z "${BROKEN[${target}_$kind]:-}" ]] || return 0
-    wait_ready "$proc" "$target" "$kind" 10 && return 0
+    wait_ready "$proc" "$target" "$kind" "$secs" && return 0
     if alive "$proc"; then
-        mark_broken "$target" "$kind" "no 200 from POST /v1/responses within 10s"
+        mark_broken "$target" "$kind" "no 200 from POST /v1/responses within ${secs}s"
     else
         mark_broken "$target" "$kind" "process exited during startup"
     fi
@@ -327,33 +382,72 @@ await_proxy() {
 }
 
 start_proxies() {
-    log "starting nginx proxy on :${PORT[nginx_json]}/:${PORT[nginx_sse]}"
-    spawn nginx_proxy nginx -p "$WORK" -e "$WORK/proxy.error.log" -c "$WORK/proxy.nginx.conf"
-    log "starting haproxy on :${PORT[haproxy_json]}/:${PORT[haproxy_sse]}"
-    spawn haproxy haproxy -db -f "$WORK/haproxy.cfg"
+    if wants nginx; then
+        log "starting nginx proxy on :${PORT[nginx_json]}/:${PORT[nginx_sse]}/:${PORT[nginx_streams]}"
+        spawn nginx_proxy nginx -p "$WORK" -e "$WORK/proxy.error.log" -c "$WORK/proxy.nginx.conf"
+    fi
+    if wants haproxy; then
+        log "starting haproxy on :${PORT[haproxy_json]}/:${PORT[haproxy_sse]}/:${PORT[haproxy_streams]}"
+        spawn haproxy haproxy -db -f "$WORK/haproxy.cfg"
+    fi
     local kind
     for kind in $KINDS; do
-        await_proxy nginx_proxy nginx "$kind"
-        await_proxy haproxy haproxy "$kind"
+        wants nginx && await_proxy nginx_proxy nginx "$kind"
+        wants haproxy && await_proxy haproxy haproxy "$kind"
     done
+    return 0
 }
 
-# The gateway takes a single upstream, so one instance per body kind.
+# The gateway and the router take their upstream on the command line: one
+# instance per target and kind, started when the kind's turn comes.
 start_gateway() {
-    local kind="$1"
-    if [[ -z "$GATEWAY" ]]; then mark_broken gateway "$kind" "no gateway binary (build failed)"; return 0; fi
-    log "starting gateway ($kind) on :${PORT[gateway_$kind]} -> :${PORT[direct_$kind]}"
-    spawn "gateway_$kind" "$GATEWAY" --llm-api-base "http://127.0.0.1:${PORT[direct_$kind]}" \
-        --host 127.0.0.1 --port "${PORT[gateway_$kind]}" --log-level warn
-    if ! wait_ready "gateway_$kind" gateway "$kind" "${BENCH_GATEWAY_START_TIMEOUT:-30}"; then
-        if alive "gateway_$kind"; then
-            mark_broken gateway "$kind" "no 200 from POST /v1/responses within ${BENCH_GATEWAY_START_TIMEOUT:-30}s"
-        else
-            mark_broken gateway "$kind" "process exited during startup"
+    local target="$1" kind="$2" proc="$1_$2"
+    local -a args=(--llm-api-base "http://127.0.0.1:${PORT[direct_$kind]}"
+                   --host 127.0.0.1 --port "${PORT[${target}_$kind]}" --log-format json)
+    [[ "$target" != gateway-nolog ]] || args+=(--access-log false)
+    # The gateway derives max_connections from its open-files limit (a third of it: a client
+    # socket, an upstream socket and room to spare). Under the shipped unit (LimitNOFILE=65536)
+    # that is over 21,000; where this machine allows fewer, the streams leg asks for enough.
+    if [[ "$kind" == streams ]]; then
+        local most=0 n
+        for n in $STREAM_COUNTS; do (( n <= most )) || most=$n; done
+        if (( ($(ulimit -n) - 100) / 3 < most )); then
+            args+=(--max-connections $((most + 100)))
+            log "open-files limit $(ulimit -n) is below the unit's: --max-connections $((most + 100))"
         fi
-        show_log "gateway_$kind"
-        stop "gateway_$kind"
     fi
+    # shellcheck disable=SC2206
+    args+=(${GATEWAY_EXTRA_ARGS:-})
+    if [[ -z "$GATEWAY" ]]; then mark_broken "$target" "$kind" "no gateway binary (build failed)"; return 0; fi
+    log "starting $target ($kind) on :${PORT[${target}_$kind]} -> :${PORT[direct_$kind]}"
+    spawn "$proc" "$GATEWAY" "${args[@]}"
+    await_proxy "$proc" "$target" "$kind" "${BENCH_GATEWAY_START_TIMEOUT:-30}"
+    [[ -z "${BROKEN[${target}_$kind]:-}" ]] || stop "$proc"
+}
+
+start_router() {
+    local kind="$1" proc="router_$1"
+    if [[ -z "$ROUTER" ]]; then mark_broken router "$kind" "vllm-router is not installed"; return 0; fi
+    log "starting vllm-router ($kind) on :${PORT[router_$kind]} -> :${PORT[direct_$kind]}"
+    spawn "$proc" "$ROUTER" --host 127.0.0.1 --port "${PORT[router_$kind]}" \
+        --worker-urls "http://127.0.0.1:${PORT[direct_$kind]}" --policy round_robin \
+        --rate-limit-tokens-per-second 100000000 --max-concurrent-requests 100000 \
+        --queue-size 100000 --log-level warning --disable-retries --disable-circuit-breaker \
+        --log-dir "$WORK/router-logs-$kind"
+    await_proxy "$proc" router "$kind" 60
+    [[ -z "${BROKEN[router_$kind]:-}" ]] || stop "$proc"
+}
+
+start_own_targets() {
+    local kind="$1"
+    wants gateway && start_gateway gateway "$kind"
+    wants gateway-nolog && [[ "$kind" != streams ]] && start_gateway gateway-nolog "$kind"
+    wants router && start_router "$kind"
+    return 0
+}
+
+stop_own_targets() {
+    stop "gateway_$1"; stop "gateway-nolog_$1"; stop "router_$1"
 }
 
 # verify TARGET KIND: status 200, the fixture's content type and bytes.
@@ -368,7 +462,13 @@ verify() {
     fi
     if [[ "$kind" == json ]]; then want="application/json"; else want="text/event-stream; charset=utf-8"; fi
     [[ "${ctype,,}" == "${want,,}" ]] || warn "$target ($kind): content-type '$ctype', expected '$want'"
-    if cmp -s "$out" "$(fixture "$kind")"; then
+    if [[ "$kind" == streams ]]; then
+        if [[ "$(grep -c '^data: ' "$out")" == 3 ]]; then
+            log "verified $target ($kind): 200, 2 events and [DONE]"
+        else
+            warn "$target ($kind): the stream did not arrive whole"
+        fi
+    elif cmp -s "$out" "$(fixture "$kind")"; then
         log "verified $target ($kind): 200, $(wc -c <"$out") bytes identical to the fixture"
     else
         warn "$target ($kind): body differs from the fixture ($(wc -c <"$out") vs $(wc -c <"$(fixture "$kind")") bytes)"
@@ -377,20 +477,25 @@ verify() {
 
 print_versions() {
     echo "== environment"
-    echo "   nproc:    $(nproc)"
+    echo "   cpu:      $(nproc) x $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+    echo "   memory:   $(awk '/^MemTotal/ {printf "%.1f GB", $2 / 1048576}' /proc/meminfo)"
     echo "   kernel:   $(uname -sr)"
+    echo "   nofile:   $(ulimit -n)"
     echo "   nginx:    $(nginx -v 2>&1 | head -n1)"
     echo "   haproxy:  $(haproxy -v 2>&1 | head -n1)"
+    if [[ -n "$ROUTER" ]]; then
+        echo "   router:   vllm-router $("${ROUTER%/*}/python" -m pip show vllm-router 2>/dev/null | awk '/^Version:/ {print $2}')"
+    fi
+    echo "   python:   $(python3 --version 2>&1)"
     if [[ "$TOOL" == oha ]]; then
-        echo "   load:     $(oha --version 2>&1 | head -n1)"
+        echo "   load:     $("$OHA" --version 2>&1 | head -n1)"
     else
         echo "   load:     $(wrk -v 2>&1 | head -n1)"
     fi
     local gwv=""
     [[ -z "$GATEWAY" ]] || gwv="$(timeout 3 "$GATEWAY" --version 2>/dev/null | head -n1 || true)"
-    echo "   gateway:  ${GATEWAY:-n/a}${gwv:+ ($gwv)}"
-    echo "   request:  POST /v1/responses $(cat "$WORK/request.json") / $(cat "$WORK/request.sse")"
-    echo "   bodies:   json $(wc -c <"$JSON_FIXTURE") bytes, sse $(wc -c <"$SSE_FIXTURE") bytes"
+    echo "   gateway:  ${GATEWAY:-n/a}${gwv:+ ($gwv)}, $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "   request:  POST /v1/responses $(cat "$WORK/request.json")"
 }
 
 # ---------------------------------------------------------------------------
@@ -404,7 +509,7 @@ load_run() {
     threads=$(nproc)
     (( threads <= CONNECTIONS )) || threads=$CONNECTIONS
     if [[ "$TOOL" == oha ]]; then
-        cmd=(oha --no-tui "${OHA_JSON[@]}" -z "${secs}s" -c "$CONNECTIONS" -m POST
+        cmd=("$OHA" --no-tui "${OHA_JSON[@]}" -z "${secs}s" -c "$CONNECTIONS" -m POST
              -H 'content-type: application/json' -D "$WORK/request.$kind" "$(url "$target" "$kind")")
     else
         cmd=(env "BENCH_REQUEST_BODY=$(cat "$WORK/request.$kind")"
@@ -424,21 +529,27 @@ load_run() {
 # proc_of TARGET KIND: name of the process that serves TARGET.
 proc_of() {
     case "$1" in
-        direct) echo upstream ;;
+        direct) if [[ "$2" == streams ]]; then echo upstream_streams; else echo upstream; fi ;;
         nginx) echo nginx_proxy ;;
         haproxy) echo haproxy ;;
-        gateway) echo "gateway_$2" ;;
+        *) echo "$1_$2" ;;
     esac
+}
+
+# usable TARGET KIND: the leg is not broken and its process is alive.
+usable() {
+    local target="$1" kind="$2"
+    if [[ -z "${BROKEN[${target}_$kind]:-}" ]] && ! alive "$(proc_of "$target" "$kind")"; then
+        mark_broken "$target" "$kind" "process is gone"
+    fi
+    [[ -z "${BROKEN[${target}_$kind]:-}" ]]
 }
 
 # measure TARGET KIND ROUND: one measured run, appended to results.tsv.
 measure() {
     local target="$1" kind="$2" round="$3" out parsed rps p50 p99 errors
     out="$WORK/out/$kind-$target-$round.txt"
-    if [[ -z "${BROKEN[${target}_$kind]:-}" ]] && ! alive "$(proc_of "$target" "$kind")"; then
-        mark_broken "$target" "$kind" "process is gone"
-    fi
-    if [[ -n "${BROKEN[${target}_$kind]:-}" ]]; then
+    if ! usable "$target" "$kind"; then
         echo "$kind $target $round fail - - - -" >>"$WORK/results.tsv"
         return 0
     fi
@@ -446,7 +557,7 @@ measure() {
         && parsed="$(python3 "$BENCH_DIR/report.py" parse "$TOOL" "$out")"; then
         read -r rps p50 p99 errors _ <<<"$parsed"
         awk -v k="$kind" -v r="$round" -v t="$target" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v e="$errors" \
-            'BEGIN { printf "   %-4s round %d  %-8s %9.0f req/s  p50 %8.3fms  p99 %8.3fms  errors %d\n", k, r, t, rps, p50 * 1e3, p99 * 1e3, e }' >&2
+            'BEGIN { printf "   %-4s round %d  %-13s %9.0f req/s  p50 %8.3fms  p99 %8.3fms  errors %d\n", k, r, t, rps, p50 * 1e3, p99 * 1e3, e }' >&2
         echo "$kind $target $round ok $rps $p50 $p99 $errors" >>"$WORK/results.tsv"
     else
         warn "$target ($kind) round $round failed; output in $out:"
@@ -455,9 +566,9 @@ measure() {
     fi
 }
 
-bench_kind() {
+bench_load() {
     local kind="$1" target round
-    start_gateway "$kind"
+    start_own_targets "$kind"
     for target in "${TARGETS[@]}"; do verify "$target" "$kind"; done
     if (( WARMUP > 0 )); then
         log "warm-up ($kind): ${WARMUP}s per target"
@@ -470,7 +581,62 @@ bench_kind() {
     for ((round = 1; round <= ROUNDS; round++)); do
         for target in "${TARGETS[@]}"; do measure "$target" "$kind" "$round"; done
     done
-    stop "gateway_$kind"
+    stop_own_targets "$kind"
+}
+
+# streams_tool ARGS...: streams.py bounded in time, run in the background so
+# that a signal reaches the trap at once.
+streams_tool() {
+    local rc=0
+    spawn load timeout -k 5 $(( 120 + STREAM_EVENTS * ${STREAM_INTERVAL%.*} * 2 )) python3 "$BENCH_DIR/streams.py" "$@"
+    wait "${PROCS[load]}" || rc=$?
+    unset "PROCS[load]"
+    cat "$WORK/load.log"
+    return "$rc"
+}
+
+bench_streams() {
+    local kind=streams target round line count pids
+    start_own_targets "$kind"
+    local -a targets=()
+    for target in "${TARGETS[@]}"; do [[ "$target" == gateway-nolog ]] || targets+=("$target"); done
+    for target in "${targets[@]}"; do verify "$target" "$kind"; done
+    log "measuring ($kind): time to first byte, $ROUNDS round(s) x $TTFB_REQUESTS sequential requests"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for target in "${targets[@]}"; do
+            usable "$target" "$kind" || { echo "ttfb $target $round fail -" >>"$WORK/streams.tsv"; continue; }
+            if line="$(streams_tool ttfb "$(url "$target" "$kind")" "$TTFB_REQUESTS")" \
+                && read -r p50 p90 ok <<<"$line" && [[ "$ok" == "$TTFB_REQUESTS" ]]; then
+                awk -v r="$round" -v t="$target" -v a="$p50" -v b="$p90" \
+                    'BEGIN { printf "   ttfb round %d  %-13s p50 %.3fms  p90 %.3fms\n", r, t, a * 1e3, b * 1e3 }' >&2
+                echo "ttfb $target $round ok $p50" >>"$WORK/streams.tsv"
+            else
+                warn "$target ($kind) ttfb round $round failed: ${line:-no output}"
+                echo "ttfb $target $round fail -" >>"$WORK/streams.tsv"
+            fi
+        done
+    done
+    for target in "${targets[@]}"; do
+        [[ "$target" != direct ]] || continue
+        usable "$target" "$kind" || continue
+        pids="${PROCS[$(proc_of "$target" "$kind")]}"
+        line="$(streams_tool rss "$pids")"
+        log "$target: RSS idle $((line / 1024)) KB"
+        echo "rss $target 0 ok $line 0 0" >>"$WORK/streams.tsv"
+        for count in $STREAM_COUNTS; do
+            usable "$target" "$kind" || break
+            log "$target: $count streams of $STREAM_EVENTS events ${STREAM_INTERVAL}s apart"
+            if line="$(streams_tool hold "$(url "$target" "$kind")" "$count" "$STREAM_EVENTS" "$STREAM_INTERVAL" "$pids")"; then
+                read -r rss peak whole <<<"$line"
+                log "$target: RSS $((rss / 1024)) KB with $peak streams open at once, $whole of $count whole"
+                echo "rss $target $count ok $rss $peak $whole" >>"$WORK/streams.tsv"
+            else
+                warn "$target: the $count-stream run failed"
+                echo "rss $target $count fail - - -" >>"$WORK/streams.tsv"
+            fi
+        done
+    done
+    stop_own_targets "$kind"
 }
 
 main() {
@@ -479,22 +645,25 @@ main() {
     trap 'exit 143' TERM
 
     [[ -f "$JSON_FIXTURE" && -f "$SSE_FIXTURE" ]] || die "fixtures missing under $FIXTURES"
+    local kind
+    for kind in $KINDS; do
+        [[ "$kind" == json || "$kind" == sse || "$kind" == streams ]] || die "BENCH_KINDS: unknown kind '$kind'"
+    done
     install_deps
     build_gateway
     prepare_workdir
+    : >"$WORK/streams.tsv"
     start_upstream
     start_proxies
 
-    local kind
     for kind in $KINDS; do
-        [[ "$kind" == json || "$kind" == sse ]] || die "BENCH_KINDS: unknown kind '$kind'"
-        bench_kind "$kind"
+        if [[ "$kind" == streams ]]; then bench_streams; else bench_load "$kind"; fi
     done
 
     echo
     print_versions
-    python3 "$BENCH_DIR/report.py" report "$WORK/results.tsv" --duration "$DURATION" \
-        --rounds "$ROUNDS" --connections "$CONNECTIONS" --tool "$TOOL"
+    python3 "$BENCH_DIR/report.py" report "$WORK/results.tsv" --streams "$WORK/streams.tsv" \
+        --duration "$DURATION" --rounds "$ROUNDS" --connections "$CONNECTIONS" --tool "$TOOL"
 }
 
 main "$@"

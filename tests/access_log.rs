@@ -1,0 +1,98 @@
+//! The access log off the request path: requests go on while nobody reads the gateway's stderr,
+//! and every line they logged is there once the gateway has exited cleanly.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const REQUESTS: usize = 2000;
+
+#[test]
+fn requests_go_on_while_stderr_is_not_read_and_every_access_line_is_written_by_a_clean_exit() {
+    let vllm = mock_vllm(&[]);
+    let port = free_port();
+    // stderr is a pipe nobody reads until the end: it fills after a few hundred lines (64 KB),
+    // which would stall every request if the access log were written on the request path.
+    let mut gateway = Command::new(GATEWAY)
+        .args([
+            "--llm-api-base",
+            &format!("http://127.0.0.1:{}/v1", vllm.port),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--log-format",
+            "json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("start the gateway");
+    let pid = nix::unistd::Pid::from_raw(gateway.id() as i32);
+    let mut stderr = gateway.stderr.take().expect("stderr");
+    wait_until("the gateway to listen", Duration::from_secs(10), || {
+        accepts_connections(port)
+    });
+
+    for n in 0..REQUESTS {
+        let response = post_json(
+            port,
+            "/v1/responses",
+            r#"{"model":"mock-model","input":"hi"}"#,
+            &format!("\r\nx-request-id: access-{n}"),
+        );
+        assert_eq!(response.status, 200, "request {n}");
+    }
+    let (status, metrics) = get(&format!("http://127.0.0.1:{port}/metrics")).expect("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("gateway_log_lines_dropped_total 0"),
+        "no line dropped with the queue far from full:\n{metrics}"
+    );
+
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).expect("read stderr");
+        text
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = gateway.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = gateway.kill();
+            panic!("the gateway did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "clean exit: {status:?}");
+    let log = reader.join().expect("reader");
+
+    let logged: std::collections::BTreeSet<usize> = log
+        .lines()
+        .filter(|line| line.contains(r#""target":"gateway::access""#))
+        .filter_map(|line| {
+            let line: serde_json::Value = serde_json::from_str(line).ok()?;
+            line["request_id"]
+                .as_str()?
+                .strip_prefix("access-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(
+        logged.len(),
+        REQUESTS,
+        "one access line per request, none lost at exit (missing e.g. {:?})",
+        (0..REQUESTS).find(|n| !logged.contains(n))
+    );
+}
