@@ -14,6 +14,8 @@ const REQUESTS: usize = 2000;
 #[test]
 fn requests_go_on_while_stderr_is_not_read_and_every_access_line_is_written_by_a_clean_exit() {
     let vllm = mock_vllm(&[]);
+    // Picked here, not read from the gateway's report: that is on stderr, which this test leaves
+    // unread.
     let port = free_port();
     // stderr is a pipe nobody reads until the end: it fills after a few hundred lines (64 KB),
     // which would stall every request if the access log were written on the request path.

@@ -277,16 +277,25 @@ fn sigterm_drains_a_stream_then_stops_the_child_then_exits_0() {
     );
     assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
     assert!(!alive(child), "the child is gone");
-    let log = gateway.log_text();
-    let stream_end = log
-        .find("\"route\":\"/v1/responses\"")
+    // The access log is written through a queue, so its lines may come out after later ones:
+    // the order is the timestamps' (RFC 3339, which sort as text).
+    let timestamp_of = |predicate: &dyn Fn(&str) -> bool| {
+        gateway
+            .log_text()
+            .lines()
+            .filter(|line| predicate(line))
+            .find_map(|line| {
+                let line: serde_json::Value = serde_json::from_str(line).ok()?;
+                Some(line["timestamp"].as_str()?.to_string())
+            })
+    };
+    let stream_end = timestamp_of(&|line| line.contains("\"route\":\"/v1/responses\""))
         .expect("access log line of the stream");
-    let child_term = log
-        .find("sending SIGTERM to vLLM")
+    let child_term = timestamp_of(&|line| line.contains("sending SIGTERM to vLLM"))
         .expect("the child was stopped");
     assert!(
         stream_end < child_term,
-        "the stream finished before the child got SIGTERM"
+        "the stream finished ({stream_end}) before the child got SIGTERM ({child_term})"
     );
 }
 
