@@ -108,3 +108,4 @@ pub mod signals;
 pub mod status;
 pub mod supervisor;
 pub mod telemetry;
+pub mod upgrade;
