@@ -63,7 +63,8 @@ pub struct HandedChild {
     pub stderr_fd: Option<RawFd>,
 }
 
-/// The child's state, as far as it survives an exec (timers restart in the new image).
+/// The child's state, as far as it survives an exec (timers restart in the new image). A vLLM
+/// being stopped has no state here: the old image finishes the stop before it hands over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state", deny_unknown_fields)]
 pub enum HandedState {
