@@ -18,7 +18,7 @@
 //!     │                                                 │
 //!  probe         the upstream /health probe, the standalone poller
 //!     │
-//!  status        the upstream's state on a watch
+//!  status        the upstream's state on a watch     upgrade (in-place upgrade groundwork)
 //!     │
 //!  lifecycle     state, backoff, schedule, outcome: the supervisor's pure parts
 //!  config, resources
@@ -63,6 +63,10 @@
 //!   [`config::Config`], every mistake blamed on the flag, variable or file key that gave it.
 //! - `cli`: the command line (clap). The flags of configuration keys are made from
 //!   `config::KEYS` and passed on as text; nothing here has a default or reads the environment.
+//! - `upgrade`: the groundwork of re-executing a replaced binary in place, not wired into SIGHUP
+//!   yet: `identity` tells a replaced binary by device and inode, `handover` is the versioned
+//!   description a new image validates or refuses (yet still adopts vLLM by pid), `fds` clears
+//!   close-on-exec on exactly the descriptors that cross the exec.
 //! - `resources`: which errors mean the gateway itself ran out of descriptors or memory, and which
 //!   limit it hit; such errors are never counted against vLLM.
 //!
@@ -109,3 +113,4 @@ pub mod signals;
 pub mod status;
 pub mod supervisor;
 pub mod telemetry;
+pub mod upgrade;

@@ -14,7 +14,8 @@ use crate::proxy::state::AppState;
 use crate::telemetry;
 
 /// 200 while the process serves (and, under `serve`, while the supervisor loop runs: it publishes
-/// `Exited` when it stops).
+/// `Exited` when it stops). The body also names the gateway's version, so that an operator sees
+/// which binary runs.
 pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
     let status = state.status.borrow().clone();
     let ready = status.is_ready(state.probe_freshness) && !state.draining.is_cancelled();
@@ -27,7 +28,11 @@ pub async fn livez(State(state): State<Arc<AppState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(report)).into_response()
+    let mut body = serde_json::to_value(report).unwrap_or_default();
+    if let Some(fields) = body.as_object_mut() {
+        fields.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    }
+    (code, Json(body)).into_response()
 }
 
 /// 200 when the upstream is ready to serve and the gateway is not draining, else 503.
