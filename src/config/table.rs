@@ -498,7 +498,7 @@ pub const KEYS: &[Key] = &[
         name: "restart",
         kind: Kind::Choice(super::RestartPolicy::NAMES),
         default: Some("on-failure"),
-        doc: "When to restart vLLM after it exits: no, on-failure or always",
+        doc: "When to restart vLLM after an exit the gateway did not ask for, exit 0 included: no, on-failure or always (alike: every such exit is a failure)",
         flag: Flag::Long("restart", "POLICY"),
         env: &["GATEWAY_RESTART"],
         ..field!(serve.restart)
