@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::proxy::admission::{self, Permit};
 use crate::proxy::body::{BodyTooLarge, ClientBodyError, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
-use crate::proxy::state::AppState;
+use crate::proxy::state::{AppState, Live};
 use crate::proxy::{headers, keepalive};
 use crate::telemetry::RequestRecord;
 
@@ -52,13 +52,18 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
             let body = UpstreamBody::new(upstream_body, timing, deadline, record);
             response.map(|()| admission::hold(body, permit))
         }
-        Ok(Proxied::Waiting(pending)) => keepalive::respond(
-            Arc::clone(&state),
-            Arc::clone(&live),
-            pending,
-            record,
-            permit,
-        ),
+        Ok(Proxied::Waiting(pending)) => {
+            let admitted = pending.admitted;
+            let exchange = exchange(Arc::clone(&state), Arc::clone(&live), pending);
+            keepalive::respond(
+                Arc::clone(&state),
+                Arc::clone(&live),
+                admitted,
+                exchange,
+                record,
+                permit,
+            )
+        }
         Err(error) => {
             match &error {
                 ProxyError::Unavailable(_) | ProxyError::Timeout(_) => {
@@ -189,7 +194,7 @@ async fn proxy(
         request_id: request_id.clone(),
         admitted: Instant::now(),
     };
-    match keepalive::after(state, config, &pending) {
+    match keepalive::after(state, config, pending.whole_body()) {
         Some(after) => {
             match tokio::time::timeout(after, wait_until_ready(state, config, pending.admitted))
                 .await
@@ -203,6 +208,18 @@ async fn proxy(
     send_pending(state, config, pending, record)
         .await
         .map(Proxied::Answered)
+}
+
+/// What is left of a waiting stream's request once its stream has begun: the rest of the wait,
+/// then the exchange with vLLM.
+fn exchange(state: Arc<AppState>, live: Arc<Live>, pending: Pending) -> keepalive::Exchange {
+    Box::new(move |record| {
+        Box::pin(async move {
+            let config = &live.config;
+            wait_until_ready(&state, config, pending.admitted).await?;
+            send_pending(&state, config, pending, record).await
+        })
+    })
 }
 
 /// Sends a request whose vLLM is ready, once more to a replacement if the first refused it.

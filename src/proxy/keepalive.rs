@@ -11,6 +11,7 @@
 //! (dropping the request to vLLM) as soon as the client goes away.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,20 +32,33 @@ use crate::config::Config;
 use crate::lifecycle::state::ChildState;
 use crate::proxy::admission::Permit;
 use crate::proxy::body::{Timing, UpstreamBody};
-use crate::proxy::errors::status_event;
-use crate::proxy::forward::{self, Pending};
+use crate::proxy::errors::{ProxyError, status_event};
 use crate::proxy::state::{AppState, Live};
 use crate::status::UpstreamStatus;
 use crate::telemetry::RequestRecord;
 
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
+/// vLLM's answer: the response head, its body, how the body is timed, when it was sent.
+pub type Answer = (http::Response<()>, reqwest::Body, Timing, Instant);
+
+/// The rest of a request's way to vLLM (`forward` makes it: wait until ready, then send), given
+/// the request's record to log against. This module never calls `forward` itself, which calls it.
+pub type Exchange = Box<
+    dyn for<'a> FnOnce(
+            &'a RequestRecord,
+        )
+            -> Pin<Box<dyn Future<Output = Result<Answer, ProxyError>> + Send + 'a>>
+        + Send,
+>;
+
 /// How much of a non-stream answer from vLLM is read to find its error code.
 const ERROR_BODY_MAX: usize = 64 * 1024;
 
 /// How long this request may wait silently before its stream begins: `Some` only under `serve`,
 /// with keep-alive on, while vLLM is not ready (but may become so), for a streaming request.
-pub fn after(state: &AppState, config: &Config, pending: &Pending) -> Option<Duration> {
+/// `body` is the request body, when it was read whole.
+pub fn after(state: &AppState, config: &Config, body: Option<&[u8]>) -> Option<Duration> {
     let serve = config.serve.as_ref()?;
     if serve.stream_keepalive_after.is_zero() || serve.ready_wait_timeout.is_zero() {
         return None;
@@ -55,7 +69,7 @@ pub fn after(state: &AppState, config: &Config, pending: &Pending) -> Option<Dur
             return None;
         }
     }
-    wants_stream(pending.whole_body()?).then_some(serve.stream_keepalive_after)
+    wants_stream(body?).then_some(serve.stream_keepalive_after)
 }
 
 /// Whether a JSON body asks for a stream (`"stream": true` at its top level).
@@ -68,18 +82,20 @@ fn wants_stream(body: &[u8]) -> bool {
     serde_json::from_slice::<Stream>(body).is_ok_and(|body| body.stream == true)
 }
 
-/// Begins the stream of a request still waiting for vLLM, and leaves the rest to a task.
+/// Begins the stream of a request still waiting for vLLM since `admitted`, and leaves the rest
+/// (`exchange`, then relaying) to a task. `live` is the request's configuration.
 pub fn respond(
     state: Arc<AppState>,
     live: Arc<Live>,
-    pending: Pending,
+    admitted: Instant,
+    exchange: Exchange,
     mut record: RequestRecord,
     permit: Option<Permit>,
 ) -> Response {
     record.set_response(StatusCode::OK.as_u16(), true);
     let (sender, receiver) = mpsc::channel(4);
     tokio::spawn(async move {
-        let outcome = relay(&state, &live.config, pending, record, &sender).await;
+        let outcome = relay(&state, &live.config, admitted, exchange, record, &sender).await;
         counter!("gateway_waiting_streams_total", "outcome" => outcome).increment(1);
         drop(permit);
     });
@@ -98,7 +114,8 @@ pub fn respond(
 async fn relay(
     state: &AppState,
     config: &Config,
-    pending: Pending,
+    admitted: Instant,
+    exchange: Exchange,
     mut record: RequestRecord,
     sender: &mpsc::Sender<Bytes>,
 ) -> &'static str {
@@ -108,17 +125,12 @@ async fn relay(
         .map_or(Duration::from_secs(10), |serve| {
             serve.stream_keepalive_interval
         });
-    let admitted = pending.admitted;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut comment_bytes = 0;
     // In a block of its own, so that the exchange's borrow of the record ends with it.
     let result = {
-        let exchange = async {
-            forward::wait_until_ready(state, config, admitted).await?;
-            forward::send_pending(state, config, pending, &record).await
-        };
-        tokio::pin!(exchange);
+        let mut exchange = exchange(&record);
         loop {
             tokio::select! {
                 result = &mut exchange => break result,
