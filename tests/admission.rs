@@ -165,3 +165,56 @@ fn a_request_queued_past_queue_timeout_gets_429() {
     let next = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
     assert_eq!(next.status, 200);
 }
+
+/// Waits until the gateway has logged `count` finished reloads.
+fn wait_reloads(gateway: &Proc, count: usize) {
+    wait_until(&format!("reload {count}"), DEADLINE, || {
+        gateway.log_text().matches("configuration reloaded").count() >= count
+    });
+}
+
+#[test]
+fn a_reload_raises_and_lowers_the_concurrency_limit_without_disturbing_requests_in_flight() {
+    let mock = mock_vllm(&[("MOCK_VLLM_STALL_MID_STREAM", "3")]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("gateway.toml");
+    let limit = |n: u32| {
+        std::fs::write(
+            &file,
+            format!("max_concurrent_requests = {n}\nmax_queued_requests = 0\n"),
+        )
+        .expect("write the config file");
+    };
+    limit(1);
+    let gateway = gateway(
+        mock.port,
+        &["--config", file.to_str().expect("utf-8 path")],
+        &[],
+    );
+    let first = hold_stream(gateway.port);
+    let refused = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_too_many_requests(&refused, "queue is full");
+
+    limit(2);
+    gateway.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_reloads(&gateway, 1);
+    let second = hold_stream(gateway.port);
+    let refused = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_too_many_requests(&refused, "queue is full");
+
+    // Lowered while both turns are held: both streams go on, and once they are over one turn
+    // is left.
+    limit(1);
+    gateway.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_reloads(&gateway, 2);
+    let refused = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_too_many_requests(&refused, "queue is full");
+    drop(first);
+    drop(second);
+    wait_until("the streams to end", DEADLINE, || {
+        metric(&gateway, "gateway_streams_active") == Some(0.0)
+    });
+    let _only = hold_stream(gateway.port);
+    let refused = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_too_many_requests(&refused, "queue is full");
+}

@@ -376,8 +376,7 @@ pub const KEYS: &[Key] = &[
         ..field!(proxy.max_connections)
     },
     // ------------------------------------------------------------ admission
-    // The concurrency semaphore, shared by every worker, is sized once; the queue's bound and
-    // timeout are read per request.
+    // Read per request: the next request resizes the shared semaphore to a reloaded limit.
     Key {
         name: "max_concurrent_requests",
         kind: Kind::COUNT,
@@ -385,6 +384,7 @@ pub const KEYS: &[Key] = &[
         doc: "Most proxied requests served at once; past it they wait in a queue (0: no limit)",
         flag: Flag::Long("max-concurrent-requests", "N"),
         env: &["GATEWAY_MAX_CONCURRENT_REQUESTS"],
+        reload: Reload::Live,
         ..field!(proxy.max_concurrent_requests)
     },
     Key {

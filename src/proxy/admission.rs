@@ -6,10 +6,14 @@
 //! It owns one `tokio::sync::Semaphore` (fair, and usable from every worker's runtime) and the
 //! count of requests waiting on it. A request's permit lives in its response body
 //! ([`hold`]), so a stream holds its turn until it ends or the client goes away.
+//!
+//! A reload may change the limit: the next request resizes the semaphore to it. Growing adds
+//! permits; shrinking forgets free ones and owes the rest, which permits then pay as they come
+//! back, so requests already served finish undisturbed.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -26,26 +30,92 @@ use crate::proxy::errors::{ProxyError, Rejected};
 /// The gateway-wide limit, shared by every worker (its state is cloned per worker around one
 /// `Arc<Admission>`).
 pub struct Admission {
-    /// `None` when `max_concurrent_requests` is 0: no limit, and nothing to wait for.
-    permits: Option<Arc<Semaphore>>,
+    permits: Arc<Semaphore>,
+    /// The limit the semaphore enforces now (0: none, and nothing to wait for): read by every
+    /// request, so a changed `max_concurrent_requests` is seen without a lock.
+    limit: AtomicU32,
+    /// Permits that exist (free or held), less those owed: what `limit` amounts to. Changed
+    /// only by `resize`, under this lock.
+    total: Mutex<u32>,
+    /// Permits to forget as they come back, after a shrink found too few of them free.
+    owed: Arc<AtomicU32>,
     /// Requests waiting on `permits` now: the queue's depth, bounded by `max_queued_requests`.
     queued: AtomicU32,
 }
 
-/// A request's turn; dropping it gives the turn to the next request in the queue.
-pub type Permit = OwnedSemaphorePermit;
+/// A request's turn; dropping it gives the turn to the next request in the queue (or pays a
+/// permit owed by a shrink).
+pub struct Permit {
+    permit: Option<OwnedSemaphorePermit>,
+    owed: Arc<AtomicU32>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            if pay_one(&self.owed) {
+                permit.forget();
+            }
+        }
+    }
+}
+
+/// Takes one from `owed` if anything is owed.
+fn pay_one(owed: &AtomicU32) -> bool {
+    owed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+        owed.checked_sub(1)
+    })
+    .is_ok()
+}
 
 impl Admission {
-    /// `limit` is `max_concurrent_requests`, read once: the semaphore is sized at start.
+    /// `limit` is `max_concurrent_requests` at start.
     pub fn new(limit: u32) -> Self {
-        let permits = (limit > 0).then(|| {
-            gauge!("gateway_queue_depth").set(0.0);
-            Arc::new(Semaphore::new((limit as usize).min(Semaphore::MAX_PERMITS)))
-        });
+        gauge!("gateway_queue_depth").set(0.0);
+        let limit = limit.min(Semaphore::MAX_PERMITS as u32);
         Admission {
-            permits,
+            permits: Arc::new(Semaphore::new(limit as usize)),
+            limit: AtomicU32::new(limit),
+            total: Mutex::new(limit),
+            owed: Arc::new(AtomicU32::new(0)),
             queued: AtomicU32::new(0),
         }
+    }
+
+    /// Brings the semaphore to `limit` permits, however many are held now.
+    fn resize(&self, limit: u32) {
+        let limit = limit.min(Semaphore::MAX_PERMITS as u32);
+        let mut total = self.total.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another worker's request may have resized it meanwhile.
+        if limit == *total {
+            self.limit.store(limit, Ordering::Release);
+            return;
+        }
+        if limit > *total {
+            let mut more = limit - *total;
+            // Whatever is still owed is forgiven first.
+            while more > 0 && pay_one(&self.owed) {
+                more -= 1;
+            }
+            self.permits.add_permits(more as usize);
+        } else {
+            self.owed.fetch_add(*total - limit, Ordering::AcqRel);
+            // Free permits pay at once, one by one, so that none is forgotten twice; the rest
+            // are paid as held permits come back.
+            while self.owed.load(Ordering::Acquire) > 0 {
+                let Ok(permit) = self.permits.try_acquire() else {
+                    break;
+                };
+                if pay_one(&self.owed) {
+                    permit.forget();
+                } else {
+                    break;
+                }
+            }
+        }
+        *total = limit;
+        self.limit.store(limit, Ordering::Release);
+        tracing::info!(max_concurrent_requests = limit, "concurrency limit changed");
     }
 
     /// Waits for the request's turn. `None` when there is no limit; 429 when the queue is full
@@ -55,12 +125,23 @@ impl Admission {
         proxy: &ProxyConfig,
         draining: &CancellationToken,
     ) -> Result<Option<Permit>, ProxyError> {
-        let Some(permits) = &self.permits else {
+        let limit = proxy.max_concurrent_requests;
+        if limit != self.limit.load(Ordering::Acquire) {
+            self.resize(limit);
+        }
+        if limit == 0 {
             return Ok(None);
+        }
+        let permits = &self.permits;
+        let permit = |permit| {
+            Some(Permit {
+                permit: Some(permit),
+                owed: Arc::clone(&self.owed),
+            })
         };
         // A free permit goes to a waiter first, so this never jumps the queue.
-        if let Ok(permit) = Arc::clone(permits).try_acquire_owned() {
-            return Ok(Some(permit));
+        if let Ok(free) = Arc::clone(permits).try_acquire_owned() {
+            return Ok(permit(free));
         }
         let max_queued = proxy.max_queued_requests;
         let joined = self
@@ -77,7 +158,7 @@ impl Admission {
         let turn = tokio::time::timeout(proxy.queue_timeout, Arc::clone(permits).acquire_owned());
         let outcome = tokio::select! {
             turn = turn => match turn {
-                Ok(Ok(permit)) => Ok(Some(permit)),
+                Ok(Ok(turn)) => Ok(permit(turn)),
                 // The semaphore is never closed; a closed one would mean no turn ever.
                 Ok(Err(_)) | Err(_) => Err(reject(Rejected::QueueTimeout)),
             },
