@@ -13,8 +13,9 @@
 //!     │
 //!  proxy: workers ─▶ conn, router ─▶ endpoints       supervisor (the actor, its handle)
 //!     │                                                 │
-//!  proxy::forward ─▶ body, errors, headers;          supervisor::child ─▶ reaper; port,
-//!  telemetry; notify                                 descendants ─▶ guard; output
+//!  proxy::forward ─▶ body, errors, headers,          supervisor::child ─▶ reaper; port,
+//!    admission, keepalive;                           descendants ─▶ guard; output
+//!  telemetry; notify
 //!     │                                                 │
 //!  probe         the upstream /health probe, the standalone poller
 //!     │
@@ -37,8 +38,12 @@
 //!   `/health`, `/metrics`; `proxy::state` the state handlers share and the live configuration.
 //!   `proxy::conn` accepts client connections under the shared `max_connections` limit and
 //!   enforces the client-side header, idle and send timeouts on the socket. `proxy::forward`
-//!   forwards one request; `proxy::headers` holds the hop-by-hop rules; `proxy::body` wraps
-//!   bodies with limits and timeouts; `proxy::errors` shapes every error as OpenAI JSON or a
+//!   forwards one request; `proxy::admission` holds it to the gateway-wide
+//!   `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
+//!   `proxy::keepalive` begins the stream of a streaming request still waiting for vLLM and
+//!   finishes it from a task (forward hands it the rest of the exchange, so keepalive never names
+//!   forward); `proxy::headers` holds the hop-by-hop rules; `proxy::body` wraps bodies with
+//!   limits and timeouts; `proxy::errors` shapes every error as OpenAI JSON or a
 //!   final SSE `error` event.
 //! - `supervisor`: `gateway serve`, the actor that owns the child (one task); others hold a
 //!   `SupervisorHandle` (its `Control` sender and status receiver). `child` spawns and
@@ -93,6 +98,8 @@
 //! - Nothing of vLLM's outlives it: before each start and before exit, every descendant of the
 //!   gateway but its guards is stopped (`supervisor::descendants`).
 //! - Stream bodies are never collected: frames are forwarded as they arrive.
+//! - `max_concurrent_requests` is one limit for the whole gateway: a request's turn is a permit
+//!   of the one semaphore every worker shares, held by its response body until the body ends.
 //! - No secret is ever formatted into a log line or an error (`config::Secret` has a redacting `Debug`).
 //! - Nothing below `cli` depends on clap: the domain enums (`RestartPolicy`, `LogFormat`) are
 //!   `config`'s.

@@ -71,6 +71,12 @@ pub struct ProxyConfig {
     pub client_send_timeout: Duration,
     /// Most client connections open at once; `None` derives it from the open-files limit at start.
     pub max_connections: Option<u32>,
+    /// Proxied requests served at once, for the whole gateway; 0: no limit.
+    pub max_concurrent_requests: u32,
+    /// Requests that may wait for a turn past that limit; more get 429.
+    pub max_queued_requests: u32,
+    /// How long a request may wait for its turn.
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +113,10 @@ pub struct ServeConfig {
     pub startup_timeout: Duration,
     pub health_failures: u32,
     pub ready_wait_timeout: Duration,
+    /// A streaming request that waited this long for vLLM gets its stream at once; zero: never.
+    pub stream_keepalive_after: Duration,
+    /// Interval of the comments that keep such a stream alive.
+    pub stream_keepalive_interval: Duration,
     pub stop_timeout: Duration,
 }
 

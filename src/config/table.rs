@@ -375,6 +375,38 @@ pub const KEYS: &[Key] = &[
         env: &["GATEWAY_MAX_CONNECTIONS"],
         ..field!(proxy.max_connections)
     },
+    // ------------------------------------------------------------ admission
+    // Read per request: the next request resizes the shared semaphore to a reloaded limit.
+    Key {
+        name: "max_concurrent_requests",
+        kind: Kind::COUNT,
+        default: Some("0"),
+        doc: "Most proxied requests served at once; past it they wait in a queue (0: no limit)",
+        flag: Flag::Long("max-concurrent-requests", "N"),
+        env: &["GATEWAY_MAX_CONCURRENT_REQUESTS"],
+        reload: Reload::Live,
+        ..field!(proxy.max_concurrent_requests)
+    },
+    Key {
+        name: "max_queued_requests",
+        kind: Kind::COUNT,
+        default: Some("256"),
+        doc: "Most requests waiting for a turn past max_concurrent_requests; past it they get 429",
+        flag: Flag::Long("max-queued-requests", "N"),
+        env: &["GATEWAY_MAX_QUEUED_REQUESTS"],
+        reload: Reload::Live,
+        ..field!(proxy.max_queued_requests)
+    },
+    Key {
+        name: "queue_timeout",
+        kind: Kind::DURATION,
+        default: Some("30s"),
+        doc: "How long a request may wait in the queue before it gets 429",
+        flag: Flag::Long("queue-timeout", "DURATION"),
+        env: &["GATEWAY_QUEUE_TIMEOUT"],
+        reload: Reload::Live,
+        ..field!(proxy.queue_timeout)
+    },
     // ------------------------------------------------------------ health
     // The health poller is started once.
     Key {
@@ -585,6 +617,26 @@ pub const KEYS: &[Key] = &[
         env: &["GATEWAY_READY_WAIT_TIMEOUT"],
         reload: Reload::Live,
         ..field!(serve.ready_wait_timeout)
+    },
+    Key {
+        name: "stream_keepalive_after",
+        kind: Kind::DURATION_OR_ZERO,
+        default: Some("5s"),
+        doc: "A streaming request still waiting for vLLM after this gets its stream at once, kept alive with comments (0: never)",
+        flag: Flag::Long("stream-keepalive-after", "DURATION"),
+        env: &["GATEWAY_STREAM_KEEPALIVE_AFTER"],
+        reload: Reload::Live,
+        ..field!(serve.stream_keepalive_after)
+    },
+    Key {
+        name: "stream_keepalive_interval",
+        kind: Kind::DURATION,
+        default: Some("10s"),
+        doc: "Interval between two keep-alive comments of a waiting stream",
+        flag: Flag::Long("stream-keepalive-interval", "DURATION"),
+        env: &["GATEWAY_STREAM_KEEPALIVE_INTERVAL"],
+        reload: Reload::Live,
+        ..field!(serve.stream_keepalive_interval)
     },
     Key {
         name: "stop_timeout",

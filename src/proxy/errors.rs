@@ -23,10 +23,40 @@ pub enum ProxyError {
     NotReady { retry_after_secs: u64 },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("too many requests: {0}")]
+    TooManyRequests(Rejected),
     #[error("the model server is unavailable: {0}")]
     Unavailable(Unavailable),
     #[error("the model server did not answer in time: {0}")]
     Timeout(TimeoutKind),
+}
+
+/// Why admission control turned a request away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// `max_queued_requests` were already waiting.
+    QueueFull,
+    /// It waited `queue_timeout` without getting a turn.
+    QueueTimeout,
+}
+
+impl Rejected {
+    /// The `reason` label of `gateway_requests_rejected_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejected::QueueFull => "queue_full",
+            Rejected::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Rejected::QueueFull => "the request queue is full",
+            Rejected::QueueTimeout => "no turn within queue_timeout",
+        })
+    }
 }
 
 /// Why the upstream could not be reached.
@@ -91,6 +121,7 @@ impl ProxyError {
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unavailable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -105,6 +136,8 @@ impl ProxyError {
             | ProxyError::BodyTimeout
             | ProxyError::MethodNotAllowed(_) => "invalid_request_error",
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown => "server_error",
+            // As OpenAI's own rate-limit errors say it.
+            ProxyError::TooManyRequests(_) => "requests",
             ProxyError::Unavailable(_) | ProxyError::Timeout(_) => "upstream_error",
         }
     }
@@ -119,6 +152,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::NotReady { .. } => "upstream_not_ready",
             ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::TooManyRequests(_) => "too_many_requests",
             ProxyError::Unavailable(_) => "upstream_unavailable",
             ProxyError::Timeout(_) => "upstream_timeout",
         }
@@ -151,12 +185,38 @@ impl ProxyError {
         let prefix = if at_event_boundary { "" } else { "\n\n" };
         Bytes::from(format!("{prefix}event: error\ndata: {data}\n\n"))
     }
+
+    /// [`ProxyError::sse_event`] for a stream whose `200` went out before any answer existed (a
+    /// waiting stream kept alive): it also carries the status the client would have got.
+    pub fn sse_event_with_status(&self) -> Bytes {
+        status_event(self.status().as_u16(), &self.body()["error"])
+    }
+}
+
+/// A final SSE `error` event carrying an HTTP status and an OpenAI `error` object (the gateway's
+/// own, or vLLM's), shaped as [`ProxyError::sse_event`] is, with the status beside the code.
+pub fn status_event(status: u16, error: &serde_json::Value) -> Bytes {
+    let data = serde_json::json!({
+        "type": "error",
+        "status": status,
+        "code": error["code"],
+        "message": error["message"],
+        "param": error["param"],
+        "error": error,
+    });
+    Bytes::from(format!("event: error\ndata: {data}\n\n"))
 }
 
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if let ProxyError::NotReady { retry_after_secs } = self {
+        let retry_after_secs = match self {
+            ProxyError::NotReady { retry_after_secs } => Some(retry_after_secs),
+            // The queue moves as requests finish: soon, but no one knows when.
+            ProxyError::TooManyRequests(_) => Some(1),
+            _ => None,
+        };
+        if let Some(retry_after_secs) = retry_after_secs {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

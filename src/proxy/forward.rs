@@ -11,10 +11,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::proxy::admission::{self, Permit};
 use crate::proxy::body::{BodyTooLarge, ClientBodyError, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
-use crate::proxy::headers;
-use crate::proxy::state::AppState;
+use crate::proxy::state::{AppState, Live};
+use crate::proxy::{headers, keepalive};
 use crate::telemetry::RequestRecord;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -32,14 +33,36 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
         request.uri().path(),
         config.log.access_log,
     );
-    let result = proxy(&state, config, request, &request_id, &mut record).await;
+    // The request's turn under `max_concurrent_requests`, held until its response body ends.
+    let mut permit = None;
+    let result = proxy(
+        &state,
+        config,
+        request,
+        &request_id,
+        &mut record,
+        &mut permit,
+    )
+    .await;
     let mut response = match result {
-        Ok((response, upstream_body, timing, sent_at)) => {
+        Ok(Proxied::Answered((response, upstream_body, timing, sent_at))) => {
             let stream = matches!(timing, Timing::Stream { .. });
             record.set_response(response.status().as_u16(), stream);
             let deadline = sent_at + config.proxy.request_timeout;
             let body = UpstreamBody::new(upstream_body, timing, deadline, record);
-            response.map(|()| Body::new(body))
+            response.map(|()| admission::hold(body, permit))
+        }
+        Ok(Proxied::Waiting(pending)) => {
+            let admitted = pending.admitted;
+            let exchange = exchange(Arc::clone(&state), Arc::clone(&live), pending);
+            keepalive::respond(
+                Arc::clone(&state),
+                Arc::clone(&live),
+                admitted,
+                exchange,
+                record,
+                permit,
+            )
         }
         Err(error) => {
             match &error {
@@ -63,7 +86,37 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
 
 /// The response head, its body, how the body is timed, and when the request went upstream (the
 /// whole-request deadline counts from there).
-type Forwarded = (http::Response<()>, reqwest::Body, Timing, Instant);
+pub type Forwarded = (http::Response<()>, reqwest::Body, Timing, Instant);
+
+/// How `proxy` left a request.
+enum Proxied {
+    /// vLLM answered (or failed in a way the client is told of).
+    Answered(Forwarded),
+    /// A streaming request still waiting for vLLM after `stream_keepalive_after`: its stream
+    /// begins now, kept alive until vLLM answers (`keepalive`).
+    Waiting(Pending),
+}
+
+/// A request read and checked, to go upstream once vLLM is ready.
+pub struct Pending {
+    parts: http::request::Parts,
+    body: Option<reqwest::Body>,
+    /// For a streamed body: whether it has all been read (see `proxy`).
+    streamed_body_finished: Option<Arc<AtomicBool>>,
+    header_timeout: std::time::Duration,
+    header_kind: TimeoutKind,
+    limit: u64,
+    request_id: HeaderValue,
+    /// When the request was admitted: the wait for a ready vLLM counts from here.
+    pub admitted: Instant,
+}
+
+impl Pending {
+    /// The request body, when it was small enough to be read whole.
+    pub fn whole_body(&self) -> Option<&[u8]> {
+        self.body.as_ref()?.as_bytes()
+    }
+}
 
 /// Request bodies up to this size that declare their length are read whole before they go
 /// upstream: they leave with the headers in one write, and a request refused by a vLLM that just
@@ -76,7 +129,8 @@ async fn proxy(
     request: Request,
     request_id: &HeaderValue,
     record: &mut RequestRecord,
-) -> Result<Forwarded, ProxyError> {
+    permit: &mut Option<Permit>,
+) -> Result<Proxied, ProxyError> {
     // The response headers are due by the first-byte or the whole-request deadline, whichever
     // is sooner, counted from when the request goes upstream; a small body must arrive within
     // the same time from when the request did. Waiting for a ready vLLM has its own limit.
@@ -126,8 +180,66 @@ async fn proxy(
             body, limit, finished,
         )))
     };
-    wait_until_ready(state, config).await?;
+    *permit = state
+        .admission
+        .admit(&config.proxy, &state.draining)
+        .await?;
+    let pending = Pending {
+        parts,
+        body,
+        streamed_body_finished,
+        header_timeout,
+        header_kind,
+        limit,
+        request_id: request_id.clone(),
+        admitted: Instant::now(),
+    };
+    match keepalive::after(state, config, pending.whole_body()) {
+        Some(after) => {
+            match tokio::time::timeout(after, wait_until_ready(state, config, pending.admitted))
+                .await
+            {
+                Ok(ready) => ready?,
+                Err(_) => return Ok(Proxied::Waiting(pending)),
+            }
+        }
+        None => wait_until_ready(state, config, pending.admitted).await?,
+    }
+    send_pending(state, config, pending, record)
+        .await
+        .map(Proxied::Answered)
+}
 
+/// What is left of a waiting stream's request once its stream has begun: the rest of the wait,
+/// then the exchange with vLLM.
+fn exchange(state: Arc<AppState>, live: Arc<Live>, pending: Pending) -> keepalive::Exchange {
+    Box::new(move |record| {
+        Box::pin(async move {
+            let config = &live.config;
+            wait_until_ready(&state, config, pending.admitted).await?;
+            send_pending(&state, config, pending, record).await
+        })
+    })
+}
+
+/// Sends a request whose vLLM is ready, once more to a replacement if the first refused it.
+pub async fn send_pending(
+    state: &AppState,
+    config: &Config,
+    pending: Pending,
+    record: &RequestRecord,
+) -> Result<Forwarded, ProxyError> {
+    let Pending {
+        mut parts,
+        body,
+        streamed_body_finished,
+        header_timeout,
+        header_kind,
+        limit,
+        request_id,
+        admitted: _,
+    } = pending;
+    let request_id = &request_id;
     let url = upstream_url(&state.upstream_url, &state.upstream_path, &parts.uri);
     rewrite_request_headers(state, &mut parts.headers, request_id);
     let mut upstream_request = reqwest::Request::new(parts.method, url);
@@ -333,8 +445,13 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Under `serve`, holds the request while the child is not ready, up to `ready_wait_timeout`.
-async fn wait_until_ready(state: &AppState, config: &Config) -> Result<(), ProxyError> {
+/// Under `serve`, holds the request while the child is not ready, up to `ready_wait_timeout`
+/// from `since`.
+pub async fn wait_until_ready(
+    state: &AppState,
+    config: &Config,
+    since: Instant,
+) -> Result<(), ProxyError> {
     let Some(wait) = config.ready_wait_timeout() else {
         return Ok(());
     };
@@ -349,7 +466,7 @@ async fn wait_until_ready(state: &AppState, config: &Config) -> Result<(), Proxy
     }
     let mut status = state.status.clone();
     tokio::select! {
-        result = tokio::time::timeout(wait, status.wait_for(|status| status.accepts_requests() || !status.may_become_ready())) => {
+        result = tokio::time::timeout_at(since + wait, status.wait_for(|status| status.accepts_requests() || !status.may_become_ready())) => {
             match result {
                 Ok(Ok(status)) if status.accepts_requests() => Ok(()),
                 _ => Err(not_ready()),

@@ -8,12 +8,14 @@
 //!
 //! [`UpstreamStatus`]: crate::status::UpstreamStatus
 
+pub mod admission;
 pub mod body;
 pub mod conn;
 pub mod endpoints;
 pub mod errors;
 pub mod forward;
 pub mod headers;
+pub mod keepalive;
 pub mod router;
 pub mod state;
 pub mod workers;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
 use crate::config::{Config, Cors, ProxyConfig};
+use crate::proxy::admission::Admission;
 use crate::status::UpstreamStatus;
 
 /// The configuration as the last reload left it (the start-up one until then), with what requests
@@ -62,6 +63,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Cancelled when shutdown begins: readiness turns 503 and waiting requests give up.
     pub draining: CancellationToken,
+    /// The concurrency limit and its queue, one for every worker.
+    pub admission: Arc<Admission>,
 }
 
 impl AppState {
@@ -95,6 +98,7 @@ impl AppState {
             probe_freshness: config.health.interval + config.health.timeout,
             metrics,
             draining,
+            admission: Arc::new(Admission::new(config.proxy.max_concurrent_requests)),
         })
     }
 }

@@ -1,0 +1,27 @@
+"""Reads one streamed `responses.create` through a gateway with the official OpenAI Python SDK.
+
+Usage: stream_client.py BASE_URL
+Prints one JSON object: the first and last event types, how many events came, and the text.
+Any exception (an `error` event included) makes it exit non-zero.
+"""
+
+import json
+import sys
+
+import openai
+
+
+def main() -> None:
+    client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-test", max_retries=0, timeout=60)
+    events = []
+    text = ""
+    with client.responses.create(model="mock-model", input="Reply with exactly one word: HELLO", stream=True) as stream:
+        for event in stream:
+            events.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+    print(json.dumps({"first": events[0], "last": events[-1], "count": len(events), "text": text}))
+
+
+if __name__ == "__main__":
+    main()
