@@ -35,8 +35,8 @@
 //!   runtime, accept loop and upstream pool: `proxy::workers`, which also binds the listener).
 //!   `proxy::router` is the router, `proxy::endpoints` the gateway's own `/livez`, `/readyz`,
 //!   `/health`, `/metrics`; `proxy::state` the state handlers share and the live configuration.
-//!   `proxy::conn` accepts client connections under the shared `max_connections` limit, spreading
-//!   them evenly over the workers, and enforces the client-side header, idle and send timeouts on the socket. `proxy::forward`
+//!   `proxy::conn` accepts client connections under the shared `max_connections` limit and
+//!   enforces the client-side header, idle and send timeouts on the socket. `proxy::forward`
 //!   forwards one request; `proxy::headers` holds the hop-by-hop rules; `proxy::body` wraps
 //!   bodies with limits and timeouts; `proxy::errors` shapes every error as OpenAI JSON or a
 //!   final SSE `error` event.

@@ -1,13 +1,12 @@
 //! The listening socket and the proxy's worker threads: one per CPU, each a single-threaded
-//! runtime with its own accept loop on the shared socket (balanced by open connections, see
-//! [`conn::Balance`]) and its own upstream pool, and the graceful drain that ends them.
+//! runtime with its own accept loop on the shared socket and its own upstream pool, and the
+//! graceful drain that ends them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -66,8 +65,8 @@ impl Workers {
         );
         let max_idle = limit.max().div_ceil(count);
         let mut built = Vec::with_capacity(count);
-        for balance in conn::Balance::new(count) {
-            match Worker::build(&listener, state, &close, &limit, balance, max_idle) {
+        for _ in 0..count {
+            match Worker::build(&listener, state, &close, &limit, max_idle) {
                 Ok(worker) => built.push(worker),
                 Err(error) => {
                     built.into_iter().for_each(Worker::discard);
@@ -165,11 +164,10 @@ impl Workers {
 /// One proxy worker: a thread with its own runtime, accept loop and upstream pool.
 struct Worker {
     runtime: tokio::runtime::Runtime,
-    listener: AsyncFd<std::net::TcpListener>,
+    listener: TcpListener,
     state: Arc<AppState>,
     close: CancellationToken,
     limit: conn::ConnectionLimit,
-    balance: conn::Balance,
 }
 
 impl Worker {
@@ -178,7 +176,6 @@ impl Worker {
         state: &AppState,
         close: &CancellationToken,
         limit: &conn::ConnectionLimit,
-        balance: conn::Balance,
         max_idle: usize,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -187,10 +184,7 @@ impl Worker {
         let listener = {
             // Registers the socket with this worker's runtime, not the caller's.
             let _runtime = runtime.enter();
-            let listener = listener.try_clone()?;
-            // SAFETY: the AsyncFd owns the socket, so the descriptor stays open for as long as it
-            // is registered.
-            unsafe { AsyncFd::register(listener) }.map_err(std::io::Error::from)
+            TcpListener::from_std(listener.try_clone()?)
         };
         let listener = match listener {
             Ok(listener) => listener,
@@ -213,7 +207,6 @@ impl Worker {
             state,
             close: close.clone(),
             limit: limit.clone(),
-            balance,
         })
     }
 
@@ -230,12 +223,11 @@ impl Worker {
             state,
             close,
             limit,
-            balance,
         } = self;
         runtime.block_on(async move {
             let draining = state.draining.clone();
             let live = Arc::clone(&state.live);
-            let served = conn::serve(listener, app(state), live, limit, balance, draining);
+            let served = conn::serve(listener, app(state), live, limit, draining);
             tokio::select! {
                 () = served => {}
                 () = close.cancelled() => {}
