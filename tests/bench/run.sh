@@ -545,20 +545,53 @@ usable() {
     [[ -z "${BROKEN[${target}_$kind]:-}" ]]
 }
 
-# measure TARGET KIND ROUND: one measured run, appended to results.tsv.
+# worker_ticks PID: "name ticks" for each of the gateway's proxy worker
+# threads (proxy-N): the CPU time (user + system, in clock ticks) it has used.
+worker_ticks() {
+    local task stat
+    for task in /proc/"$1"/task/*; do
+        [[ "$(cat "$task/comm" 2>/dev/null)" == proxy-* ]] || continue
+        stat="$(cat "$task/stat" 2>/dev/null)" || continue
+        stat="${stat##*) }"
+        # shellcheck disable=SC2086
+        set -- $stat
+        echo "$(cat "$task/comm") $(( ${12} + ${13} ))"
+    done | sort
+}
+
+# worker_shares BEFORE AFTER: each proxy worker's share of the CPU the
+# workers used between two worker_ticks, e.g. "proxy-0 52% proxy-1 48%".
+worker_shares() {
+    awk 'NR == FNR { before[$1] = $2; next }
+         { used[$1] = $2 - before[$1]; total += used[$1]; names[++n] = $1 }
+         END { for (i = 1; i <= n; i++) printf "%s%s %d%%", (i > 1 ? " " : ""), names[i], total ? 100 * used[names[i]] / total + 0.5 : 0 }' \
+        <(echo "$1") <(echo "$2")
+}
+
+# measure TARGET KIND ROUND: one measured run, appended to results.tsv. For
+# the gateway it also prints how the proxy workers shared the work.
 measure() {
-    local target="$1" kind="$2" round="$3" out parsed rps p50 p99 errors
+    local target="$1" kind="$2" round="$3" out parsed rps p50 p99 errors pid="" ticks="" shares=""
     out="$WORK/out/$kind-$target-$round.txt"
     if ! usable "$target" "$kind"; then
         echo "$kind $target $round fail - - - -" >>"$WORK/results.tsv"
         return 0
     fi
+    if [[ "$target" == gateway* ]]; then
+        pid="${PROCS[$(proc_of "$target" "$kind")]:-}"
+        [[ -z "$pid" ]] || ticks="$(worker_ticks "$pid")"
+    fi
     if load_run "$target" "$kind" "$DURATION" "$out" \
         && parsed="$(python3 "$BENCH_DIR/report.py" parse "$TOOL" "$out")"; then
+        if [[ -n "$ticks" ]]; then
+            shares="$(worker_shares "$ticks" "$(worker_ticks "$pid")")"
+            echo "$kind $target $round $shares" >>"$WORK/workers.tsv"
+        fi
         read -r rps p50 p99 errors _ <<<"$parsed"
         awk -v k="$kind" -v r="$round" -v t="$target" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v e="$errors" \
             'BEGIN { printf "   %-4s round %d  %-13s %9.0f req/s  p50 %8.3fms  p99 %8.3fms  errors %d\n", k, r, t, rps, p50 * 1e3, p99 * 1e3, e }' >&2
         echo "$kind $target $round ok $rps $p50 $p99 $errors" >>"$WORK/results.tsv"
+        [[ -z "$shares" ]] || echo "                 $target proxy workers' CPU: $shares" >&2
     else
         warn "$target ($kind) round $round failed; output in $out:"
         tail -n 5 "$out" | sed 's/^/     | /' >&2 || true
@@ -664,6 +697,11 @@ main() {
     print_versions
     python3 "$BENCH_DIR/report.py" report "$WORK/results.tsv" --streams "$WORK/streams.tsv" \
         --duration "$DURATION" --rounds "$ROUNDS" --connections "$CONNECTIONS" --tool "$TOOL"
+    if [[ -s "$WORK/workers.tsv" ]]; then
+        echo
+        echo "   gateway proxy workers' share of their CPU time, per round:"
+        sed 's/^/   /' "$WORK/workers.tsv"
+    fi
 }
 
 main "$@"
