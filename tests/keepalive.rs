@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -132,15 +131,7 @@ fn a_stream_sent_while_vllm_loads_hears_comments_then_vllms_events_whole() {
 fn the_openai_python_sdk_reads_a_stream_kept_alive_while_vllm_loads() {
     let gateway = slow_loading_gateway("4s");
     kill_vllm(&gateway);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/stream_client.py");
-    let output = Command::new(python())
-        .arg(script)
-        .arg(gateway.url("/v1"))
-        .output()
-        .expect("python runs (`make test` installs the test clients)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the SDK script failed: {stderr}");
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON summary");
+    let result = run_sdk_client("stream_client.py", &gateway.url("/v1"));
     assert_eq!(result["first"], "response.created");
     assert_eq!(result["last"], "response.completed");
     assert_eq!(result["text"], "HELLO");

@@ -3,26 +3,13 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 #[test]
 fn the_openai_python_sdk_parses_responses_through_the_gateway() {
     let mock = mock_vllm(&[]);
     let gateway = gateway(mock.port, &[], &[]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/responses_client.py");
-    let output = Command::new(python())
-        .arg(script)
-        .arg(gateway.url("/v1"))
-        .output()
-        .expect("python runs (`make test` installs the test clients)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the SDK script failed (is `openai` installed?): {stderr}"
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON summary");
+    let result = run_sdk_client("responses_client.py", &gateway.url("/v1"));
     assert_eq!(result["plain"]["status"], "completed");
     assert_eq!(
         result["plain"]["output_types"],

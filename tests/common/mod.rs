@@ -627,3 +627,20 @@ pub fn mock_stats_on(port: u16) -> serde_json::Value {
 pub fn python() -> String {
     std::env::var("GATEWAY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
+
+/// Runs the SDK client `tests/sdk/<script>` against `base_url` and returns the JSON summary it
+/// prints; panics with its stderr when it fails.
+pub fn run_sdk_client(script: &str, base_url: &str) -> serde_json::Value {
+    let path = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(python())
+        .arg(&path)
+        .arg(base_url)
+        .output()
+        .expect("python runs (`make test` installs the test clients)");
+    assert!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("a JSON summary")
+}
