@@ -28,16 +28,6 @@ fn child_signals(vllm_port: u16) -> Vec<String> {
         .collect()
 }
 
-/// JSON log lines of the gateway with this message.
-fn log_lines(gateway: &Proc, message: &str) -> Vec<serde_json::Value> {
-    gateway
-        .log_text()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|line| line["message"] == message)
-        .collect()
-}
-
 #[test]
 fn the_listener_opens_only_once_vllm_answers_health() {
     let (gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_STARTUP_DELAY", "1s")]);
@@ -98,7 +88,7 @@ fn a_crashed_child_is_restarted_with_growing_delays_and_waiting_requests_succeed
     let starts = read_pid_file(&pids);
     let distinct: std::collections::HashSet<_> = starts.iter().map(|(pid, _)| pid).collect();
     assert_eq!(distinct.len(), 4, "four different children: {starts:?}");
-    let delays: Vec<f64> = log_lines(&gateway, "restarting vLLM after a delay")
+    let delays: Vec<f64> = lines_with_message(&gateway, "restarting vLLM after a delay")
         .iter()
         .map(|line| {
             humantime::parse_duration(line["delay"].as_str().expect("delay"))

@@ -8,25 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A file mock-vllm appends `<pid> <grandchild pid>` to at each start: the directory guard, the
-/// path, and the path as the text an environment variable takes.
-/// The gateway's own JSON log lines (not vLLM's relayed output).
-fn gateway_lines(gateway: &Proc) -> Vec<serde_json::Value> {
-    gateway
-        .log_text()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|line| line["target"] != "vllm")
-        .collect()
-}
-
-fn lines_with_message(gateway: &Proc, message: &str) -> Vec<serde_json::Value> {
-    gateway_lines(gateway)
-        .into_iter()
-        .filter(|line| line["message"] == message)
-        .collect()
-}
-
 /// Regression: vLLM's `--api-key` takes a list, and `-- --api-key sk-a sk-b` was logged as
 /// `--api-key *** sk-b`.
 #[test]

@@ -644,3 +644,21 @@ pub fn run_sdk_client(script: &str, base_url: &str) -> serde_json::Value {
     );
     serde_json::from_slice(&output.stdout).expect("a JSON summary")
 }
+
+/// The gateway's own JSON log lines (not vLLM's relayed output).
+pub fn gateway_lines(gateway: &Proc) -> Vec<serde_json::Value> {
+    gateway
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] != "vllm")
+        .collect()
+}
+
+/// The gateway's own JSON log lines with this message.
+pub fn lines_with_message(gateway: &Proc, message: &str) -> Vec<serde_json::Value> {
+    gateway_lines(gateway)
+        .into_iter()
+        .filter(|line| line["message"] == message)
+        .collect()
+}
