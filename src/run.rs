@@ -298,6 +298,16 @@ mod tests {
         (port, shutdown, tokio::spawn(run(config, socket, context)))
     }
 
+    /// A client for the gateway on `port`, once its `/readyz` answers 200.
+    async fn client_once_ready(port: u16) -> reqwest::Client {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        wait_ready(&client, port).await;
+        client
+    }
+
     async fn wait_ready(client: &reqwest::Client, port: u16) {
         let url = format!("http://127.0.0.1:{port}/readyz");
         let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -316,11 +326,7 @@ mod tests {
         let notify = Arc::new(tokio::sync::Notify::new());
         let upstream = upstream(Arc::clone(&notify), notify).await;
         let (port, shutdown, running) = start(standalone(upstream));
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        wait_ready(&client, port).await;
+        let client = client_once_ready(port).await;
         let response = client
             .get(format!("http://127.0.0.1:{port}/v1/models"))
             .send()
@@ -346,11 +352,7 @@ mod tests {
         let release = Arc::new(tokio::sync::Notify::new());
         let upstream = upstream(Arc::clone(&arrived), Arc::clone(&release)).await;
         let (port, shutdown, running) = start(standalone(upstream));
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        wait_ready(&client, port).await;
+        let client = client_once_ready(port).await;
         let slow = tokio::spawn(client.get(format!("http://127.0.0.1:{port}/slow")).send());
         tokio::time::timeout(DEADLINE, arrived.notified())
             .await
