@@ -281,6 +281,17 @@ fn run_python(setup: &Setup, script: &str, args: &[&str], stdin: &[u8]) -> serde
     serde_json::from_slice(&output.stdout).expect("a JSON summary")
 }
 
+/// A short chat completion through the gateway answers 200: the vLLM behind it serves.
+fn assert_answers_a_chat(gateway: &Proc) {
+    let answer = post_json(
+        gateway.port,
+        "/v1/chat/completions",
+        r#"{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#,
+        "",
+    );
+    assert_eq!(answer.status, 200);
+}
+
 #[test]
 fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_cleanly_on_sigterm() {
     let Some(setup) = setup() else { return };
@@ -545,13 +556,7 @@ fn a_killed_api_server_leaves_no_engine_behind_before_the_restart_and_a_killed_g
         std::thread::sleep(Duration::from_millis(10));
     };
     wait_ready(&mut gateway);
-    let answer = post_json(
-        gateway.port,
-        "/v1/chat/completions",
-        r#"{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#,
-        "",
-    );
-    assert_eq!(answer.status, 200);
+    assert_answers_a_chat(&gateway);
 
     // SIGKILL of the gateway: its guard stops vLLM's whole group within stop_timeout.
     let vllm = generation(&new);
@@ -597,13 +602,7 @@ fn an_engine_death_that_vllm_answers_with_exit_0_is_restarted_under_on_failure()
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_ready(&mut gateway);
-    let answer = post_json(
-        gateway.port,
-        "/v1/chat/completions",
-        r#"{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#,
-        "",
-    );
-    assert_eq!(answer.status, 200);
+    assert_answers_a_chat(&gateway);
     let (_, metrics) = get(&gateway.url("/metrics")).expect("metrics");
     assert!(
         metrics
