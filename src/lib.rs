@@ -19,19 +19,22 @@
 //!     │                                                 │
 //!  probe         the upstream /health probe, the standalone poller
 //!     │
-//!  status        the upstream's state on a watch     upgrade (in-place upgrade groundwork)
+//!  status        the upstream's state on a watch     upgrade (in-place upgrade: its parts)
 //!     │
 //!  lifecycle     state, backoff, schedule, outcome: the supervisor's pure parts
 //!  config, resources
 //! ```
 //!
 //! - `run`: the run sequence, given a config, a bound socket and the shutdown triggers
-//!   ([`run::run`]); under `serve` it starts the supervisor, in both modes the proxy workers.
+//!   ([`run::run`]); under `serve` it starts the supervisor, in both modes the proxy workers. It
+//!   holds the old image's side of an in-place upgrade: drain with the socket kept open, the
+//!   supervisor's hand-over, the exec.
 //! - `commands`: the subcommands that do not run the gateway (`healthcheck`, `config check`).
 //! - `signals`: the one task that turns signals into stop requests, reloads, or signals to forward
 //!   to the child.
 //! - `reload`: SIGHUP: reads the configuration again and swaps in what may change while vLLM runs
-//!   (`config::KEYS` says which keys) as the proxy's `proxy::Live`.
+//!   (`config::KEYS` says which keys) as the proxy's `proxy::Live`; or, when the binary was
+//!   replaced, runs the new one on trial and asks `run` to upgrade in place.
 //! - `proxy`: the HTTP surface, served by one worker thread per CPU (each its own single-threaded
 //!   runtime, accept loop and upstream pool: `proxy::workers`, which also binds the listener).
 //!   `proxy::router` is the router, `proxy::endpoints` the gateway's own `/livez`, `/readyz`,
@@ -68,10 +71,11 @@
 //!   [`config::Config`], every mistake blamed on the flag, variable or file key that gave it.
 //! - `cli`: the command line (clap). The flags of configuration keys are made from
 //!   `config::KEYS` and passed on as text; nothing here has a default or reads the environment.
-//! - `upgrade`: the groundwork of re-executing a replaced binary in place, not wired into SIGHUP
-//!   yet: `identity` tells a replaced binary by device and inode, `handover` is the versioned
-//!   description a new image validates or refuses (yet still adopts vLLM by pid), `fds` clears
-//!   close-on-exec on exactly the descriptors that cross the exec.
+//! - `upgrade`: the parts of re-executing a replaced binary in place: `identity` tells a replaced
+//!   binary by device and inode, `handover` is the versioned description a new image validates or
+//!   refuses (yet still adopts vLLM by pid), `fds` clears close-on-exec on exactly the descriptors
+//!   that cross the exec, `exec` is the old image's `execve`, `takeover` the new image's first
+//!   step (`main` runs it before anything opens a descriptor).
 //! - `resources`: which errors mean the gateway itself ran out of descriptors or memory, and which
 //!   limit it hit; such errors are never counted against vLLM.
 //!
@@ -86,6 +90,9 @@
 //! the supervisor, waits for the first `Ready`, and only then listens and starts the proxy workers. On
 //! SIGTERM readiness turns 503, the listener closes, in-flight requests drain, then the supervisor
 //! stops the child's whole process group; it does so on every way out of `run_serve`, errors too.
+//! On SIGHUP with a replaced binary, the workers drain while the listener stays open, the
+//! supervisor hands over its description of vLLM, and the process execs the new binary, whose
+//! `main` takes the socket and vLLM over (`upgrade::takeover`, `supervisor::Inherited`).
 //!
 //! # Invariants
 //!
@@ -94,6 +101,7 @@
 //!   come from one configuration; only the reload task replaces it, and a reload never touches vLLM.
 //! - Only the supervisor task mutates the child state, and only through `lifecycle::state::transition`.
 //! - Only the reaper calls `waitpid`; nothing else reaps, so no exit status is ever stolen.
+//! - A hand-over never leads to signalling vLLM: a refused one adopts it by pid.
 //! - Every signal to the child goes to its whole process group.
 //! - Nothing of vLLM's outlives it: before each start and before exit, every descendant of the
 //!   gateway but its guards is stopped (`supervisor::descendants`).

@@ -1,8 +1,10 @@
-//! The `gateway` binary: parse the command line, dispatch the subcommands, load and validate the
-//! configuration, set up logging and everything process-wide (open-files limit, signal handlers,
-//! the reaper and subreaper, the metrics recorder), then hand over to [`gateway::run::run`]. See
-//! `lib.rs` for the codemap.
+//! The `gateway` binary: parse the command line, dispatch the subcommands, take over what a
+//! previous image handed over (after an in-place upgrade), load and validate the configuration,
+//! set up logging and everything process-wide (open-files limit, signal handlers, the reaper and
+//! subreaper, the metrics recorder), then hand over to [`gateway::run::run`]. See `lib.rs` for the
+//! codemap.
 
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,7 +15,11 @@ use gateway::lifecycle::outcome::EXIT_FAILURE;
 use gateway::reload::{self, Reloader};
 use gateway::run::Context;
 use gateway::signals::{self, Shutdown};
+use gateway::supervisor::Inherited;
+use gateway::upgrade::exec::CHECK_VAR;
+use gateway::upgrade::takeover::{self, Takeover};
 use gateway::{commands, proxy, supervisor, telemetry};
+use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 
 fn main() -> ExitCode {
@@ -29,6 +35,8 @@ fn main() -> ExitCode {
             return supervisor::guard::run(pgid, Duration::from_millis(grace_ms));
         }
     };
+    // First, before anything opens a descriptor: the numbers a hand-over names are inherited ones.
+    let takeover = takeover::take();
     let env = |name: &str| std::env::var(name).ok();
     // Kept for SIGHUP, which loads the configuration again the same way.
     let source = config::Source { flags, mode };
@@ -39,11 +47,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if std::env::var_os(CHECK_VAR).is_some() {
+        // The trial run before an in-place upgrade: this binary runs here, and takes this
+        // configuration.
+        return ExitCode::SUCCESS;
+    }
     if let Err(error) = telemetry::init_logging(&config.log.level, config.log.format) {
         eprintln!("gateway: cannot set up logging: {error}");
         return ExitCode::from(2);
     }
     let loaded = config.clone();
+    if let (Some(taken), Some(serve)) = (&takeover, &config.serve) {
+        log_takeover(taken, serve.vllm_port);
+        // The running vLLM listens where the previous image started it.
+        if let Some(port) = taken.vllm_port {
+            config.set_vllm_port(port);
+        }
+    }
     if let Err(error) = config.resolve_vllm_port() {
         eprintln!("gateway: cannot pick a free port for vLLM: {error}");
         return ExitCode::from(1);
@@ -63,8 +83,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let reloader = Reloader::new(source, loaded, &config);
-    let code = runtime.block_on(serve(config, reloader));
+    let (upgrade_tx, upgrades) = mpsc::channel(1);
+    let reloader = Reloader::new(source, loaded, &config, upgrade_tx);
+    let code = runtime.block_on(serve(config, reloader, upgrades, takeover));
     // Tasks still draining after the deadline are abandoned rather than awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
     telemetry::flush_logs();
@@ -73,13 +94,28 @@ fn main() -> ExitCode {
 
 /// Everything after configuration: signal handlers, the reaper, metrics, the reload and signal
 /// tasks, then [`gateway::run::run`]. Returns the process exit code.
-async fn serve(config: Config, reloader: Reloader) -> u8 {
+async fn serve(
+    config: Config,
+    reloader: Reloader,
+    upgrades: mpsc::Receiver<gateway::reload::UpgradeRequest>,
+    takeover: Option<Takeover>,
+) -> u8 {
     let signals = match signals::install() {
         Ok(signals) => signals,
         Err(error) => {
             tracing::error!(%error, "cannot install signal handlers");
             return EXIT_FAILURE;
         }
+    };
+    // An adopted vLLM is registered with the reaper before it starts reaping, so that an exit
+    // during the exec is delivered to the supervisor rather than reaped as an orphan's.
+    let (listener, inherited) = match takeover {
+        Some(taken) if config.serve.is_some() => (
+            taken.listener,
+            Some(Inherited::adopt(taken.restarts, taken.history, taken.child)),
+        ),
+        Some(taken) => (taken.listener, None),
+        None => (None, None),
     };
     supervisor::reaper::start();
     let metrics = match telemetry::init_metrics() {
@@ -93,8 +129,13 @@ async fn serve(config: Config, reloader: Reloader) -> u8 {
         tokio::spawn(telemetry::run_metrics_upkeep(handle.clone()));
     }
     // The address is taken now, so that a port in use fails the start before a model loads; it
-    // listens (and accepts connections) only once the gateway may serve.
-    let socket = match proxy::workers::bind(config.listen) {
+    // listens (and accepts connections) only once the gateway may serve. After an upgrade, the
+    // previous image's socket, listening all along.
+    let socket = match listener {
+        Some(listener) => inherited_socket(listener, &config),
+        None => proxy::workers::bind(config.listen),
+    };
+    let socket = match socket {
         Ok(socket) => socket,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -117,6 +158,8 @@ async fn serve(config: Config, reloader: Reloader) -> u8 {
         shutdown,
         forward: forward_rx,
         metrics,
+        upgrades,
+        inherited,
     };
     let code = match gateway::run::run(config, socket, context).await {
         Ok(code) => code,
@@ -128,6 +171,46 @@ async fn serve(config: Config, reloader: Reloader) -> u8 {
     signal_task.abort();
     reload_task.abort();
     code
+}
+
+/// Logs what was taken over from the previous image, and what was not.
+fn log_takeover(taken: &Takeover, configured_vllm_port: u16) {
+    match &taken.refused {
+        None => tracing::info!(
+            from_version = taken.from_version.as_deref().unwrap_or("unknown"),
+            to_version = env!("CARGO_PKG_VERSION"),
+            vllm_pid = taken.child.as_ref().map(|child| child.pid),
+            "upgraded in place: took over the listening socket and vLLM from the previous image"
+        ),
+        Some(reason) => tracing::error!(
+            %reason,
+            listener = taken.listener.is_some(),
+            vllm_pid = taken.child.as_ref().map(|child| child.pid),
+            "refused the previous image's hand-over; serving with what could still be taken (vLLM, if adopted, is probed as if loading)"
+        ),
+    }
+    if let Some(port) = taken.vllm_port
+        && configured_vllm_port != 0
+        && configured_vllm_port != port
+    {
+        tracing::warn!(
+            vllm_port = port,
+            configured = configured_vllm_port,
+            "configuration key `vllm_port` changed but needs a restart; the running value stays"
+        );
+    }
+}
+
+/// The listening socket a previous image handed over, as the socket `run` listens on.
+fn inherited_socket(listener: std::os::fd::OwnedFd, config: &Config) -> anyhow::Result<TcpSocket> {
+    let listener = std::net::TcpListener::from(listener);
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    if address != config.listen && config.listen.port() != 0 {
+        tracing::warn!(listen = %address, configured = %config.listen, "configuration keys `host`/`port` changed but need a restart; serving on the inherited socket");
+    }
+    // SAFETY: the descriptor is the listener's, given up by `into_raw_fd` to the socket alone.
+    Ok(unsafe { TcpSocket::from_raw_fd(listener.into_raw_fd()) })
 }
 
 /// Raises the soft open-files limit to the hard limit, as vLLM does: each proxied stream holds two

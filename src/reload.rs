@@ -1,4 +1,11 @@
-//! SIGHUP: the configuration is read again and what may change while vLLM runs is applied.
+//! SIGHUP: the configuration is read again and what may change while vLLM runs is applied; or,
+//! when the gateway's executable has been replaced on disk, the new binary takes over in place.
+//!
+//! An upgrade begins here: a trial run of the new binary with the same arguments
+//! (`upgrade::exec::CHECK_VAR` set) must load the configuration, then `run` is asked to drain and
+//! exec it. Only a refused upgrade comes back; the configuration is then reloaded as usual, and the
+//! reason logged. systemd hears RELOADING=1 at the start, and READY=1 from whichever image serves
+//! at the end.
 //!
 //! The file is read again; the flags stay as given at start, and the environment (`GATEWAY_*`,
 //! `OPENAI_API_KEY`, ...) is the process's own, which does not change. A file `load` refuses changes nothing,
@@ -7,14 +14,40 @@
 //! is logged as needing a restart. The [`Reloader`] owns the configuration as last loaded and as in
 //! force; it is the only writer of the live configuration the proxy workers read.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config, Source};
 use crate::notify;
 use crate::proxy::{Live, LiveConfig, live_config};
+use crate::supervisor::child;
 use crate::telemetry;
+use crate::upgrade::exec::CHECK_VAR;
+use crate::upgrade::handover;
+use crate::upgrade::identity::{ExeIdentity, OnDisk};
+
+/// A request to re-execute the binary at `path` in place. It is answered only if refused: when
+/// the upgrade happens, the process runs the new image.
+pub struct UpgradeRequest {
+    pub path: PathBuf,
+    refused: oneshot::Sender<String>,
+}
+
+impl UpgradeRequest {
+    pub fn refuse(self, reason: String) {
+        let _ = self.refused.send(reason);
+    }
+}
+
+/// How long the trial run of a new binary may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of the trial run's complaint is kept for the log.
+const CHECK_OUTPUT_MAX: u64 = 16 * 1024;
 
 pub struct Reloader {
     /// The command line and mode, to load the configuration the same way again.
@@ -25,17 +58,34 @@ pub struct Reloader {
     /// The configuration in force.
     running: Config,
     live: LiveConfig,
+    /// The executable as it was at start; `None` if it could not be read (no upgrades then).
+    exe: Option<ExeIdentity>,
+    upgrades: mpsc::Sender<UpgradeRequest>,
 }
 
 impl Reloader {
     /// `loaded` is the configuration as `source` loaded it at start; `running` the same once
-    /// resolved, as the gateway runs with it.
-    pub fn new(source: Source, loaded: Config, running: &Config) -> Self {
+    /// resolved, as the gateway runs with it. Upgrade requests go to `upgrades`.
+    pub fn new(
+        source: Source,
+        loaded: Config,
+        running: &Config,
+        upgrades: mpsc::Sender<UpgradeRequest>,
+    ) -> Self {
+        let exe = match ExeIdentity::current() {
+            Ok(exe) => Some(exe),
+            Err(error) => {
+                tracing::warn!(%error, "cannot tell which file the gateway runs from; a replaced binary will not be taken up in place");
+                None
+            }
+        };
         Reloader {
             source,
             loaded,
             running: running.clone(),
             live: live_config(running.clone()),
+            exe,
+            upgrades,
         }
     }
 
@@ -44,9 +94,18 @@ impl Reloader {
         Arc::clone(&self.live)
     }
 
-    /// Loads the configuration again and applies what may change, telling systemd.
-    pub fn reload(&mut self) {
+    /// Takes up a replaced binary in place, or else loads the configuration again and applies
+    /// what may change, telling systemd.
+    pub async fn reload(&mut self) {
         let reloading = notify::reloading();
+        if let Some(path) = self.replaced_binary() {
+            let reason = self.upgrade(&path).await;
+            tracing::warn!(
+                new_binary = %path.display(),
+                %reason,
+                "not upgrading in place; this binary keeps serving, and the configuration is reloaded"
+            );
+        }
         let env = |name: &str| std::env::var(name).ok();
         match self.source.load(&env) {
             Ok(new) => self.apply(new),
@@ -59,6 +118,39 @@ impl Reloader {
             }
         }
         reloading.done();
+    }
+
+    /// The path of the executable, if another file is there now than at start.
+    fn replaced_binary(&self) -> Option<PathBuf> {
+        let exe = self.exe.as_ref()?;
+        match exe.on_disk() {
+            OnDisk::Replaced => Some(exe.path.clone()),
+            OnDisk::Unchanged => None,
+            OnDisk::Missing => {
+                tracing::warn!(path = %exe.path.display(), "the gateway's executable is gone from its path; reloading the configuration only");
+                None
+            }
+        }
+    }
+
+    /// Checks the new binary, then asks `run` to drain and exec it. Returns only when the
+    /// upgrade did not happen, with why.
+    async fn upgrade(&self, path: &Path) -> String {
+        tracing::info!(new_binary = %path.display(), "the gateway's binary was replaced; trying the new one before upgrading in place");
+        if let Err(reason) = check_new_binary(path).await {
+            return reason;
+        }
+        let (refused_tx, refused_rx) = oneshot::channel();
+        let request = UpgradeRequest {
+            path: path.to_path_buf(),
+            refused: refused_tx,
+        };
+        if self.upgrades.send(request).await.is_err() {
+            return "the gateway is stopping".into();
+        }
+        refused_rx
+            .await
+            .unwrap_or_else(|_| "the gateway is stopping".into())
     }
 
     fn apply(&mut self, new: Config) {
@@ -91,6 +183,63 @@ impl Reloader {
 /// Reloads once per request until the senders are gone.
 pub async fn run(mut reloader: Reloader, mut requests: mpsc::Receiver<()>) {
     while requests.recv().await.is_some() {
-        reloader.reload();
+        reloader.reload().await;
     }
+}
+
+/// Runs the new binary with this gateway's arguments and [`CHECK_VAR`] set: it loads the
+/// configuration as it would at start, and exits 0, or non-zero saying what it refuses. A binary
+/// that cannot run here (another architecture, a missing library) fails this too.
+async fn check_new_binary(path: &Path) -> Result<(), String> {
+    let mut command = Command::new(path);
+    command
+        .args(std::env::args_os().skip(1))
+        .env(CHECK_VAR, "1")
+        .env_remove(handover::ENV_VAR)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    child::unblock_signals_in_child(&mut command);
+    let spawned = child::spawn(command)
+        .await
+        .map_err(|error| format!("cannot run the new binary: {error}"))?;
+    let pid = spawned.pid;
+    let mut complaint = Vec::new();
+    let checked = tokio::time::timeout(CHECK_TIMEOUT, async {
+        if let Some(stderr) = spawned.stderr
+            && let Ok(receiver) = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)
+        {
+            let _ = receiver
+                .take(CHECK_OUTPUT_MAX)
+                .read_to_end(&mut complaint)
+                .await;
+        }
+        spawned.exit.await
+    })
+    .await;
+    let exit = match checked {
+        Ok(Ok(exit)) => exit,
+        Ok(Err(_)) => return Err("the trial run of the new binary was not reaped".into()),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(format!(
+                "the trial run of the new binary did not end within {}",
+                humantime::format_duration(CHECK_TIMEOUT)
+            ));
+        }
+    };
+    if exit.exit_code() == 0 {
+        return Ok(());
+    }
+    let complaint = String::from_utf8_lossy(&complaint);
+    let complaint = complaint.trim();
+    Err(if complaint.is_empty() {
+        format!("the new binary refuses to start ({exit})")
+    } else {
+        format!("the new binary refuses to start ({exit}): {complaint}")
+    })
 }

@@ -1,10 +1,19 @@
 //! The run sequence: what the gateway does between its configuration and its exit code.
 //!
 //! [`run`] takes what it is given: the validated configuration, the bound (not yet listening)
-//! socket, the live configuration, the shutdown triggers, the signals to forward to vLLM and the
-//! metrics handle. It sets up nothing process-wide (signal handlers, the reaper and subreaper, the
-//! open-files limit, the metrics recorder: `main` does), so tests drive it in-process.
+//! socket, the live configuration, the shutdown triggers, the signals to forward to vLLM, the
+//! metrics handle, upgrade requests, and what a previous image handed over. It sets up nothing
+//! process-wide (signal handlers, the reaper and subreaper, the open-files limit, the metrics
+//! recorder: `main` does), so tests drive it in-process.
+//!
+//! An in-place upgrade (under `serve`, once vLLM has been ready) is the old image's side here:
+//! stop accepting while the listening socket stays open (new connections wait in its backlog),
+//! drain for up to `drain_timeout`, take the supervisor's description of vLLM, and exec the new
+//! binary ([`hand_over`]). If any step fails, the workers start again on the same socket and the
+//! supervisor goes on.
 
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +30,12 @@ use crate::notify;
 use crate::probe;
 use crate::proxy::state::{AppState, LiveConfig};
 use crate::proxy::workers::{self, Workers};
-use crate::signals::Shutdown;
+use crate::reload::UpgradeRequest;
+use crate::signals::{self, Shutdown};
 use crate::status::{ExternalHealth, UpstreamStatus};
-use crate::supervisor::{self, SupervisorHandle};
+use crate::supervisor::{self, Inherited, SupervisorHandle};
 use crate::telemetry;
+use crate::upgrade::handover::{self, HandedChild, Handover};
 
 /// What [`run`] is given besides the configuration and the socket.
 pub struct Context {
@@ -36,6 +47,10 @@ pub struct Context {
     pub forward: mpsc::UnboundedReceiver<Signal>,
     /// Renders `/metrics`; `None` turns the endpoint off.
     pub metrics: Option<PrometheusHandle>,
+    /// Requests to re-execute a replaced binary in place (from SIGHUP).
+    pub upgrades: mpsc::Receiver<UpgradeRequest>,
+    /// What a previous image of the gateway handed over across an in-place upgrade.
+    pub inherited: Option<Inherited>,
 }
 
 /// Runs the gateway until shutdown and returns its exit code. `socket` is bound to the listen
@@ -52,8 +67,13 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         live,
         shutdown,
         metrics,
+        upgrades,
         ..
     } = context;
+    let refuser = tokio::spawn(refuse_upgrades(
+        upgrades,
+        "in-place upgrades are made under `gateway serve` only; restart the gateway to run the new binary",
+    ));
     let (status_tx, status_rx) =
         watch::channel(UpstreamStatus::External(ExternalHealth::default()));
     let listener = workers::listen(socket)?;
@@ -73,10 +93,11 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         metrics,
         shutdown.graceful.clone(),
     )?);
-    let workers = start_workers(listener, &state)?;
+    let workers = start_workers(&listener, &state)?;
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %address, upstream = %config.upstream.base, "gateway listening");
     serve_and_drain(workers, &shutdown).await?;
+    refuser.abort();
     tracker.close();
     tracker.wait().await;
     tracing::info!("gateway stopped");
@@ -89,6 +110,8 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         shutdown,
         forward,
         metrics,
+        mut upgrades,
+        inherited,
     } = context;
     let serve = config
         .serve
@@ -100,8 +123,12 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         listen = %socket.local_addr()?,
         "listen address reserved; connections are accepted once vLLM is ready"
     );
-    let (supervisor, supervised) =
-        supervisor::start(serve, config.upstream.base.clone(), config.health);
+    let (supervisor, supervised) = supervisor::start(
+        serve,
+        config.upstream.base.clone(),
+        config.health,
+        inherited,
+    );
     let status_rx = supervisor.status();
     let relay = tokio::spawn(relay(
         forward,
@@ -112,14 +139,28 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
 
     // The listener opens only once the child is ready the first time.
     let mut first_ready = status_rx.clone();
-    let became_ready = tokio::select! {
-        result = first_ready.wait_for(|status| status.accepts_requests() || !status.may_become_ready()) => {
-            result.is_ok_and(|status| status.accepts_requests())
+    let first_ready =
+        first_ready.wait_for(|status| status.accepts_requests() || !status.may_become_ready());
+    tokio::pin!(first_ready);
+    let became_ready = loop {
+        tokio::select! {
+            result = &mut first_ready => break result.is_ok_and(|status| status.accepts_requests()),
+            () = shutdown.graceful.cancelled() => break false,
+            Some(request) = upgrades.recv() => request.refuse(
+                "vLLM has not been ready yet; send SIGHUP again once the gateway is ready".into(),
+            ),
         }
-        () = shutdown.graceful.cancelled() => false,
     };
     let served = if became_ready {
-        serve_child(socket, &config, live, &shutdown, &status_rx, metrics).await
+        let serving = Serving {
+            config: &config,
+            live,
+            shutdown: &shutdown,
+            status_rx: &status_rx,
+            metrics,
+            supervisor: &supervisor,
+        };
+        serve_child(socket, serving, &mut upgrades).await
     } else {
         notify::stopping();
         Ok(())
@@ -170,49 +211,180 @@ async fn relay(
     }
 }
 
-/// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain is over.
+/// What `serve_child` serves with.
+struct Serving<'a> {
+    config: &'a Config,
+    live: LiveConfig,
+    shutdown: &'a Shutdown,
+    status_rx: &'a watch::Receiver<UpstreamStatus>,
+    metrics: Option<PrometheusHandle>,
+    supervisor: &'a SupervisorHandle,
+}
+
+/// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain before the
+/// stop is over. An upgrade request drains the workers and execs the new binary; should that
+/// not happen, the workers start again on the same socket.
 async fn serve_child(
     socket: TcpSocket,
-    config: &Config,
-    live: LiveConfig,
-    shutdown: &Shutdown,
-    status_rx: &watch::Receiver<UpstreamStatus>,
-    metrics: Option<PrometheusHandle>,
+    serving: Serving<'_>,
+    upgrades: &mut mpsc::Receiver<UpgradeRequest>,
 ) -> anyhow::Result<()> {
-    let address = socket.local_addr()?;
-    // Draining starts at a stop signal, or when the child is gone for good.
-    let draining = shutdown.graceful.child_token();
-    let state = Arc::new(AppState::new(
-        config,
-        live,
-        status_rx.clone(),
-        metrics,
-        draining.clone(),
-    )?);
-    let workers = start_workers(workers::listen(socket)?, &state)?;
-    notify::ready("ready");
-    tracing::info!(listen = %address, "gateway listening");
-    let mut gone = status_rx.clone();
-    let watch_child = tokio::spawn(async move {
-        let _ = gone.wait_for(|status| !status.may_become_ready()).await;
-        draining.cancel();
-    });
-    let served = serve_and_drain(workers, shutdown).await;
-    watch_child.abort();
-    served
+    // Kept open while the workers come and go, across an upgrade's exec too; let go when a stop's
+    // drain begins, so that the socket closes once the workers have taken in their backlog.
+    let listener = workers::listen(socket)?;
+    let address = listener.local_addr()?;
+    let mut kept = Some(listener);
+    let mut first = true;
+    while let Some(listener) = &kept {
+        // Draining starts at a stop signal, or when the child is gone for good.
+        let draining = serving.shutdown.graceful.child_token();
+        let state = Arc::new(AppState::new(
+            serving.config,
+            Arc::clone(&serving.live),
+            serving.status_rx.clone(),
+            serving.metrics.clone(),
+            draining.clone(),
+        )?);
+        let workers = start_workers(listener, &state)?;
+        if std::mem::take(&mut first) {
+            notify::ready("ready");
+            tracing::info!(listen = %address, "gateway listening");
+        }
+        let closing = workers.closing();
+        let mut gone = serving.status_rx.clone();
+        let child_gone = draining.clone();
+        let watch_child = tokio::spawn(async move {
+            let _ = gone.wait_for(|status| !status.may_become_ready()).await;
+            child_gone.cancel();
+        });
+        let served = serve_and_drain(workers, serving.shutdown);
+        tokio::pin!(served);
+        let mut upgrade: Option<UpgradeRequest> = None;
+        let served = loop {
+            tokio::select! {
+                result = &mut served => break result,
+                () = draining.cancelled(), if kept.is_some() => kept = None,
+                Some(request) = upgrades.recv() => {
+                    if upgrade.is_some() || closing.is_cancelled() {
+                        request.refuse("the gateway is already draining".into());
+                        continue;
+                    }
+                    tracing::info!(
+                        new_binary = %request.path.display(),
+                        "upgrading in place: no new connections are accepted (they wait in the backlog); draining in-flight requests"
+                    );
+                    notify::status("upgrading in place: draining in-flight requests");
+                    closing.cancel();
+                    upgrade = Some(request);
+                }
+            }
+        };
+        watch_child.abort();
+        let served = served?;
+        let Some(request) = upgrade else {
+            return Ok(());
+        };
+        let Some(listener) = kept.as_ref().filter(|_| served == Served::Closed) else {
+            request.refuse("the gateway is stopping".into());
+            return Ok(());
+        };
+        let reason = hand_over(listener, &serving, &request.path).await;
+        request.refuse(reason);
+        tracing::info!(listen = %address, "serving again with this image");
+    }
+    Ok(())
+}
+
+/// The end of an in-place upgrade, once the workers have drained: takes the supervisor's
+/// description of vLLM, and execs the new binary with it. Returns only if the exec did not
+/// happen, with why; the supervisor goes on then.
+async fn hand_over(listener: &std::net::TcpListener, serving: &Serving<'_>, path: &Path) -> String {
+    let stopping = || serving.shutdown.graceful.is_cancelled();
+    if stopping() {
+        return "the gateway is stopping".into();
+    }
+    let Some(serve) = &serving.config.serve else {
+        return "in-place upgrades are made under `gateway serve` only".into();
+    };
+    let snapshot = match serving.supervisor.hand_over().await {
+        Ok(snapshot) => snapshot,
+        Err(reason) => return reason,
+    };
+    let child = snapshot.child;
+    let description = Handover {
+        version: handover::VERSION,
+        from_version: env!("CARGO_PKG_VERSION").into(),
+        listener_fd: listener.as_raw_fd(),
+        vllm_port: serve.vllm_port,
+        vllm_pid: child.map(|child| child.pid),
+        guard_fd: child.and_then(|child| child.guard_fd),
+        stdout_fd: child.and_then(|child| child.stdout_fd),
+        stderr_fd: child.and_then(|child| child.stderr_fd),
+        child: child.map(|child| HandedChild {
+            pgid: child.pid,
+            state: child.state,
+        }),
+        restarts: snapshot.restarts,
+        failed_starts: snapshot.history.failed_starts,
+        backoff_level: snapshot.history.level,
+    };
+    // A stop asked for meanwhile wins (the exec would lose it): the supervisor resumes and stops.
+    if stopping() {
+        serving.supervisor.resume();
+        return "the gateway is stopping".into();
+    }
+    tracing::info!(
+        new_binary = %path.display(),
+        vllm_pid = description.vllm_pid,
+        "executing the new gateway binary in place; vLLM keeps running"
+    );
+    telemetry::flush_logs();
+    let reason = match signals::block_for_exec() {
+        Ok(()) => {
+            let error = crate::upgrade::exec::exec(path, &description);
+            signals::unblock_after_failed_exec();
+            format!("cannot execute {}: {error}", path.display())
+        }
+        Err(error) => format!("cannot block signals for the exec: {error}"),
+    };
+    serving.supervisor.resume();
+    reason
+}
+
+/// Refuses every upgrade request, with `reason`, until the senders are gone.
+async fn refuse_upgrades(mut upgrades: mpsc::Receiver<UpgradeRequest>, reason: &'static str) {
+    while let Some(request) = upgrades.recv().await {
+        request.refuse(reason.into());
+    }
+}
+
+/// How the workers' serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// The drain before a stop is over (or a worker failed).
+    Stopped,
+    /// The workers closed without a stop: an in-place upgrade's drain is over.
+    Closed,
 }
 
 /// Serves until the drain is over, telling systemd (STOPPING=1, then the count of requests left)
-/// meanwhile. STOPPING=1 goes out exactly once, however fast the drain.
-async fn serve_and_drain(workers: Workers, shutdown: &Shutdown) -> anyhow::Result<()> {
+/// meanwhile. STOPPING=1 goes out exactly once, however fast the drain. A drain for an upgrade
+/// (`closing` without `draining`) tells systemd nothing: the reload already did.
+async fn serve_and_drain(workers: Workers, shutdown: &Shutdown) -> anyhow::Result<Served> {
     let draining = workers.draining();
+    let closing = workers.closing();
     let served = workers.serve(shutdown.fast.clone());
     tokio::pin!(served);
     tokio::select! {
         result = &mut served => {
+            if closing.is_cancelled() && !draining.is_cancelled() {
+                result?;
+                return Ok(Served::Closed);
+            }
             // Ended without a drain: a worker failed.
             notify::stopping();
-            return Ok(result?);
+            result?;
+            return Ok(Served::Stopped);
         }
         () = draining.cancelled() => {}
     }
@@ -226,10 +398,11 @@ async fn serve_and_drain(workers: Workers, shutdown: &Shutdown) -> anyhow::Resul
             result = &mut served => break result,
         }
     };
-    Ok(result?)
+    result?;
+    Ok(Served::Stopped)
 }
 
-fn start_workers(listener: tokio::net::TcpListener, state: &AppState) -> anyhow::Result<Workers> {
+fn start_workers(listener: &std::net::TcpListener, state: &AppState) -> anyhow::Result<Workers> {
     Workers::start(listener, state, workers::worker_count())
         .map_err(|error| anyhow::anyhow!("cannot start the proxy workers: {error}"))
 }
@@ -289,11 +462,14 @@ mod tests {
         let port = socket.local_addr().expect("address").port();
         let shutdown = Shutdown::new();
         let (_forward_tx, forward) = mpsc::unbounded_channel();
+        let (_upgrade_tx, upgrades) = mpsc::channel(1);
         let context = Context {
             live: live_config(config.clone()),
             shutdown: shutdown.clone(),
             forward,
             metrics: None,
+            upgrades,
+            inherited: None,
         };
         (port, shutdown, tokio::spawn(run(config, socket, context)))
     }

@@ -1,8 +1,8 @@
 //! The one task that reads process signals and turns them into decisions.
 //!
 //! SIGTERM/SIGINT: graceful stop; a second one: fast stop (skip the drain).
-//! SIGHUP: the gateway's own: reload the configuration (`reload`); vLLM never sees it (vLLM does not
-//! handle SIGHUP and dies of it).
+//! SIGHUP: the gateway's own: reload the configuration, or re-execute a replaced binary in place
+//! (`reload`); vLLM never sees it (vLLM does not handle SIGHUP and dies of it).
 //! SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`).
 //! SIGQUIT: forwarded, then a graceful stop.
 
@@ -57,10 +57,53 @@ pub fn action_for(signal: i32) -> Option<SignalAction> {
     })
 }
 
-/// Installs the handlers. Done before anything else starts so that no signal is lost to the
-/// default action (which for SIGTERM would kill the gateway without stopping the child).
+/// The signals the gateway handles.
+const HANDLED: [i32; 6] = [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT];
+
+/// Installs the handlers, then unblocks the signals on this thread. Done before anything else
+/// starts so that no signal is lost to the default action (which for SIGTERM would kill the
+/// gateway without stopping the child).
+///
+/// An in-place upgrade blocks the handled signals across its exec ([`block_for_exec`]): the new
+/// image starts with them blocked, so one sent meanwhile waits, pending, until its handlers are
+/// installed here instead of killing it.
 pub fn install() -> std::io::Result<Signals> {
-    Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT])
+    let signals = Signals::new(HANDLED)?;
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&handled_set()),
+        None,
+    )?;
+    Ok(signals)
+}
+
+/// Blocks the handled signals on the calling thread, which is about to exec a new image (the
+/// mask survives the exec); [`unblock_after_failed_exec`] undoes it.
+pub fn block_for_exec() -> std::io::Result<()> {
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&handled_set()),
+        None,
+    )?;
+    Ok(())
+}
+
+pub fn unblock_after_failed_exec() {
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&handled_set()),
+        None,
+    );
+}
+
+fn handled_set() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for signal in HANDLED {
+        if let Ok(signal) = Signal::try_from(signal) {
+            set.add(signal);
+        }
+    }
+    set
 }
 
 /// Reads signals until the process ends. Signals to forward go to `forward` (under `serve`, on to

@@ -62,6 +62,11 @@ fn setup() -> Option<Setup> {
 /// `gateway serve <model> --port <port> [extra] -- <vllm args>` with vLLM found on PATH; returns
 /// the gateway and vLLM's port without waiting.
 fn serve(setup: &Setup, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
+    serve_from(GATEWAY, setup, extra, env)
+}
+
+/// [`serve`], with the gateway run from `program`.
+fn serve_from(program: &str, setup: &Setup, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
     let stop_timeout = format!("{}s", STOP_TIMEOUT.as_secs());
     let mut args: Vec<String> = vec![
         "serve".into(),
@@ -105,7 +110,7 @@ fn serve(setup: &Setup, extra: &[&str], env: &[(&str, &str)]) -> (Proc, u16) {
         ("DO_NOT_TRACK", "1"),
     ];
     all_env.extend_from_slice(env);
-    let mut gateway = spawn(GATEWAY, &args, &all_env, 0);
+    let mut gateway = spawn(program, &args, &all_env, 0);
     gateway.port = gateway
         .wait_report("the port it listens on", reported_listen_port)
         .expect("the gateway reports its port");
@@ -296,7 +301,12 @@ fn assert_answers_a_chat(gateway: &Proc) {
 fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_cleanly_on_sigterm() {
     let Some(setup) = setup() else { return };
     let systemd = Systemd::listen(false);
-    let (mut gateway, vllm_port) = serve(
+    // A copy, which the in-place upgrade below replaces.
+    let binary_dir = tempfile::tempdir().expect("tempdir");
+    let binary = binary_dir.path().join("gateway");
+    std::fs::copy(GATEWAY, &binary).expect("copy the gateway");
+    let (mut gateway, vllm_port) = serve_from(
+        binary.to_str().expect("utf-8 path"),
         &setup,
         &[
             "--metrics-merge-upstream",
@@ -358,6 +368,7 @@ fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_clea
     the_openai_sdk_gets_vllms_answers_and_errors(&setup, &gateway, vllm_port);
     a_client_that_disconnects_mid_stream_makes_vllm_abort_the_request(&gateway, vllm_port);
     merged_metrics_hold_vllms_own_and_parse(&setup, &gateway);
+    an_upgrade_in_place_keeps_every_vllm_process(&gateway, &binary, &systemd);
 
     // SIGTERM with a stream in flight: the stream ends properly, then vLLM and all its processes.
     let api = api_server(&gateway).expect("vLLM's API server");
@@ -498,6 +509,56 @@ fn a_client_that_disconnects_mid_stream_makes_vllm_abort_the_request(
         Some(finished_before),
         "the request ran to its token limit"
     );
+}
+
+/// The gateway's binary replaced, then SIGHUP: the new image serves, with the same vLLM (every
+/// process of it), whose output still reaches the log.
+fn an_upgrade_in_place_keeps_every_vllm_process(
+    gateway: &Proc,
+    binary: &std::path::Path,
+    systemd: &Systemd,
+) {
+    let api = api_server(gateway).expect("vLLM's API server");
+    let vllm = generation(&api);
+    assert_whole_generation(&vllm);
+    let aside = binary.with_extension("new");
+    std::fs::copy(GATEWAY, &aside).expect("copy the gateway aside");
+    std::fs::rename(&aside, binary).expect("rename over the binary");
+    let readies = systemd.count("READY=1");
+    gateway.signal(Signal::SIGHUP);
+    systemd.wait_count("READY=1", readies + 1);
+    assert!(
+        !lines_with_message(
+            gateway,
+            "upgraded in place: took over the listening socket and vLLM from the previous image"
+        )
+        .is_empty(),
+        "{}",
+        gateway.log_text()
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/exe", gateway.pid())).expect("exe link"),
+        binary,
+        "the new binary runs"
+    );
+    assert_eq!(
+        still_running(&vllm),
+        vllm,
+        "every vLLM process kept running"
+    );
+    assert_answers_a_chat(gateway);
+    // uvicorn's access line for that chat, relayed from the pipe the new image took over.
+    wait_until("vLLM's access line after the upgrade", DEADLINE, || {
+        gateway.log_text().lines().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|line| {
+                line["target"] == "vllm"
+                    && line["pid"].as_i64() == Some(i64::from(api.pid))
+                    && line["message"]
+                        .as_str()
+                        .is_some_and(|message| message.contains("POST /v1/chat/completions"))
+            })
+        })
+    });
 }
 
 fn merged_metrics_hold_vllms_own_and_parse(setup: &Setup, gateway: &Proc) {

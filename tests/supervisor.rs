@@ -382,8 +382,8 @@ fn sigkill_of_the_gateway_takes_the_child_with_it() {
     });
 }
 
-/// PR_SET_PDEATHSIG reaches only vLLM's API server; the guard takes the rest of its group, and
-/// the server itself if it ignores SIGTERM.
+/// The guard takes vLLM's whole group: the server (SIGKILL once it ignored SIGTERM for
+/// `stop_timeout`) and the rest of its group.
 #[test]
 fn sigkill_of_the_gateway_takes_vllms_whole_group_even_one_ignoring_sigterm() {
     let (_dir, pids, pids_text) = pid_file();

@@ -1,13 +1,20 @@
-//! Upgrading the gateway's binary. Re-executing a replaced binary in place on SIGHUP is not
-//! enabled yet (src/upgrade holds its groundwork): until it is, a SIGHUP after the binary was
-//! replaced is a configuration reload like any other, the running image keeps serving and vLLM
-//! is left alone. `/livez` names the running version, so an operator sees which binary serves.
+//! Upgrading the gateway's binary in place: after the file it runs from is replaced, SIGHUP
+//! re-executes the new binary under the same PID. vLLM keeps running as its child, the listening
+//! socket stays open (connections wait in its backlog), in-flight requests drain first, and
+//! systemd hears RELOADING=1, then READY=1 from the new image. A new binary that cannot start, or
+//! a hand-over the new image refuses, never costs vLLM. `/livez` names the running version.
 //! Real processes: `gateway serve`, run from a copy of the binary, with mock-vllm as its child.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use common::systemd::Systemd;
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -25,22 +32,39 @@ impl Binary {
         Binary { path, _dir: dir }
     }
 
-    /// Replaces the file as a package manager does: a new file written aside, renamed over.
+    /// Replaces the file with a new copy of the gateway, as a package manager does: written
+    /// aside, renamed over.
     fn replace(&self) {
         let aside = self.path.with_extension("new");
         std::fs::copy(GATEWAY, &aside).expect("copy the gateway binary aside");
         std::fs::rename(&aside, &self.path).expect("rename over the binary");
     }
 
+    /// Replaces the file with an executable shell script.
+    fn replace_with_script(&self, script: &str) {
+        let aside = self.path.with_extension("new");
+        std::fs::write(&aside, script).expect("write the script");
+        std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o755))
+            .expect("make the script executable");
+        std::fs::rename(&aside, &self.path).expect("rename over the binary");
+    }
+
     fn path(&self) -> &str {
         self.path.to_str().expect("utf-8 path")
     }
+
+    /// The device and inode the path names now.
+    fn identity(&self) -> (u64, u64) {
+        let metadata = std::fs::metadata(&self.path).expect("the binary's metadata");
+        (metadata.dev(), metadata.ino())
+    }
 }
 
-/// `gateway serve` run from `binary` (a shell wrapper that execs it, so the pid is the gateway's).
-fn serve_from(binary: &Binary) -> Proc {
+/// `gateway serve` run from `binary` (a shell wrapper that execs it, so the pid is the
+/// gateway's), ready to serve.
+fn serve_from(binary: &Binary, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let script = format!("shift; exec '{}' \"$@\"", binary.path());
-    let (gateway, _) = gateway_serve_wrapped(&["sh", "-c", &script, "sh"], 0, &[], &[]);
+    let (gateway, _) = gateway_serve_wrapped(&["sh", "-c", &script, "sh"], 0, extra, env);
     wait_ready(&gateway);
     gateway
 }
@@ -51,14 +75,115 @@ fn livez(gateway: &Proc) -> serde_json::Value {
     serde_json::from_str(&body).expect("livez JSON")
 }
 
+fn vllm_pid(gateway: &Proc) -> i32 {
+    livez(gateway)["pid"].as_i64().expect("vLLM's pid") as i32
+}
+
 fn exe_of(pid: i32) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/exe")).expect("the gateway's exe link")
+}
+
+/// The device and inode of the file a process runs.
+fn running_identity(pid: i32) -> (u64, u64) {
+    let metadata = std::fs::metadata(format!("/proc/{pid}/exe")).expect("the exe's metadata");
+    (metadata.dev(), metadata.ino())
+}
+
+/// One `/v1/responses` request on a connection of its own; the status, or what went wrong.
+fn try_post(port: u16) -> Result<u16, String> {
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|error| format!("connect: {error}"))?;
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .map_err(|error| error.to_string())?;
+    let request = format!(
+        "POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{RESPONSES_JSON}",
+        RESPONSES_JSON.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|error| format!("write: {error}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|error| format!("read: {error}"))?;
+    if raw.is_empty() {
+        return Err("closed without an answer".into());
+    }
+    Ok(parse_response(&raw).status)
+}
+
+/// Clients that send requests one after another until stopped, each on a new connection.
+struct Load {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    clients: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let clients = (0..clients)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                let answered = Arc::clone(&answered);
+                std::thread::spawn(move || {
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        match try_post(port) {
+                            Ok(200) => {}
+                            Ok(status) => failures.push(format!("status {status}")),
+                            Err(error) => failures.push(error),
+                        }
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            answered,
+            clients,
+        }
+    }
+
+    /// Waits until `more` further requests have been answered.
+    fn wait_for(&self, more: usize) {
+        let target = self.answered.load(Ordering::SeqCst) + more;
+        wait_until("the clients' requests", DEADLINE, || {
+            self.answered.load(Ordering::SeqCst) >= target
+        });
+    }
+
+    /// Stops the clients; returns every failure they saw.
+    fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.clients
+            .into_iter()
+            .flat_map(|client| client.join().expect("client thread"))
+            .collect()
+    }
+}
+
+/// Waits until the gateway has run the new image for a while: it says so, and serves.
+fn wait_upgraded(gateway: &Proc) {
+    wait_until("the new image to take over", DEADLINE, || {
+        !lines_with_message(
+            gateway,
+            "upgraded in place: took over the listening socket and vLLM from the previous image",
+        )
+        .is_empty()
+    });
+    wait_ready(gateway);
 }
 
 #[test]
 fn livez_names_the_version_of_the_running_binary() {
     let binary = Binary::copy();
-    let gateway = serve_from(&binary);
+    let gateway = serve_from(&binary, &[], &[]);
     assert_eq!(
         livez(&gateway)["version"].as_str(),
         Some(env!("CARGO_PKG_VERSION"))
@@ -67,28 +192,214 @@ fn livez_names_the_version_of_the_running_binary() {
 }
 
 #[test]
-fn sighup_after_the_binary_was_replaced_keeps_the_running_image_serving_and_vllm_alive() {
+fn an_upgrade_under_load_refuses_no_connection_keeps_vllm_and_runs_the_new_binary() {
+    let systemd = Systemd::listen(false);
     let binary = Binary::copy();
-    let gateway = serve_from(&binary);
-    let vllm_pid = livez(&gateway)["pid"].as_i64().expect("vLLM's pid") as i32;
+    let gateway = serve_from(
+        &binary,
+        &["--drain-timeout", "1s"],
+        &[
+            ("NOTIFY_SOCKET", &systemd.socket_env),
+            // Streams send three events, then stall: the one below is still running when the
+            // drain times out.
+            ("MOCK_VLLM_STALL_MID_STREAM", "3"),
+        ],
+    );
+    systemd.set_proxy_port(gateway.port);
+    systemd.wait_count("READY=1", 1);
+    let vllm = vllm_pid(&gateway);
+    let stream = start_stream(&gateway);
+    let load = Load::start(gateway.port, 4);
+    load.wait_for(20);
 
     binary.replace();
+    let new_binary = binary.identity();
+    gateway.signal(Signal::SIGHUP);
+    wait_upgraded(&gateway);
+    load.wait_for(50);
+    let failures = load.stop();
+
+    assert!(failures.is_empty(), "clients saw failures: {failures:?}");
+    let cut = stream.join().expect("stream thread");
+    assert_eq!(cut.status, 200);
+    let body = String::from_utf8_lossy(&cut.body);
+    assert!(
+        body.contains("event: error") && body.contains("\"code\":\"drain_timeout\""),
+        "the stream still running at drain_timeout ends with the error event: {body}"
+    );
+    assert_eq!(
+        running_identity(gateway.pid()),
+        new_binary,
+        "the gateway runs the new file"
+    );
+    assert_eq!(exe_of(gateway.pid()), Path::new(binary.path()));
+    assert_eq!(vllm_pid(&gateway), vllm, "vLLM was not restarted");
+    assert!(alive(vllm));
+    assert_eq!(
+        proc_stat(vllm).map(|(_, parent)| parent),
+        Some(gateway.pid()),
+        "vLLM is still the gateway's child"
+    );
+
+    let messages = systemd.messages();
+    let reloading = systemd
+        .position(|message| message == "RELOADING=1")
+        .expect("RELOADING=1");
+    assert!(
+        messages[reloading + 1].starts_with("MONOTONIC_USEC="),
+        "{messages:?}"
+    );
+    let ready_again = messages[reloading..]
+        .iter()
+        .position(|message| message == "READY=1")
+        .expect("READY=1 after RELOADING=1");
+    assert!(ready_again > 1, "{messages:?}");
+    assert!(
+        !messages
+            .iter()
+            .any(|message| message.starts_with("STOPPING=1")),
+        "an upgrade is not a stop: {messages:?}"
+    );
+}
+
+#[test]
+fn a_refused_hand_over_keeps_vllm_alive_and_the_gateway_serving() {
+    let binary = Binary::copy();
+    let gateway = serve_from(&binary, &[], &[]);
+    let vllm = vllm_pid(&gateway);
+
+    // A new binary that reads another version of the description than the old one writes.
+    binary.replace_with_script(&format!(
+        "#!/bin/sh\n\
+         if [ -n \"$GATEWAY_HANDOVER\" ]; then\n\
+         GATEWAY_HANDOVER=$(printf '%s' \"$GATEWAY_HANDOVER\" | sed 's/\"version\":1,/\"version\":99,/')\n\
+         export GATEWAY_HANDOVER\n\
+         fi\n\
+         exec '{GATEWAY}' \"$@\"\n"
+    ));
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the refusal to be logged", DEADLINE, || {
+        !lines_with_message(
+            &gateway,
+            "refused the previous image's hand-over; serving with what could still be taken (vLLM, if adopted, is probed as if loading)",
+        )
+        .is_empty()
+    });
+    wait_ready(&gateway);
+
+    assert_eq!(
+        exe_of(gateway.pid()),
+        Path::new(GATEWAY),
+        "the new image runs"
+    );
+    assert_eq!(vllm_pid(&gateway), vllm, "vLLM was adopted, not restarted");
+    assert!(alive(vllm));
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "");
+    assert_eq!(response.status, 200);
+    // vLLM's output still reaches the log: its pipes were taken over too.
+    wait_until("vLLM's access line for the request", DEADLINE, || {
+        gateway.log_text().lines().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|line| {
+                line["target"] == "vllm"
+                    && line["pid"].as_i64() == Some(i64::from(vllm))
+                    && line["message"]
+                        .as_str()
+                        .is_some_and(|message| message.contains("POST /v1/responses"))
+            })
+        })
+    });
+}
+
+#[test]
+fn a_new_binary_that_cannot_start_leaves_the_running_image_serving() {
+    let systemd = Systemd::listen(false);
+    let binary = Binary::copy();
+    let gateway = serve_from(&binary, &[], &[("NOTIFY_SOCKET", &systemd.socket_env)]);
+    systemd.set_proxy_port(gateway.port);
+    systemd.wait_count("READY=1", 1);
+    let vllm = vllm_pid(&gateway);
+
+    binary.replace_with_script("#!/bin/sh\necho 'missing library: libfuture.so' >&2\nexit 127\n");
+    gateway.signal(Signal::SIGHUP);
+    systemd.wait_count("READY=1", 2);
+
+    let refusals = lines_with_message(
+        &gateway,
+        "not upgrading in place; this binary keeps serving, and the configuration is reloaded",
+    );
+    assert_eq!(refusals.len(), 1, "{}", gateway.log_text());
+    let reason = refusals[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("missing library: libfuture.so"),
+        "the reason quotes the new binary: {reason}"
+    );
+    assert!(
+        exe_of(gateway.pid())
+            .to_string_lossy()
+            .ends_with(" (deleted)"),
+        "the old image still runs"
+    );
+    assert_eq!(vllm_pid(&gateway), vllm);
+    assert!(ready(&gateway));
+    assert_eq!(
+        post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "").status,
+        200
+    );
+}
+
+#[test]
+fn sighup_with_the_binary_unchanged_only_reloads_the_configuration() {
+    let binary = Binary::copy();
+    let gateway = serve_from(&binary, &[], &[]);
+    let vllm = vllm_pid(&gateway);
+    let before = running_identity(gateway.pid());
+
     gateway.signal(Signal::SIGHUP);
     wait_until("the reload to be logged", DEADLINE, || {
-        gateway.log_text().contains("configuration reloaded")
+        !lines_with_message(&gateway, "configuration reloaded").is_empty()
     });
 
-    assert!(ready(&gateway), "the gateway serves after the reload");
-    let report = livez(&gateway);
-    assert_eq!(report["pid"].as_i64(), Some(i64::from(vllm_pid)));
-    assert!(alive(vllm_pid), "vLLM was left alone");
-    let status = post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "").status;
-    assert_eq!(status, 200);
-    // The old image still runs: its file was renamed over, so the kernel marks it deleted.
-    let exe = exe_of(gateway.pid());
-    assert_eq!(
-        exe,
-        PathBuf::from(format!("{} (deleted)", binary.path())),
-        "the gateway was not re-executed"
+    assert!(
+        lines_with_message(
+            &gateway,
+            "the gateway's binary was replaced; trying the new one before upgrading in place"
+        )
+        .is_empty()
     );
+    assert_eq!(running_identity(gateway.pid()), before);
+    assert_eq!(vllm_pid(&gateway), vllm);
+    assert!(ready(&gateway));
+}
+
+#[test]
+fn a_vllm_started_by_the_new_image_stops_at_the_first_sigterm() {
+    let binary = Binary::copy();
+    let mut gateway = serve_from(&binary, &[], &[]);
+    binary.replace();
+    gateway.signal(Signal::SIGHUP);
+    wait_upgraded(&gateway);
+    let adopted = vllm_pid(&gateway);
+    // The new image starts the next vLLM itself, from threads that began with signals blocked.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(adopted), Signal::SIGKILL)
+        .expect("kill vLLM");
+    wait_until("a new vLLM to serve", DEADLINE, || {
+        let serving = livez(&gateway)["pid"].as_i64();
+        ready(&gateway) && serving.is_some_and(|pid| pid != i64::from(adopted))
+    });
+    let restarted = vllm_pid(&gateway);
+
+    gateway.signal(Signal::SIGTERM);
+    let status = gateway.wait_exit(DEADLINE);
+
+    assert!(status.success(), "{status:?}\n{}", gateway.log_text());
+    assert!(
+        lines_with_message(
+            &gateway,
+            "vLLM did not stop in time; sending SIGKILL to its group"
+        )
+        .is_empty(),
+        "vLLM stopped at SIGTERM: {}",
+        gateway.log_text()
+    );
+    assert!(!alive(restarted));
 }

@@ -302,9 +302,19 @@ impl Config {
                 let again = std::net::TcpListener::bind(("127.0.0.1", 0))?;
                 serve.vllm_port = again.local_addr()?.port();
             }
-            self.upstream.base = format!("http://127.0.0.1:{}", serve.vllm_port);
+            let port = serve.vllm_port;
+            self.set_vllm_port(port);
         }
         Ok(())
+    }
+
+    /// Under `serve`, vLLM's port (and the upstream URL that follows from it): after an in-place
+    /// upgrade, the port the running vLLM was started on.
+    pub fn set_vllm_port(&mut self, port: u16) {
+        if let Some(serve) = &mut self.serve {
+            serve.vllm_port = port;
+            self.upstream.base = format!("http://127.0.0.1:{port}");
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - [`LimitedBody`]: the request body, cut off with [`BodyTooLarge`] past `max_body_bytes`.
 //! - [`UpstreamBody`]: the response body, with the stream-idle or whole-request deadline, ending an
-//!   event stream that broke with a final SSE `error` event instead of a hang or a silent cut.
+//!   event stream that broke (or outlasted a drain) with a final SSE `error` event instead of a
+//!   hang or a silent cut.
 //!
 //! Backpressure is preserved: a frame is read from the upstream only when the client side polls
 //! for the next one, so a slow client slows the upstream instead of growing a buffer here.
@@ -17,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::telemetry::RequestRecord;
@@ -91,6 +93,8 @@ pub struct UpstreamBody {
     inner: reqwest::Body,
     timing: Timing,
     deadline: Pin<Box<Sleep>>,
+    /// For a stream: fires when `drain_timeout` expires, which ends it with the error event.
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Whether the bytes forwarded so far end on an SSE event boundary (`\n\n`), so a final
     /// error event can be framed correctly.
     at_boundary: bool,
@@ -100,10 +104,12 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// `cut` ends a stream with the SSE `error` event once cancelled (`AppState::cut`).
     pub fn new(
         inner: reqwest::Body,
         timing: Timing,
         deadline: Instant,
+        cut: &CancellationToken,
         record: RequestRecord,
     ) -> Self {
         let deadline = match timing {
@@ -116,10 +122,15 @@ impl UpstreamBody {
         if inner.is_end_stream() {
             record.set_complete();
         }
+        let cut = match timing {
+            Timing::Stream { .. } => Some(Box::pin(cut.clone().cancelled_owned())),
+            Timing::Whole => None,
+        };
         UpstreamBody {
             inner,
             timing,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            cut,
             at_boundary: true,
             done: false,
             record,
@@ -159,6 +170,11 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         if this.done {
             return Poll::Ready(None);
+        }
+        if let Some(cut) = &mut this.cut
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            return this.fail(ProxyError::DrainTimeout);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

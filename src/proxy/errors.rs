@@ -23,6 +23,9 @@ pub enum ProxyError {
     NotReady { retry_after_secs: u64 },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// A stream still running when `drain_timeout` expired (a stop, or an in-place upgrade).
+    #[error("the stream was cut: the gateway is restarting or stopping and drain_timeout expired")]
+    DrainTimeout,
     #[error("too many requests: {0}")]
     TooManyRequests(Rejected),
     #[error("the model server is unavailable: {0}")]
@@ -118,7 +121,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::NotReady { .. } | ProxyError::ShuttingDown => {
+            ProxyError::NotReady { .. } | ProxyError::ShuttingDown | ProxyError::DrainTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -135,7 +138,9 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
             | ProxyError::MethodNotAllowed(_) => "invalid_request_error",
-            ProxyError::NotReady { .. } | ProxyError::ShuttingDown => "server_error",
+            ProxyError::NotReady { .. } | ProxyError::ShuttingDown | ProxyError::DrainTimeout => {
+                "server_error"
+            }
             // As OpenAI's own rate-limit errors say it.
             ProxyError::TooManyRequests(_) => "requests",
             ProxyError::Unavailable(_) | ProxyError::Timeout(_) => "upstream_error",
@@ -152,6 +157,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::NotReady { .. } => "upstream_not_ready",
             ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::DrainTimeout => "drain_timeout",
             ProxyError::TooManyRequests(_) => "too_many_requests",
             ProxyError::Unavailable(_) => "upstream_unavailable",
             ProxyError::Timeout(_) => "upstream_timeout",

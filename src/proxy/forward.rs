@@ -49,7 +49,7 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
             let stream = matches!(timing, Timing::Stream { .. });
             record.set_response(response.status().as_u16(), stream);
             let deadline = sent_at + config.proxy.request_timeout;
-            let body = UpstreamBody::new(upstream_body, timing, deadline, record);
+            let body = UpstreamBody::new(upstream_body, timing, deadline, &state.cut, record);
             response.map(|()| admission::hold(body, permit))
         }
         Ok(Proxied::Waiting(pending)) => {

@@ -142,6 +142,7 @@ async fn relay(
                     }
                 }
                 () = sender.closed() => return "client_disconnect",
+                () = state.cut.cancelled() => break Err(ProxyError::DrainTimeout),
             }
         }
     };
@@ -175,7 +176,7 @@ async fn relay(
         .await;
     }
     let deadline = sent_at + config.proxy.request_timeout;
-    let mut body = UpstreamBody::new(body, timing, deadline, record);
+    let mut body = UpstreamBody::new(body, timing, deadline, &state.cut, record);
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return "failed";

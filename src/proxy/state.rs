@@ -63,6 +63,12 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Cancelled when shutdown begins: readiness turns 503 and waiting requests give up.
     pub draining: CancellationToken,
+    /// Cancelled when the workers stop accepting and let their connections finish: with
+    /// `draining`, or alone for an in-place upgrade (readiness and waiting requests stay as they
+    /// are, and new connections wait in the listening socket's backlog for the new image).
+    pub closing: CancellationToken,
+    /// Cancelled when `drain_timeout` expires: running streams end with the SSE `error` event.
+    pub cut: CancellationToken,
     /// The concurrency limit and its queue, one for every worker.
     pub admission: Arc<Admission>,
 }
@@ -97,6 +103,8 @@ impl AppState {
             status,
             probe_freshness: config.health.interval + config.health.timeout,
             metrics,
+            closing: draining.child_token(),
+            cut: CancellationToken::new(),
             draining,
             admission: Arc::new(Admission::new(config.proxy.max_concurrent_requests)),
         })

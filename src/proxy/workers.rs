@@ -39,6 +39,8 @@ pub struct Workers {
     /// Cancelled to drop every worker's connections at once.
     close: CancellationToken,
     draining: CancellationToken,
+    closing: CancellationToken,
+    cut: CancellationToken,
     /// For `drain_timeout`, read when the drain begins.
     live: LiveConfig,
 }
@@ -47,12 +49,12 @@ impl Workers {
     /// Builds every worker (runtime, listener registration, upstream pool) before starting any,
     /// so that a failure (no file descriptors left, say) fails the start instead of leaving the
     /// gateway short of workers.
+    /// Each worker gets a copy of `listener`; the caller's stays open (and the socket with it).
     pub fn start(
-        listener: TcpListener,
+        listener: &std::net::TcpListener,
         state: &AppState,
         count: usize,
     ) -> std::io::Result<Workers> {
-        let listener = listener.into_std()?;
         let close = CancellationToken::new();
         let count = count.max(1);
         let limit = conn::ConnectionLimit::new(conn::max_connections(
@@ -66,7 +68,7 @@ impl Workers {
         let max_idle = limit.max().div_ceil(count);
         let mut built = Vec::with_capacity(count);
         for _ in 0..count {
-            match Worker::build(&listener, state, &close, &limit, max_idle) {
+            match Worker::build(listener, state, &close, &limit, max_idle) {
                 Ok(worker) => built.push(worker),
                 Err(error) => {
                     built.into_iter().for_each(Worker::discard);
@@ -106,21 +108,32 @@ impl Workers {
             finished,
             close,
             draining: state.draining.clone(),
+            closing: state.closing.clone(),
+            cut: state.cut.clone(),
             live: Arc::clone(&state.live),
         })
     }
 
-    /// Cancelled when the drain begins.
+    /// Cancelled when the drain before a stop begins.
     pub fn draining(&self) -> CancellationToken {
         self.draining.clone()
     }
 
-    /// Serves until `draining` is cancelled, then stops accepting and lets in-flight requests
+    /// Cancelled when the workers stop accepting: at the drain before a stop, or alone before
+    /// an in-place upgrade's exec.
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
+    /// Serves until `closing` is cancelled, then stops accepting and lets in-flight requests
     /// finish for up to `drain_timeout` (as configured when the drain begins), or until `abort` is
-    /// cancelled (a second signal). A worker that fails ends every worker at once.
+    /// cancelled (a second signal). Streams still running then end with the SSE `error` event,
+    /// given a moment to send it before every connection is dropped. A worker that fails ends
+    /// every worker at once.
     pub async fn serve(mut self, abort: CancellationToken) -> std::io::Result<()> {
         let close = self.close.clone();
-        let draining = self.draining.clone();
+        let closing = self.closing.clone();
+        let cut = self.cut.clone();
         let all_finished = async move {
             while let Some(done) = self.finished.next().await {
                 match done {
@@ -136,7 +149,7 @@ impl Workers {
         tokio::pin!(all_finished);
         let result = tokio::select! {
             result = &mut all_finished => Some(result),
-            () = draining.cancelled() => None,
+            () = closing.cancelled() => None,
         };
         let result = match result {
             Some(result) => result,
@@ -146,7 +159,9 @@ impl Workers {
                 tokio::select! {
                     result = &mut all_finished => result,
                     () = tokio::time::sleep(drain_timeout) => {
-                        tracing::warn!("drain_timeout expired; closing the remaining connections");
+                        tracing::warn!("drain_timeout expired; ending the remaining streams and closing the connections");
+                        cut.cancel();
+                        let _ = tokio::time::timeout(CUT_GRACE, &mut all_finished).await;
                         Ok(())
                     }
                     () = abort.cancelled() => {
@@ -160,6 +175,10 @@ impl Workers {
         result
     }
 }
+
+/// How long streams cut at `drain_timeout` have to send their final event before their
+/// connections are dropped.
+const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One proxy worker: a thread with its own runtime, accept loop and upstream pool.
 struct Worker {
@@ -225,9 +244,9 @@ impl Worker {
             limit,
         } = self;
         runtime.block_on(async move {
-            let draining = state.draining.clone();
+            let closing = state.closing.clone();
             let live = Arc::clone(&state.live);
-            let served = conn::serve(listener, app(state), live, limit, draining);
+            let served = conn::serve(listener, app(state), live, limit, closing);
             tokio::select! {
                 () = served => {}
                 () = close.cancelled() => {}
@@ -252,10 +271,11 @@ pub fn bind(address: SocketAddr) -> anyhow::Result<TcpSocket> {
     bind().map_err(|error| anyhow::anyhow!("cannot listen on {address}: {error}"))
 }
 
-/// Starts listening on a socket from [`bind`].
-pub fn listen(socket: TcpSocket) -> anyhow::Result<TcpListener> {
+/// Starts listening on a socket from [`bind`] (or one a previous image listened on already).
+pub fn listen(socket: TcpSocket) -> anyhow::Result<std::net::TcpListener> {
     let address = socket.local_addr()?;
-    socket
+    let listener = socket
         .listen(1024)
-        .map_err(|error| anyhow::anyhow!("cannot listen on {address}: {error}"))
+        .map_err(|error| anyhow::anyhow!("cannot listen on {address}: {error}"))?;
+    Ok(listener.into_std()?)
 }

@@ -1,17 +1,14 @@
 //! Spawning and signalling the vLLM child.
 //!
-//! The child is spawned as the leader of a new process group, from one long-lived spawner thread:
-//! PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so forking from a
-//! short-lived pool thread would kill vLLM at a random moment. The parent-death signal is SIGTERM,
-//! which lets vLLM take its engine and worker processes down with it if the gateway is SIGKILLed
-//! (and `guard` stops the rest of the group, should vLLM not).
+//! The child is spawned as the leader of a new process group. If the gateway dies, `guard` stops
+//! that group. The child gets no parent-death signal (PR_SET_PDEATHSIG): that signal fires when
+//! the *thread* that forked the child ends, and an in-place upgrade (`upgrade`) ends every thread
+//! but one, so it would take vLLM down with the old image.
 //! Every signal goes to the whole group; ESRCH (nobody left) counts as success.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc as std_mpsc;
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
@@ -50,6 +47,7 @@ pub fn command(serve: &ServeConfig) -> Command {
     for name in SYSTEMD_VARS {
         command.env_remove(name);
     }
+    command.env_remove(crate::upgrade::handover::ENV_VAR);
     // vLLM gives up on its engine after VLLM_ENGINE_READY_TIMEOUT_S (600 s by default); a model
     // that may take startup_timeout to load must not be cut short by that.
     if std::env::var_os("VLLM_ENGINE_READY_TIMEOUT_S").is_none() {
@@ -61,19 +59,25 @@ pub fn command(serve: &ServeConfig) -> Command {
     for (name, value) in &serve.child_env {
         command.env(name, value);
     }
-    let parent = std::process::id();
-    // SAFETY: between fork and exec only async-signal-safe calls are made (prctl, getppid, kill).
+    unblock_signals_in_child(&mut command);
+    command
+}
+
+/// Makes `command` start with no signal blocked. The gateway's threads may block the signals it
+/// handles (a new image starts with them blocked, see `signals`), and a child inherits the mask
+/// of the thread that forks it: vLLM would then never see the SIGTERM that stops it.
+pub fn unblock_signals_in_child(command: &mut Command) {
+    // SAFETY: between fork and exec only sigprocmask is called, which is async-signal-safe.
     unsafe {
-        command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-            // The gateway may have died between fork and prctl: then nobody would ever signal us.
-            if nix::unistd::getppid().as_raw() as u32 != parent {
-                nix::sys::signal::raise(Signal::SIGTERM)?;
-            }
+        command.pre_exec(|| {
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            )?;
             Ok(())
         });
     }
-    command
 }
 
 /// The program and arguments, for the log.
@@ -116,32 +120,12 @@ fn is_secret_option(word: &str) -> bool {
         .any(|secret| name.ends_with(secret))
 }
 
-type SpawnRequest = (Command, oneshot::Sender<std::io::Result<Spawned>>);
-
-/// Spawns `command` on the spawner thread, registering its pid with the reaper before any
-/// SIGCHLD for it can be handled.
-pub async fn spawn(command: Command) -> std::io::Result<Spawned> {
-    static SPAWNER: OnceLock<std_mpsc::Sender<SpawnRequest>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (sender, receiver) = std_mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new()
-            .name("child-spawner".into())
-            .spawn(move || {
-                // This thread lives as long as the process: it is the parent that PDEATHSIG watches.
-                for (mut command, reply) in receiver {
-                    let _ = reply.send(spawn_now(&mut command));
-                }
-            })
-            .expect("the spawner thread starts at most once");
-        sender
-    });
-    let (reply, result) = oneshot::channel();
-    spawner
-        .send((command, reply))
-        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
-    result
+/// Spawns `command`, registering its pid with the reaper before any SIGCHLD for it can be
+/// handled. The fork happens on a blocking thread: it may take a while for a large gateway.
+pub async fn spawn(mut command: Command) -> std::io::Result<Spawned> {
+    tokio::task::spawn_blocking(move || spawn_now(&mut command))
         .await
-        .map_err(|_| std::io::Error::other("the spawner thread dropped the request"))?
+        .map_err(|_| std::io::Error::other("the spawning thread panicked"))?
 }
 
 fn spawn_now(command: &mut Command) -> std::io::Result<Spawned> {

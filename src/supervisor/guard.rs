@@ -1,14 +1,16 @@
 //! The guard: a small process (`gateway __guard`) that outlives a SIGKILLed gateway to stop vLLM's
 //! whole process group.
 //!
-//! PR_SET_PDEATHSIG reaches only the group's leader (vLLM's API server); a leader that ignores it,
-//! and every other process of the group, would be left holding the GPU. So each vLLM start gets a
-//! guard in a process group of its own, reading a pipe whose write end only the gateway holds
-//! (close-on-exec, so vLLM never inherits it). The gateway writes one byte once vLLM's group is
-//! gone and reaped, and the guard exits. If the pipe closes without that byte, the gateway died:
+//! The gateway gives vLLM no parent-death signal (see `child`), and such a signal would reach only
+//! the group's leader (vLLM's API server) anyway: every other process of the group would be left
+//! holding the GPU. So each vLLM start gets a guard in a process group of its own, reading a pipe
+//! whose write end only the gateway holds (close-on-exec, so vLLM never inherits it; an in-place
+//! upgrade passes it on to the new image). The gateway writes one byte once vLLM's group is gone
+//! and reaped, and the guard exits. If the pipe closes without that byte, the gateway died:
 //! the guard sends SIGTERM to the group, and SIGKILL once the grace is over if anyone is left.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +34,9 @@ impl Guard {
     pub fn start(pgid: u32, grace: Duration) -> Option<Guard> {
         let start = || -> std::io::Result<Guard> {
             let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-            Command::new("/proc/self/exe")
+            let mut command = Command::new("/proc/self/exe");
+            crate::supervisor::child::unblock_signals_in_child(&mut command);
+            command
                 .arg(ARG)
                 .arg(pgid.to_string())
                 .arg(grace.as_millis().to_string())
@@ -54,6 +58,18 @@ impl Guard {
                 None
             }
         }
+    }
+
+    /// A guard started by an earlier gateway image, from the write end of its pipe.
+    pub fn from_fd(release: OwnedFd) -> Guard {
+        Guard {
+            release: std::fs::File::from(release),
+        }
+    }
+
+    /// The write end of the pipe, which must cross an in-place upgrade's exec.
+    pub fn fd(&self) -> RawFd {
+        self.release.as_raw_fd()
     }
 
     /// vLLM's group is gone and reaped: the guard exits without touching its (reusable) pgid.

@@ -4,8 +4,11 @@
 //! one timer (next probe, startup deadline, kill deadline or end of backoff), the in-flight health
 //! probe, the control queue and the watchdog tick, and publishes every state change on a `watch`
 //! channel. Nothing else mutates the state. Others hold a [`SupervisorHandle`]: the control sender
-//! ([`Control`]: forward a signal, shutdown begun, stop and answer when done) and the status
-//! receiver.
+//! ([`Control`]: forward a signal, shutdown begun, stop and answer when done, hand over for an
+//! upgrade) and the status receiver.
+//!
+//! After an in-place upgrade the supervisor starts from what the old image handed over
+//! ([`Inherited`]): it adopts the running vLLM by pid instead of starting one.
 
 pub mod child;
 pub mod descendants;
@@ -15,6 +18,7 @@ pub mod port;
 pub mod reaper;
 
 use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -32,6 +36,7 @@ use crate::lifecycle::state::{ChildState, ExitInfo, StopReason, transition};
 use crate::probe::ProbeError;
 use crate::resources::Exhausted;
 use crate::status::{ChildStatus, UpstreamStatus};
+use crate::upgrade::handover::HandedState;
 
 /// Messages to the supervisor.
 #[derive(Debug)]
@@ -44,6 +49,72 @@ pub enum Control {
     /// Stop the child's group and end; the outcome is sent back once vLLM and whatever it left
     /// outside its group are gone.
     Stop(oneshot::Sender<Outcome>),
+    /// Describe the child for a new image and hold still (no probes, no restarts, no stop on a
+    /// timer) until [`Control::Resume`]: the exec that follows ends this task.
+    HandOver(oneshot::Sender<Result<Snapshot, String>>),
+    /// The hand-over did not happen: supervise again.
+    Resume,
+}
+
+/// The supervisor's state as a new image takes it over. The descriptors stay owned by the
+/// supervisor (and open) until the exec.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub child: Option<SnapshotChild>,
+    pub restarts: u32,
+    pub history: History,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotChild {
+    pub pid: u32,
+    pub state: HandedState,
+    pub guard_fd: Option<RawFd>,
+    pub stdout_fd: Option<RawFd>,
+    pub stderr_fd: Option<RawFd>,
+}
+
+/// What a supervisor starts from after an in-place upgrade, instead of from nothing.
+pub struct Inherited {
+    pub restarts: u32,
+    pub history: History,
+    pub child: Option<AdoptedChild>,
+}
+
+impl Inherited {
+    /// What a new image took over, as the supervisor starts from it. Registers vLLM's pid with the
+    /// reaper: call it before `reaper::start`, so that an exit during the exec is not reaped as an
+    /// orphan's.
+    pub fn adopt(
+        restarts: u32,
+        history: History,
+        child: Option<crate::upgrade::takeover::TakenChild>,
+    ) -> Inherited {
+        let child = child.map(|child| AdoptedChild {
+            pid: child.pid,
+            exit: reaper::register(&mut reaper::lock(), child.pid as i32),
+            state: child.state,
+            guard: child.guard.map(guard::Guard::from_fd),
+            stdout: child.stdout,
+            stderr: child.stderr,
+        });
+        Inherited {
+            restarts,
+            history,
+            child,
+        }
+    }
+}
+
+/// A running vLLM the new image takes over: still this process's child, already registered with
+/// the reaper.
+pub struct AdoptedChild {
+    pub pid: u32,
+    pub exit: oneshot::Receiver<ExitInfo>,
+    pub state: HandedState,
+    pub guard: Option<guard::Guard>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
 }
 
 /// The way to the supervisor task: its control queue and its status. Cloned freely.
@@ -77,22 +148,80 @@ impl SupervisorHandle {
         self.control.send(Control::Stop(done_tx)).ok()?;
         done_rx.await.ok()
     }
+
+    /// Asks the supervisor to describe vLLM for a new image and hold still; an error says why it
+    /// cannot now (vLLM is being stopped, or supervision is over).
+    pub async fn hand_over(&self) -> Result<Snapshot, String> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.control
+            .send(Control::HandOver(reply_tx))
+            .map_err(|_| "supervision is over".to_string())?;
+        reply_rx
+            .await
+            .map_err(|_| "supervision is over".to_string())?
+    }
+
+    /// The hand-over did not happen: the supervisor goes on.
+    pub fn resume(&self) {
+        let _ = self.control.send(Control::Resume);
+    }
 }
 
-/// Starts the supervisor task, which starts vLLM at once and runs until it is stopped or the
-/// restart policy ends it. The task returns how supervision ended.
+/// Starts the supervisor task, which starts vLLM at once (or adopts the one `inherited` names)
+/// and runs until it is stopped or the restart policy ends it. The task returns how supervision
+/// ended.
 pub fn start(
     serve: ServeConfig,
     upstream_base: String,
     health: HealthConfig,
+    inherited: Option<Inherited>,
 ) -> (SupervisorHandle, JoinHandle<Outcome>) {
+    let now = Instant::now();
+    let (restarts, history, adopted) = match inherited {
+        Some(inherited) => (inherited.restarts, inherited.history, inherited.child),
+        None => (0, History::default(), None),
+    };
+    let state = match &adopted {
+        None => ChildState::Idle,
+        Some(child) => match child.state {
+            HandedState::Starting => ChildState::Starting {
+                pid: child.pid,
+                since: now,
+            },
+            HandedState::Ready => ChildState::Ready {
+                pid: child.pid,
+                since: now,
+            },
+            HandedState::Unhealthy { failures } => ChildState::Unhealthy {
+                pid: child.pid,
+                failures,
+                since: now,
+            },
+        },
+    };
     let initial = ChildStatus {
-        state: ChildState::Idle,
-        restarts: 0,
+        state,
+        restarts,
         last_exit: None,
     };
     let (status_tx, status_rx) = watch::channel(UpstreamStatus::Child(initial.clone()));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let next_probe = match &adopted {
+        Some(child) if child.state == HandedState::Starting => now + serve.startup_poll_interval,
+        // Probed at once: the new image learns vLLM's health first-hand before the next interval.
+        _ => now,
+    };
+    let child = adopted.map(|child| {
+        let kept = output::relay(child.pid, child.stdout, child.stderr);
+        Running {
+            pid: child.pid,
+            exit: child.exit,
+            ready_since: (child.state != HandedState::Starting).then_some(now),
+            stranger_logged: false,
+            guard: child.guard,
+            output: kept,
+        }
+    });
     let supervisor = Supervisor {
         serve,
         upstream_base,
@@ -102,11 +231,11 @@ pub fn start(
         shutting_down: false,
         status_tx,
         status: initial,
-        child: None,
+        child,
         probe: None,
-        next_probe: Instant::now(),
+        next_probe,
         kill_at: None,
-        history: History::default(),
+        history,
         probe_client: crate::probe::probe_client(),
     };
     let handle = SupervisorHandle {
@@ -127,6 +256,8 @@ struct Running {
     stranger_logged: bool,
     /// Stops the group if the gateway dies; released once the group is gone.
     guard: Option<guard::Guard>,
+    /// Copies of the read ends of vLLM's stdout and stderr, which a new image takes over.
+    output: output::Kept,
 }
 
 struct Supervisor {
@@ -182,8 +313,12 @@ impl Supervisor {
         let watchdog_every = crate::notify::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
-        if let Some(outcome) = self.spawn_child().await {
-            return outcome;
+        if self.child.is_none() {
+            if let Some(outcome) = self.spawn_child().await {
+                return outcome;
+            }
+        } else {
+            self.publish_adopted();
         }
         loop {
             let deadline = self.next_deadline();
@@ -214,6 +349,7 @@ impl Supervisor {
             };
             let outcome = match event {
                 Event::Exited(exit) => self.on_exit(exit).await,
+                Event::Control(Control::HandOver(reply)) => self.hand_over(reply).await,
                 Event::Probed(result) => {
                     self.probe = None;
                     self.on_probe(result);
@@ -253,7 +389,88 @@ impl Supervisor {
                 self.stop_requested.push(done);
                 if first { self.on_stop() } else { None }
             }
+            Control::HandOver(reply) => {
+                // Only reached from `take_queued_control`, in the middle of a decision: not now.
+                let _ = reply.send(Err("vLLM is being started or stopped".into()));
+                None
+            }
+            Control::Resume => None,
         }
+    }
+
+    /// Logs and publishes the adopted child's state, as a spawn would have.
+    fn publish_adopted(&mut self) {
+        let state = self.status.state.clone();
+        tracing::info!(
+            pid = state.pid(),
+            state = state.name(),
+            restarts = self.status.restarts,
+            "took over the running vLLM from the previous gateway image"
+        );
+        self.publish();
+    }
+
+    /// Describes the child for a new image, then holds still until told to resume (the exec
+    /// failed) or to stop. Signals to forward are still forwarded.
+    async fn hand_over(
+        &mut self,
+        reply: oneshot::Sender<Result<Snapshot, String>>,
+    ) -> Option<Outcome> {
+        let child = match (&self.status.state, &self.child) {
+            (ChildState::Stopping { .. }, _) => {
+                let _ = reply.send(Err("vLLM is being stopped".into()));
+                return None;
+            }
+            (_, _) if self.ending() => {
+                let _ = reply.send(Err("the gateway is shutting down".into()));
+                return None;
+            }
+            (ChildState::Starting { pid, .. }, Some(child)) => {
+                Some((*pid, HandedState::Starting, child))
+            }
+            (ChildState::Ready { pid, .. }, Some(child)) => Some((*pid, HandedState::Ready, child)),
+            (ChildState::Unhealthy { pid, failures, .. }, Some(child)) => Some((
+                *pid,
+                HandedState::Unhealthy {
+                    failures: *failures,
+                },
+                child,
+            )),
+            _ => None,
+        };
+        let snapshot = Snapshot {
+            child: child.map(|(pid, state, running)| SnapshotChild {
+                pid,
+                state,
+                guard_fd: running.guard.as_ref().map(guard::Guard::fd),
+                stdout_fd: running.output.stdout.as_ref().map(AsRawFd::as_raw_fd),
+                stderr_fd: running.output.stderr.as_ref().map(AsRawFd::as_raw_fd),
+            }),
+            restarts: self.status.restarts,
+            history: self.history,
+        };
+        if reply.send(Ok(snapshot)).is_err() {
+            return None;
+        }
+        tracing::info!("vLLM handed over to the new gateway image; supervision paused");
+        loop {
+            match self.control.recv().await {
+                Some(Control::Resume) | None => break,
+                Some(Control::HandOver(reply)) => {
+                    let _ = reply.send(Err("a hand-over is already under way".into()));
+                }
+                Some(control) => {
+                    if let Some(outcome) = self.on_control(control) {
+                        return Some(outcome);
+                    }
+                    if self.ending() {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!("the hand-over did not happen; supervision resumes");
+        None
     }
 
     /// Takes the control messages already queued, so that a decision about the child (spawn it,
@@ -289,6 +506,11 @@ impl Supervisor {
 
     fn set_state(&mut self, next: ChildState) {
         transition(&mut self.status.state, next);
+        self.publish();
+    }
+
+    /// Publishes the state as it is: the gauges and the status channel.
+    fn publish(&mut self) {
         for name in ChildState::NAMES {
             gauge!("gateway_child_state", "state" => name).set(
                 if name == self.status.state.name() {
@@ -346,14 +568,17 @@ impl Supervisor {
         match child::spawn(command).await {
             Ok(spawned) => {
                 let pid = spawned.pid;
-                output::relay(pid, spawned.stdout, spawned.stderr);
+                // The guard first: until it runs, nothing stops vLLM's group should the gateway die.
+                let guard = guard::Guard::start(pid, self.serve.stop_timeout);
+                let output = output::relay(pid, spawned.stdout, spawned.stderr);
                 let now = Instant::now();
                 self.child = Some(Running {
                     pid,
                     exit: spawned.exit,
                     ready_since: None,
                     stranger_logged: false,
-                    guard: guard::Guard::start(pid, self.serve.stop_timeout),
+                    guard,
+                    output,
                 });
                 self.next_probe = now + self.serve.startup_poll_interval;
                 self.set_state(ChildState::Starting { pid, since: now });

@@ -35,11 +35,32 @@ impl Stream {
     }
 }
 
-/// Starts the readers and the writer for one child.
-pub fn relay(pid: u32, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) {
+/// Copies of the read ends of a child's pipes, which a new gateway image takes over across an
+/// in-place upgrade (the readers' own copies end with the old image). Close-on-exec, like every
+/// descriptor of the gateway's.
+#[derive(Debug, Default)]
+pub struct Kept {
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Starts the readers and the writer for one child; returns copies of the pipes' read ends.
+pub fn relay(pid: u32, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> Kept {
     let (lines_tx, mut lines_rx) = mpsc::channel::<(Stream, String)>(QUEUE);
+    let mut kept = Kept::default();
     for (stream, fd) in [(Stream::Stdout, stdout), (Stream::Stderr, stderr)] {
         let Some(fd) = fd else { continue };
+        let copy = match fd.try_clone() {
+            Ok(copy) => Some(copy),
+            Err(error) => {
+                tracing::warn!(pid, stream = stream.name(), %error, "cannot keep a copy of vLLM's output pipe; an in-place upgrade will not take it over");
+                None
+            }
+        };
+        match stream {
+            Stream::Stdout => kept.stdout = copy,
+            Stream::Stderr => kept.stderr = copy,
+        }
         match pipe::Receiver::from_owned_fd(fd) {
             Ok(receiver) => {
                 tokio::spawn(read_lines(pid, stream, receiver, lines_tx.clone()));
@@ -59,6 +80,7 @@ pub fn relay(pid: u32, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) {
             }
         }
     });
+    kept
 }
 
 /// uvicorn's access line for a `/health` answered 200: what the gateway's own probe causes every

@@ -44,6 +44,36 @@ pub fn inherit_only(fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Sets close-on-exec on every descriptor above stdio: the new image's first step, so that
+/// nothing inherited (a descriptor it does not know of, from a description it refused) leaks
+/// into what it spawns. The descriptors stay open: an unknown guard pipe keeps guarding.
+pub fn close_on_exec_all() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: only the flag is changed, on a descriptor this process holds (or, for the
+        // directory read above, held: F_SETFD then fails with EBADF, which is ignored).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = set_close_on_exec(fd, true);
+    }
+}
+
+/// What a descriptor is, from its `/proc/self/fd` link: `socket`, `pipe`, or a path.
+pub fn kind(fd: RawFd) -> Option<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    let target = target.to_string_lossy();
+    Some(match target.split_once(":[") {
+        Some((kind, _)) => kind.to_string(),
+        None => target.into_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::{AsFd, AsRawFd};
@@ -61,6 +91,16 @@ mod tests {
         assert!(is_close_on_exec(write_end.as_fd()).expect("flags"));
         set_close_on_exec(read_end.as_fd(), true).expect("set again");
         assert!(is_close_on_exec(read_end.as_fd()).expect("flags"));
+    }
+
+    #[test]
+    fn every_descriptor_above_stdio_becomes_close_on_exec_and_stays_open() {
+        let (read_end, _write_end) = nix::unistd::pipe().expect("pipe without close-on-exec");
+        assert!(!is_close_on_exec(read_end.as_fd()).expect("flags"));
+        close_on_exec_all();
+        assert!(is_close_on_exec(read_end.as_fd()).expect("flags"));
+        assert!(is_open(read_end.as_raw_fd()));
+        assert_eq!(kind(read_end.as_raw_fd()).as_deref(), Some("pipe"));
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! format version and every field, [`Handover::check_process`] that the descriptors are open and
 //! that vLLM is still this process's child, leading its own group.
 //!
-//! A description the new image cannot take whole is refused, never half-used. Three keys are kept
-//! by every version, at the top level, so that even a refused description tells the new image
-//! which socket to serve on and which vLLM to adopt by pid ([`Salvage`]): `version`,
-//! `listener_fd` and `vllm_pid`. Nothing in a refused description ever leads to signalling vLLM.
+//! A description the new image cannot take whole is refused, never half-used. The keys that say
+//! which socket to serve on, which vLLM to adopt and where it listens, and which descriptors keep
+//! it alive are kept by every version, at the top level, so that even a refused description tells
+//! the new image that much ([`Salvage`]): `version`, `listener_fd`, `vllm_port`, `vllm_pid`,
+//! `guard_fd`, `stdout_fd` and `stderr_fd`. Nothing in a refused description ever leads to
+//! signalling vLLM.
 
 use std::os::fd::RawFd;
 
@@ -35,9 +37,19 @@ pub struct Handover {
     /// The listening socket, bound and listening: connections arriving during the exec wait in
     /// its backlog.
     pub listener_fd: RawFd,
+    /// The port vLLM listens on (the old image may have picked it), where the new image probes.
+    pub vllm_port: u16,
     /// vLLM's pid (also its process group's id, since it leads its group); `None` when no vLLM
     /// was running (in backoff, or before the first start).
     pub vllm_pid: Option<u32>,
+    /// The write end of the guard's pipe: the guard stops vLLM's group when it closes, so it
+    /// must cross the exec or the guard would take vLLM down.
+    pub guard_fd: Option<RawFd>,
+    /// The read ends of vLLM's stdout and stderr pipes: were they closed, vLLM's next write would
+    /// fail with EPIPE (or kill it with SIGPIPE); were they not read, vLLM would block on a full
+    /// pipe.
+    pub stdout_fd: Option<RawFd>,
+    pub stderr_fd: Option<RawFd>,
     /// The rest of what is known of the running vLLM; present exactly when `vllm_pid` is.
     pub child: Option<HandedChild>,
     /// Restarts so far, which `/livez` and the metrics report.
@@ -54,13 +66,6 @@ pub struct HandedChild {
     /// vLLM's process group; the same number as its pid.
     pub pgid: u32,
     pub state: HandedState,
-    /// The write end of the guard's pipe: the guard stops vLLM's group when it closes, so it
-    /// must cross the exec or the guard would take vLLM down.
-    pub guard_fd: Option<RawFd>,
-    /// The read ends of vLLM's stdout and stderr pipes: were they closed, vLLM's next write would
-    /// fail with EPIPE (or kill it with SIGPIPE).
-    pub stdout_fd: Option<RawFd>,
-    pub stderr_fd: Option<RawFd>,
 }
 
 /// The child's state, as far as it survives an exec (timers restart in the new image). A vLLM
@@ -100,7 +105,11 @@ pub enum HandoverError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Salvage {
     pub listener_fd: Option<RawFd>,
+    pub vllm_port: Option<u16>,
     pub vllm_pid: Option<u32>,
+    pub guard_fd: Option<RawFd>,
+    pub stdout_fd: Option<RawFd>,
+    pub stderr_fd: Option<RawFd>,
 }
 
 /// A refused description: why, and what can still be used.
@@ -119,13 +128,11 @@ impl Handover {
     /// Every descriptor the description names, which are the ones to inherit.
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.listener_fd];
-        if let Some(child) = &self.child {
-            fds.extend(
-                [child.guard_fd, child.stdout_fd, child.stderr_fd]
-                    .into_iter()
-                    .flatten(),
-            );
-        }
+        fds.extend(
+            [self.guard_fd, self.stdout_fd, self.stderr_fd]
+                .into_iter()
+                .flatten(),
+        );
         fds
     }
 
@@ -149,6 +156,13 @@ impl Handover {
         sorted.dedup();
         if sorted.len() != fds.len() {
             return invalid("a descriptor is named twice".into());
+        }
+        let vllm_fds = [self.guard_fd, self.stdout_fd, self.stderr_fd];
+        if self.vllm_pid.is_none() && vllm_fds.iter().any(Option::is_some) {
+            return invalid("descriptors of vLLM are given without its pid".into());
+        }
+        if self.vllm_port == 0 {
+            return invalid("vLLM's port is 0".into());
         }
         match (self.vllm_pid, &self.child) {
             (None, None) => Ok(()),
@@ -234,19 +248,30 @@ pub fn decode(text: &str) -> Result<Handover, Refused> {
 
 /// The keys every version keeps, each taken only if it is a plausible value.
 fn salvage(value: &serde_json::Value) -> Salvage {
-    let listener_fd = value
-        .get("listener_fd")
-        .and_then(serde_json::Value::as_i64)
-        .and_then(|fd| RawFd::try_from(fd).ok())
-        .filter(|fd| *fd >= 3);
+    let fd = |key: &str| {
+        value
+            .get(key)
+            .and_then(serde_json::Value::as_i64)
+            .and_then(|fd| RawFd::try_from(fd).ok())
+            .filter(|fd| *fd >= 3)
+    };
     let vllm_pid = value
         .get("vllm_pid")
         .and_then(serde_json::Value::as_u64)
         .and_then(|pid| u32::try_from(pid).ok())
         .filter(|pid| *pid > 1 && *pid <= i32::MAX as u32);
+    let vllm_port = value
+        .get("vllm_port")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|port| u16::try_from(port).ok())
+        .filter(|port| *port > 0);
     Salvage {
-        listener_fd,
+        listener_fd: fd("listener_fd"),
+        vllm_port,
         vllm_pid,
+        guard_fd: fd("guard_fd"),
+        stdout_fd: fd("stdout_fd"),
+        stderr_fd: fd("stderr_fd"),
     }
 }
 
@@ -278,13 +303,14 @@ mod tests {
             version: VERSION,
             from_version: "0.1.0".into(),
             listener_fd: 3,
+            vllm_port: 8000,
             vllm_pid: Some(4242),
+            guard_fd: Some(5),
+            stdout_fd: Some(6),
+            stderr_fd: Some(7),
             child: Some(HandedChild {
                 pgid: 4242,
                 state: HandedState::Unhealthy { failures: 2 },
-                guard_fd: Some(5),
-                stdout_fd: Some(6),
-                stderr_fd: Some(7),
             }),
             restarts: 3,
             failed_starts: 1,
@@ -310,6 +336,9 @@ mod tests {
     fn a_description_without_vllm_reads_back_as_written() {
         let handover = Handover {
             vllm_pid: None,
+            guard_fd: None,
+            stdout_fd: None,
+            stderr_fd: None,
             child: None,
             ..sample()
         };
@@ -334,7 +363,11 @@ mod tests {
             refused.salvage,
             Salvage {
                 listener_fd: Some(3),
-                vllm_pid: Some(4242)
+                vllm_port: Some(8000),
+                vllm_pid: Some(4242),
+                guard_fd: Some(5),
+                stdout_fd: Some(6),
+                stderr_fd: Some(7),
             }
         );
     }
@@ -369,9 +402,9 @@ mod tests {
         let mut stdio = sample();
         stdio.listener_fd = 0;
         let mut twice = sample();
-        if let Some(child) = &mut twice.child {
-            child.stderr_fd = child.stdout_fd;
-        }
+        twice.stderr_fd = twice.stdout_fd;
+        let mut no_port = sample();
+        no_port.vllm_port = 0;
         let mut other_group = sample();
         if let Some(child) = &mut other_group.child {
             child.pgid = 1;
@@ -387,9 +420,26 @@ mod tests {
         };
         let state_alone = Handover {
             vllm_pid: None,
+            guard_fd: None,
+            stdout_fd: None,
+            stderr_fd: None,
             ..sample()
         };
-        for handover in [stdio, twice, other_group, init, pid_alone, state_alone] {
+        let fds_alone = Handover {
+            vllm_pid: None,
+            child: None,
+            ..sample()
+        };
+        for handover in [
+            stdio,
+            twice,
+            no_port,
+            other_group,
+            init,
+            pid_alone,
+            state_alone,
+            fds_alone,
+        ] {
             let refused = decode(&handover.encode()).expect_err("refused");
             assert!(
                 matches!(refused.error, HandoverError::Invalid(_)),
@@ -418,6 +468,9 @@ mod tests {
         let handover = Handover {
             listener_fd: listener.as_raw_fd(),
             vllm_pid: None,
+            guard_fd: None,
+            stdout_fd: None,
+            stderr_fd: None,
             child: None,
             ..sample()
         };
@@ -454,12 +507,12 @@ mod tests {
         let handover = Handover {
             listener_fd: listener.as_raw_fd(),
             vllm_pid: Some(pid),
+            guard_fd: None,
+            stdout_fd: None,
+            stderr_fd: None,
             child: Some(HandedChild {
                 pgid: pid,
                 state: HandedState::Ready,
-                guard_fd: None,
-                stdout_fd: None,
-                stderr_fd: None,
             }),
             ..sample()
         };
