@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::process::ExitStatusExt;
 
 use common::*;
@@ -127,6 +129,27 @@ fn the_engine_death_knob_kills_even_an_engine_without_processes() {
         health_status(&server) == Some(503)
     });
     assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout() {
+    let server = mock_vllm(&[("MOCK_VLLM_KEEP_ALIVE_TIMEOUT", "300ms")]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: vllm\r\n\r\n")
+        .expect("write");
+    let response = read_response(&mut stream);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("connection"), None, "kept alive");
+    // As uvicorn does, the server closes the connection without a word once it has been idle.
+    let mut rest = Vec::new();
+    let read = stream.read_to_end(&mut rest);
+    assert!(
+        matches!(read, Ok(0)),
+        "the server closes the idle connection: {read:?}, {rest:?}"
+    );
+    assert_eq!(mock_stats_on(server.port)["keep_alive_closes"], 1);
 }
 
 #[test]

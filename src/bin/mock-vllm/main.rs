@@ -45,6 +45,10 @@
 //! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With an API key set, every
 //!   `/v1` path needs `Authorization: Bearer <key>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
+//! - Connections are HTTP/1.1, as uvicorn serves them: kept alive, and closed without a word once
+//!   idle for `MOCK_VLLM_KEEP_ALIVE_TIMEOUT` (5 s, vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`) after
+//!   their last response; a connection with a request in flight, or one that has not finished
+//!   its first response, is never closed for being idle.
 //!
 //! Test-control endpoints, which vLLM does not have, live under `/_mock/` and need no key:
 //!
@@ -52,7 +56,8 @@
 //!   request (recorded before the key is checked), or `null` before the first one.
 //! - `GET /_mock/stats`: pid, counts of `/v1` requests, completed responses and client disconnects,
 //!   the names of the signals received, whether `/health` hangs, the engine core's pid (`null`
-//!   without engine processes) and whether the engine died.
+//!   without engine processes), whether the engine died, and how many connections were closed
+//!   for being idle (`keep_alive_closes`).
 //! - `POST /_mock/hang-health` and `POST /_mock/unhang-health`: make `/health` hang or answer again.
 //! - `POST /_mock/exit?code=N`: answer 200, then exit with code N (default 0).
 //!   `&linger=DURATION` stops listening at once but exits only after the duration, like vLLM's
@@ -109,6 +114,8 @@
 //!   takes them, from a thread of their own so that a pipe nobody reads blocks only that thread.
 //! - `MOCK_VLLM_SHUTDOWN_GRACE`: how long a graceful shutdown waits for open responses before
 //!   exiting anyway (default 3s), so a stalled stream cannot keep the process alive.
+//! - `MOCK_VLLM_KEEP_ALIVE_TIMEOUT`: how long a kept-alive connection may sit idle after its last
+//!   response before the server closes it (default 5s, as vLLM).
 //!
 //! # Signals
 //!
@@ -124,7 +131,8 @@
 //!
 //! - `cli`: vLLM's `serve` command line and the `--help` text.
 //! - `knobs`: the `MOCK_VLLM_*` table and reading it from the environment.
-//! - `server`: start-up, the router, the serving loop and its graceful stop.
+//! - `server`: start-up, the router, and the run that ends in a graceful stop.
+//! - `conn`: the accept loop and each connection, with uvicorn's keep-alive timeout.
 //! - `signals`: the signal task.
 //! - `engine`: the `VLLM::EngineCore` and `VLLM::Worker` processes, and their deaths.
 //! - `process`: the grandchild, the pid file and the output flood.
@@ -159,6 +167,7 @@
 
 mod chat;
 mod cli;
+mod conn;
 mod control;
 mod engine;
 mod knobs;

@@ -53,6 +53,8 @@ pub(crate) struct Stats {
     pub(crate) health_hung: AtomicBool,
     /// Set once the engine died; `/health` answers 503 until the server exits.
     pub(crate) engine_dead: AtomicBool,
+    /// Connections closed because they were idle for the keep-alive timeout.
+    pub(crate) keep_alive_closes: AtomicU64,
 }
 
 /// Settles one `/v1` request as completed or disconnected, whichever comes first; dropping it
