@@ -1,6 +1,7 @@
 //! mock-vllm behaves as real vLLM does where a supervisor or a client can tell: its engine runs in
 //! processes of its own that outlive a SIGKILL of the server, an engine death ends in "503 for a
-//! while, then exit 0", SIGHUP kills it, a token limit gives an incomplete answer, and a stop
+//! while, then exit 0" with generation requests refused meanwhile, idle kept-alive connections are
+//! closed, SIGHUP kills it, a token limit gives an incomplete answer, and a stop
 //! signal ends an in-flight stream cleanly.
 
 mod common;
@@ -128,6 +129,59 @@ fn the_engine_death_knob_kills_even_an_engine_without_processes() {
     wait_until("/health to answer 503", DEADLINE, || {
         health_status(&server) == Some(503)
     });
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+/// What vLLM 0.32 answered a generation request once its engine was dead.
+const ENGINE_DEAD_FIXTURE: &str = "vllm-0.32-tiny-error-engine-dead.json";
+
+#[test]
+fn a_generation_request_to_a_dead_engine_gets_vllms_500_and_ends_the_linger() {
+    // A linger far beyond the deadline: only the request can end it.
+    let mut server = mock_vllm_own_group(&[("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h")]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, _) = engine_processes(&server);
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    // What needs no engine answers as before: the model list, and the model check that vLLM
+    // makes before it looks at its engine.
+    let models = raw_request(server.port, "GET /v1/models HTTP/1.1", b"");
+    assert_eq!(models.status, 200);
+    let unknown = r#"{"model":"no-such-model","input":"hi","stream":true}"#;
+    assert_eq!(
+        post_json(server.port, "/v1/responses", unknown, "").status,
+        404
+    );
+    // A stream too is refused before it starts.
+    let response = post_json(server.port, "/v1/responses", RESPONSES_STREAM, "");
+    assert_eq!(response.status, 500);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert_eq!(response.body, fixture(ENGINE_DEAD_FIXTURE));
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn a_chat_completion_to_a_dead_engine_gets_vllms_500() {
+    let mut server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_ENGINE_PROCESSES", "0"),
+        ("MOCK_VLLM_ENGINE_DIE_AFTER", "100ms"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    let response = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        "",
+    );
+    assert_eq!(response.status, 500);
+    assert_eq!(response.body, fixture(ENGINE_DEAD_FIXTURE));
+    assert_eq!(response.json()["error"]["type"], "InternalServerError");
     assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
 }
 

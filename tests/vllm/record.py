@@ -4,7 +4,8 @@ Usage: record.py GATEWAY_URL VLLM_URL OUTDIR [GATEWAY_PID]
 
 GATEWAY_URL is the gateway in front of the tiny model (served as `tiny`), VLLM_URL vLLM itself
 (for its own /metrics and /health). With GATEWAY_PID, the engine core under that gateway is killed
-last, and vLLM's /health answer while its engine is dead is recorded. Run by record.sh.
+last, and vLLM's answers while its engine is dead are recorded: /health, then a generation request.
+Run by record.sh.
 """
 
 import http.client
@@ -97,6 +98,9 @@ def main() -> None:
                 head = f"HTTP {status}\n" + (f"content-type: {content_type}\n" if content_type else "")
                 (out / f"{PREFIX}health-engine-dead.txt").write_bytes(head.encode() + b"\n" + data)
                 print(f"{PREFIX}health-engine-dead.txt: {status} {content_type} {len(data)} bytes")
+                # A generation request meanwhile meets the dead engine (and makes vLLM stop).
+                record(out, "error-engine-dead", vllm.rstrip("/") + "/v1", "/responses",
+                       {"model": "tiny", "input": "Hello", "max_output_tokens": 8}, "json", 500)
                 return
             time.sleep(0.1)
         raise SystemExit("vLLM's /health never answered 503 after its engine died")

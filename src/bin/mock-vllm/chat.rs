@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use crate::openai::{
-    ChatChoice, ChatChunk, ChatCompletionBody, ChatMessage, ChunkChoice, Usage,
+    ChatChoice, ChatChunk, ChatCompletionBody, ChatMessage, ChunkChoice, Usage, engine_dead,
     generation_preamble, openai_error, parse_json_object, token_limit, unknown_model, wants_stream,
 };
 use crate::state::{AppState, unix_now};
@@ -36,6 +36,9 @@ pub(crate) async fn create_chat_completion(
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return openai_error(StatusCode::BAD_REQUEST, "Field required: messages");
     };
+    if let Some(response) = engine_dead(&state) {
+        return response;
+    }
     let limit = match token_limit(&request, &["max_tokens", "max_completion_tokens"]) {
         Ok(limit) => limit,
         Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),

@@ -85,8 +85,8 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
     (
         "MOCK_VLLM_ENGINE_DEATH_LINGER",
         "200ms",
-        "duration: once the engine is dead, /health answers 503 this long, then the server exits \
-         0 (default 5s, as vLLM)",
+        "duration: once the engine is dead, /health answers 503 (and generation requests 500, the \
+         first of which ends the wait) this long, then the server exits 0 (default 5s, as vLLM)",
     ),
     (
         "MOCK_VLLM_SPAWN_GRANDCHILD",
@@ -147,7 +147,8 @@ pub(crate) struct Knobs {
     /// a SIGKILL of this process alone leaves behind.
     pub(crate) engine_processes: bool,
     pub(crate) engine_die_after: Option<Duration>,
-    /// How long a server whose engine died keeps answering `/health` with 503 before it exits 0.
+    /// How long a server whose engine died keeps answering `/health` with 503 before it exits 0,
+    /// unless a generation request meets the dead engine first.
     pub(crate) engine_death_linger: Duration,
     pub(crate) spawn_grandchild: bool,
     pub(crate) detach_grandchild: bool,

@@ -23,6 +23,10 @@
 //!
 //! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them; `/health` answers
 //!   503 once the engine died.
+//! - Once the engine died, `/v1/responses` and `/v1/chat/completions` (streaming or not) answer
+//!   vLLM's 500 `InternalServerError` with `EngineDeadError`'s message, after the model check
+//!   and before anything is generated, and the server then shuts down without waiting out the
+//!   rest of the death linger, as vLLM's handler of that error makes uvicorn exit.
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
 //!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
 //!   served one gets vLLM's 404 "The model `x` does not exist.", as on every generation endpoint.
@@ -71,8 +75,9 @@
 //! kill them, so stopping the group stops them; the server stops the engine core whenever it exits by itself or
 //! on a stop signal; a SIGKILL or SIGHUP of the server alone leaves both running, orphaned, until
 //! their group is stopped. The worker dies with its engine core. When the engine core dies while
-//! the server runs (killed, or `MOCK_VLLM_ENGINE_DIE_AFTER`), `/health` answers 503 for
-//! `MOCK_VLLM_ENGINE_DEATH_LINGER` (5 s, as vLLM), then the server shuts down and exits 0.
+//! the server runs (killed, or `MOCK_VLLM_ENGINE_DIE_AFTER`), `/health` answers 503 and
+//! generation requests 500 for `MOCK_VLLM_ENGINE_DEATH_LINGER` (5 s, as vLLM's watchdog) or until
+//! the first generation request, then the server shuts down and exits 0.
 //! `MOCK_VLLM_ENGINE_PROCESSES=0` keeps the engine inside the server process.
 //!
 //! # Knobs
@@ -102,8 +107,9 @@
 //!   processes (default 1); 0 keeps it inside the server process.
 //! - `MOCK_VLLM_ENGINE_DIE_AFTER`: this long after listening, the engine dies (the engine core is
 //!   killed).
-//! - `MOCK_VLLM_ENGINE_DEATH_LINGER`: once the engine died, how long `/health` answers 503 before
-//!   the server shuts down and exits 0 (default 5s, as vLLM).
+//! - `MOCK_VLLM_ENGINE_DEATH_LINGER`: once the engine died, how long `/health` answers 503 (and
+//!   generation requests 500) before the server shuts down and exits 0 (default 5s, as vLLM); the
+//!   first generation request ends it sooner.
 //! - `MOCK_VLLM_SPAWN_GRANDCHILD`: start `sleep 100000` in our own process group, a descendant
 //!   that, unlike the engine processes, the server never stops, and leave it running.
 //! - `MOCK_VLLM_DETACH_GRANDCHILD`: start that grandchild in a process group of its own instead,

@@ -8,7 +8,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::openai::{
-    generation_preamble, openai_error, parse_json_object, token_limit, unknown_model, wants_stream,
+    engine_dead, generation_preamble, openai_error, parse_json_object, token_limit, unknown_model,
+    wants_stream,
 };
 use crate::ordered::Json;
 use crate::state::AppState;
@@ -38,6 +39,9 @@ pub(crate) async fn create_response(State(state): State<Arc<AppState>>, body: By
         return openai_error(StatusCode::BAD_REQUEST, "Field required: input");
     }
     if let Some(response) = unknown_model(&state, &request) {
+        return response;
+    }
+    if let Some(response) = engine_dead(&state) {
         return response;
     }
     let limit = match token_limit(&request, &["max_output_tokens"]) {

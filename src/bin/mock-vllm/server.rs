@@ -273,7 +273,8 @@ pub(crate) async fn grace_expired(shutdown: watch::Receiver<bool>, grace: Durati
 }
 
 /// Waits for the engine to die; unless the server is stopping anyway, reports it as vLLM does
-/// (`/health` answers 503 for the death linger), then shuts the server down, which exits 0.
+/// (`/health` answers 503, generation requests 500) for the death linger, or until a generation
+/// request met the dead engine, then shuts the server down, which exits 0.
 async fn watch_engine(
     state: Arc<AppState>,
     exited: Option<oneshot::Receiver<ExitStatus>>,
@@ -297,7 +298,10 @@ async fn watch_engine(
     complain(format_args!(
         "ERROR:    Engine core proc EngineCore_DP0 died unexpectedly ({how}), shutting down client."
     ));
-    sleep(state.knobs.engine_death_linger).await;
+    tokio::select! {
+        () = sleep(state.knobs.engine_death_linger) => {}
+        () = state.end_death_linger.cancelled() => {}
+    }
     if !*shutdown.borrow() {
         say(format_args!("INFO:     Shutting down"));
         shutdown.send_replace(true);

@@ -40,6 +40,9 @@ pub(crate) struct AppState {
     pub(crate) engine_pid: Option<u32>,
     /// Cancelled to kill an engine that has no process of its own (`MOCK_VLLM_ENGINE_PROCESSES=0`).
     pub(crate) kill_simulated_engine: CancellationToken,
+    /// Cancelled when a generation request met the dead engine, which makes vLLM exit without
+    /// waiting out the death linger.
+    pub(crate) end_death_linger: CancellationToken,
 }
 
 /// Counters and flags `/_mock/stats` reports.
@@ -104,6 +107,7 @@ impl AppState {
             stop_listening: CancellationToken::new(),
             engine_pid,
             kill_simulated_engine: CancellationToken::new(),
+            end_death_linger: CancellationToken::new(),
         }
     }
 
