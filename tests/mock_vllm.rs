@@ -442,6 +442,101 @@ fn start_stream_on(
     stream
 }
 
+/// Starts a streaming request on another thread, returning once the server has begun answering
+/// it; the thread returns the raw bytes that came until the connection closed, cleanly or not.
+fn start_raw_stream_on(
+    server: &Proc,
+    path: &'static str,
+    body: &'static str,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    let port = server.port;
+    let stream = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: vllm\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).expect("write");
+        let mut raw = Vec::new();
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => return raw,
+                Ok(n) => raw.extend_from_slice(&buffer[..n]),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return raw,
+                Err(error) => panic!("reading the stream: {error}"),
+            }
+        }
+    });
+    wait_until("the stream to begin", DEADLINE, || {
+        server
+            .log_text()
+            .contains(&format!("POST {path} HTTP/1.1\" 200"))
+    });
+    stream
+}
+
+#[test]
+fn a_chat_stream_in_flight_when_the_engine_dies_ends_with_vllms_error_chunk() {
+    let server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_STREAM_DELAY", "1s"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, _) = engine_processes(&server);
+    let stream = start_raw_stream_on(
+        &server,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+    );
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    let response = parse_response(&stream.join().expect("the stream thread"));
+    assert_eq!(response.status, 200);
+    // vLLM's stream ends with its error chunk and `[DONE]`, byte for byte, and nothing else.
+    let recorded = fixture("vllm-0.32-tiny-chat-stream-engine-dead.sse");
+    let error_start = b"data: {\"error\"";
+    let error_at = recorded
+        .windows(error_start.len())
+        .position(|window| window == error_start)
+        .expect("the recording ends with an error chunk");
+    let body = String::from_utf8_lossy(&response.body);
+    assert!(
+        response.body.ends_with(&recorded[error_at..]),
+        "the stream ends as vLLM's: {body}"
+    );
+    assert!(
+        !body.contains("finish_reason\":\"stop"),
+        "cut short: {body}"
+    );
+}
+
+#[test]
+fn a_responses_stream_in_flight_when_the_engine_dies_is_cut_off_as_vllm_cuts_it() {
+    let server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_STREAM_DELAY", "1s"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, _) = engine_processes(&server);
+    let stream = start_raw_stream_on(&server, "/v1/responses", RESPONSES_STREAM);
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    let raw = stream.join().expect("the stream thread");
+    // The recording has no `response.completed` and its connection was cut: so here, the
+    // connection closes without the chunked body's last chunk.
+    let recorded =
+        String::from_utf8_lossy(&fixture("vllm-0.32-tiny-responses-stream-engine-dead.sse"))
+            .into_owned();
+    assert!(!recorded.contains("response.completed"));
+    let response = parse_response(&raw);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    assert!(!raw.ends_with(b"0\r\n\r\n"), "the body never ends");
+    let body = String::from_utf8_lossy(&response.body);
+    assert!(body.starts_with("event: response.created"), "{body}");
+    assert!(!body.contains("response.completed"), "{body}");
+}
+
 #[test]
 fn sigterm_ends_an_in_flight_chat_stream_with_finish_reason_abort() {
     let mut server = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);

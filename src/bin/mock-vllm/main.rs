@@ -42,10 +42,14 @@
 //! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm." (five
 //!   tokens), streamed as chunks ending in `data: [DONE]` when asked to; `max_tokens` (or
 //!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`.
-//! - A stream in flight when the server begins to stop (a stop signal, or the engine's death) is
-//!   aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk (and the
-//!   usage chunk when asked for) and `[DONE]`, a Responses stream with `response.completed`
-//!   carrying `status: "cancelled"`. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay stalled.
+//! - A stream in flight when the server begins to stop (a stop signal, or the end of the death
+//!   linger) is aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk
+//!   (and the usage chunk when asked for) and `[DONE]`, a Responses stream with
+//!   `response.completed` carrying `status: "cancelled"`. A stream in flight when the engine dies
+//!   ends as vLLM's does: a chat stream with vLLM's error chunk (`EngineDeadError`'s message, in
+//!   Python's `json.dumps` spacing) and `[DONE]`; a Responses stream is cut off, the connection
+//!   closed without the chunked body's end. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay
+//!   stalled.
 //! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With an API key set, every
 //!   `/v1` path needs `Authorization: Bearer <key>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
@@ -156,7 +160,8 @@
 //!   an abort cuts them short; the stream is split into events once, at start, on blank-line
 //!   boundaries, and each event goes out as one body chunk.
 //! - Every `/v1` request ends as exactly one of `completed` (its body reached its end) or
-//!   `disconnects` (its handler or body was dropped first), so
+//!   `disconnects` (its handler or body was dropped first, a stream cut off by the engine's
+//!   death too), so
 //!   `requests == completed + disconnects + in flight`.
 //! - The server signals and reaps only its engine core, never the worker and never the grandchild
 //!   below.

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -176,6 +177,16 @@ pub(crate) fn openai_error(status: StatusCode, message: impl Into<String>) -> Re
 /// The message of vLLM's `EngineDeadError` (vllm/v1/engine/exceptions.py).
 pub(crate) const ENGINE_DEAD_MESSAGE: &str =
     "EngineCore encountered an issue. See stack trace (above) for the root cause.";
+
+/// The last chunk but `[DONE]` of a chat stream whose engine died under it: vLLM's stream
+/// generator catches `EngineDeadError` and sends its error as Python's `json.dumps` writes it
+/// (with spaces, unlike its JSON responses).
+pub(crate) fn engine_dead_chunk() -> Bytes {
+    Bytes::from(format!(
+        "data: {{\"error\": {{\"message\": \"{ENGINE_DEAD_MESSAGE}\", \"type\": \"InternalServerError\", \
+         \"param\": null, \"code\": 500}}}}\n\n"
+    ))
+}
 
 /// vLLM's answer to a generation request once its engine is dead: its engine checks
 /// (`_preflight`) raise `EngineDeadError` after the model check, before anything is generated or

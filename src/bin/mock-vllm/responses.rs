@@ -13,7 +13,7 @@ use crate::openai::{
 };
 use crate::ordered::Json;
 use crate::state::AppState;
-use crate::stream::{AbortTail, event_stream};
+use crate::stream::{AbortTail, DeathEnding, event_stream};
 
 /// The stream recorded from vLLM answering `/v1/responses` with `"stream": true`.
 pub(crate) static RESPONSES_STREAM: &[u8] = include_bytes!(concat!(
@@ -57,7 +57,7 @@ pub(crate) async fn create_response(State(state): State<Arc<AppState>>, body: By
         let recording = Arc::clone(recording);
         let abort: AbortTail =
             Arc::new(move |sent| vec![recording.ending(sent, Ending::Cancelled)]);
-        event_stream(events, state.pacing(), Some(abort))
+        event_stream(events, state.pacing(), Some(abort), DeathEnding::Cut)
     } else {
         let body = match limit.and_then(|limit| recording.json_cut_at(limit)) {
             Some(body) => Bytes::from(body),

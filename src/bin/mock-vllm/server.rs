@@ -295,6 +295,7 @@ async fn watch_engine(
         return;
     }
     state.stats.engine_dead.store(true, Ordering::SeqCst);
+    state.engine_died.cancel();
     complain(format_args!(
         "ERROR:    Engine core proc EngineCore_DP0 died unexpectedly ({how}), shutting down client."
     ));
