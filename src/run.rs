@@ -94,6 +94,9 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         shutdown.graceful.clone(),
     )?);
     let workers = start_workers(&listener, &state)?;
+    // The workers hold their own copies, which they let go when the drain begins; keeping this
+    // one would leave the socket open through the drain, with new connections waiting unserved.
+    drop(listener);
     notify::ready("ready (standalone proxy)");
     tracing::info!(listen = %address, upstream = %config.upstream.base, "gateway listening");
     serve_and_drain(workers, &shutdown).await?;

@@ -41,27 +41,6 @@ fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, bool) {
     }
 }
 
-/// Reads one response with a `content-length` body from a kept-alive connection.
-fn read_response(stream: &mut TcpStream) -> RawResponse {
-    let mut raw = Vec::new();
-    let mut byte = [0u8; 1];
-    while !raw.ends_with(b"\r\n\r\n") {
-        let n = stream.read(&mut byte).expect("read the response head");
-        assert_eq!(n, 1, "the connection closed mid-head");
-        raw.push(byte[0]);
-    }
-    let head = parse_response(&raw);
-    let length: usize = head
-        .header("content-length")
-        .expect("content-length")
-        .parse()
-        .expect("numeric content-length");
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).expect("read the body");
-    raw.extend_from_slice(&body);
-    parse_response(&raw)
-}
-
 /// `gateway_client_timeouts_total{kind}` from the gateway's /metrics.
 fn client_timeouts(gateway: &Proc, kind: &str) -> u64 {
     let (_, metrics) = get(&gateway.url("/metrics")).expect("metrics");

@@ -1,10 +1,13 @@
 //! mock-vllm behaves as real vLLM does where a supervisor or a client can tell: its engine runs in
 //! processes of its own that outlive a SIGKILL of the server, an engine death ends in "503 for a
-//! while, then exit 0", SIGHUP kills it, a token limit gives an incomplete answer, and a stop
+//! while, then exit 0" with generation requests refused meanwhile, idle kept-alive connections are
+//! closed, SIGHUP kills it, a token limit gives an incomplete answer, and a stop
 //! signal ends an in-flight stream cleanly.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::process::ExitStatusExt;
 
 use common::*;
@@ -127,6 +130,80 @@ fn the_engine_death_knob_kills_even_an_engine_without_processes() {
         health_status(&server) == Some(503)
     });
     assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+/// What vLLM 0.32 answered a generation request once its engine was dead.
+const ENGINE_DEAD_FIXTURE: &str = "vllm-0.32-tiny-error-engine-dead.json";
+
+#[test]
+fn a_generation_request_to_a_dead_engine_gets_vllms_500_and_ends_the_linger() {
+    // A linger far beyond the deadline: only the request can end it.
+    let mut server = mock_vllm_own_group(&[("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h")]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, _) = engine_processes(&server);
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    // What needs no engine answers as before: the model list, and the model check that vLLM
+    // makes before it looks at its engine.
+    let models = raw_request(server.port, "GET /v1/models HTTP/1.1", b"");
+    assert_eq!(models.status, 200);
+    let unknown = r#"{"model":"no-such-model","input":"hi","stream":true}"#;
+    assert_eq!(
+        post_json(server.port, "/v1/responses", unknown, "").status,
+        404
+    );
+    // A stream too is refused before it starts.
+    let response = post_json(server.port, "/v1/responses", RESPONSES_STREAM, "");
+    assert_eq!(response.status, 500);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert_eq!(response.body, fixture(ENGINE_DEAD_FIXTURE));
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn a_chat_completion_to_a_dead_engine_gets_vllms_500() {
+    let mut server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_ENGINE_PROCESSES", "0"),
+        ("MOCK_VLLM_ENGINE_DIE_AFTER", "100ms"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    let response = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        "",
+    );
+    assert_eq!(response.status, 500);
+    assert_eq!(response.body, fixture(ENGINE_DEAD_FIXTURE));
+    assert_eq!(response.json()["error"]["type"], "InternalServerError");
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout() {
+    let server = mock_vllm(&[("MOCK_VLLM_KEEP_ALIVE_TIMEOUT", "300ms")]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: vllm\r\n\r\n")
+        .expect("write");
+    let response = read_response(&mut stream);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("connection"), None, "kept alive");
+    // As uvicorn does, the server closes the connection without a word once it has been idle.
+    let mut rest = Vec::new();
+    let read = stream.read_to_end(&mut rest);
+    assert!(
+        matches!(read, Ok(0)),
+        "the server closes the idle connection: {read:?}, {rest:?}"
+    );
+    assert_eq!(mock_stats_on(server.port)["keep_alive_closes"], 1);
 }
 
 #[test]
@@ -363,6 +440,101 @@ fn start_stream_on(
             .contains(&format!("POST {path} HTTP/1.1\" 200"))
     });
     stream
+}
+
+/// Starts a streaming request on another thread, returning once the server has begun answering
+/// it; the thread returns the raw bytes that came until the connection closed, cleanly or not.
+fn start_raw_stream_on(
+    server: &Proc,
+    path: &'static str,
+    body: &'static str,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    let port = server.port;
+    let stream = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: vllm\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).expect("write");
+        let mut raw = Vec::new();
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => return raw,
+                Ok(n) => raw.extend_from_slice(&buffer[..n]),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return raw,
+                Err(error) => panic!("reading the stream: {error}"),
+            }
+        }
+    });
+    wait_until("the stream to begin", DEADLINE, || {
+        server
+            .log_text()
+            .contains(&format!("POST {path} HTTP/1.1\" 200"))
+    });
+    stream
+}
+
+#[test]
+fn a_chat_stream_in_flight_when_the_engine_dies_ends_with_vllms_error_chunk() {
+    let server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_STREAM_DELAY", "1s"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, _) = engine_processes(&server);
+    let stream = start_raw_stream_on(
+        &server,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+    );
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    let response = parse_response(&stream.join().expect("the stream thread"));
+    assert_eq!(response.status, 200);
+    // vLLM's stream ends with its error chunk and `[DONE]`, byte for byte, and nothing else.
+    let recorded = fixture("vllm-0.32-tiny-chat-stream-engine-dead.sse");
+    let error_start = b"data: {\"error\"";
+    let error_at = recorded
+        .windows(error_start.len())
+        .position(|window| window == error_start)
+        .expect("the recording ends with an error chunk");
+    let body = String::from_utf8_lossy(&response.body);
+    assert!(
+        response.body.ends_with(&recorded[error_at..]),
+        "the stream ends as vLLM's: {body}"
+    );
+    assert!(
+        !body.contains("finish_reason\":\"stop"),
+        "cut short: {body}"
+    );
+}
+
+#[test]
+fn a_responses_stream_in_flight_when_the_engine_dies_is_cut_off_as_vllm_cuts_it() {
+    let server = mock_vllm_own_group(&[
+        ("MOCK_VLLM_STREAM_DELAY", "1s"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
+    let _cleanup = KillGroup(server.pid());
+    let (engine, _) = engine_processes(&server);
+    let stream = start_raw_stream_on(&server, "/v1/responses", RESPONSES_STREAM);
+    kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
+    let raw = stream.join().expect("the stream thread");
+    // The recording has no `response.completed` and its connection was cut: so here, the
+    // connection closes without the chunked body's last chunk.
+    let recorded =
+        String::from_utf8_lossy(&fixture("vllm-0.32-tiny-responses-stream-engine-dead.sse"))
+            .into_owned();
+    assert!(!recorded.contains("response.completed"));
+    let response = parse_response(&raw);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    assert!(!raw.ends_with(b"0\r\n\r\n"), "the body never ends");
+    let body = String::from_utf8_lossy(&response.body);
+    assert!(body.starts_with("event: response.created"), "{body}");
+    assert!(!body.contains("response.completed"), "{body}");
 }
 
 #[test]

@@ -684,3 +684,36 @@ fn vllms_unknown_model_404_reaches_the_client_unchanged() {
     assert_eq!(proxied.body, direct.body);
     assert_eq!(proxied.json()["error"]["type"], "NotFoundError");
 }
+
+#[test]
+fn a_request_after_vllm_closed_the_idle_pooled_connection_still_gets_200() {
+    // vLLM (uvicorn) closes a kept-alive connection idle for its keep-alive timeout; here it does
+    // so long before the gateway's pool would drop the connection itself (`pool_idle_timeout`).
+    let mock = mock_vllm(&[("MOCK_VLLM_KEEP_ALIVE_TIMEOUT", "200ms")]);
+    let gateway = gateway(mock.port, &[], &[]);
+    // One client connection, so that both requests go through the same worker and its pool.
+    let mut client = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    client.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let request = format!(
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESPONSES_JSON}",
+        RESPONSES_JSON.len()
+    );
+    client.write_all(request.as_bytes()).expect("write");
+    assert_eq!(read_response(&mut client).status, 200);
+    wait_until("vLLM to close the idle pooled connection", DEADLINE, || {
+        mock_stats(&mock)["keep_alive_closes"].as_u64() >= Some(1)
+    });
+    client.write_all(request.as_bytes()).expect("write again");
+    let response = read_response(&mut client);
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(
+        response.body,
+        fixture("vllm-responses-toolcall-gpt-oss-20b.json")
+    );
+    assert_eq!(mock_stats(&mock)["requests"], 2);
+}

@@ -4,7 +4,9 @@ Usage: record.py GATEWAY_URL VLLM_URL OUTDIR [GATEWAY_PID]
 
 GATEWAY_URL is the gateway in front of the tiny model (served as `tiny`), VLLM_URL vLLM itself
 (for its own /metrics and /health). With GATEWAY_PID, the engine core under that gateway is killed
-last, and vLLM's /health answer while its engine is dead is recorded. Run by record.sh.
+last, with two streams in flight, and vLLM's answers while its engine is dead are recorded: how the
+streams end, /health, then a generation request.
+Run by record.sh.
 """
 
 import http.client
@@ -37,6 +39,31 @@ def record(out: Path, name: str, base: str, path: str, body: dict, suffix: str, 
     (out / f"{PREFIX}{name}.request.json").write_text(json.dumps(body, indent=2) + "\n")
     (out / f"{PREFIX}{name}.{suffix}").write_bytes(data)
     print(f"{PREFIX}{name}.{suffix}: {status} {content_type} {len(data)} bytes")
+
+
+def open_stream(base: str, path: str, body: dict) -> http.client.HTTPResponse:
+    """Sends a streaming request; returns the response once its head came."""
+    url = urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    connection.request("POST", url.path.rstrip("/") + path, body=json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json"})
+    return connection.getresponse()
+
+
+def read_rest(response: http.client.HTTPResponse) -> tuple[bytes, bool]:
+    """The rest of a body as it came (chunked encoding removed), and whether it ended cleanly
+    rather than with the connection cut."""
+    data = b""
+    while True:
+        try:
+            chunk = response.read1(65536)
+        except http.client.IncompleteRead as error:
+            return data + error.partial, False
+        except (http.client.HTTPException, OSError):
+            return data, False
+        if not chunk:
+            return data, True
+        data += chunk
 
 
 def engine_core(gateway_pid: int) -> int:
@@ -86,7 +113,28 @@ def main() -> None:
     print(f"{PREFIX}metrics.txt: {status} {content_type} {len(data)} bytes")
 
     if len(sys.argv) > 4:
+        # Two long streams, sent to vLLM itself, are under way when the engine dies.
+        v1_vllm = vllm.rstrip("/") + "/v1"
+        streams = [
+            ("chat-stream-engine-dead", "/chat/completions",
+             {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "n": 16,
+              "max_tokens": 1000, "ignore_eos": True, "stream": True}),
+            ("responses-stream-engine-dead", "/responses",
+             {"model": "tiny", "input": "Hello", "max_output_tokens": 1000, "ignore_eos": True,
+              "stream": True}),
+        ]
+        opened = []
+        for name, path, body in streams:
+            response = open_stream(v1_vllm, path, body)
+            assert response.status == 200, (name, response.status)
+            opened.append((name, body, response, response.read1(65536)))
         os.kill(engine_core(int(sys.argv[4])), signal.SIGKILL)
+        for name, body, response, first in opened:
+            rest, clean = read_rest(response)
+            (out / f"{PREFIX}{name}.request.json").write_text(json.dumps(body, indent=2) + "\n")
+            (out / f"{PREFIX}{name}.sse").write_bytes(first + rest)
+            ending = "ended cleanly" if clean else "cut"
+            print(f"{PREFIX}{name}.sse: {len(first + rest)} bytes, {ending}")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -97,6 +145,9 @@ def main() -> None:
                 head = f"HTTP {status}\n" + (f"content-type: {content_type}\n" if content_type else "")
                 (out / f"{PREFIX}health-engine-dead.txt").write_bytes(head.encode() + b"\n" + data)
                 print(f"{PREFIX}health-engine-dead.txt: {status} {content_type} {len(data)} bytes")
+                # A generation request meanwhile meets the dead engine (and makes vLLM stop).
+                record(out, "error-engine-dead", vllm.rstrip("/") + "/v1", "/responses",
+                       {"model": "tiny", "input": "Hello", "max_output_tokens": 8}, "json", 500)
                 return
             time.sleep(0.1)
         raise SystemExit("vLLM's /health never answered 503 after its engine died")

@@ -10,11 +10,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use crate::openai::{
-    ChatChoice, ChatChunk, ChatCompletionBody, ChatMessage, ChunkChoice, Usage,
-    generation_preamble, openai_error, parse_json_object, token_limit, unknown_model, wants_stream,
+    ChatChoice, ChatChunk, ChatCompletionBody, ChatMessage, ChunkChoice, Usage, engine_dead,
+    engine_dead_chunk, generation_preamble, openai_error, parse_json_object, token_limit,
+    unknown_model, wants_stream,
 };
 use crate::state::{AppState, unix_now};
-use crate::stream::{AbortTail, event_stream};
+use crate::stream::{AbortTail, DeathEnding, event_stream};
 
 /// The pieces the synthetic chat completion streams; joined they make its whole content.
 pub(crate) const CHAT_PIECES: &[&str] = &["Hello", " from", " mock", "-vllm", "."];
@@ -36,6 +37,9 @@ pub(crate) async fn create_chat_completion(
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return openai_error(StatusCode::BAD_REQUEST, "Field required: messages");
     };
+    if let Some(response) = engine_dead(&state) {
+        return response;
+    }
     let limit = match token_limit(&request, &["max_tokens", "max_completion_tokens"]) {
         Ok(limit) => limit,
         Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
@@ -60,7 +64,11 @@ pub(crate) async fn create_chat_completion(
     if wants_stream(&request) {
         let chunks: Arc<[Bytes]> = completion.chunks().into();
         let abort: AbortTail = Arc::new(move |sent| completion.abort_tail(sent));
-        event_stream(chunks, state.pacing(), Some(abort))
+        let death = DeathEnding::Tail(Arc::from([
+            engine_dead_chunk(),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ]));
+        event_stream(chunks, state.pacing(), Some(abort), death)
     } else {
         Json(completion.whole()).into_response()
     }

@@ -28,6 +28,8 @@ pub(crate) struct StatsBody {
     /// The `VLLM::EngineCore` process, or `null` when the engine runs in this process.
     pub(crate) engine_pid: Option<u32>,
     pub(crate) engine_dead: bool,
+    /// Connections closed because they were idle for the keep-alive timeout.
+    pub(crate) keep_alive_closes: u64,
 }
 
 pub(crate) async fn last_request(
@@ -57,6 +59,7 @@ pub(crate) async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody>
         health_hung: stats.health_hung.load(Ordering::SeqCst),
         engine_pid: state.engine_pid,
         engine_dead: stats.engine_dead.load(Ordering::SeqCst),
+        keep_alive_closes: stats.keep_alive_closes.load(Ordering::SeqCst),
     })
 }
 

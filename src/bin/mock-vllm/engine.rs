@@ -12,7 +12,8 @@
 //! - The server stops the engine core whenever it exits on its own or on a stop signal. A SIGKILL
 //!   or SIGHUP of the server alone leaves both behind, orphaned, as vLLM's are.
 //! - When the engine core dies while the server runs, the server reports it (`/health` answers
-//!   503) for the death linger, then shuts down and exits 0, as vLLM's API server does.
+//!   503, generation requests 500) for the death linger or until a generation request, then
+//!   shuts down and exits 0, as vLLM's API server does.
 
 use std::ffi::CStr;
 use std::io::Write;

@@ -85,8 +85,8 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
     (
         "MOCK_VLLM_ENGINE_DEATH_LINGER",
         "200ms",
-        "duration: once the engine is dead, /health answers 503 this long, then the server exits \
-         0 (default 5s, as vLLM)",
+        "duration: once the engine is dead, /health answers 503 (and generation requests 500, the \
+         first of which ends the wait) this long, then the server exits 0 (default 5s, as vLLM)",
     ),
     (
         "MOCK_VLLM_SPAWN_GRANDCHILD",
@@ -113,7 +113,17 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
         "1s",
         "duration: how long a graceful shutdown waits for open responses (default 3s)",
     ),
+    (
+        "MOCK_VLLM_KEEP_ALIVE_TIMEOUT",
+        "1s",
+        "duration: close a kept-alive connection idle this long after its last response (default \
+         5s, as vLLM: uvicorn's timeout_keep_alive, VLLM_HTTP_TIMEOUT_KEEP_ALIVE)",
+    ),
 ];
+
+/// vLLM's keep-alive timeout: `VLLM_HTTP_TIMEOUT_KEEP_ALIVE` defaults to 5 (seconds), which vLLM
+/// passes to uvicorn as `timeout_keep_alive` (whose own default is 5 too).
+pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Behaviour knobs, read once from the environment at start.
 #[derive(Debug, Clone)]
@@ -137,7 +147,8 @@ pub(crate) struct Knobs {
     /// a SIGKILL of this process alone leaves behind.
     pub(crate) engine_processes: bool,
     pub(crate) engine_die_after: Option<Duration>,
-    /// How long a server whose engine died keeps answering `/health` with 503 before it exits 0.
+    /// How long a server whose engine died keeps answering `/health` with 503 before it exits 0,
+    /// unless a generation request meets the dead engine first.
     pub(crate) engine_death_linger: Duration,
     pub(crate) spawn_grandchild: bool,
     pub(crate) detach_grandchild: bool,
@@ -145,6 +156,9 @@ pub(crate) struct Knobs {
     pub(crate) flood: bool,
     /// Bounds a graceful shutdown, which would otherwise wait for a stalled stream forever.
     pub(crate) shutdown_grace: Duration,
+    /// uvicorn closes a kept-alive connection idle this long; a client that pools connections
+    /// must drop them first, or send a request down a connection being closed.
+    pub(crate) keep_alive_timeout: Duration,
 }
 
 impl Knobs {
@@ -198,6 +212,9 @@ impl Knobs {
             shutdown_grace: reader
                 .duration("MOCK_VLLM_SHUTDOWN_GRACE")
                 .unwrap_or(Duration::from_secs(3)),
+            keep_alive_timeout: reader
+                .duration("MOCK_VLLM_KEEP_ALIVE_TIMEOUT")
+                .unwrap_or(KEEP_ALIVE_TIMEOUT),
         };
         let KnobReader { vars, mut errors } = reader;
         for name in vars.keys() {
@@ -318,5 +335,6 @@ mod tests {
         let knobs = Knobs::from_vars(vars(&[("MOCK_VLLM_EXIT_CODE", "")])).expect("empty is unset");
         assert_eq!(knobs.exit_code, 1);
         assert_eq!(knobs.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(knobs.keep_alive_timeout, Duration::from_secs(5));
     }
 }

@@ -23,6 +23,10 @@
 //!
 //! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them; `/health` answers
 //!   503 once the engine died.
+//! - Once the engine died, `/v1/responses` and `/v1/chat/completions` (streaming or not) answer
+//!   vLLM's 500 `InternalServerError` with `EngineDeadError`'s message, after the model check
+//!   and before anything is generated, and the server then shuts down without waiting out the
+//!   rest of the death linger, as vLLM's handler of that error makes uvicorn exit.
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
 //!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
 //!   served one gets vLLM's 404 "The model `x` does not exist.", as on every generation endpoint.
@@ -38,13 +42,21 @@
 //! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm." (five
 //!   tokens), streamed as chunks ending in `data: [DONE]` when asked to; `max_tokens` (or
 //!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`.
-//! - A stream in flight when the server begins to stop (a stop signal, or the engine's death) is
-//!   aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk (and the
-//!   usage chunk when asked for) and `[DONE]`, a Responses stream with `response.completed`
-//!   carrying `status: "cancelled"`. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay stalled.
+//! - A stream in flight when the server begins to stop (a stop signal, or the end of the death
+//!   linger) is aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk
+//!   (and the usage chunk when asked for) and `[DONE]`, a Responses stream with
+//!   `response.completed` carrying `status: "cancelled"`. A stream in flight when the engine dies
+//!   ends as vLLM's does: a chat stream with vLLM's error chunk (`EngineDeadError`'s message, in
+//!   Python's `json.dumps` spacing) and `[DONE]`; a Responses stream is cut off, the connection
+//!   closed without the chunked body's end. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay
+//!   stalled.
 //! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With an API key set, every
 //!   `/v1` path needs `Authorization: Bearer <key>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
+//! - Connections are HTTP/1.1, as uvicorn serves them: kept alive, and closed without a word once
+//!   idle for `MOCK_VLLM_KEEP_ALIVE_TIMEOUT` (5 s, vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`) after
+//!   their last response; a connection with a request in flight, or one that has not finished
+//!   its first response, is never closed for being idle.
 //!
 //! Test-control endpoints, which vLLM does not have, live under `/_mock/` and need no key:
 //!
@@ -52,7 +64,8 @@
 //!   request (recorded before the key is checked), or `null` before the first one.
 //! - `GET /_mock/stats`: pid, counts of `/v1` requests, completed responses and client disconnects,
 //!   the names of the signals received, whether `/health` hangs, the engine core's pid (`null`
-//!   without engine processes) and whether the engine died.
+//!   without engine processes), whether the engine died, and how many connections were closed
+//!   for being idle (`keep_alive_closes`).
 //! - `POST /_mock/hang-health` and `POST /_mock/unhang-health`: make `/health` hang or answer again.
 //! - `POST /_mock/exit?code=N`: answer 200, then exit with code N (default 0).
 //!   `&linger=DURATION` stops listening at once but exits only after the duration, like vLLM's
@@ -66,8 +79,9 @@
 //! kill them, so stopping the group stops them; the server stops the engine core whenever it exits by itself or
 //! on a stop signal; a SIGKILL or SIGHUP of the server alone leaves both running, orphaned, until
 //! their group is stopped. The worker dies with its engine core. When the engine core dies while
-//! the server runs (killed, or `MOCK_VLLM_ENGINE_DIE_AFTER`), `/health` answers 503 for
-//! `MOCK_VLLM_ENGINE_DEATH_LINGER` (5 s, as vLLM), then the server shuts down and exits 0.
+//! the server runs (killed, or `MOCK_VLLM_ENGINE_DIE_AFTER`), `/health` answers 503 and
+//! generation requests 500 for `MOCK_VLLM_ENGINE_DEATH_LINGER` (5 s, as vLLM's watchdog) or until
+//! the first generation request, then the server shuts down and exits 0.
 //! `MOCK_VLLM_ENGINE_PROCESSES=0` keeps the engine inside the server process.
 //!
 //! # Knobs
@@ -97,8 +111,9 @@
 //!   processes (default 1); 0 keeps it inside the server process.
 //! - `MOCK_VLLM_ENGINE_DIE_AFTER`: this long after listening, the engine dies (the engine core is
 //!   killed).
-//! - `MOCK_VLLM_ENGINE_DEATH_LINGER`: once the engine died, how long `/health` answers 503 before
-//!   the server shuts down and exits 0 (default 5s, as vLLM).
+//! - `MOCK_VLLM_ENGINE_DEATH_LINGER`: once the engine died, how long `/health` answers 503 (and
+//!   generation requests 500) before the server shuts down and exits 0 (default 5s, as vLLM); the
+//!   first generation request ends it sooner.
 //! - `MOCK_VLLM_SPAWN_GRANDCHILD`: start `sleep 100000` in our own process group, a descendant
 //!   that, unlike the engine processes, the server never stops, and leave it running.
 //! - `MOCK_VLLM_DETACH_GRANDCHILD`: start that grandchild in a process group of its own instead,
@@ -109,6 +124,8 @@
 //!   takes them, from a thread of their own so that a pipe nobody reads blocks only that thread.
 //! - `MOCK_VLLM_SHUTDOWN_GRACE`: how long a graceful shutdown waits for open responses before
 //!   exiting anyway (default 3s), so a stalled stream cannot keep the process alive.
+//! - `MOCK_VLLM_KEEP_ALIVE_TIMEOUT`: how long a kept-alive connection may sit idle after its last
+//!   response before the server closes it (default 5s, as vLLM).
 //!
 //! # Signals
 //!
@@ -124,7 +141,8 @@
 //!
 //! - `cli`: vLLM's `serve` command line and the `--help` text.
 //! - `knobs`: the `MOCK_VLLM_*` table and reading it from the environment.
-//! - `server`: start-up, the router, the serving loop and its graceful stop.
+//! - `server`: start-up, the router, and the run that ends in a graceful stop.
+//! - `conn`: the accept loop and each connection, with uvicorn's keep-alive timeout.
 //! - `signals`: the signal task.
 //! - `engine`: the `VLLM::EngineCore` and `VLLM::Worker` processes, and their deaths.
 //! - `process`: the grandchild, the pid file and the output flood.
@@ -142,7 +160,8 @@
 //!   an abort cuts them short; the stream is split into events once, at start, on blank-line
 //!   boundaries, and each event goes out as one body chunk.
 //! - Every `/v1` request ends as exactly one of `completed` (its body reached its end) or
-//!   `disconnects` (its handler or body was dropped first), so
+//!   `disconnects` (its handler or body was dropped first, a stream cut off by the engine's
+//!   death too), so
 //!   `requests == completed + disconnects + in flight`.
 //! - The server signals and reaps only its engine core, never the worker and never the grandchild
 //!   below.
@@ -159,6 +178,7 @@
 
 mod chat;
 mod cli;
+mod conn;
 mod control;
 mod engine;
 mod knobs;

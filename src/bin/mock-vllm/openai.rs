@@ -1,7 +1,10 @@
 //! vLLM's wire formats (declared in vLLM's field order, which serde keeps and a JSON map would
 //! sort), its error bodies, and the request checks both generation endpoints share.
 
+use std::sync::atomic::Ordering;
+
 use axum::Json;
+use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -169,6 +172,35 @@ pub(crate) fn openai_error(status: StatusCode, message: impl Into<String>) -> Re
         },
     };
     (status, Json(body)).into_response()
+}
+
+/// The message of vLLM's `EngineDeadError` (vllm/v1/engine/exceptions.py).
+pub(crate) const ENGINE_DEAD_MESSAGE: &str =
+    "EngineCore encountered an issue. See stack trace (above) for the root cause.";
+
+/// The last chunk but `[DONE]` of a chat stream whose engine died under it: vLLM's stream
+/// generator catches `EngineDeadError` and sends its error as Python's `json.dumps` writes it
+/// (with spaces, unlike its JSON responses).
+pub(crate) fn engine_dead_chunk() -> Bytes {
+    Bytes::from(format!(
+        "data: {{\"error\": {{\"message\": \"{ENGINE_DEAD_MESSAGE}\", \"type\": \"InternalServerError\", \
+         \"param\": null, \"code\": 500}}}}\n\n"
+    ))
+}
+
+/// vLLM's answer to a generation request once its engine is dead: its engine checks
+/// (`_preflight`) raise `EngineDeadError` after the model check, before anything is generated or
+/// streamed, and its handler answers 500 with the error's message. The handler also tells uvicorn
+/// to exit (`terminate_if_errored`), so the death linger ends here too.
+pub(crate) fn engine_dead(state: &AppState) -> Option<Response> {
+    if !state.stats.engine_dead.load(Ordering::SeqCst) {
+        return None;
+    }
+    state.end_death_linger.cancel();
+    Some(openai_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ENGINE_DEAD_MESSAGE,
+    ))
 }
 
 /// vLLM's answer to a request for a model it does not serve (a `model` it does not list).

@@ -8,11 +8,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::openai::{
-    generation_preamble, openai_error, parse_json_object, token_limit, unknown_model, wants_stream,
+    engine_dead, generation_preamble, openai_error, parse_json_object, token_limit, unknown_model,
+    wants_stream,
 };
 use crate::ordered::Json;
 use crate::state::AppState;
-use crate::stream::{AbortTail, event_stream};
+use crate::stream::{AbortTail, DeathEnding, event_stream};
 
 /// The stream recorded from vLLM answering `/v1/responses` with `"stream": true`.
 pub(crate) static RESPONSES_STREAM: &[u8] = include_bytes!(concat!(
@@ -40,6 +41,9 @@ pub(crate) async fn create_response(State(state): State<Arc<AppState>>, body: By
     if let Some(response) = unknown_model(&state, &request) {
         return response;
     }
+    if let Some(response) = engine_dead(&state) {
+        return response;
+    }
     let limit = match token_limit(&request, &["max_output_tokens"]) {
         Ok(limit) => limit,
         Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
@@ -53,7 +57,7 @@ pub(crate) async fn create_response(State(state): State<Arc<AppState>>, body: By
         let recording = Arc::clone(recording);
         let abort: AbortTail =
             Arc::new(move |sent| vec![recording.ending(sent, Ending::Cancelled)]);
-        event_stream(events, state.pacing(), Some(abort))
+        event_stream(events, state.pacing(), Some(abort), DeathEnding::Cut)
     } else {
         let body = match limit.and_then(|limit| recording.json_cut_at(limit)) {
             Some(body) => Bytes::from(body),

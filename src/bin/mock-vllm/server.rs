@@ -1,4 +1,4 @@
-//! Start-up and the serving loop: bind, wait out the startup delay, listen, route, and stop
+//! Start-up and the run: bind, wait out the startup delay, listen, route, serve (`conn`), and stop
 //! gracefully within the shutdown grace.
 
 use std::io;
@@ -12,7 +12,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::net::TcpSocket;
@@ -21,6 +20,7 @@ use tokio::time::sleep;
 
 use crate::chat::create_chat_completion;
 use crate::cli::{Cli, VERSION};
+use crate::conn::serve;
 use crate::control::{exit_on_request, hang_health, last_request, stats, unhang_health};
 use crate::engine;
 use crate::knobs::Knobs;
@@ -125,19 +125,21 @@ pub(crate) async fn run(
     start_timers(&state);
 
     let grace = state.knobs.shutdown_grace;
-    let app = app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
     let stop_listening = state.stop_listening.clone();
     let stop_serving = shutdown.clone();
-    let server =
-        axum::serve(listener.tap_io(set_nodelay), app).with_graceful_shutdown(async move {
+    let server = serve(
+        listener,
+        app(Arc::clone(&state)),
+        Arc::clone(&state),
+        async move {
             tokio::select! {
                 () = stop_requested(stop_serving) => {}
                 () = stop_listening.cancelled() => {}
             }
-        });
+        },
+    );
     tokio::select! {
-        result = server.into_future() => {
-            result.map_err(|error| format!("the server failed: {error}"))?;
+        () = server => {
             if state.stop_listening.is_cancelled() {
                 // `/_mock/exit?linger=` ends the process when the linger is over.
                 std::future::pending::<()>().await;
@@ -258,13 +260,6 @@ pub(crate) fn bind_error(addr: SocketAddr, error: &io::Error) -> String {
     )
 }
 
-/// Small SSE events must not wait on Nagle's algorithm; uvicorn's sockets also disable it.
-pub(crate) fn set_nodelay(stream: &mut tokio::net::TcpStream) {
-    if let Err(error) = stream.set_nodelay(true) {
-        complain(format_args!("WARNING:  cannot set TCP_NODELAY: {error}"));
-    }
-}
-
 /// Resolves once a stop is requested; never, if the signal task is gone.
 pub(crate) async fn stop_requested(mut shutdown: watch::Receiver<bool>) {
     if shutdown.wait_for(|stop| *stop).await.is_err() {
@@ -278,7 +273,8 @@ pub(crate) async fn grace_expired(shutdown: watch::Receiver<bool>, grace: Durati
 }
 
 /// Waits for the engine to die; unless the server is stopping anyway, reports it as vLLM does
-/// (`/health` answers 503 for the death linger), then shuts the server down, which exits 0.
+/// (`/health` answers 503, generation requests 500) for the death linger, or until a generation
+/// request met the dead engine, then shuts the server down, which exits 0.
 async fn watch_engine(
     state: Arc<AppState>,
     exited: Option<oneshot::Receiver<ExitStatus>>,
@@ -299,10 +295,14 @@ async fn watch_engine(
         return;
     }
     state.stats.engine_dead.store(true, Ordering::SeqCst);
+    state.engine_died.cancel();
     complain(format_args!(
         "ERROR:    Engine core proc EngineCore_DP0 died unexpectedly ({how}), shutting down client."
     ));
-    sleep(state.knobs.engine_death_linger).await;
+    tokio::select! {
+        () = sleep(state.knobs.engine_death_linger) => {}
+        () = state.end_death_linger.cancelled() => {}
+    }
     if !*shutdown.borrow() {
         say(format_args!("INFO:     Shutting down"));
         shutdown.send_replace(true);

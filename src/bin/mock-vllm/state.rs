@@ -40,6 +40,11 @@ pub(crate) struct AppState {
     pub(crate) engine_pid: Option<u32>,
     /// Cancelled to kill an engine that has no process of its own (`MOCK_VLLM_ENGINE_PROCESSES=0`).
     pub(crate) kill_simulated_engine: CancellationToken,
+    /// Cancelled when the engine dies, which ends the streams in flight.
+    pub(crate) engine_died: CancellationToken,
+    /// Cancelled when a generation request met the dead engine, which makes vLLM exit without
+    /// waiting out the death linger.
+    pub(crate) end_death_linger: CancellationToken,
 }
 
 /// Counters and flags `/_mock/stats` reports.
@@ -53,6 +58,8 @@ pub(crate) struct Stats {
     pub(crate) health_hung: AtomicBool,
     /// Set once the engine died; `/health` answers 503 until the server exits.
     pub(crate) engine_dead: AtomicBool,
+    /// Connections closed because they were idle for the keep-alive timeout.
+    pub(crate) keep_alive_closes: AtomicU64,
 }
 
 /// Settles one `/v1` request as completed or disconnected, whichever comes first; dropping it
@@ -102,6 +109,8 @@ impl AppState {
             stop_listening: CancellationToken::new(),
             engine_pid,
             kill_simulated_engine: CancellationToken::new(),
+            engine_died: CancellationToken::new(),
+            end_death_linger: CancellationToken::new(),
         }
     }
 
@@ -111,6 +120,7 @@ impl AppState {
             die_after: self.knobs.die_mid_stream,
             stall_after: self.knobs.stall_mid_stream,
             stopping: self.stopping.clone(),
+            engine_died: self.engine_died.clone(),
         }
     }
 
