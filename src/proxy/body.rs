@@ -19,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
+use crate::proxy::upstream::ResponseBody;
 use crate::telemetry::RequestRecord;
 
 /// The request body grew past the configured limit.
@@ -50,12 +51,15 @@ impl LimitedBody {
     }
 }
 
-/// A stream rather than a `Body`, because reqwest only takes `Sync` bodies and a stream it wraps
-/// itself. Trailers are not forwarded: vLLM never reads request trailers.
-impl futures_util::Stream for LimitedBody {
-    type Item = Result<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+/// Trailers are not forwarded: vLLM never reads request trailers.
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         loop {
             let Some(frame) = ready!(Pin::new(&mut self.inner).poll_frame(cx)) else {
                 self.finished.store(true, Ordering::Relaxed);
@@ -74,8 +78,14 @@ impl futures_util::Stream for LimitedBody {
                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
             }
             self.remaining -= len;
-            return Poll::Ready(Some(Ok(data)));
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+    }
+
+    // Not `is_end_stream`: the body is read to its final `None`, which is what marks it finished.
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -88,7 +98,7 @@ pub enum Timing {
 }
 
 pub struct UpstreamBody {
-    inner: reqwest::Body,
+    inner: ResponseBody,
     timing: Timing,
     deadline: Pin<Box<Sleep>>,
     /// Whether the bytes forwarded so far end on an SSE event boundary (`\n\n`), so a final
@@ -101,7 +111,7 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     pub fn new(
-        inner: reqwest::Body,
+        inner: ResponseBody,
         timing: Timing,
         deadline: Instant,
         record: RequestRecord,

@@ -18,6 +18,7 @@ pub mod headers;
 pub mod keepalive;
 pub mod router;
 pub mod state;
+pub mod upstream;
 pub mod workers;
 
 pub use crate::proxy::router::app;
