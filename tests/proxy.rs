@@ -684,3 +684,107 @@ fn vllms_unknown_model_404_reaches_the_client_unchanged() {
     assert_eq!(proxied.body, direct.body);
     assert_eq!(proxied.json()["error"]["type"], "NotFoundError");
 }
+
+/// An upstream that keeps connections alive and answers every request with a small JSON body;
+/// it counts the connections that carried a POST (the health probe's GETs are not counted).
+fn counting_upstream() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let used = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&used);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut counted = false;
+                loop {
+                    let mut length = 0;
+                    let mut post = false;
+                    loop {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        post |= line.starts_with("POST ");
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if post && !counted {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        counted = true;
+                    }
+                    let answer = "{\"ok\":true}";
+                    let written = write!(
+                        reader.get_mut(),
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if written.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, used)
+}
+
+#[test]
+fn sequential_requests_reuse_one_upstream_connection() {
+    let (upstream_port, used) = counting_upstream();
+    let gateway = gateway(upstream_port, &["--health-interval", "1h"], &[]);
+    // One client connection: its requests are all served by the same worker and its pool.
+    let mut client =
+        BufReader::new(TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect"));
+    client
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    for _ in 0..5 {
+        write!(
+            client.get_mut(),
+            "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESPONSES_JSON}",
+            RESPONSES_JSON.len()
+        )
+        .expect("write");
+        let mut status = String::new();
+        client.read_line(&mut status).expect("status line");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            client.read_line(&mut line).expect("header line");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        client.read_exact(&mut body).expect("body");
+        assert_eq!(body, b"{\"ok\":true}");
+    }
+    assert_eq!(
+        used.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "five requests in a row went over one upstream connection"
+    );
+}
