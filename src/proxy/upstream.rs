@@ -1,10 +1,12 @@
-//! A worker's connections to vLLM: hyper's HTTP/1 client driven directly, with small buffers, and
-//! the worker's pool of idle connections.
+//! A worker's connections to vLLM: hyper's HTTP/1 client driven directly, and the worker's pool
+//! of idle connections.
 //!
 //! A stream holds its upstream connection for as long as it lasts, so what a connection holds is
-//! paid once per open stream. hyper's defaults (a read buffer that starts at 8 KB and grows, as for
-//! bulk transfers) are sized for throughput; vLLM's answers are a small head and then events of a
-//! few hundred bytes, so each connection reads into a buffer of [`READ_BUFFER`] bytes instead.
+//! paid once per open stream: hyper's connection state, its buffers and the channel to its task.
+//! The read buffer keeps hyper's adaptive size (8 KB, more only for bulk reads): only the pages a
+//! buffer has been written to are resident, and an event stream writes a few hundred bytes at a
+//! time from the buffer's start, so a smaller buffer saves nothing unless it is well under a page,
+//! while a JSON answer of a few KB would then take several reads and writes instead of one.
 //!
 //! [`Upstream`] owns one worker's pool: connections live on the worker's runtime (each is driven by
 //! a task of its own), go back to the pool when their response body has been read to its end, and
@@ -31,9 +33,9 @@ use tokio::time::Instant;
 
 use crate::proxy::body::LimitedBody;
 
-/// The size of each upstream connection's read buffer, and so the largest response head vLLM may
-/// send (its heads are a few hundred bytes). Longer bodies are read in pieces of this size.
-pub const READ_BUFFER: usize = 4096;
+/// The largest response head vLLM may send (its heads are a few hundred bytes), and the most a
+/// connection's read buffer grows to.
+const MAX_BUFFER: usize = 64 * 1024;
 
 /// The body of a request to vLLM.
 pub enum RequestBody {
@@ -88,7 +90,7 @@ impl Upstream {
         let port = authority.port_u16().unwrap_or(80);
         let host_header = HeaderValue::from_str(authority.as_str())?;
         let mut builder = http1::Builder::new();
-        builder.read_buf_exact_size(Some(READ_BUFFER));
+        builder.max_buf_size(MAX_BUFFER);
         Ok(Upstream {
             host,
             port,
