@@ -19,7 +19,6 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
-use crate::proxy::upstream::ResponseBody;
 use crate::telemetry::RequestRecord;
 
 /// The request body grew past the configured limit.
@@ -97,8 +96,9 @@ pub enum Timing {
     Whole,
 }
 
-pub struct UpstreamBody {
-    inner: ResponseBody,
+/// `B` is vLLM's response body (`upstream::ResponseBody`).
+pub struct UpstreamBody<B> {
+    inner: B,
     timing: Timing,
     deadline: Pin<Box<Sleep>>,
     /// Whether the bytes forwarded so far end on an SSE event boundary (`\n\n`), so a final
@@ -109,13 +109,8 @@ pub struct UpstreamBody {
     record: RequestRecord,
 }
 
-impl UpstreamBody {
-    pub fn new(
-        inner: ResponseBody,
-        timing: Timing,
-        deadline: Instant,
-        record: RequestRecord,
-    ) -> Self {
+impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
+    pub fn new(inner: B, timing: Timing, deadline: Instant, record: RequestRecord) -> Self {
         let deadline = match timing {
             Timing::Stream { idle } => Instant::now() + idle,
             Timing::Whole => deadline,
@@ -158,7 +153,11 @@ impl UpstreamBody {
 #[error("{0}")]
 pub struct BodyFailed(ProxyError);
 
-impl Body for UpstreamBody {
+impl<B> Body for UpstreamBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     type Data = Bytes;
     type Error = BodyFailed;
 
