@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::proxy::admission::{self, Permit};
-use crate::proxy::body::{BodyTooLarge, ClientBodyError, LimitedBody, Timing, UpstreamBody};
+use crate::proxy::body::{BodyTooLarge, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::proxy::state::{AppState, Live};
 use crate::proxy::upstream::{RequestBody, ResponseBody, UpstreamError};
@@ -486,23 +486,20 @@ pub async fn wait_until_ready(
 
 /// Maps a failed upstream exchange to what the client is told.
 fn classify(error: &UpstreamError, limit: u64, record: &RequestRecord) -> ProxyError {
-    tracing::debug!(request_id = %record.request_id(), error = %error, "upstream error");
-    let error = match error {
-        UpstreamError::ConnectTimeout => return ProxyError::Timeout(TimeoutKind::Connect),
-        UpstreamError::Connect(_) => return ProxyError::Unavailable(Unavailable::Connect),
-        UpstreamError::Http(error) => error,
-    };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if cause.is::<BodyTooLarge>() {
-            return ProxyError::BodyTooLarge { limit };
+    match error {
+        UpstreamError::Body(cause) if cause.is::<BodyTooLarge>() => {
+            ProxyError::BodyTooLarge { limit }
         }
-        if cause.is::<ClientBodyError>() {
-            return ProxyError::BadRequest("the request body could not be read");
+        UpstreamError::Body(_) => ProxyError::BadRequest("the request body could not be read"),
+        error => {
+            tracing::debug!(request_id = %record.request_id(), error = %error, "upstream error");
+            match error {
+                UpstreamError::ConnectTimeout => ProxyError::Timeout(TimeoutKind::Connect),
+                UpstreamError::Connect(_) => ProxyError::Unavailable(Unavailable::Connect),
+                _ => ProxyError::Unavailable(Unavailable::Reset),
+            }
         }
-        source = cause.source();
     }
-    ProxyError::Unavailable(Unavailable::Reset)
 }
 
 /// The client's `x-request-id` when it is sane (bounded length, URL-safe characters), else a new one.
