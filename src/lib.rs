@@ -42,8 +42,8 @@
 //!   `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
 //!   `proxy::keepalive` begins the stream of a streaming request still waiting for vLLM and
 //!   finishes it from a task (forward hands it the rest of the exchange, so keepalive never names
-//!   forward); `proxy::upstream` holds a worker's connections to vLLM (hyper's HTTP/1 client
-//!   driven directly, and the worker's pool of idle ones); `proxy::headers` holds the hop-by-hop
+//!   forward); `proxy::upstream` holds a worker's connections to vLLM (HTTP/1.1 over plain
+//!   sockets, and the worker's pool of idle ones); `proxy::headers` holds the hop-by-hop
 //!   rules; `proxy::body` wraps bodies with
 //!   limits and timeouts; `proxy::errors` shapes every error as OpenAI JSON or a
 //!   final SSE `error` event.
