@@ -14,7 +14,7 @@
 //!  proxy: workers ─▶ conn, router ─▶ endpoints       supervisor (the actor, its handle)
 //!     │                                                 │
 //!  proxy::forward ─▶ body, errors, headers,          supervisor::child ─▶ reaper; port,
-//!    admission, keepalive;                           descendants ─▶ guard; output
+//!    admission, keepalive, upstream;                 descendants ─▶ guard; output
 //!  telemetry; notify
 //!     │                                                 │
 //!  probe         the upstream /health probe, the standalone poller
@@ -45,7 +45,9 @@
 //!   `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
 //!   `proxy::keepalive` begins the stream of a streaming request still waiting for vLLM and
 //!   finishes it from a task (forward hands it the rest of the exchange, so keepalive never names
-//!   forward); `proxy::headers` holds the hop-by-hop rules; `proxy::body` wraps bodies with
+//!   forward); `proxy::upstream` holds a worker's connections to vLLM (HTTP/1.1 over plain
+//!   sockets, and the worker's pool of idle ones); `proxy::headers` holds the hop-by-hop
+//!   rules; `proxy::body` wraps bodies with
 //!   limits and timeouts; `proxy::errors` shapes every error as OpenAI JSON or a
 //!   final SSE `error` event.
 //! - `supervisor`: `gateway serve`, the actor that owns the child (one task); others hold a
@@ -83,8 +85,8 @@
 //!
 //! A connection is accepted by `proxy::conn` once a permit of the connection limit is free; its
 //! request enters `proxy::router::app`, reaches `forward::forward`, waits (under `serve`) until the
-//! status says the child accepts requests, is rewritten and sent over the worker's pooled upstream
-//! client; the answer streams back frame by frame through `body::UpstreamBody`. A request never
+//! status says the child accepts requests, is rewritten and sent over one of the worker's pooled
+//! upstream connections (`proxy::upstream`); the answer streams back frame by frame through `body::UpstreamBody`. A request never
 //! leaves the worker thread that accepted its connection.
 //! `main` binds the listen address (so a taken port fails at once); under `serve`, `run` starts
 //! the supervisor, waits for the first `Ready`, and only then listens and starts the proxy workers. On

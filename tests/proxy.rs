@@ -717,3 +717,148 @@ fn a_request_after_vllm_closed_the_idle_pooled_connection_still_gets_200() {
     );
     assert_eq!(mock_stats(&mock)["requests"], 2);
 }
+
+/// An upstream that answers every request with a small JSON body; it counts the connections that
+/// carried a POST (the health probe's GETs are not counted). It keeps connections alive, or, with
+/// `close_after_answer`, closes each one after its first answer without saying so beforehand (as a
+/// server whose keep-alive timeout ran out), counting those it closed.
+struct CountingUpstream {
+    port: u16,
+    used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn counting_upstream(close_after_answer: bool) -> CountingUpstream {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let used = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&used);
+    let closer = Arc::clone(&closed);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let counter = Arc::clone(&counter);
+            let closer = Arc::clone(&closer);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut counted = false;
+                loop {
+                    let mut length = 0;
+                    let mut post = false;
+                    loop {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        post |= line.starts_with("POST ");
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if post && !counted {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        counted = true;
+                    }
+                    let answer = "{\"ok\":true}";
+                    let written = write!(
+                        reader.get_mut(),
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if written.is_err() {
+                        return;
+                    }
+                    if close_after_answer && post {
+                        let _ = reader.get_ref().shutdown(std::net::Shutdown::Both);
+                        closer.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    CountingUpstream { port, used, closed }
+}
+
+#[test]
+fn sequential_requests_reuse_one_upstream_connection() {
+    let upstream = counting_upstream(false);
+    let gateway = gateway(upstream.port, &["--health-interval", "1h"], &[]);
+    // One client connection: its requests are all served by the same worker and its pool.
+    let mut client = keep_alive_client(gateway.port);
+    for _ in 0..5 {
+        post_on(&mut client);
+    }
+    assert_eq!(
+        upstream.used.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "five requests in a row went over one upstream connection"
+    );
+}
+
+#[test]
+fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
+    use std::sync::atomic::Ordering;
+    let upstream = counting_upstream(true);
+    let gateway = gateway(upstream.port, &["--health-interval", "1h"], &[]);
+    let mut client = keep_alive_client(gateway.port);
+    post_on(&mut client);
+    wait_until(
+        "the upstream closed the first connection",
+        Duration::from_secs(10),
+        || upstream.closed.load(Ordering::SeqCst) == 1,
+    );
+    post_on(&mut client);
+    assert_eq!(upstream.used.load(Ordering::SeqCst), 2);
+}
+
+fn keep_alive_client(port: u16) -> BufReader<TcpStream> {
+    let client = BufReader::new(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+    client
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    client
+}
+
+/// One POST on a kept-alive client connection; its answer must be the upstream's 200.
+fn post_on(client: &mut BufReader<TcpStream>) {
+    write!(
+        client.get_mut(),
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESPONSES_JSON}",
+        RESPONSES_JSON.len()
+    )
+    .expect("write");
+    let mut status = String::new();
+    client.read_line(&mut status).expect("status line");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        client.read_line(&mut line).expect("header line");
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().expect("content-length");
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    client.read_exact(&mut body).expect("body");
+    assert_eq!(body, b"{\"ok\":true}");
+}

@@ -52,12 +52,15 @@ impl LimitedBody {
     }
 }
 
-/// A stream rather than a `Body`, because reqwest only takes `Sync` bodies and a stream it wraps
-/// itself. Trailers are not forwarded: vLLM never reads request trailers.
-impl futures_util::Stream for LimitedBody {
-    type Item = Result<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+/// Trailers are not forwarded: vLLM never reads request trailers.
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         loop {
             let Some(frame) = ready!(Pin::new(&mut self.inner).poll_frame(cx)) else {
                 self.finished.store(true, Ordering::Relaxed);
@@ -76,8 +79,14 @@ impl futures_util::Stream for LimitedBody {
                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
             }
             self.remaining -= len;
-            return Poll::Ready(Some(Ok(data)));
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+    }
+
+    // Not `is_end_stream`: the body is read to its final `None`, which is what marks it finished.
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -89,8 +98,9 @@ pub enum Timing {
     Whole,
 }
 
-pub struct UpstreamBody {
-    inner: reqwest::Body,
+/// `B` is vLLM's response body (`upstream::ResponseBody`).
+pub struct UpstreamBody<B> {
+    inner: B,
     timing: Timing,
     deadline: Pin<Box<Sleep>>,
     /// For a stream: fires when `drain_timeout` expires, which ends it with the error event.
@@ -103,10 +113,10 @@ pub struct UpstreamBody {
     record: RequestRecord,
 }
 
-impl UpstreamBody {
+impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
     /// `cut` ends a stream with the SSE `error` event once cancelled (`AppState::cut`).
     pub fn new(
-        inner: reqwest::Body,
+        inner: B,
         timing: Timing,
         deadline: Instant,
         cut: &CancellationToken,
@@ -159,7 +169,11 @@ impl UpstreamBody {
 #[error("{0}")]
 pub struct BodyFailed(ProxyError);
 
-impl Body for UpstreamBody {
+impl<B> Body for UpstreamBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     type Data = Bytes;
     type Error = BodyFailed;
 

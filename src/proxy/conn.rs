@@ -210,11 +210,9 @@ pub async fn serve(
             Ok((tcp, _)) => {
                 backoff = Duration::ZERO;
                 let connection = serve_connection(tcp, &service, &live, &draining);
-                connections.spawn(async move {
-                    connection.await;
-                    // The slot frees only once the socket is closed.
-                    drop(permit);
-                });
+                // The slot frees only once the socket is closed. (A combinator, not an async
+                // block, which would hold the connection's future twice.)
+                connections.spawn(connection.map(move |()| drop(permit)));
             }
             Err(error) if is_connection_error(&error) => {}
             Err(error) => {
@@ -251,10 +249,7 @@ pub async fn serve(
             break;
         };
         let connection = serve_connection(tcp, &service, &live, &draining);
-        connections.spawn(async move {
-            connection.await;
-            drop(permit);
-        });
+        connections.spawn(connection.map(move |()| drop(permit)));
     }
     drop(listener);
     connections.close();
@@ -304,11 +299,12 @@ fn serve_connection(
         inner: service.clone(),
         activity,
     };
-    let connection = builder.serve_connection(io, service);
     let draining = draining.clone();
     async move {
         let _open = OpenConnection::count();
-        let mut connection = std::pin::pin!(connection);
+        // Made in place rather than captured: a future captured and then pinned or awaited takes
+        // its room twice in the task, which every open connection pays.
+        let mut connection = std::pin::pin!(builder.serve_connection(io, service));
         // The connection first: told to finish before it read anything, hyper would close it
         // with a request already sent unread.
         let result = tokio::select! {

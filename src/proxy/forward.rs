@@ -12,9 +12,10 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::proxy::admission::{self, Permit};
-use crate::proxy::body::{BodyTooLarge, ClientBodyError, LimitedBody, Timing, UpstreamBody};
+use crate::proxy::body::{BodyTooLarge, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::proxy::state::{AppState, Live};
+use crate::proxy::upstream::{RequestBody, ResponseBody, UpstreamError};
 use crate::proxy::{headers, keepalive};
 use crate::telemetry::RequestRecord;
 
@@ -86,7 +87,7 @@ pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Re
 
 /// The response head, its body, how the body is timed, and when the request went upstream (the
 /// whole-request deadline counts from there).
-pub type Forwarded = (http::Response<()>, reqwest::Body, Timing, Instant);
+pub type Forwarded = (http::Response<()>, ResponseBody, Timing, Instant);
 
 /// How `proxy` left a request.
 enum Proxied {
@@ -100,7 +101,7 @@ enum Proxied {
 /// A request read and checked, to go upstream once vLLM is ready.
 pub struct Pending {
     parts: http::request::Parts,
-    body: Option<reqwest::Body>,
+    body: RequestBody,
     /// For a streamed body: whether it has all been read (see `proxy`).
     streamed_body_finished: Option<Arc<AtomicBool>>,
     header_timeout: std::time::Duration,
@@ -114,7 +115,7 @@ pub struct Pending {
 impl Pending {
     /// The request body, when it was small enough to be read whole.
     pub fn whole_body(&self) -> Option<&[u8]> {
-        self.body.as_ref()?.as_bytes()
+        self.body.as_bytes()
     }
 }
 
@@ -170,15 +171,13 @@ async fn proxy(
     // arriving is the client's (408), not vLLM's (504).
     let mut streamed_body_finished = None;
     let body = if http_body::Body::is_end_stream(&body) {
-        None
+        RequestBody::Empty
     } else if length.is_some_and(|length| length <= WHOLE_BODY_MAX) {
-        Some(reqwest::Body::from(read_whole(body, body_deadline).await?))
+        RequestBody::Whole(read_whole(body, body_deadline).await?)
     } else {
         let finished = Arc::new(AtomicBool::new(false));
         streamed_body_finished = Some(Arc::clone(&finished));
-        Some(reqwest::Body::wrap_stream(LimitedBody::new(
-            body, limit, finished,
-        )))
+        RequestBody::Streamed(LimitedBody::new(body, limit, finished))
     };
     *permit = state
         .admission
@@ -240,16 +239,17 @@ pub async fn send_pending(
         admitted: _,
     } = pending;
     let request_id = &request_id;
-    let url = upstream_url(&state.upstream_url, &state.upstream_path, &parts.uri);
+    let uri = upstream_uri(&state.upstream_path, &parts.uri)?;
     rewrite_request_headers(state, &mut parts.headers, request_id);
-    let mut upstream_request = reqwest::Request::new(parts.method, url);
+    let mut upstream_request = http::Request::new(body);
+    *upstream_request.method_mut() = parts.method;
+    *upstream_request.uri_mut() = uri;
     *upstream_request.headers_mut() = parts.headers;
-    *upstream_request.body_mut() = body;
     // Under `serve`, a refused connection most likely means vLLM just died and the supervisor has
     // not noticed yet: such a request (never sent) waits for the next vLLM and goes again, once.
     let serving_pid = state.status.borrow().serving_pid();
     let retry = match serving_pid {
-        Some(_) if config.ready_wait_timeout().is_some() => upstream_request.try_clone(),
+        Some(_) if config.ready_wait_timeout().is_some() => try_clone(&upstream_request),
         _ => None,
     };
     let mut sent_at = Instant::now();
@@ -286,11 +286,11 @@ pub async fn send_pending(
     Ok((head, body, timing, sent_at))
 }
 
-/// What goes upstream: no hop-by-hop headers, `Host` left to reqwest (from the upstream URL), the
-/// upstream key unless the client sent its own, and the request id.
+/// What goes upstream: no hop-by-hop headers, the upstream's `Host`, the upstream key unless the
+/// client sent its own, and the request id.
 fn rewrite_request_headers(state: &AppState, headers: &mut HeaderMap, request_id: &HeaderValue) {
     headers::strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
+    headers.insert(header::HOST, state.upstream.host_header.clone());
     if let Some(auth) = &state.upstream_auth {
         if !headers.contains_key(header::AUTHORIZATION) {
             headers.insert(header::AUTHORIZATION, auth.clone());
@@ -302,9 +302,8 @@ fn rewrite_request_headers(state: &AppState, headers: &mut HeaderMap, request_id
 /// The upstream's response as the client gets it, and how its body is to be timed.
 fn downstream_response(
     config: &Config,
-    response: reqwest::Response,
-) -> (http::Response<()>, reqwest::Body, Timing) {
-    let response: http::Response<reqwest::Body> = response.into();
+    response: http::Response<ResponseBody>,
+) -> (http::Response<()>, ResponseBody, Timing) {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     if config.proxy.cors.is_some() {
@@ -326,13 +325,13 @@ fn downstream_response(
 /// Sends the request and waits for the response headers until `deadline`.
 async fn send(
     state: &AppState,
-    request: reqwest::Request,
+    request: http::Request<RequestBody>,
     deadline: Instant,
     kind: TimeoutKind,
     limit: u64,
     record: &RequestRecord,
-) -> Result<reqwest::Response, ProxyError> {
-    match tokio::time::timeout_at(deadline, state.client.execute(request)).await {
+) -> Result<http::Response<ResponseBody>, ProxyError> {
+    match tokio::time::timeout_at(deadline, state.upstream.send(request)).await {
         Err(_) => Err(ProxyError::Timeout(kind)),
         Ok(Err(error)) => Err(classify(&error, limit, record)),
         Ok(Ok(response)) => Ok(response),
@@ -348,20 +347,29 @@ async fn read_whole(body: Body, deadline: Instant) -> Result<bytes::Bytes, Proxy
     }
 }
 
-/// The upstream URL for a request: the parsed base with the request's path and query set on a
-/// copy, so the host is not parsed again for every request.
-fn upstream_url(base: &reqwest::Url, prefix: &str, uri: &http::Uri) -> reqwest::Url {
-    let mut url = base.clone();
+/// The request target sent upstream: the base URL's path prefix, then the request's path and
+/// query, byte for byte, in origin form.
+fn upstream_uri(prefix: &str, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
+    let path_and_query = uri.path_and_query().map_or("/", |target| target.as_str());
     if prefix.is_empty() {
-        url.set_path(uri.path());
-    } else {
-        let mut path = String::with_capacity(prefix.len() + uri.path().len());
-        path.push_str(prefix);
-        path.push_str(uri.path());
-        url.set_path(&path);
+        if let Some(target) = uri.path_and_query() {
+            return Ok(http::Uri::from(target.clone()));
+        }
     }
-    url.set_query(uri.query());
-    url
+    let mut target = String::with_capacity(prefix.len() + path_and_query.len());
+    target.push_str(prefix);
+    target.push_str(path_and_query);
+    http::Uri::try_from(target)
+        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
+}
+
+/// A copy of a request to send again, when its body can be (it was not streamed).
+fn try_clone(request: &http::Request<RequestBody>) -> Option<http::Request<RequestBody>> {
+    let mut copy = http::Request::new(request.body().try_clone()?);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
 }
 
 /// Whether the path has a `.` or `..` segment, plain or percent-encoded. URL handling resolves
@@ -477,24 +485,20 @@ pub async fn wait_until_ready(
 }
 
 /// Maps a failed upstream exchange to what the client is told.
-fn classify(error: &reqwest::Error, limit: u64, record: &RequestRecord) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(cause) = source {
-        if cause.is::<BodyTooLarge>() {
-            return ProxyError::BodyTooLarge { limit };
+fn classify(error: &UpstreamError, limit: u64, record: &RequestRecord) -> ProxyError {
+    match error {
+        UpstreamError::Body(cause) if cause.is::<BodyTooLarge>() => {
+            ProxyError::BodyTooLarge { limit }
         }
-        if cause.is::<ClientBodyError>() {
-            return ProxyError::BadRequest("the request body could not be read");
+        UpstreamError::Body(_) => ProxyError::BadRequest("the request body could not be read"),
+        error => {
+            tracing::debug!(request_id = %record.request_id(), error = %error, "upstream error");
+            match error {
+                UpstreamError::ConnectTimeout => ProxyError::Timeout(TimeoutKind::Connect),
+                UpstreamError::Connect(_) => ProxyError::Unavailable(Unavailable::Connect),
+                _ => ProxyError::Unavailable(Unavailable::Reset),
+            }
         }
-        source = cause.source();
-    }
-    tracing::debug!(request_id = %record.request_id(), error = ?error, "upstream error");
-    if error.is_timeout() {
-        ProxyError::Timeout(TimeoutKind::Connect)
-    } else if error.is_connect() {
-        ProxyError::Unavailable(Unavailable::Connect)
-    } else {
-        ProxyError::Unavailable(Unavailable::Reset)
     }
 }
 
@@ -546,24 +550,22 @@ mod tests {
     }
 
     #[test]
-    fn upstream_urls_keep_the_path_and_query_bytes() {
-        let url = |base: &str, prefix: &str, uri: &str| {
-            let base = reqwest::Url::parse(base).expect("base");
-            upstream_url(&base, prefix, &uri.parse().expect("uri")).to_string()
+    fn upstream_targets_keep_the_path_and_query_bytes() {
+        let target = |prefix: &str, uri: &str| {
+            upstream_uri(prefix, &uri.parse().expect("uri"))
+                .expect("target")
+                .to_string()
         };
         assert_eq!(
-            url(
-                "http://127.0.0.1:8000",
-                "",
-                "/v1/responses?stream=true&x=%20"
-            ),
-            "http://127.0.0.1:8000/v1/responses?stream=true&x=%20"
+            target("", "/v1/responses?stream=true&x=%20"),
+            "/v1/responses?stream=true&x=%20"
         );
         assert_eq!(
-            url("http://h:1/llm", "/llm", "/v1/models/org%2Fname"),
-            "http://h:1/llm/v1/models/org%2Fname"
+            target("/llm", "/v1/models/org%2Fname"),
+            "/llm/v1/models/org%2Fname"
         );
-        assert_eq!(url("http://h:1", "", "/health"), "http://h:1/health");
+        assert_eq!(target("", "http://gateway:1/health?a"), "/health?a");
+        assert_eq!(target("/llm", "/health"), "/llm/health");
     }
 
     #[test]

@@ -34,13 +34,14 @@ use crate::proxy::admission::Permit;
 use crate::proxy::body::{Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, status_event};
 use crate::proxy::state::{AppState, Live};
+use crate::proxy::upstream::ResponseBody;
 use crate::status::UpstreamStatus;
 use crate::telemetry::RequestRecord;
 
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// vLLM's answer: the response head, its body, how the body is timed, when it was sent.
-pub type Answer = (http::Response<()>, reqwest::Body, Timing, Instant);
+pub type Answer = (http::Response<()>, ResponseBody, Timing, Instant);
 
 /// The rest of a request's way to vLLM (`forward` makes it: wait until ready, then send), given
 /// the request's record to log against. This module never calls `forward` itself, which calls it.

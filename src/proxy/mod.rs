@@ -2,9 +2,10 @@
 //! by the proxy's worker threads.
 //!
 //! The proxy owns no process and no child state: it reads the [`UpstreamStatus`] watch and forwards
-//! requests with its worker's pooled upstream client. Each worker thread owns its runtime, its
-//! accept loop on the shared listening socket, and its pool (`workers`). The configuration a
-//! reload may change is [`Live`], swapped whole by the reload and read once per request (`state`).
+//! requests over its worker's pooled upstream connections (`upstream`). Each worker thread owns its
+//! runtime, its accept loop on the shared listening socket, and its pool (`workers`). The
+//! configuration a reload may change is [`Live`], swapped whole by the reload and read once per
+//! request (`state`).
 //!
 //! [`UpstreamStatus`]: crate::status::UpstreamStatus
 
@@ -18,6 +19,7 @@ pub mod headers;
 pub mod keepalive;
 pub mod router;
 pub mod state;
+pub mod upstream;
 pub mod workers;
 
 pub use crate::proxy::router::app;

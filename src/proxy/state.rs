@@ -1,5 +1,5 @@
-//! What every request handler shares: [`AppState`] (a worker's pooled upstream client, the upstream
-//! URL, the precomputed auth header, the status watch), and [`Live`], the part of the configuration
+//! What every request handler shares: [`AppState`] (a worker's upstream connections, the upstream
+//! path prefix, the precomputed auth header, the status watch), and [`Live`], the part of the configuration
 //! a reload may change, swapped whole and read once per request.
 
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
 use crate::config::{Config, Cors, ProxyConfig};
 use crate::proxy::admission::Admission;
+use crate::proxy::upstream::Upstream;
 use crate::status::UpstreamStatus;
 
 /// The configuration as the last reload left it (the start-up one until then), with what requests
@@ -44,12 +45,12 @@ pub fn live_config(config: Config) -> LiveConfig {
 /// with a pool of its own.
 #[derive(Clone)]
 pub struct AppState {
-    /// This worker's upstream client: its pool is the worker's pool of connections to vLLM.
+    /// This worker's connections to vLLM for proxied requests, and its pool of idle ones.
+    pub upstream: Arc<Upstream>,
+    /// A client for the gateway's own requests to vLLM (its `/metrics`, to merge them).
     pub client: reqwest::Client,
     /// Upstream base URL without a trailing slash, e.g. `http://127.0.0.1:8000`.
     pub upstream_base: String,
-    /// The same, parsed once, so that a request only sets its path and query on a copy.
-    pub upstream_url: reqwest::Url,
     /// The base URL's path prefix without a trailing slash (usually empty).
     pub upstream_path: String,
     /// `Bearer <key>`, precomputed and marked sensitive, injected when the client sent none.
@@ -91,12 +92,12 @@ impl AppState {
             }
             None => None,
         };
-        let upstream_url = reqwest::Url::parse(&config.upstream.base)?;
-        let upstream_path = upstream_url.path().trim_end_matches('/').to_string();
+        let upstream_uri: http::Uri = config.upstream.base.parse()?;
+        let upstream_path = upstream_uri.path().trim_end_matches('/').to_string();
         Ok(AppState {
+            upstream: Arc::new(upstream(config, usize::MAX)?),
             client: upstream_client(&config.proxy, usize::MAX)?,
             upstream_base: config.upstream.base.clone(),
-            upstream_url,
             upstream_path,
             upstream_auth,
             live,
@@ -117,16 +118,27 @@ impl AppState {
     /// `max_idle` idle connections (the worker's share of `max_connections`).
     pub(super) fn for_worker(&self, max_idle: usize) -> anyhow::Result<AppState> {
         // The pool's settings are restart-only keys: the live ones are the start-up ones.
+        let live = self.live.load();
         Ok(AppState {
-            client: upstream_client(&self.live.load().config.proxy, max_idle)?,
+            upstream: Arc::new(upstream(&live.config, max_idle)?),
+            client: upstream_client(&live.config.proxy, max_idle)?,
             ..self.clone()
         })
     }
 }
 
-/// The pooled client for proxied requests. Idle connections are dropped before the upstream
-/// would close them (uvicorn: 5 s), so a request never lands on a connection that is being closed;
-/// hyper retries on its own a request that could not be written to a pooled connection.
+/// The connections for proxied requests: idle ones are dropped before the upstream would close
+/// them (uvicorn: 5 s), so a request never lands on a connection that is being closed.
+fn upstream(config: &Config, max_idle: usize) -> anyhow::Result<Upstream> {
+    Upstream::new(
+        &config.upstream.base.parse()?,
+        config.proxy.connect_timeout,
+        config.proxy.pool_idle_timeout,
+        max_idle,
+    )
+}
+
+/// The client for the gateway's own requests to vLLM, pooled as the proxied ones are.
 fn upstream_client(proxy: &ProxyConfig, max_idle: usize) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .connect_timeout(proxy.connect_timeout)

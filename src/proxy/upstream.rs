@@ -1,0 +1,907 @@
+//! A worker's connections to vLLM: HTTP/1.1 exchanges over plain sockets, and the worker's pool of
+//! idle connections.
+//!
+//! A stream holds its upstream connection for as long as it lasts, so what a connection holds is
+//! paid once per open stream. Here that is the socket and one read buffer, which starts at
+//! [`READ_START`] bytes (under a page, so the buffers of many quiet streams share pages) and grows
+//! only when a read fills it. hyper's client, which forwarded before, held an 8 KB read buffer,
+//! an 8 KB write buffer, the first block of the channel to its connection (9.7 KB) and a task per
+//! connection: about 12 KB of resident memory a stream more. The exchange runs in the request's
+//! own task and the response body is read by the client connection's task, so a request and its
+//! answer cross no task in between.
+//!
+//! The protocol is the client side of RFC 9112, as much as a proxy in front of vLLM needs: the
+//! request head is written in one piece (with a body read whole, in the same write); a streamed
+//! body goes as it comes, with its declared length or chunked; the response head is parsed with
+//! `httparse` (1xx heads are skipped); the body is framed by `Content-Length`, by chunked
+//! transfer coding (extensions and trailers are read and dropped), or by the end of the
+//! connection, and HEAD requests and 204 and 304 answers have none. A connection is kept for
+//! another request only after an HTTP/1.1 answer without `Connection: close` whose body was read
+//! to its framed end with nothing after it.
+//!
+//! [`Upstream`] owns one worker's pool: connections go back to it when their response body has
+//! been read to its end, and leave it when they are found closed, when they have been idle for
+//! `pool_idle_timeout` (before the upstream would close them; uvicorn: 5 s), or when the pool
+//! already keeps `max_idle`. A response body dropped before its end (the client went away) closes
+//! its connection, so vLLM sees the disconnect and aborts the generation. A request that failed on
+//! a pooled connection before any answer came, and before any of a streamed body was taken, goes
+//! again on a new connection (the pooled one was closing).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::proxy::body::LimitedBody;
+
+/// A connection's first read buffer: under a page, so that quiet streams' buffers share pages.
+const READ_START: usize = 1024;
+
+/// The most a read buffer grows to, and the largest response head accepted.
+const READ_MAX: usize = 64 * 1024;
+
+/// The most response header lines accepted (as hyper's client).
+const MAX_HEADERS: usize = 100;
+
+/// The most bytes of chunk-size lines and trailers accepted at once.
+const MAX_LINE: usize = 16 * 1024;
+
+/// The body of a request to vLLM.
+pub enum RequestBody {
+    /// No body at all (most GETs): nothing is sent, not even an empty chunked body.
+    Empty,
+    /// A small body read whole: it leaves with the head, and can be sent again.
+    Whole(Bytes),
+    /// A longer or chunked body, streamed as the client sends it.
+    Streamed(LimitedBody),
+}
+
+/// Why a request got no response from vLLM.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(io::Error),
+    #[error("connect timeout")]
+    ConnectTimeout,
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("invalid response: {0}")]
+    Protocol(&'static str),
+    /// The client's side of a streamed request body failed (it is the `source`).
+    #[error("the request body failed")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// One worker's way to vLLM: where it is, and the pool of idle connections to it.
+pub struct Upstream {
+    host: String,
+    port: u16,
+    /// The `Host` header every request carries (the upstream's authority), made once.
+    pub host_header: HeaderValue,
+    connect_timeout: Duration,
+    pool: Arc<Pool>,
+}
+
+impl Upstream {
+    /// `base` is the upstream URL (`http://host:port[/prefix]`, checked by the configuration).
+    pub fn new(
+        base: &http::Uri,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> anyhow::Result<Upstream> {
+        let authority = base
+            .authority()
+            .ok_or_else(|| anyhow::anyhow!("the upstream URL has no host"))?;
+        let host = authority.host();
+        // A bracketed IPv6 literal connects without its brackets.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|host| host.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_string();
+        let port = authority.port_u16().unwrap_or(80);
+        let host_header = HeaderValue::from_str(authority.as_str())?;
+        Ok(Upstream {
+            host,
+            port,
+            host_header,
+            connect_timeout,
+            pool: Arc::new(Pool {
+                idle: Mutex::new(Idle {
+                    connections: Vec::new(),
+                    reaper: false,
+                }),
+                idle_timeout,
+                max_idle,
+            }),
+        })
+    }
+
+    /// Sends `request` (whose URI is in origin form, with its `Host` header set) on a pooled
+    /// connection, or a new one, and returns the response once its head has arrived.
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let (parts, mut body) = request.into_parts();
+        let (head, chunked) = encode_head(&parts.method, &parts.uri, parts.headers, &mut body);
+        while let Some(connection) = self.pool.take() {
+            match exchange(connection, &head, chunked, &mut body, &parts.method).await {
+                Ok(answer) => return Ok(self.answer(answer)),
+                Err(Failed {
+                    error,
+                    untouched: true,
+                }) => {
+                    tracing::debug!(%error, "a pooled upstream connection failed before answering; sending on another");
+                }
+                Err(Failed { error, .. }) => return Err(error),
+            }
+        }
+        let connection = self.connect().await?;
+        match exchange(connection, &head, chunked, &mut body, &parts.method).await {
+            Ok(answer) => Ok(self.answer(answer)),
+            Err(Failed { error, .. }) => Err(error),
+        }
+    }
+
+    fn answer(&self, (head, connection, framing, reusable): Answer) -> Response<ResponseBody> {
+        let mut body = ResponseBody {
+            connection: Some(connection),
+            framing,
+            reusable,
+            pool: Arc::clone(&self.pool),
+        };
+        if body.framing.is_over() {
+            body.finish();
+        }
+        head.map(|()| body)
+    }
+
+    async fn connect(&self) -> Result<Connection, UpstreamError> {
+        let connect = TcpStream::connect((self.host.as_str(), self.port));
+        let tcp = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Err(_) => return Err(UpstreamError::ConnectTimeout),
+            Ok(Err(error)) => return Err(UpstreamError::Connect(error)),
+            Ok(Ok(tcp)) => tcp,
+        };
+        // Without TCP_NODELAY, a request head and its body written apart wait on vLLM's delayed ACK.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY upstream");
+        }
+        Ok(Connection {
+            tcp,
+            buffer: BytesMut::new(),
+            next_read: READ_START,
+            reused: false,
+        })
+    }
+}
+
+/// An open connection to vLLM and what has been read from it but not yet used.
+struct Connection {
+    tcp: TcpStream,
+    buffer: BytesMut,
+    /// How much room the next read gets: doubled when a read fills it, up to [`READ_MAX`].
+    next_read: usize,
+    /// Whether it served a request before (and so may have been closed meanwhile by vLLM).
+    reused: bool,
+}
+
+impl Connection {
+    /// Reads more into the buffer; `Ok(0)` at the end of the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buffer.capacity() - self.buffer.len() < self.next_read {
+            self.buffer.reserve(self.next_read);
+        }
+        let room = self.buffer.capacity() - self.buffer.len();
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.tcp),
+            cx,
+            &mut self.buffer
+        ))?;
+        if read == room && self.next_read < READ_MAX {
+            self.next_read *= 2;
+        }
+        Poll::Ready(Ok(read))
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// Whether vLLM closed it (or sent something unasked) while it was idle.
+    fn is_closed(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.tcp.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// The request line and headers, and a body read whole, in one buffer written at once; and
+/// whether a streamed body goes chunked (it has no declared length).
+fn encode_head(
+    method: &Method,
+    uri: &http::Uri,
+    mut headers: HeaderMap,
+    body: &mut RequestBody,
+) -> (Vec<u8>, bool) {
+    let whole = match body {
+        RequestBody::Whole(bytes) => Some(std::mem::take(bytes)),
+        _ => None,
+    };
+    let mut chunked = false;
+    match (&whole, &*body) {
+        (Some(bytes), _) if !headers.contains_key(header::CONTENT_LENGTH) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        }
+        (None, RequestBody::Streamed(_)) if !headers.contains_key(header::CONTENT_LENGTH) => {
+            headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+            chunked = true;
+        }
+        _ => {}
+    }
+    let target = uri.path_and_query().map_or("/", |target| target.as_str());
+    let size = method.as_str().len()
+        + target.len()
+        + 16
+        + headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>()
+        + whole.as_ref().map_or(0, Bytes::len);
+    let mut head = Vec::with_capacity(size);
+    head.extend_from_slice(method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    if let Some(bytes) = whole {
+        head.extend_from_slice(&bytes);
+    }
+    (head, chunked)
+}
+
+/// A failed exchange; `untouched` when nothing was answered and no streamed body was taken, so
+/// the request may go again on another connection if this one had served before.
+struct Failed {
+    error: UpstreamError,
+    untouched: bool,
+}
+
+/// The response head, the connection it came on, how its body is framed, and whether the
+/// connection may serve again after it.
+type Answer = (Response<()>, Connection, Framing, bool);
+
+/// Writes the request and reads the response head.
+async fn exchange(
+    mut connection: Connection,
+    head: &[u8],
+    chunked: bool,
+    body: &mut RequestBody,
+    method: &Method,
+) -> Result<Answer, Failed> {
+    let reused = connection.reused;
+    let failed = |error: UpstreamError, untouched: bool| Failed {
+        error,
+        untouched: reused && untouched,
+    };
+    if let Err(error) = connection.tcp.write_all(head).await {
+        return Err(failed(error.into(), true));
+    }
+    if let RequestBody::Streamed(streamed) = body {
+        write_streamed(&mut connection.tcp, streamed, chunked)
+            .await
+            .map_err(|error| failed(error, false))?;
+    }
+    loop {
+        match parse_head(&connection.buffer, method) {
+            Ok(Some((length, Parsed::Interim))) => {
+                connection.buffer.advance(length);
+                continue;
+            }
+            Ok(Some((length, Parsed::Final(response, framing, reusable)))) => {
+                connection.buffer.advance(length);
+                return Ok((response, connection, framing, reusable));
+            }
+            Ok(None) => {}
+            Err(error) => return Err(failed(error, false)),
+        }
+        if connection.buffer.len() >= READ_MAX {
+            return Err(failed(
+                UpstreamError::Protocol("the response head is too large"),
+                false,
+            ));
+        }
+        match connection.fill().await {
+            Ok(0) => {
+                let untouched = connection.buffer.is_empty();
+                return Err(failed(
+                    io::Error::from(io::ErrorKind::UnexpectedEof).into(),
+                    untouched,
+                ));
+            }
+            Ok(_) => {}
+            Err(error) => {
+                let untouched = connection.buffer.is_empty();
+                return Err(failed(error.into(), untouched));
+            }
+        }
+    }
+}
+
+async fn write_streamed(
+    tcp: &mut TcpStream,
+    body: &mut LimitedBody,
+    chunked: bool,
+) -> Result<(), UpstreamError> {
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Err(error)) => return Err(UpstreamError::Body(error)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue,
+            },
+        };
+        if chunked {
+            let mut piece = Vec::with_capacity(data.len() + 16);
+            piece.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            piece.extend_from_slice(&data);
+            piece.extend_from_slice(b"\r\n");
+            tcp.write_all(&piece).await?;
+        } else {
+            tcp.write_all(&data).await?;
+        }
+    }
+    if chunked {
+        tcp.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
+}
+
+enum Parsed {
+    /// A 1xx head other than 101: skipped.
+    Interim,
+    Final(Response<()>, Framing, bool),
+}
+
+/// Parses a response head at the start of `buffer`: `None` while it is incomplete, else its
+/// length and what it says.
+fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>, UpstreamError> {
+    if buffer.is_empty() {
+        return Ok(None);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let length = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(UpstreamError::Protocol("too many response headers"));
+        }
+        Err(_) => return Err(UpstreamError::Protocol("malformed response head")),
+    };
+    let code = parsed.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| UpstreamError::Protocol("invalid response status"))?;
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(UpstreamError::Protocol("unexpected protocol switch"));
+        }
+        return Ok(Some((length, Parsed::Interim)));
+    }
+    let version = if parsed.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    let headers = response.headers_mut();
+    headers.reserve(parsed.headers.len());
+    for line in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(line.name.as_bytes())
+            .map_err(|_| UpstreamError::Protocol("invalid response header name"))?;
+        let value = HeaderValue::from_bytes(line.value)
+            .map_err(|_| UpstreamError::Protocol("invalid response header value"))?;
+        headers.append(name, value);
+    }
+    let framing = framing(method, status, headers)?;
+    let close = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"));
+    let reusable = version == Version::HTTP_11 && !close && !matches!(framing, Framing::Close);
+    Ok(Some((length, Parsed::Final(response, framing, reusable))))
+}
+
+/// How the response body is delimited (RFC 9112 section 6.3).
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<Framing, UpstreamError> {
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Length(0));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .rfind(|coding| !coding.is_empty());
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Close,
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let parsed = value
+            .to_str()
+            .ok()
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .ok_or(UpstreamError::Protocol("invalid content-length"))?;
+        if length.is_some_and(|length| length != parsed) {
+            return Err(UpstreamError::Protocol("conflicting content-length"));
+        }
+        length = Some(parsed);
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+/// How much of the response body is left, and how it is delimited.
+enum Framing {
+    /// This many bytes.
+    Length(u64),
+    /// Chunked transfer coding, at this point of it.
+    Chunked(Chunk),
+    /// Until vLLM closes the connection.
+    Close,
+    /// Read to its end.
+    Done,
+}
+
+impl Framing {
+    fn is_over(&self) -> bool {
+        matches!(self, Framing::Length(0) | Framing::Done)
+    }
+}
+
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+/// vLLM's response body, read from its connection as the client side asks for it: the
+/// connection goes back to the pool when the body has been read to its end, and closes if the
+/// body is dropped before.
+pub struct ResponseBody {
+    connection: Option<Connection>,
+    framing: Framing,
+    reusable: bool,
+    pool: Arc<Pool>,
+}
+
+impl ResponseBody {
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(mut connection) = self.connection.take() {
+            if self.reusable && connection.buffer.is_empty() {
+                connection.reused = true;
+                self.pool.put(connection);
+            }
+        }
+    }
+
+    fn broken(
+        &mut self,
+        error: UpstreamError,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        self.framing = Framing::Done;
+        self.connection = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buffer = &mut connection.buffer;
+            // What the buffer holds, given out or consumed before reading more.
+            match &mut this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) if !buffer.is_empty() => {
+                    let take =
+                        usize::try_from(*left).map_or(buffer.len(), |left| left.min(buffer.len()));
+                    let data = buffer.split_to(take).freeze();
+                    *left -= take as u64;
+                    if *left == 0 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close if !buffer.is_empty() => {
+                    let data = buffer.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(chunk) if !buffer.is_empty() => match chunk {
+                    Chunk::Size => match httparse::parse_chunk_size(buffer) {
+                        Ok(httparse::Status::Complete((length, 0))) => {
+                            buffer.advance(length);
+                            *chunk = Chunk::Trailers;
+                            continue;
+                        }
+                        Ok(httparse::Status::Complete((length, size))) => {
+                            buffer.advance(length);
+                            *chunk = Chunk::Data(size);
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) if buffer.len() < MAX_LINE => {}
+                        _ => return this.broken(UpstreamError::Protocol("invalid chunk size")),
+                    },
+                    Chunk::Data(left) => {
+                        let take = usize::try_from(*left)
+                            .map_or(buffer.len(), |left| left.min(buffer.len()));
+                        let data = buffer.split_to(take).freeze();
+                        *left -= take as u64;
+                        if *left == 0 {
+                            *chunk = Chunk::DataEnd;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Chunk::DataEnd => {
+                        if buffer.len() >= 2 {
+                            if &buffer[..2] != b"\r\n" {
+                                return this.broken(UpstreamError::Protocol("invalid chunk end"));
+                            }
+                            buffer.advance(2);
+                            *chunk = Chunk::Size;
+                            continue;
+                        }
+                        if buffer[0] != b'\r' {
+                            return this.broken(UpstreamError::Protocol("invalid chunk end"));
+                        }
+                    }
+                    Chunk::Trailers => match buffer.windows(2).position(|pair| pair == b"\r\n") {
+                        Some(0) => {
+                            buffer.advance(2);
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Some(line) => {
+                            buffer.advance(line + 2);
+                            continue;
+                        }
+                        None if buffer.len() < MAX_LINE => {}
+                        None => return this.broken(UpstreamError::Protocol("trailers too large")),
+                    },
+                },
+                _ => {}
+            }
+            match ready!(connection.poll_fill(cx)) {
+                Ok(0) => {
+                    if matches!(this.framing, Framing::Close) {
+                        // The end of the connection is the end of this body.
+                        this.reusable = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    return this.broken(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+                Ok(_) => {}
+                Err(error) => return this.broken(error.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing.is_over()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(left) => SizeHint::with_exact(left),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The idle connections of one worker.
+struct Pool {
+    idle: Mutex<Idle>,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+struct Idle {
+    /// Most recently used last: a request takes the warmest connection.
+    connections: Vec<(Connection, Instant)>,
+    /// Whether a task is sweeping out closed and expired connections.
+    reaper: bool,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The warmest idle connection still open. Those that closed or idled too long are dropped
+    /// on the way.
+    fn take(&self) -> Option<Connection> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while let Some((connection, since)) = idle.connections.pop() {
+            if now.saturating_duration_since(since) < self.idle_timeout && !connection.is_closed() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    fn put(self: &Arc<Self>, connection: Connection) {
+        let mut idle = self.lock();
+        if idle.connections.len() >= self.max_idle {
+            return;
+        }
+        idle.connections.push((connection, Instant::now()));
+        if !idle.reaper {
+            idle.reaper = true;
+            drop(idle);
+            tokio::spawn(Arc::clone(self).reap());
+        }
+    }
+
+    /// Every `idle_timeout`, drops the connections that closed or expired; ends once none is left.
+    async fn reap(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.idle_timeout).await;
+            let now = Instant::now();
+            let mut idle = self.lock();
+            idle.connections.retain(|(connection, since)| {
+                now.saturating_duration_since(*since) < self.idle_timeout && !connection.is_closed()
+            });
+            if idle.connections.is_empty() {
+                idle.reaper = false;
+                return;
+            }
+        }
+    }
+}
+
+impl RequestBody {
+    /// The body, when it was read whole.
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match self {
+            RequestBody::Whole(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// A copy to send again, unless it is streamed (and so, once sent, gone).
+    pub fn try_clone(&self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Empty => Some(RequestBody::Empty),
+            RequestBody::Whole(bytes) => Some(RequestBody::Whole(bytes.clone())),
+            RequestBody::Streamed(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+    use tokio::io::AsyncReadExt as _;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn bodies_are_framed_as_rfc_9112_says() {
+        let framed = |method: Method, status: u16, pairs: &[(&str, &str)]| {
+            framing(
+                &method,
+                StatusCode::from_u16(status).expect("status"),
+                &headers(pairs),
+            )
+        };
+        let length = [("content-length", "5")];
+        assert!(matches!(
+            framed(Method::HEAD, 200, &length),
+            Ok(Framing::Length(0))
+        ));
+        assert!(matches!(
+            framed(Method::GET, 204, &[]),
+            Ok(Framing::Length(0))
+        ));
+        assert!(matches!(
+            framed(Method::GET, 304, &length),
+            Ok(Framing::Length(0))
+        ));
+        assert!(matches!(
+            framed(Method::GET, 200, &length),
+            Ok(Framing::Length(5))
+        ));
+        assert!(matches!(
+            framed(
+                Method::POST,
+                200,
+                &[
+                    ("transfer-encoding", "gzip, Chunked"),
+                    ("content-length", "5")
+                ]
+            ),
+            Ok(Framing::Chunked(Chunk::Size))
+        ));
+        assert!(matches!(
+            framed(Method::POST, 200, &[("transfer-encoding", "gzip")]),
+            Ok(Framing::Close)
+        ));
+        assert!(matches!(framed(Method::POST, 200, &[]), Ok(Framing::Close)));
+        assert!(
+            framed(
+                Method::GET,
+                200,
+                &[("content-length", "5"), ("content-length", "6")]
+            )
+            .is_err()
+        );
+        assert!(framed(Method::GET, 200, &[("content-length", "-1")]).is_err());
+    }
+
+    #[test]
+    fn interim_heads_are_skipped_and_final_ones_parsed() {
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n";
+        assert!(matches!(
+            parse_head(interim, &Method::POST),
+            Ok(Some((25, Parsed::Interim)))
+        ));
+        assert!(matches!(
+            parse_head(b"HTTP/1.1 200 OK\r\nA: b", &Method::GET),
+            Ok(None)
+        ));
+        let head = b"HTTP/1.0 404 Not Found\r\nX-A: 1\r\nx-a: 2\r\ncontent-length: 0\r\n\r\nrest";
+        let Ok(Some((length, Parsed::Final(response, _, reusable)))) =
+            parse_head(head, &Method::GET)
+        else {
+            panic!("a complete head");
+        };
+        assert_eq!(length, head.len() - 4);
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(response.headers().get_all("x-a").iter().count(), 2);
+        assert!(!reusable, "an HTTP/1.0 answer closes its connection");
+        assert!(parse_head(b"HTTP/1.1 2000 No\r\n\r\n", &Method::GET).is_err());
+        assert!(parse_head(b"garbage\r\n\r\n", &Method::GET).is_err());
+    }
+
+    /// An upstream on loopback that reads one request and writes `pieces` apart, then closes the
+    /// connection if `close`, else waits for the gateway to close it.
+    async fn upstream(pieces: Vec<&'static [u8]>, close: bool) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            for piece in pieces {
+                socket.write_all(piece).await.expect("write");
+                socket.flush().await.expect("flush");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !close {
+                let _ = socket.read(&mut request).await;
+            }
+        });
+        port
+    }
+
+    async fn fetch(port: u16) -> Result<(Response<()>, Bytes), UpstreamError> {
+        let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
+        let upstream = Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8)
+            .expect("upstream");
+        let mut request = Request::new(RequestBody::Empty);
+        *request.uri_mut() = "/v1/models".parse().expect("target");
+        request
+            .headers_mut()
+            .insert(header::HOST, upstream.host_header.clone());
+        let (head, body) = upstream.send(request).await?.into_parts();
+        let bytes = body.collect().await?.to_bytes();
+        Ok((Response::from_parts(head, ()), bytes))
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_decoded_however_the_reads_split_them() {
+        let port = upstream(
+            vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r",
+                b"\nhel",
+                b"lo\r",
+                b"\n0\r\ntrailer: x\r\n",
+                b"\r\n",
+            ],
+            false,
+        )
+        .await;
+        let (head, body) = fetch(port).await.expect("response");
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(&body[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_and_one_delimited_by_the_close_is_whole() {
+        let cut = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello"],
+            true,
+        )
+        .await;
+        assert!(fetch(cut).await.is_err(), "10 bytes declared, 5 sent");
+        let closed = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nhel", b"lo"], true).await;
+        let (_, body) = fetch(closed).await.expect("response");
+        assert_eq!(&body[..], b"hello");
+        let bad = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"],
+            true,
+        )
+        .await;
+        assert!(fetch(bad).await.is_err(), "an invalid chunk size");
+    }
+}
