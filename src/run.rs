@@ -331,11 +331,6 @@ async fn hand_over(listener: &std::net::TcpListener, serving: &Serving<'_>, path
         failed_starts: snapshot.history.failed_starts,
         backoff_level: snapshot.history.level,
     };
-    // A stop asked for meanwhile wins (the exec would lose it): the supervisor resumes and stops.
-    if stopping() {
-        serving.supervisor.resume();
-        return "the gateway is stopping".into();
-    }
     tracing::info!(
         new_binary = %path.display(),
         vllm_pid = description.vllm_pid,
@@ -343,6 +338,13 @@ async fn hand_over(listener: &std::net::TcpListener, serving: &Serving<'_>, path
     );
     telemetry::flush_logs();
     let reason = match signals::block_for_exec() {
+        // A stop asked for meanwhile wins (the exec would lose it): the supervisor resumes and
+        // stops. Checked last, right before the exec, so that only a signal that arrives in the
+        // microseconds between the two is lost.
+        Ok(()) if stopping() => {
+            signals::unblock_after_failed_exec();
+            "the gateway is stopping".into()
+        }
         Ok(()) => {
             let error = crate::upgrade::exec::exec(path, &description);
             signals::unblock_after_failed_exec();
