@@ -403,3 +403,38 @@ fn a_vllm_started_by_the_new_image_stops_at_the_first_sigterm() {
     );
     assert!(!alive(restarted));
 }
+
+#[test]
+fn requests_still_waiting_when_an_upgrades_drain_times_out_get_a_503_answer() {
+    let binary = Binary::copy();
+    let gateway = serve_from(
+        &binary,
+        &["--drain-timeout", "1s", "--max-concurrent-requests", "1"],
+        // vLLM takes its time over every answer: the first request holds the one turn, the
+        // second waits for it.
+        &[("MOCK_VLLM_HEADERS_DELAY", "1h")],
+    );
+    let port = gateway.port;
+    let in_flight =
+        std::thread::spawn(move || post_json(port, "/v1/responses", RESPONSES_JSON, ""));
+    wait_until("the first request to reach vLLM", DEADLINE, || {
+        get(&gateway.url("/metrics"))
+            .is_some_and(|(_, body)| body.contains("\ngateway_requests_in_flight 1\n"))
+    });
+    let queued = std::thread::spawn(move || post_json(port, "/v1/responses", RESPONSES_JSON, ""));
+    wait_until("the second request to queue", DEADLINE, || {
+        get(&gateway.url("/metrics"))
+            .is_some_and(|(_, body)| body.contains("\ngateway_queue_depth 1\n"))
+    });
+
+    binary.replace();
+    gateway.signal(Signal::SIGHUP);
+    let in_flight = in_flight.join().expect("first request");
+    let queued = queued.join().expect("second request");
+    wait_upgraded(&gateway);
+
+    assert_eq!(in_flight.status, 503);
+    assert_eq!(in_flight.json()["error"]["code"], "drain_timeout");
+    assert_eq!(queued.status, 503);
+    assert_eq!(queued.json()["error"]["code"], "drain_timeout");
+}

@@ -119,11 +119,12 @@ impl Admission {
     }
 
     /// Waits for the request's turn. `None` when there is no limit; 429 when the queue is full
-    /// or the wait outlasts `queue_timeout`; 503 when the drain begins meanwhile.
+    /// or the wait outlasts `queue_timeout`; 503 when `give_up` is cancelled meanwhile (the drain
+    /// before a stop, or the end of an upgrade's).
     pub async fn admit(
         &self,
         proxy: &ProxyConfig,
-        draining: &CancellationToken,
+        give_up: &CancellationToken,
     ) -> Result<Option<Permit>, ProxyError> {
         let limit = proxy.max_concurrent_requests;
         if limit != self.limit.load(Ordering::Acquire) {
@@ -162,7 +163,7 @@ impl Admission {
                 // The semaphore is never closed; a closed one would mean no turn ever.
                 Ok(Err(_)) | Err(_) => Err(reject(Rejected::QueueTimeout)),
             },
-            () = draining.cancelled() => Err(ProxyError::ShuttingDown),
+            () = give_up.cancelled() => Err(ProxyError::ShuttingDown),
         };
         histogram!("gateway_queue_wait_seconds").record(since.elapsed().as_secs_f64());
         outcome

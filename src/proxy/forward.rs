@@ -181,8 +181,12 @@ async fn proxy(
     };
     *permit = state
         .admission
-        .admit(&config.proxy, &state.draining)
-        .await?;
+        .admit(&config.proxy, &state.give_up)
+        .await
+        .map_err(|error| match error {
+            ProxyError::ShuttingDown => gave_up(state),
+            error => error,
+        })?;
     let pending = Pending {
         parts,
         body,
@@ -331,7 +335,11 @@ async fn send(
     limit: u64,
     record: &RequestRecord,
 ) -> Result<http::Response<ResponseBody>, ProxyError> {
-    match tokio::time::timeout_at(deadline, state.upstream.send(request)).await {
+    let sent = tokio::select! {
+        sent = tokio::time::timeout_at(deadline, state.upstream.send(request)) => sent,
+        () = state.cut.cancelled() => return Err(ProxyError::DrainTimeout),
+    };
+    match sent {
         Err(_) => Err(ProxyError::Timeout(kind)),
         Ok(Err(error)) => Err(classify(&error, limit, record)),
         Ok(Ok(response)) => Ok(response),
@@ -383,9 +391,18 @@ fn has_dot_segment(path: &str) -> bool {
     })
 }
 
+/// Why a waiting request gives up: the drain before a stop began, or `drain_timeout` expired.
+fn gave_up(state: &AppState) -> ProxyError {
+    if state.cut.is_cancelled() {
+        ProxyError::DrainTimeout
+    } else {
+        ProxyError::ShuttingDown
+    }
+}
+
 /// After a refused connection: waits until the child that refused is replaced by a ready one.
-/// False when it is not replaced within `ready_wait_timeout` or is gone for good; a drain that
-/// begins meanwhile ends the wait with 503.
+/// False when it is not replaced within `ready_wait_timeout` or is gone for good; the drain
+/// before a stop (or the end of an upgrade's) ends the wait with 503.
 async fn wait_for_replacement(
     state: &AppState,
     config: &Config,
@@ -403,7 +420,7 @@ async fn wait_for_replacement(
         result = tokio::time::timeout(wait, replaced) => {
             Ok(matches!(result, Ok(Ok(status)) if status.accepts_requests()))
         }
-        () = state.draining.cancelled() => Err(ProxyError::ShuttingDown),
+        () = state.give_up.cancelled() => Err(gave_up(state)),
     }
 }
 
@@ -480,7 +497,7 @@ pub async fn wait_until_ready(
                 _ => Err(not_ready()),
             }
         }
-        () = state.draining.cancelled() => Err(ProxyError::ShuttingDown),
+        () = state.give_up.cancelled() => Err(gave_up(state)),
     }
 }
 

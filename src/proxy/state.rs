@@ -68,8 +68,12 @@ pub struct AppState {
     /// `draining`, or alone for an in-place upgrade (readiness and waiting requests stay as they
     /// are, and new connections wait in the listening socket's backlog for the new image).
     pub closing: CancellationToken,
-    /// Cancelled when `drain_timeout` expires: running streams end with the SSE `error` event.
+    /// Cancelled when `drain_timeout` expires: running streams end with the SSE `error` event,
+    /// and requests still waiting for vLLM's answer get 503 `drain_timeout`.
     pub cut: CancellationToken,
+    /// Cancelled when requests waiting for their turn or for vLLM give up with 503: when a stop's
+    /// drain begins, and at the cut (an upgrade's drain holds them until then).
+    pub give_up: CancellationToken,
     /// The concurrency limit and its queue, one for every worker.
     pub admission: Arc<Admission>,
 }
@@ -106,6 +110,7 @@ impl AppState {
             metrics,
             closing: draining.child_token(),
             cut: CancellationToken::new(),
+            give_up: draining.child_token(),
             draining,
             admission: Arc::new(Admission::new(config.proxy.max_concurrent_requests)),
         })

@@ -41,6 +41,7 @@ pub struct Workers {
     draining: CancellationToken,
     closing: CancellationToken,
     cut: CancellationToken,
+    give_up: CancellationToken,
     /// For `drain_timeout`, read when the drain begins.
     live: LiveConfig,
 }
@@ -110,6 +111,7 @@ impl Workers {
             draining: state.draining.clone(),
             closing: state.closing.clone(),
             cut: state.cut.clone(),
+            give_up: state.give_up.clone(),
             live: Arc::clone(&state.live),
         })
     }
@@ -134,6 +136,7 @@ impl Workers {
         let close = self.close.clone();
         let closing = self.closing.clone();
         let cut = self.cut.clone();
+        let give_up = self.give_up.clone();
         let all_finished = async move {
             while let Some(done) = self.finished.next().await {
                 match done {
@@ -161,6 +164,7 @@ impl Workers {
                     () = tokio::time::sleep(drain_timeout) => {
                         tracing::warn!("drain_timeout expired; ending the remaining streams and closing the connections");
                         cut.cancel();
+                        give_up.cancel();
                         let _ = tokio::time::timeout(CUT_GRACE, &mut all_finished).await;
                         Ok(())
                     }
