@@ -38,7 +38,7 @@ pub enum Command {
     Healthcheck(HealthcheckArgs),
     /// Internal: stops vLLM's process group if the gateway dies (see `supervisor::guard`).
     #[command(name = "__guard", hide = true)]
-    Guard { pgid: i32, grace_ms: u64 },
+    Guard { grace_ms: u64 },
 }
 
 #[derive(Debug, Subcommand)]

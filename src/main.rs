@@ -31,8 +31,8 @@ fn main() -> ExitCode {
             return commands::check_config(&file);
         }
         Some(Command::Healthcheck(args)) => return commands::healthcheck(&args.url, args.timeout),
-        Some(Command::Guard { pgid, grace_ms }) => {
-            return supervisor::guard::run(pgid, Duration::from_millis(grace_ms));
+        Some(Command::Guard { grace_ms }) => {
+            return supervisor::guard::run(Duration::from_millis(grace_ms));
         }
     };
     // First, before anything opens a descriptor: the numbers a hand-over names are inherited ones.

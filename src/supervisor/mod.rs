@@ -563,13 +563,23 @@ impl Supervisor {
                 tracing::warn!(vllm_port, %error, "cannot check that vLLM's port is free; starting vLLM anyway");
             }
         }
-        let command = child::command(&self.serve);
+        let mut command = child::command(&self.serve);
         tracing::info!(vllm_port, command = %child::describe(&command), "starting vLLM");
-        match child::spawn(command).await {
+        // The guard first, so that vLLM is never unguarded should the gateway die.
+        let mut guard = guard::Guard::start(self.serve.stop_timeout);
+        if let Some(guard) = &guard {
+            guard.watch(&mut command);
+        }
+        let spawned = child::spawn(command).await;
+        if spawned.is_err()
+            && let Some(guard) = guard.take()
+        {
+            // No vLLM runs (one that failed its exec is gone): the guard leaves its pid alone.
+            guard.release();
+        }
+        match spawned {
             Ok(spawned) => {
                 let pid = spawned.pid;
-                // The guard first: until it runs, nothing stops vLLM's group should the gateway die.
-                let guard = guard::Guard::start(pid, self.serve.stop_timeout);
                 let output = output::relay(pid, spawned.stdout, spawned.stderr);
                 let now = Instant::now();
                 self.child = Some(Running {
