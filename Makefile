@@ -20,8 +20,10 @@ VLLM_DIR ?= $(TARGET_DIR)/vllm
 
 all: build
 
+# jemalloc (tikv-jemalloc-sys) is built with make: it must not see this make's command-line
+# variables (MAKEFLAGS), or `make install DESTDIR=...` would install its library into DESTDIR.
 build:
-	$(CARGO) build --release --locked
+	env -u MAKEFLAGS -u MFLAGS -u DESTDIR $(CARGO) build --release --locked
 
 lint:
 	$(CARGO) fmt --all -- --check
