@@ -277,7 +277,7 @@ fn salvage(value: &serde_json::Value) -> Salvage {
 
 /// A live process's parent pid and process group, from `/proc/<pid>/stat`; `None` if it is gone
 /// or a zombie (exited: nothing to adopt).
-fn parent_and_group(pid: u32) -> Option<(u32, u32)> {
+pub(crate) fn parent_and_group(pid: u32) -> Option<(u32, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the parenthesised command name: state, ppid, pgrp, ...
     let (_, rest) = stat.rsplit_once(") ")?;
@@ -332,16 +332,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_description_without_vllm_reads_back_as_written() {
-        let handover = Handover {
+    /// [`sample`] with no vLLM running (in backoff when it was handed over).
+    fn sample_without_vllm() -> Handover {
+        Handover {
             vllm_pid: None,
             guard_fd: None,
             stdout_fd: None,
             stderr_fd: None,
             child: None,
             ..sample()
-        };
+        }
+    }
+
+    #[test]
+    fn a_description_without_vllm_reads_back_as_written() {
+        let handover = sample_without_vllm();
         assert_eq!(decode(&handover.encode()), Ok(handover));
     }
 
@@ -467,12 +472,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let handover = Handover {
             listener_fd: listener.as_raw_fd(),
-            vllm_pid: None,
-            guard_fd: None,
-            stdout_fd: None,
-            stderr_fd: None,
-            child: None,
-            ..sample()
+            ..sample_without_vllm()
         };
         assert_eq!(handover.check_process(std::process::id()), Ok(()));
 

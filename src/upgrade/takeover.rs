@@ -12,7 +12,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use crate::lifecycle::backoff::History;
 use crate::upgrade::fds;
-use crate::upgrade::handover::{ENV_VAR, HandedState, Handover, Salvage, decode};
+use crate::upgrade::handover::{ENV_VAR, HandedState, Handover, Salvage, decode, parent_and_group};
 
 /// What the old image handed over, as far as this image takes it.
 #[derive(Debug)]
@@ -140,17 +140,7 @@ fn own(fd: RawFd) -> OwnedFd {
 
 /// Whether `pid` is alive (not a zombie), this process's child, and leads its process group.
 fn is_own_child_leading_its_group(pid: u32, own_pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return false;
-    };
-    let mut fields = rest.split_whitespace();
-    let state = fields.next();
-    let parent = fields.next().and_then(|field| field.parse::<u32>().ok());
-    let group = fields.next().and_then(|field| field.parse::<u32>().ok());
-    !matches!(state, Some("Z" | "X") | None) && parent == Some(own_pid) && group == Some(pid)
+    parent_and_group(pid) == Some((own_pid, pid))
 }
 
 #[cfg(test)]
