@@ -26,13 +26,18 @@ use tokio::sync::mpsc;
 /// Performance). jemalloc keeps buffers of one size class together, page-aligned, so a buffer
 /// written only at its start costs one page; and with no decay, a page freed as a stream gets
 /// under way (the request's read buffer, its head on the way up) goes back to the system at once
-/// instead of staying resident for 10 s.
+/// instead of staying resident for 10 s. With no decay, though, a slab that empties is handed back
+/// at once, and the next request faults its pages in again: the thread caches' garbage collection,
+/// which returns what a cache kept unused, emptied slabs in bursts (hyper's 8 KB read buffer, a
+/// request's future) and cost up to half a page fault and a TLB shootdown a request. It runs once
+/// a gigabyte allocated instead of every 64 KB; a cache still holds at most its few slots per size.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` in the environment still wins).
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static JEMALLOC_CONF: &[u8] = b"dirty_decay_ms:0,muzzy_decay_ms:0\0";
+pub static JEMALLOC_CONF: &[u8] =
+    b"dirty_decay_ms:0,muzzy_decay_ms:0,tcache_gc_incr_bytes:1073741824\0";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
