@@ -31,7 +31,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -39,7 +38,6 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -48,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
+use crate::proxy::router::Surface;
 use crate::proxy::state::LiveConfig;
 
 /// The largest request head (request line and headers) accepted: a larger one gets 431. It also
@@ -173,12 +172,11 @@ impl ClientTimeouts {
 /// told to finish.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    surface: Surface,
     live: LiveConfig,
     limit: ConnectionLimit,
     draining: CancellationToken,
 ) {
-    let service = TowerToHyperService::new(router);
     let connections = TaskTracker::new();
     let mut full = Throttle::default();
     let mut failing = Throttle::default();
@@ -209,7 +207,7 @@ pub async fn serve(
         match accepted {
             Ok((tcp, _)) => {
                 backoff = Duration::ZERO;
-                let connection = serve_connection(tcp, &service, &live, &draining);
+                let connection = serve_connection(tcp, &surface, &live, &draining);
                 // The slot frees only once the socket is closed. (A combinator, not an async
                 // block, which would hold the connection's future twice.)
                 connections.spawn(connection.map(move |()| drop(permit)));
@@ -248,7 +246,7 @@ pub async fn serve(
         let Some(Ok((tcp, _))) = listener.accept().now_or_never() else {
             break;
         };
-        let connection = serve_connection(tcp, &service, &live, &draining);
+        let connection = serve_connection(tcp, &surface, &live, &draining);
         connections.spawn(connection.map(move |()| drop(permit)));
     }
     drop(listener);
@@ -282,7 +280,7 @@ fn http1_builder(timeouts: ClientTimeouts) -> http1::Builder {
 /// in progress (without keep-alive) and closes.
 fn serve_connection(
     tcp: TcpStream,
-    service: &TowerToHyperService<Router>,
+    surface: &Surface,
     live: &LiveConfig,
     draining: &CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
@@ -296,7 +294,7 @@ fn serve_connection(
     let activity = Arc::new(Activity::default());
     let io = TokioIo::new(ClientIo::new(tcp, timeouts, activity.clone()));
     let service = TrackedService {
-        inner: service.clone(),
+        surface: surface.clone(),
         activity,
     };
     let draining = draining.clone();
@@ -350,10 +348,10 @@ struct Activity {
     finished: AtomicU32,
 }
 
-/// The router as a hyper service, counting requests in and responses out for [`ClientIo`].
+/// The HTTP surface as a hyper service, counting requests in and responses out for [`ClientIo`].
 #[derive(Clone)]
 struct TrackedService {
-    inner: TowerToHyperService<Router>,
+    surface: Surface,
     activity: Arc<Activity>,
 }
 
@@ -364,11 +362,10 @@ impl hyper::service::Service<http::Request<Incoming>> for TrackedService {
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         self.activity.started.fetch_add(1, Ordering::Relaxed);
-        let response = self.inner.call(request);
+        let response = self.surface.clone().respond(request);
         let activity = self.activity.clone();
         Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| TrackedBody {
+            Ok(response.await.map(|body| TrackedBody {
                 body,
                 activity: Some(activity),
             }))

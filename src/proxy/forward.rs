@@ -24,8 +24,12 @@ static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-bufferin
 
 /// The fallback handler: everything the gateway does not answer itself goes upstream.
 pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    // This request's settings, whatever a reload does before it ends.
     let live = state.live.load_full();
+    forward_under(state, live, request).await
+}
+
+/// Forwards `request` under `live`, this request's settings whatever a reload does before it ends.
+pub async fn forward_under(state: Arc<AppState>, live: Arc<Live>, request: Request) -> Response {
     let config = &live.config;
     let request_id = request_id(request.headers());
     let mut record = RequestRecord::new(

@@ -1,28 +1,75 @@
 //! The router: the gateway's own endpoints (`endpoints`) and forwarding (`forward`) for everything
-//! else, under CORS as the live configuration says.
+//! else, under CORS as the live configuration says. [`Surface`] is what each client connection
+//! calls: it sends a forwarded request straight to `forward` when it can.
 
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
+use hyper::body::Incoming;
 use tower::{Layer as _, ServiceExt as _};
 
 use crate::proxy::state::AppState;
 use crate::proxy::{endpoints, forward};
 
+/// The gateway's own endpoints, by path; every other path is forwarded.
+const OWN_ENDPOINTS: [(&str, Endpoint); 4] = [
+    ("/livez", || get(endpoints::livez)),
+    ("/readyz", || get(endpoints::readyz)),
+    ("/health", || get(endpoints::readyz)),
+    ("/metrics", || get(endpoints::metrics)),
+];
+
+type Endpoint = fn() -> MethodRouter<Arc<AppState>>;
+
 /// The whole HTTP surface. A function of the state alone, so routing tests need no socket.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/livez", get(endpoints::livez))
-        .route("/readyz", get(endpoints::readyz))
-        .route("/health", get(endpoints::readyz))
-        .route("/metrics", get(endpoints::metrics))
+    OWN_ENDPOINTS
+        .iter()
+        .fold(Router::new(), |router, (path, endpoint)| {
+            router.route(path, endpoint())
+        })
         .fallback(forward::forward)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
         .with_state(state)
+}
+
+/// The HTTP surface as a client connection calls it: [`app`], except that while CORS is off (the
+/// default) a request for any path but the gateway's own goes straight to `forward`. What that
+/// skips (the route lookup, the CORS middleware, and the boxed futures and copies of both) was
+/// about a tenth of the CPU time the gateway spends on a forwarded request.
+#[derive(Clone)]
+pub struct Surface {
+    router: Router,
+    state: Arc<AppState>,
+}
+
+impl Surface {
+    pub fn new(state: Arc<AppState>) -> Surface {
+        Surface {
+            router: app(Arc::clone(&state)),
+            state,
+        }
+    }
+
+    pub async fn respond(self, request: http::Request<Incoming>) -> Response {
+        let request = request.map(Body::new);
+        let live = self.state.live.load_full();
+        let own = OWN_ENDPOINTS
+            .iter()
+            .any(|(path, _)| *path == request.uri().path());
+        if live.cors.is_none() && !own {
+            return forward::forward_under(self.state, live, request).await;
+        }
+        match self.router.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
 }
 
 /// CORS as the live configuration says, so that a reload can turn it on, off, or change the

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::conn;
-use crate::proxy::router::app;
+use crate::proxy::router::Surface;
 use crate::proxy::state::{AppState, LiveConfig};
 
 /// How many proxy workers to run: one per CPU the process may use (cgroup quotas and affinity
@@ -250,7 +250,7 @@ impl Worker {
         runtime.block_on(async move {
             let closing = state.closing.clone();
             let live = Arc::clone(&state.live);
-            let served = conn::serve(listener, app(state), live, limit, closing);
+            let served = conn::serve(listener, Surface::new(state), live, limit, closing);
             tokio::select! {
                 () = served => {}
                 () = close.cancelled() => {}
