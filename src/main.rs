@@ -27,17 +27,18 @@ use tokio::sync::mpsc;
 /// written only at its start costs one page; and with no decay, a page freed as a stream gets
 /// under way (the request's read buffer, its head on the way up) goes back to the system at once
 /// instead of staying resident for 10 s. With no decay, though, a slab that empties is handed back
-/// at once, and the next request faults its pages in again: the thread caches' garbage collection,
-/// which returns what a cache kept unused, emptied slabs in bursts (hyper's 8 KB read buffer, a
-/// request's future) and cost up to half a page fault and a TLB shootdown a request. It runs once
-/// a gigabyte allocated instead of every 64 KB; a cache still holds at most its few slots per size.
+/// at once, and the next request faults its pages in again (a page fault and a TLB shootdown).
+/// Under load, slabs of one request's buffers (hyper's 8 KB read buffer, the request's future)
+/// emptied whenever a thread cache gave back what it held: at its garbage collection, and when a
+/// burst of responses overflowed its 20 slots for a size. The caches are therefore collected once a
+/// gigabyte allocated instead of every 64 KB, and hold at least 64 of each small size.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` in the environment still wins).
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static JEMALLOC_CONF: &[u8] =
-    b"dirty_decay_ms:0,muzzy_decay_ms:0,tcache_gc_incr_bytes:1073741824\0";
+    b"dirty_decay_ms:0,muzzy_decay_ms:0,tcache_gc_incr_bytes:1073741824,tcache_nslots_small_min:64\0";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
