@@ -6,6 +6,13 @@
 //! connections to vLLM, the health probe and spawning vLLM stay free. An accept that fails for
 //! want of descriptors or memory is logged and retried after a pause; it never ends the worker.
 //!
+//! The workers share one listening socket, and the kernel wakes every one of them for each new
+//! connection: whichever calls accept first takes it, for as long as it stays open. Left alone, the
+//! worker that happens to be free when a client opens its keep-alive connections takes most of
+//! them, and one CPU does most of the work for their lifetime. So a worker with more connections
+//! open than another ([`Balance`]) waits [`BALANCE_PAUSE`] before it accepts, and the other takes the
+//! connection if it can; if it cannot, the first accepts it after the pause.
+//!
 //! Each connection is served by hyper's HTTP/1 server over a [`ClientIo`], which enforces the
 //! client-side timeouts on the socket itself:
 //!
@@ -27,7 +34,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,8 +45,9 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -69,6 +77,53 @@ const REQUEST_TIMEOUT: &[u8] =
 
 /// How often the same accept trouble is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a worker with more connections open than another lets it go first at a new
+/// connection: long enough for a busy worker's runtime to come round to its accept.
+const BALANCE_PAUSE: Duration = Duration::from_millis(1);
+
+/// How many client connections each worker has open, shared by every worker.
+#[derive(Clone)]
+pub struct Balance {
+    open: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+impl Balance {
+    /// One per worker, for `count` workers.
+    pub fn new(count: usize) -> Vec<Balance> {
+        let open: Arc<[AtomicUsize]> = (0..count.max(1)).map(|_| AtomicUsize::new(0)).collect();
+        (0..open.len())
+            .map(|index| Balance {
+                open: Arc::clone(&open),
+                index,
+            })
+            .collect()
+    }
+
+    /// Whether this worker has more connections open than some other worker.
+    fn ahead(&self) -> bool {
+        let mine = self.open[self.index].load(Ordering::Relaxed);
+        self.open
+            .iter()
+            .any(|open| open.load(Ordering::Relaxed) < mine)
+    }
+
+    /// Counts a connection in this worker's share while it is open.
+    fn opened(&self) -> OpenShare {
+        self.open[self.index].fetch_add(1, Ordering::Relaxed);
+        OpenShare(self.clone())
+    }
+}
+
+/// A connection in its worker's [`Balance`] share.
+struct OpenShare(Balance);
+
+impl Drop for OpenShare {
+    fn drop(&mut self) {
+        self.0.open[self.0.index].fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// How many client connections may be open at once, shared by every worker.
 #[derive(Clone)]
@@ -171,10 +226,11 @@ impl ClientTimeouts {
 /// waiting in the backlog are taken in, and each connection reads what it was sent before it is
 /// told to finish.
 pub async fn serve(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     surface: Surface,
     live: LiveConfig,
     limit: ConnectionLimit,
+    balance: Balance,
     draining: CancellationToken,
 ) {
     let connections = TaskTracker::new();
@@ -201,16 +257,17 @@ pub async fn serve(
             }
         };
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = accept(&listener, &balance) => accepted,
             () = draining.cancelled() => break,
         };
         match accepted {
-            Ok((tcp, _)) => {
+            Ok(tcp) => {
                 backoff = Duration::ZERO;
+                let share = balance.opened();
                 let connection = serve_connection(tcp, &surface, &live, &draining);
                 // The slot frees only once the socket is closed. (A combinator, not an async
                 // block, which would hold the connection's future twice.)
-                connections.spawn(connection.map(move |()| drop(permit)));
+                connections.spawn(connection.map(move |()| drop((share, permit))));
             }
             Err(error) if is_connection_error(&error) => {}
             Err(error) => {
@@ -243,15 +300,42 @@ pub async fn serve(
         let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
             break;
         };
-        let Some(Ok((tcp, _))) = listener.accept().now_or_never() else {
+        let Ok(tcp) = accept_now(listener.get_ref()) else {
             break;
         };
+        let share = balance.opened();
         let connection = serve_connection(tcp, &surface, &live, &draining);
-        connections.spawn(connection.map(move |()| drop(permit)));
+        connections.spawn(connection.map(move |()| drop((share, permit))));
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Waits for a connection and accepts it; a worker [`Balance::ahead`] of another first pauses
+/// for [`BALANCE_PAUSE`], to let the other take it.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+    balance: &Balance,
+) -> io::Result<TcpStream> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if balance.ahead() {
+            tokio::time::sleep(BALANCE_PAUSE).await;
+        }
+        match ready.try_io(|listener| accept_now(listener.get_ref())) {
+            Ok(accepted) => return accepted,
+            // Another worker took it.
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// Accepts a connection waiting in the backlog, if there is one (`WouldBlock` if not).
+fn accept_now(listener: &std::net::TcpListener) -> io::Result<TcpStream> {
+    let (tcp, _) = listener.accept()?;
+    tcp.set_nonblocking(true)?;
+    TcpStream::from_std(tcp)
 }
 
 /// The peer gave up before its connection was accepted: nothing to report.

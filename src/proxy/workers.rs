@@ -1,13 +1,14 @@
 //! The listening socket and the proxy's worker threads: one per CPU, each a single-threaded
-//! runtime with its own accept loop on the shared socket and its own upstream pool, and the
-//! graceful drain that ends them.
+//! runtime with its own accept loop on the shared socket (balanced by open connections, see
+//! [`conn::Balance`]) and its own upstream pool, and the graceful drain that ends them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpSocket;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -68,8 +69,8 @@ impl Workers {
         );
         let max_idle = limit.max().div_ceil(count);
         let mut built = Vec::with_capacity(count);
-        for _ in 0..count {
-            match Worker::build(listener, state, &close, &limit, max_idle) {
+        for balance in conn::Balance::new(count) {
+            match Worker::build(listener, state, &close, &limit, balance, max_idle) {
                 Ok(worker) => built.push(worker),
                 Err(error) => {
                     built.into_iter().for_each(Worker::discard);
@@ -187,10 +188,11 @@ const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// One proxy worker: a thread with its own runtime, accept loop and upstream pool.
 struct Worker {
     runtime: tokio::runtime::Runtime,
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     state: Arc<AppState>,
     close: CancellationToken,
     limit: conn::ConnectionLimit,
+    balance: conn::Balance,
 }
 
 impl Worker {
@@ -199,6 +201,7 @@ impl Worker {
         state: &AppState,
         close: &CancellationToken,
         limit: &conn::ConnectionLimit,
+        balance: conn::Balance,
         max_idle: usize,
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -207,7 +210,10 @@ impl Worker {
         let listener = {
             // Registers the socket with this worker's runtime, not the caller's.
             let _runtime = runtime.enter();
-            TcpListener::from_std(listener.try_clone()?)
+            let listener = listener.try_clone()?;
+            // SAFETY: the AsyncFd owns the socket, so the descriptor stays open for as long as it
+            // is registered.
+            unsafe { AsyncFd::register(listener) }.map_err(std::io::Error::from)
         };
         let listener = match listener {
             Ok(listener) => listener,
@@ -230,6 +236,7 @@ impl Worker {
             state,
             close: close.clone(),
             limit: limit.clone(),
+            balance,
         })
     }
 
@@ -246,11 +253,12 @@ impl Worker {
             state,
             close,
             limit,
+            balance,
         } = self;
         runtime.block_on(async move {
             let closing = state.closing.clone();
             let live = Arc::clone(&state.live);
-            let served = conn::serve(listener, Surface::new(state), live, limit, closing);
+            let served = conn::serve(listener, Surface::new(state), live, limit, balance, closing);
             tokio::select! {
                 () = served => {}
                 () = close.cancelled() => {}
