@@ -550,6 +550,40 @@ fn sigterm_lets_an_inflight_stream_finish_then_exits_0() {
 }
 
 #[test]
+fn a_connection_opened_before_sigterm_gets_the_answer_to_its_first_request() {
+    let mock = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "5ms")]);
+    let mut gateway = gateway(mock.port, &[], &[]);
+    // A stream in flight keeps the drain going while the late request arrives.
+    let (mut reader, _) = open_stream(gateway.port);
+    read_chunks_until(&mut reader, |body| event_count(body) >= 1);
+    let mut late = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    late.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_until("the drain", Duration::from_secs(10), || {
+        !lines_with_message(&gateway, "draining in-flight requests").is_empty()
+    });
+    let request = format!(
+        "POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{RESPONSES_JSON}",
+        RESPONSES_JSON.len()
+    );
+    late.write_all(request.as_bytes())
+        .expect("write the request");
+    let mut raw = Vec::new();
+    late.read_to_end(&mut raw).expect("read the answer");
+    let answer = parse_response(&raw);
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(
+        answer.header("connection"),
+        Some("close"),
+        "the connection closes after its answer"
+    );
+    read_chunks_until(&mut reader, |_| false);
+    assert_eq!(gateway.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
 fn paths_outside_v1_pass_through_but_health_endpoints_are_the_gateways() {
     let mock = mock_vllm(&[]);
     let gateway = gateway(mock.port, &[], &[]);

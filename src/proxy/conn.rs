@@ -361,7 +361,9 @@ fn http1_builder(timeouts: ClientTimeouts) -> http1::Builder {
 }
 
 /// One connection, served until it closes; once `draining` is cancelled it finishes the request
-/// in progress (without keep-alive) and closes.
+/// in progress (without keep-alive) and closes. A connection that has not begun its first request
+/// when the drain begins (accepted just before it, or from the backlog during it) is served that
+/// one first: told to finish at once, hyper would close it with the request still on its way.
 fn serve_connection(
     tcp: TcpStream,
     surface: &Surface,
@@ -379,7 +381,7 @@ fn serve_connection(
     let io = TokioIo::new(ClientIo::new(tcp, timeouts, activity.clone()));
     let service = TrackedService {
         surface: surface.clone(),
-        activity,
+        activity: activity.clone(),
     };
     let draining = draining.clone();
     async move {
@@ -393,8 +395,22 @@ fn serve_connection(
             biased;
             result = connection.as_mut() => result,
             () = draining.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
+                // Until its first request has begun (hyper's header timer still bounds the wait).
+                let ended = std::future::poll_fn(|cx| match connection.as_mut().poll(cx) {
+                    Poll::Ready(result) => Poll::Ready(Some(result)),
+                    Poll::Pending if activity.started.load(Ordering::Relaxed) > 0 => {
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                })
+                .await;
+                match ended {
+                    Some(result) => result,
+                    None => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
             }
         };
         if let Err(error) = result {
