@@ -37,10 +37,11 @@
 //!   replaced, runs the new one on trial and asks `run` to upgrade in place.
 //! - `proxy`: the HTTP surface, served by one worker thread per CPU (each its own single-threaded
 //!   runtime, accept loop and upstream pool: `proxy::workers`, which also binds the listener).
-//!   `proxy::router` is the router, `proxy::endpoints` the gateway's own `/livez`, `/readyz`,
+//!   `proxy::router` is the router, and the `Surface` each connection calls, which skips it for a
+//!   forwarded request while CORS is off; `proxy::endpoints` the gateway's own `/livez`, `/readyz`,
 //!   `/health`, `/metrics`; `proxy::state` the state handlers share and the live configuration.
-//!   `proxy::conn` accepts client connections under the shared `max_connections` limit and
-//!   enforces the client-side header, idle and send timeouts on the socket. `proxy::forward`
+//!   `proxy::conn` accepts client connections under the shared `max_connections` limit, spreading
+//!   them evenly over the workers, and enforces the client-side header, idle and send timeouts on the socket. `proxy::forward`
 //!   forwards one request; `proxy::admission` holds it to the gateway-wide
 //!   `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
 //!   `proxy::keepalive` begins the stream of a streaming request still waiting for vLLM and
@@ -84,7 +85,7 @@
 //! # Flow
 //!
 //! A connection is accepted by `proxy::conn` once a permit of the connection limit is free; its
-//! request enters `proxy::router::app`, reaches `forward::forward`, waits (under `serve`) until the
+//! request enters `proxy::router::Surface`, reaches `forward::forward_under`, waits (under `serve`) until the
 //! status says the child accepts requests, is rewritten and sent over one of the worker's pooled
 //! upstream connections (`proxy::upstream`); the answer streams back frame by frame through `body::UpstreamBody`. A request never
 //! leaves the worker thread that accepted its connection.
