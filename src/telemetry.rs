@@ -4,7 +4,8 @@
 //! because the client went away).
 //!
 //! On stderr the access log leaves the request path: its lines are formatted on the worker and
-//! appended to a bounded queue that a writer thread writes out in one piece every 20 ms, so a slow
+//! appended to the worker's part of a bounded queue, which a writer thread writes out in one piece
+//! every 20 ms, so a slow
 //! reader of stderr never stalls a request and a request costs no write and no thread wake-up (in
 //! the JSON format the record writes its line itself, without the tracing formatter's per-event
 //! work, when the filter wants it). When the queue is full a line is dropped and counted (`gateway_log_lines_dropped_total`);
@@ -110,20 +111,28 @@ pub fn set_log_level(level: &str) -> anyhow::Result<bool> {
 /// The access log's target: its lines go through the non-blocking writer.
 pub const ACCESS_TARGET: &str = "gateway::access";
 
-/// Bytes of access log lines the writer holds before it drops new ones (about 50,000 JSON lines):
-/// seconds of a full request rate, so only a stderr nobody reads for that long loses lines.
-const ACCESS_LOG_QUEUE_BYTES: usize = 16 << 20;
+/// Bytes of access log lines the writer holds for each thread before it drops that thread's new
+/// ones (about 12,000 JSON lines): seconds of a worker's full request rate, so only a stderr
+/// nobody reads for that long loses lines.
+const ACCESS_LOG_QUEUE_BYTES: usize = 4 << 20;
 
 /// How often the writer thread writes out what has been queued: one write for every line queued
 /// meanwhile, and no wake-up per line.
 const ACCESS_LOG_WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
-/// The access log's queue, shared by every proxy worker and the writer thread.
+/// The access log's queue: one part for each thread that writes lines, which the writer thread
+/// empties in turn. A worker's lock is its own but for a moment every 20 ms, so workers on
+/// different CPUs never pass a lock's cache line back and forth for each line.
 #[derive(Default)]
 struct AccessQueue {
-    lines: Mutex<Vec<u8>>,
+    parts: Mutex<Vec<Arc<Mutex<Vec<u8>>>>>,
     dropped: AtomicU64,
     closing: AtomicBool,
+}
+
+thread_local! {
+    /// This thread's part of the access log's queue, once it has written a line.
+    static ACCESS_PART: std::cell::OnceCell<Arc<Mutex<Vec<u8>>>> = const { std::cell::OnceCell::new() };
 }
 
 static ACCESS_QUEUE: OnceLock<Arc<AccessQueue>> = OnceLock::new();
@@ -136,16 +145,47 @@ struct AccessLog(Arc<AccessQueue>);
 
 impl AccessQueue {
     fn push(&self, line: &[u8]) {
-        let queued = match self.lines.lock() {
+        let append = |part: &Mutex<Vec<u8>>| match part.lock() {
             Ok(mut lines) if lines.len() + line.len() <= ACCESS_LOG_QUEUE_BYTES => {
                 lines.extend_from_slice(line);
                 true
             }
             _ => false,
         };
+        let queued = ACCESS_PART
+            .try_with(|part| append(part.get_or_init(|| self.new_part())))
+            // A thread already past its thread-locals: a part of its own for this line.
+            .unwrap_or_else(|_| append(&self.new_part()));
         if !queued {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn new_part(&self) -> Arc<Mutex<Vec<u8>>> {
+        let part = Arc::default();
+        if let Ok(mut parts) = self.parts.lock() {
+            parts.push(Arc::clone(&part));
+        }
+        part
+    }
+
+    /// Moves every queued line into `batch`, and forgets the parts of threads that have ended.
+    fn take(&self, batch: &mut Vec<u8>) {
+        let Ok(mut parts) = self.parts.lock() else {
+            return;
+        };
+        parts.retain(|part| {
+            if let Ok(mut lines) = part.lock() {
+                if batch.is_empty() {
+                    std::mem::swap(&mut *lines, batch);
+                } else {
+                    batch.extend_from_slice(&lines);
+                    lines.clear();
+                }
+                lines.shrink_to(ACCESS_LOG_QUEUE_BYTES / 64);
+            }
+            Arc::strong_count(part) > 1
+        });
     }
 }
 
@@ -179,9 +219,7 @@ fn access_log() -> AccessLog {
             let mut batch = Vec::new();
             loop {
                 let closing = writer_queue.closing.load(Ordering::Acquire);
-                if let Ok(mut lines) = writer_queue.lines.lock() {
-                    std::mem::swap(&mut *lines, &mut batch);
-                }
+                writer_queue.take(&mut batch);
                 if !batch.is_empty() {
                     // Nothing to tell if stderr is gone: the lines are lost either way.
                     let _ = std::io::stderr().lock().write_all(&batch);
@@ -485,7 +523,7 @@ impl RequestRecord {
             // Writing into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *line, value);
         }
-        fn number(line: &mut Vec<u8>, value: f64) {
+        fn number(line: &mut Vec<u8>, value: impl serde::Serialize) {
             let _ = serde_json::to_writer(&mut *line, &value);
         }
         line.extend_from_slice(b"{\"timestamp\":\"");
@@ -498,17 +536,18 @@ impl RequestRecord {
         string(line, self.method);
         line.extend_from_slice(b",\"route\":");
         string(line, self.route);
-        let _ = write!(line, ",\"status\":{status},\"duration_ms\":");
+        line.extend_from_slice(b",\"status\":");
+        number(line, status);
+        line.extend_from_slice(b",\"duration_ms\":");
         number(line, duration.as_secs_f64() * 1000.0);
         if let Some(first_byte) = self.first_byte {
             line.extend_from_slice(b",\"ttfb_ms\":");
             number(line, first_byte.as_secs_f64() * 1000.0);
         }
-        let _ = write!(
-            line,
-            ",\"bytes_out\":{},\"stream\":{}",
-            self.bytes_out, self.stream
-        );
+        line.extend_from_slice(b",\"bytes_out\":");
+        number(line, self.bytes_out);
+        line.extend_from_slice(b",\"stream\":");
+        number(line, self.stream);
         if let Some(error) = self.error_kind {
             line.extend_from_slice(b",\"error\":");
             string(line, error);
@@ -567,6 +606,33 @@ fn write_timestamp(line: &mut Vec<u8>, now: std::time::SystemTime) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let seconds = since_epoch.as_secs();
+    ACCESS_SECOND.with_borrow_mut(|(second, text)| {
+        if *second != Some(seconds) {
+            text.clear();
+            write_second(text, seconds);
+            *second = Some(seconds);
+        }
+        line.extend_from_slice(text);
+    });
+    let mut micros = since_epoch.subsec_micros();
+    let mut digits = [b'0'; 6];
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    line.push(b'.');
+    line.extend_from_slice(&digits);
+    line.push(b'Z');
+}
+
+thread_local! {
+    /// The second of this thread's last access line, as `write_second` wrote it.
+    static ACCESS_SECOND: std::cell::RefCell<(Option<u64>, Vec<u8>)> =
+        const { std::cell::RefCell::new((None, Vec::new())) };
+}
+
+/// `seconds` since the epoch as RFC 3339 UTC, to the second.
+fn write_second(line: &mut Vec<u8>, seconds: u64) {
     let days = i64::try_from(seconds / 86_400).unwrap_or(0);
     let of_day = seconds % 86_400;
     // Howard Hinnant's days_from_civil, inverted.
@@ -586,11 +652,10 @@ fn write_timestamp(line: &mut Vec<u8>, now: std::time::SystemTime) {
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     let _ = write!(
         line,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
         of_day / 3_600,
         of_day / 60 % 60,
         of_day % 60,
-        since_epoch.subsec_micros()
     );
 }
 
