@@ -41,9 +41,9 @@
 //!   forwarded request while CORS is off; `proxy::endpoints` the gateway's own `/livez`, `/readyz`,
 //!   `/health`, `/metrics`; `proxy::state` the state handlers share and the live configuration.
 //!   `proxy::conn` accepts client connections under the shared `max_connections` limit, spreading
-//!   them evenly over the workers, and enforces the client-side header, idle and send timeouts on the socket. `proxy::forward`
-//!   forwards one request; `proxy::admission` holds it to the gateway-wide
-//!   `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
+//!   them evenly over the workers, and enforces the client-side header, idle and send timeouts on
+//!   the socket. `proxy::forward` forwards one request; `proxy::admission` holds it to the
+//!   gateway-wide `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
 //!   `proxy::keepalive` begins the stream of a streaming request still waiting for vLLM and
 //!   finishes it from a task (forward hands it the rest of the exchange, so keepalive never names
 //!   forward); `proxy::upstream` holds a worker's connections to vLLM (HTTP/1.1 over plain
@@ -85,10 +85,11 @@
 //! # Flow
 //!
 //! A connection is accepted by `proxy::conn` once a permit of the connection limit is free; its
-//! request enters `proxy::router::Surface`, reaches `forward::forward_under`, waits (under `serve`) until the
-//! status says the child accepts requests, is rewritten and sent over one of the worker's pooled
-//! upstream connections (`proxy::upstream`); the answer streams back frame by frame through `body::UpstreamBody`. A request never
-//! leaves the worker thread that accepted its connection.
+//! request enters `proxy::router::Surface`, reaches `forward::forward_under`, waits (under `serve`)
+//! until the status says the child accepts requests, is rewritten and sent over one of the
+//! worker's pooled upstream connections (`proxy::upstream`); the answer streams back frame by
+//! frame through `body::UpstreamBody`. A request never leaves the worker thread that accepted its
+//! connection.
 //! `main` binds the listen address (so a taken port fails at once); under `serve`, `run` starts
 //! the supervisor, waits for the first `Ready`, and only then listens and starts the proxy workers. On
 //! SIGTERM readiness turns 503, the listener closes, in-flight requests drain, then the supervisor
