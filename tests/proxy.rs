@@ -584,6 +584,45 @@ fn a_connection_opened_before_sigterm_gets_the_answer_to_its_first_request() {
 }
 
 #[test]
+fn a_connection_that_never_sends_a_request_does_not_hold_up_a_stop() {
+    let mock = mock_vllm(&[]);
+    let mut gateway = gateway(
+        mock.port,
+        &["--drain-timeout", "60s", "--client-header-timeout", "60s"],
+        &[],
+    );
+    // Opened ahead of need, as a client's pool or a browser's preconnect does; answered once so
+    // that it is known to be accepted, then a second one that never sends a byte.
+    assert_eq!(
+        raw_request(gateway.port, "GET /livez HTTP/1.1", b"").status,
+        200
+    );
+    let mut idle = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // The scrape's own connection is the other one.
+    wait_until(
+        "the idle connection to be accepted",
+        Duration::from_secs(10),
+        || {
+            let metrics = raw_request(gateway.port, "GET /metrics HTTP/1.1", b"");
+            String::from_utf8_lossy(&metrics.body)
+                .lines()
+                .any(|line| line == "gateway_client_connections 2")
+        },
+    );
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = gateway.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "stopped well before drain_timeout");
+    let mut rest = Vec::new();
+    assert_eq!(
+        idle.read_to_end(&mut rest).map(|_| rest.len()).unwrap_or(0),
+        0,
+        "closed without an answer, as it asked nothing"
+    );
+}
+
+#[test]
 fn paths_outside_v1_pass_through_but_health_endpoints_are_the_gateways() {
     let mock = mock_vllm(&[]);
     let gateway = gateway(mock.port, &[], &[]);

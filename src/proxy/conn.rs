@@ -78,6 +78,12 @@ const REQUEST_TIMEOUT: &[u8] =
 /// How often the same accept trouble is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a connection that has not begun its first request when the drain begins is given to
+/// begin it: a client sends its request right after it connects, so this covers one on its way,
+/// while a connection opened ahead of need (a client's pool, a browser's preconnect) holds the
+/// drain up no longer.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// How long a worker with more connections open than another lets it go first at a new
 /// connection: long enough for a busy worker's runtime to come round to its accept.
 const BALANCE_PAUSE: Duration = Duration::from_millis(1);
@@ -363,7 +369,8 @@ fn http1_builder(timeouts: ClientTimeouts) -> http1::Builder {
 /// One connection, served until it closes; once `draining` is cancelled it finishes the request
 /// in progress (without keep-alive) and closes. A connection that has not begun its first request
 /// when the drain begins (accepted just before it, or from the backlog during it) is served that
-/// one first: told to finish at once, hyper would close it with the request still on its way.
+/// one first if it begins within [`FIRST_REQUEST_GRACE`]: told to finish at once, hyper would
+/// close it with the request still on its way.
 fn serve_connection(
     tcp: TcpStream,
     surface: &Surface,
@@ -395,10 +402,15 @@ fn serve_connection(
             biased;
             result = connection.as_mut() => result,
             () = draining.cancelled() => {
-                // Until its first request has begun (hyper's header timer still bounds the wait).
+                // Until its first request has begun, or the grace is over. (Boxed: only a drain
+                // needs it, and every connection's task would hold it.)
+                let mut grace = Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE));
                 let ended = std::future::poll_fn(|cx| match connection.as_mut().poll(cx) {
                     Poll::Ready(result) => Poll::Ready(Some(result)),
-                    Poll::Pending if activity.started.load(Ordering::Relaxed) > 0 => {
+                    Poll::Pending
+                        if activity.started.load(Ordering::Relaxed) > 0
+                            || grace.as_mut().poll(cx).is_ready() =>
+                    {
                         Poll::Ready(None)
                     }
                     Poll::Pending => Poll::Pending,
