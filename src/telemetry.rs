@@ -116,6 +116,12 @@ pub const ACCESS_TARGET: &str = "gateway::access";
 /// nobody reads for that long loses lines.
 const ACCESS_LOG_QUEUE_BYTES: usize = 4 << 20;
 
+/// The room a thread's part of the queue, and the writer's batch, keep between writes: 20 ms of
+/// lines at 40,000 requests a second. Under steady load no buffer then grows and is given back
+/// every 20 ms, which cost a page fault for each of its pages every time (jemalloc hands freed
+/// pages back at once).
+const ACCESS_LOG_KEEP_BYTES: usize = 256 << 10;
+
 /// How often the writer thread writes out what has been queued: one write for every line queued
 /// meanwhile, and no wake-up per line.
 const ACCESS_LOG_WRITE_INTERVAL: Duration = Duration::from_millis(20);
@@ -182,7 +188,7 @@ impl AccessQueue {
                     batch.extend_from_slice(&lines);
                     lines.clear();
                 }
-                lines.shrink_to(ACCESS_LOG_QUEUE_BYTES / 64);
+                lines.shrink_to(ACCESS_LOG_KEEP_BYTES);
             }
             Arc::strong_count(part) > 1
         });
@@ -224,7 +230,7 @@ fn access_log() -> AccessLog {
                     // Nothing to tell if stderr is gone: the lines are lost either way.
                     let _ = std::io::stderr().lock().write_all(&batch);
                     batch.clear();
-                    batch.shrink_to(ACCESS_LOG_QUEUE_BYTES / 64);
+                    batch.shrink_to(ACCESS_LOG_KEEP_BYTES);
                 }
                 if closing {
                     return;
