@@ -17,18 +17,23 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Removes the fixed hop-by-hop headers and every header named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let nominated: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+/// The elements of a comma-separated list header (`Connection`, `Transfer-Encoding`), in order
+/// over all its lines, trimmed; empty elements are skipped.
+pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// Removes the fixed hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let nominated: Vec<HeaderName> = tokens(headers, header::CONNECTION)
         .filter(|token| {
-            !token.is_empty()
-                && !token.eq_ignore_ascii_case("close")
-                && !token.eq_ignore_ascii_case("keep-alive")
+            !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
         })
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();

@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::proxy::body::LimitedBody;
+use crate::proxy::headers;
 
 /// A connection's first read buffer: under a page, so that quiet streams' buffers share pages.
 const READ_START: usize = 1024;
@@ -427,12 +428,8 @@ fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>,
         headers.append(name, value);
     }
     let framing = framing(method, status, headers)?;
-    let close = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"));
+    let close = headers::tokens(headers, header::CONNECTION)
+        .any(|token| token.eq_ignore_ascii_case("close"));
     let reusable = version == Version::HTTP_11 && !close && !matches!(framing, Framing::Close);
     Ok(Some((length, Parsed::Final(response, framing, reusable))))
 }
@@ -450,17 +447,14 @@ fn framing(
         return Ok(Framing::Length(0));
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .rfind(|coding| !coding.is_empty());
-        return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
-            _ => Framing::Close,
-        });
+        return Ok(
+            match headers::tokens(headers, header::TRANSFER_ENCODING).last() {
+                Some(coding) if coding.eq_ignore_ascii_case("chunked") => {
+                    Framing::Chunked(Chunk::Size)
+                }
+                _ => Framing::Close,
+            },
+        );
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -559,10 +553,7 @@ impl Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 Framing::Length(left) if !buffer.is_empty() => {
-                    let take =
-                        usize::try_from(*left).map_or(buffer.len(), |left| left.min(buffer.len()));
-                    let data = buffer.split_to(take).freeze();
-                    *left -= take as u64;
+                    let data = take_counted(buffer, left);
                     if *left == 0 {
                         this.finish();
                     }
@@ -588,10 +579,7 @@ impl Body for ResponseBody {
                         _ => return this.broken(UpstreamError::Protocol("invalid chunk size")),
                     },
                     Chunk::Data(left) => {
-                        let take = usize::try_from(*left)
-                            .map_or(buffer.len(), |left| left.min(buffer.len()));
-                        let data = buffer.split_to(take).freeze();
-                        *left -= take as u64;
+                        let data = take_counted(buffer, left);
                         if *left == 0 {
                             *chunk = Chunk::DataEnd;
                         }
@@ -653,6 +641,13 @@ impl Body for ResponseBody {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// Up to `left` bytes from the front of `buffer`, counted off `left`.
+fn take_counted(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
+    let take = usize::try_from(*left).map_or(buffer.len(), |left| left.min(buffer.len()));
+    *left -= take as u64;
+    buffer.split_to(take).freeze()
 }
 
 /// The idle connections of one worker.
