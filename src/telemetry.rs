@@ -5,11 +5,11 @@
 //!
 //! On stderr the access log leaves the request path: its lines are formatted on the worker and
 //! appended to the worker's part of a bounded queue, which a writer thread writes out in one piece
-//! every 20 ms, so a slow
-//! reader of stderr never stalls a request and a request costs no write and no thread wake-up (in
-//! the JSON format the record writes its line itself, without the tracing formatter's per-event
-//! work, when the filter wants it). When the queue is full a line is dropped and counted (`gateway_log_lines_dropped_total`);
-//! [`flush_logs`] writes out what is queued before the process exits. Every other line is written
+//! every 20 ms, so a slow reader of stderr never stalls a request and a request costs no write and
+//! no thread wake-up (in the JSON format the record writes its line itself, without the tracing
+//! formatter's per-event work, when the filter wants it). When the queue is full a line is dropped
+//! and counted (`gateway_log_lines_dropped_total`); [`flush_logs`] writes out what is queued
+//! before the process exits. Every other line is written
 //! at once, as before: nothing the supervisor or vLLM says is ever dropped.
 
 use std::io::{IsTerminal, Write};

@@ -1,6 +1,6 @@
 //! What every request handler shares: [`AppState`] (a worker's upstream connections, the upstream
-//! path prefix, the precomputed auth header, the status watch), and [`Live`], the part of the configuration
-//! a reload may change, swapped whole and read once per request.
+//! path prefix, the precomputed auth header, the status watch), and [`Live`], the part of the
+//! configuration a reload may change, swapped whole and read once per request.
 
 use std::sync::Arc;
 use std::time::Duration;
