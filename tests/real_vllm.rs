@@ -181,14 +181,23 @@ fn processes() -> Vec<Process> {
 
 /// vLLM's API server: the gateway's child that leads a process group of its own and is not the
 /// gateway's guard (`gateway __guard`, one per vLLM start).
+///
+/// Each is checked on what it runs now: a guard between its fork and its exec runs the gateway's
+/// own binary, and one that has just exited (a zombie) has no command line and no binary left to
+/// read; neither is vLLM.
 fn api_server(gateway: &Proc) -> Option<Process> {
+    let exe = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let gateway_exe = exe(gateway.pid());
     processes().into_iter().find(|process| {
-        process.parent == gateway.pid()
-            && process.group == process.pid
-            && !std::fs::read(format!("/proc/{}/cmdline", process.pid))
-                .unwrap_or_default()
-                .split(|byte| *byte == 0)
-                .any(|arg| arg == b"__guard")
+        if process.parent != gateway.pid() || process.group != process.pid {
+            return false;
+        }
+        // The command line first: a guard that exits after it is read has no binary left either.
+        let guard = std::fs::read(format!("/proc/{}/cmdline", process.pid))
+            .unwrap_or_default()
+            .split(|byte| *byte == 0)
+            .any(|arg| arg == b"__guard");
+        !guard && exe(process.pid).is_some_and(|path| Some(&path) != gateway_exe.as_ref())
     })
 }
 
