@@ -231,12 +231,14 @@ install_deps() {
 install_router() {
     local venv="$TOOLS/vllm-router-venv"
     ROUTER="$venv/bin/vllm-router"
-    if [[ -x "$ROUTER" ]] && [[ "$("$venv/bin/python" -m pip show vllm-router 2>/dev/null | awk '/^Version:/ {print $2}')" == "$ROUTER_VERSION" ]]; then
+    # A venv copied or moved from elsewhere keeps scripts whose interpreter is gone: it must run.
+    if [[ -x "$ROUTER" ]] && "$ROUTER" --help >/dev/null 2>&1 \
+        && [[ "$("$venv/bin/python" -m pip show vllm-router 2>/dev/null | awk '/^Version:/ {print $2}')" == "$ROUTER_VERSION" ]]; then
         return 0
     fi
     log "pip install vllm-router==$ROUTER_VERSION (into $venv)"
     mkdir -p "$TOOLS"
-    if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q "vllm-router==$ROUTER_VERSION"; } >"$TOOLS/router-install.log" 2>&1; then
+    if ! { python3 -m venv --clear "$venv" && "$venv/bin/pip" install -q "vllm-router==$ROUTER_VERSION"; } >"$TOOLS/router-install.log" 2>&1; then
         warn "vllm-router could not be installed (see $TOOLS/router-install.log)"
         ROUTER=""
     fi
