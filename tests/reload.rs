@@ -328,6 +328,47 @@ fn a_reload_changes_the_log_level_of_the_lines_that_follow() {
     );
 }
 
+#[test]
+fn a_reload_that_raises_the_access_logs_level_hides_its_lines() {
+    let file = ConfigFile::new("log_level = \"info\"\n");
+    let (gateway, _) = serve(&file, &[("RUST_LOG", "")]);
+    let request = |id: &str| {
+        post_json(
+            gateway.port,
+            "/v1/responses",
+            RESPONSES_JSON,
+            &format!("\r\nx-request-id: {id}"),
+        )
+        .status
+    };
+    let logged = |id: &str| {
+        gateway
+            .log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|line| line["request_id"] == id)
+    };
+    let reloads = || gateway.log_text().matches("configuration reloaded").count();
+    assert_eq!(request("at-info"), 200);
+    wait_until("the first access line", DEADLINE, || logged("at-info"));
+
+    // A line let through by the second reload shows that the queue was written out past the
+    // request made at warn.
+    for (round, level, id) in [
+        (1, "info,gateway::access=warn", "at-warn"),
+        (2, "info", "at-info-again"),
+    ] {
+        file.write(&format!("log_level = \"{level}\"\n"));
+        gateway.signal(Signal::SIGHUP);
+        wait_until("the reload in force", DEADLINE, || reloads() >= round);
+        assert_eq!(request(id), 200);
+    }
+    wait_until("the access line after the second reload", DEADLINE, || {
+        logged("at-info-again")
+    });
+    assert!(!logged("at-warn"), "a request at warn was logged");
+}
+
 /// Whether a connection that sends half a head is answered 408 within two seconds.
 fn half_head_gets_408(port: u16) -> bool {
     use std::io::{Read, Write};
