@@ -293,28 +293,34 @@ fn the_standalone_proxy_reloads_its_client_keys_too() {
     assert!(alive(vllm.pid()));
 }
 
+/// The status of a Responses request sent with `x-request-id: id`.
+fn request_with_id(gateway: &Proc, id: &str) -> u16 {
+    post_json(
+        gateway.port,
+        "/v1/responses",
+        RESPONSES_JSON,
+        &format!("\r\nx-request-id: {id}"),
+    )
+    .status
+}
+
+/// Whether the gateway's JSON log has a line for the request `id`.
+fn access_logged(gateway: &Proc, id: &str) -> bool {
+    gateway
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .any(|line| line["request_id"] == id)
+}
+
 #[test]
 fn a_reload_changes_the_log_level_of_the_lines_that_follow() {
     // Access lines start at warn, hidden; the gateway's other info lines stay, among them the
     // ports it reports. RUST_LOG, which would win over `log_level`, is left empty.
     let file = ConfigFile::new("log_level = \"info,gateway::access=warn\"\n");
     let (gateway, _) = serve(&file, &[("RUST_LOG", "")]);
-    let request = |id: &str| {
-        post_json(
-            gateway.port,
-            "/v1/responses",
-            RESPONSES_JSON,
-            &format!("\r\nx-request-id: {id}"),
-        )
-        .status
-    };
-    let logged = |id: &str| {
-        gateway
-            .log_text()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .any(|line| line["request_id"] == id)
-    };
+    let request = |id: &str| request_with_id(&gateway, id);
+    let logged = |id: &str| access_logged(&gateway, id);
     assert_eq!(request("before-reload"), 200);
 
     file.write("log_level = \"info\"\n");
@@ -332,22 +338,8 @@ fn a_reload_changes_the_log_level_of_the_lines_that_follow() {
 fn a_reload_that_raises_the_access_logs_level_hides_its_lines() {
     let file = ConfigFile::new("log_level = \"info\"\n");
     let (gateway, _) = serve(&file, &[("RUST_LOG", "")]);
-    let request = |id: &str| {
-        post_json(
-            gateway.port,
-            "/v1/responses",
-            RESPONSES_JSON,
-            &format!("\r\nx-request-id: {id}"),
-        )
-        .status
-    };
-    let logged = |id: &str| {
-        gateway
-            .log_text()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .any(|line| line["request_id"] == id)
-    };
+    let request = |id: &str| request_with_id(&gateway, id);
+    let logged = |id: &str| access_logged(&gateway, id);
     let reloads = || gateway.log_text().matches("configuration reloaded").count();
     assert_eq!(request("at-info"), 200);
     wait_until("the first access line", DEADLINE, || logged("at-info"));
