@@ -9,8 +9,8 @@
 //! no thread wake-up (in the JSON format the record writes its line itself, without the tracing
 //! formatter's per-event work, when the filter wants it). When the queue is full a line is dropped
 //! and counted (`gateway_log_lines_dropped_total`); [`flush_logs`] writes out what is queued
-//! before the process exits. Every other line is written
-//! at once, as before: nothing the supervisor or vLLM says is ever dropped.
+//! before the process exits. Every other line is written at once: nothing the supervisor or vLLM
+//! says is ever dropped.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

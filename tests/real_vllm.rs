@@ -183,8 +183,8 @@ fn processes() -> Vec<Process> {
 /// gateway's guard (`gateway __guard`, one per vLLM start).
 ///
 /// Each is checked on what it runs now: a guard between its fork and its exec runs the gateway's
-/// own binary, and one that has just exited (a zombie) has no command line and no binary left to
-/// read; neither is vLLM.
+/// own binary, and one that is exiting has dropped its memory, so its command line reads empty
+/// and it has no binary left, before /proc shows it as a zombie; neither is vLLM.
 fn api_server(gateway: &Proc) -> Option<Process> {
     let exe = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let gateway_exe = exe(gateway.pid());
