@@ -121,12 +121,20 @@ impl AppState {
     /// A copy for one proxy worker, with an upstream pool of its own: connections are driven by
     /// the runtime that opened them, so each worker keeps its own. The pool keeps at most
     /// `max_idle` idle connections (the worker's share of `max_connections`).
+    ///
+    /// The worker's tokens are children of the shared ones, cancelled with them: every request
+    /// and connection checks them, and a token checked from two threads bounces its lock between
+    /// their CPUs.
     pub(super) fn for_worker(&self, max_idle: usize) -> anyhow::Result<AppState> {
         // The pool's settings are restart-only keys: the live ones are the start-up ones.
         let live = self.live.load();
         Ok(AppState {
             upstream: Arc::new(upstream(&live.config, max_idle)?),
             client: upstream_client(&live.config.proxy, max_idle)?,
+            draining: self.draining.child_token(),
+            closing: self.closing.child_token(),
+            cut: self.cut.child_token(),
+            give_up: self.give_up.child_token(),
             ..self.clone()
         })
     }
