@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
+use crate::proxy::timer::Timer;
 use crate::telemetry::RequestRecord;
 
 /// The request body grew past the configured limit.
@@ -102,7 +103,9 @@ pub enum Timing {
 pub struct UpstreamBody<B> {
     inner: B,
     timing: Timing,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Armed only when the body has to wait for vLLM: a body read at once never touches it.
+    timer: Timer,
     /// For a stream: fires when `drain_timeout` expires, which ends it with the error event.
     cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Whether the bytes forwarded so far end on an SSE event boundary (`\n\n`), so a final
@@ -139,7 +142,8 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
         UpstreamBody {
             inner,
             timing,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
+            timer: Timer::default(),
             cut,
             at_boundary: true,
             done: false,
@@ -199,7 +203,7 @@ where
                     this.record.add_bytes(data.len());
                 }
                 if let Timing::Stream { idle } = this.timing {
-                    this.deadline.as_mut().reset(Instant::now() + idle);
+                    this.deadline = Instant::now() + idle;
                 }
                 // The server stops polling once a sized body is complete (or after trailers),
                 // so completion is noted here rather than at the final `None`.
@@ -218,7 +222,9 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                ready!(this.deadline.as_mut().poll(cx));
+                if !this.timer.expired(this.deadline, cx) {
+                    return Poll::Pending;
+                }
                 let kind = match this.timing {
                     Timing::Stream { .. } => TimeoutKind::StreamIdle,
                     Timing::Whole => TimeoutKind::Request,

@@ -49,13 +49,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
 use crate::proxy::router::Surface;
 use crate::proxy::state::LiveConfig;
+use crate::proxy::timer::Timer;
 
 /// The largest request head (request line and headers) accepted: a larger one gets 431. It also
 /// bounds each connection's read and write buffers (hyper's default is about 400 KB), so that a
@@ -739,26 +740,6 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
-    }
-}
-
-/// A sleep allocated on first use and moved to each new deadline.
-#[derive(Default)]
-struct Timer(Option<Pin<Box<Sleep>>>);
-
-impl Timer {
-    /// Whether `deadline` has passed; if not, the task is woken when it does.
-    fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
-        let sleep = match &mut self.0 {
-            Some(sleep) => {
-                if sleep.deadline() != deadline {
-                    sleep.as_mut().reset(deadline);
-                }
-                sleep
-            }
-            None => self.0.insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        sleep.as_mut().poll(cx).is_ready()
     }
 }
 

@@ -19,6 +19,7 @@ pub mod headers;
 pub mod keepalive;
 pub mod router;
 pub mod state;
+pub mod timer;
 pub mod upstream;
 pub mod workers;
 
