@@ -35,7 +35,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
-use crate::proxy::router::Surface;
+use crate::proxy::router::{Responding, Surface};
 use crate::proxy::state::LiveConfig;
 use crate::proxy::timer::Timer;
 
@@ -471,18 +471,34 @@ struct TrackedService {
 impl hyper::service::Service<http::Request<Incoming>> for TrackedService {
     type Response = http::Response<TrackedBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = TrackedResponse;
 
-    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, request: http::Request<Incoming>) -> TrackedResponse {
         self.activity.started.fetch_add(1, Ordering::Relaxed);
-        let response = self.surface.clone().respond(request);
-        let activity = self.activity.clone();
-        Box::pin(async move {
-            Ok(response.await.map(|body| TrackedBody {
-                body,
-                activity: Some(activity),
-            }))
-        })
+        TrackedResponse {
+            response: self.surface.clone().respond(request),
+            activity: Some(self.activity.clone()),
+        }
+    }
+}
+
+/// A response on its way, whose body is tracked once it comes. (A named future rather than an
+/// async block, which would box the boxed response again, copying it.)
+struct TrackedResponse {
+    response: Responding,
+    activity: Option<Arc<Activity>>,
+}
+
+impl Future for TrackedResponse {
+    type Output = Result<http::Response<TrackedBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let response = ready!(this.response.as_mut().poll(cx));
+        Poll::Ready(Ok(response.map(|body| TrackedBody {
+            body,
+            activity: this.activity.take(),
+        })))
     }
 }
 

@@ -2,6 +2,8 @@
 //! else, under CORS as the live configuration says. [`Surface`] is what each client connection
 //! calls: it sends a forwarded request straight to `forward` when it can.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
@@ -25,6 +27,9 @@ const OWN_ENDPOINTS: [(&str, Endpoint); 4] = [
 ];
 
 type Endpoint = fn() -> MethodRouter<Arc<AppState>>;
+
+/// A response on its way from [`Surface::respond`].
+pub type Responding = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 /// The whole HTTP surface. A function of the state alone, so routing tests need no socket.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -56,19 +61,23 @@ impl Surface {
         }
     }
 
-    pub async fn respond(self, request: http::Request<Incoming>) -> Response {
+    /// The response to `request`, on its way. The future is boxed here, one layer deep: a large
+    /// future is copied whole each time it moves, and a forwarded request's is several KB.
+    pub fn respond(self, request: http::Request<Incoming>) -> Responding {
         let request = request.map(Body::new);
         let live = self.state.live.load_full();
         let own = OWN_ENDPOINTS
             .iter()
             .any(|(path, _)| *path == request.uri().path());
         if live.cors.is_none() && !own {
-            return forward::forward_under(self.state, live, request).await;
+            return Box::pin(forward::forward_under(self.state, live, request));
         }
-        match self.router.oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
-        }
+        Box::pin(async move {
+            match self.router.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        })
     }
 }
 
