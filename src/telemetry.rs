@@ -533,8 +533,7 @@ impl RequestRecord {
             let elapsed = self.started.elapsed();
             self.first_byte = Some(elapsed);
             if self.stream {
-                histogram!("gateway_time_to_first_byte_seconds", "route" => self.route)
-                    .record(elapsed.as_secs_f64());
+                first_byte_metric(self.route, elapsed);
             }
         }
         self.bytes_out += len as u64;
@@ -598,6 +597,19 @@ thread_local! {
         std::cell::RefCell::new(std::collections::HashMap::new());
     static REQUEST_DURATIONS: std::cell::RefCell<std::collections::HashMap<(usize, bool), metrics::Histogram>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
+    static FIRST_BYTE_TIMES: std::cell::RefCell<std::collections::HashMap<usize, metrics::Histogram>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// `gateway_time_to_first_byte_seconds` for one stream, from the worker's handles as
+/// [`request_metrics`] keeps them.
+fn first_byte_metric(route: &'static str, elapsed: Duration) {
+    FIRST_BYTE_TIMES.with_borrow_mut(|times| {
+        times
+            .entry(route.as_ptr() as usize)
+            .or_insert_with(|| histogram!("gateway_time_to_first_byte_seconds", "route" => route))
+            .record(elapsed.as_secs_f64());
+    });
 }
 
 /// `gateway_requests_total` and `gateway_request_duration_seconds` for one request. The labels
