@@ -50,7 +50,10 @@ pub struct Workers {
 impl Workers {
     /// Builds every worker (runtime, listener registration, upstream pool) before starting any,
     /// so that a failure (no file descriptors left, say) fails the start instead of leaving the
-    /// gateway short of workers.
+    /// gateway short of workers. Each worker is built on its own thread, so that what its requests
+    /// touch (its state, its pool, its tokens) is allocated from that thread's memory: built
+    /// together on one thread, two workers' counters and locks shared cache lines, which moved
+    /// between their CPUs on every request.
     /// Each worker gets a copy of `listener`; the caller's stays open (and the socket with it).
     pub fn start(
         listener: &std::net::TcpListener,
@@ -68,43 +71,68 @@ impl Workers {
             "client connections are limited"
         );
         let max_idle = limit.max().div_ceil(count);
-        let mut built = Vec::with_capacity(count);
-        for balance in conn::Balance::new(count) {
-            match Worker::build(listener, state, &close, &limit, balance, max_idle) {
-                Ok(worker) => built.push(worker),
-                Err(error) => {
-                    built.into_iter().for_each(Worker::discard);
-                    return Err(error);
-                }
-            }
-        }
         let finished = FuturesUnordered::new();
-        let mut built = built.into_iter().enumerate();
-        while let Some((index, worker)) = built.next() {
+        // Each thread says whether its worker was built, then waits to be told to run it (true)
+        // or to drop it (false, or the sender gone).
+        let mut starting = Vec::with_capacity(count);
+        let mut failure = None;
+        for (index, balance) in conn::Balance::new(count).into_iter().enumerate() {
+            let listener = match listener.try_clone() {
+                Ok(listener) => listener,
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            };
+            let (state, close, limit) = (state.clone(), close.clone(), limit.clone());
+            let (built_tx, built_rx) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
+            let (run_tx, run_rx) = std::sync::mpsc::sync_channel::<bool>(1);
             let (done_tx, done_rx) = oneshot::channel();
-            // The worker goes over once the thread exists, so that a failed spawn leaves it here
-            // to be discarded rather than dropped (and its runtime with it) in async code.
-            let (worker_tx, worker_rx) = std::sync::mpsc::sync_channel::<Worker>(1);
             let spawned = std::thread::Builder::new()
                 .name(format!("proxy-{index}"))
                 .spawn(move || {
-                    if let Ok(worker) = worker_rx.recv() {
+                    let worker =
+                        match Worker::build(listener, &state, &close, &limit, balance, max_idle) {
+                            Ok(worker) => worker,
+                            Err(error) => {
+                                let _ = built_tx.send(Err(error));
+                                return;
+                            }
+                        };
+                    let _ = built_tx.send(Ok(()));
+                    if run_rx.recv() == Ok(true) {
                         let _ = done_tx.send(worker.run());
+                    } else {
+                        worker.discard();
                     }
                 });
             if let Err(error) = spawned {
-                close.cancel();
-                worker.discard();
-                built.for_each(|(_, worker)| worker.discard());
-                return Err(error);
+                failure = Some(error);
+                break;
             }
-            if let Err(std::sync::mpsc::SendError(worker)) = worker_tx.send(worker) {
-                close.cancel();
-                worker.discard();
-                built.for_each(|(_, worker)| worker.discard());
-                return Err(std::io::Error::other("a proxy worker thread died at start"));
+            match built_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    failure = Some(error);
+                    break;
+                }
+                Err(_) => {
+                    failure = Some(std::io::Error::other("a proxy worker thread died at start"));
+                    break;
+                }
             }
+            starting.push(run_tx);
             finished.push(done_rx);
+        }
+        if let Some(error) = failure {
+            // The workers built so far are dropped on their own threads.
+            for run in &starting {
+                let _ = run.send(false);
+            }
+            return Err(error);
+        }
+        for run in &starting {
+            let _ = run.send(true);
         }
         Ok(Workers {
             finished,
@@ -197,7 +225,7 @@ struct Worker {
 
 impl Worker {
     fn build(
-        listener: &std::net::TcpListener,
+        listener: std::net::TcpListener,
         state: &AppState,
         close: &CancellationToken,
         limit: &conn::ConnectionLimit,
@@ -210,7 +238,6 @@ impl Worker {
         let listener = {
             // Registers the socket with this worker's runtime, not the caller's.
             let _runtime = runtime.enter();
-            let listener = listener.try_clone()?;
             // SAFETY: the AsyncFd owns the socket, so the descriptor stays open for as long as it
             // is registered.
             unsafe { AsyncFd::register(listener) }.map_err(std::io::Error::from)
@@ -240,7 +267,7 @@ impl Worker {
         })
     }
 
-    /// Drops a worker that never ran, from async code (where dropping a runtime would block).
+    /// Drops a worker that never ran: its socket first, while its runtime still drives it.
     fn discard(self) {
         drop(self.listener);
         self.runtime.shutdown_background();
