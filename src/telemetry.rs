@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -445,13 +445,56 @@ fn method_label(method: &http::Method) -> &'static str {
     }
 }
 
-/// Proxied requests in flight, and the event streams among them: plain atomics, so a request
-/// touches no metrics registry for them. `/metrics` and the drain status read them.
-static REQUESTS_IN_FLIGHT: AtomicI64 = AtomicI64::new(0);
-static STREAMS_ACTIVE: AtomicI64 = AtomicI64::new(0);
+/// Proxied requests in flight, and the event streams among them: counted apart from the metrics
+/// registry, so a request touches no registry for them. `/metrics` and the drain status read them.
+static REQUESTS_IN_FLIGHT: SplitCount = SplitCount::new();
+static STREAMS_ACTIVE: SplitCount = SplitCount::new();
 
 pub fn requests_in_flight() -> i64 {
-    REQUESTS_IN_FLIGHT.load(Ordering::Relaxed)
+    REQUESTS_IN_FLIGHT.get()
+}
+
+/// A count that many threads move and few read: each thread moves a part of its own, on a cache
+/// line of its own, and a read sums the parts. (One atomic for every worker moved its cache line
+/// between their CPUs twice a request.)
+struct SplitCount {
+    parts: [Part; PARTS],
+}
+
+/// More parts than proxy workers, so that each worker has one to itself.
+const PARTS: usize = 16;
+
+#[repr(align(128))]
+struct Part(AtomicI64);
+
+impl SplitCount {
+    const fn new() -> SplitCount {
+        SplitCount {
+            parts: [const { Part(AtomicI64::new(0)) }; PARTS],
+        }
+    }
+
+    fn add(&self, delta: i64) {
+        self.parts[thread_part()]
+            .0
+            .fetch_add(delta, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> i64 {
+        self.parts
+            .iter()
+            .map(|part| part.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// This thread's part of every [`SplitCount`] (threads take them in turn).
+fn thread_part() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static PART: usize = NEXT.fetch_add(1, Ordering::Relaxed) % PARTS;
+    }
+    PART.with(|part| *part)
 }
 
 /// Copies the live counts into their gauges, and hands every worker's pending request metrics to
@@ -459,7 +502,7 @@ pub fn requests_in_flight() -> i64 {
 pub fn publish_gauges() {
     hand_over_pending();
     gauge!("gateway_requests_in_flight").set(requests_in_flight() as f64);
-    gauge!("gateway_streams_active").set(STREAMS_ACTIVE.load(Ordering::Relaxed) as f64);
+    gauge!("gateway_streams_active").set(STREAMS_ACTIVE.get() as f64);
     counter!("gateway_log_lines_dropped_total").absolute(log_lines_dropped());
 }
 
@@ -488,7 +531,7 @@ impl RequestRecord {
         path: &str,
         access_log: bool,
     ) -> Self {
-        REQUESTS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        REQUESTS_IN_FLIGHT.add(1);
         RequestRecord {
             request_id,
             method: method_label(method),
@@ -515,7 +558,7 @@ impl RequestRecord {
         self.stream = stream;
         self.responding = true;
         if stream {
-            STREAMS_ACTIVE.fetch_add(1, Ordering::Relaxed);
+            STREAMS_ACTIVE.add(1);
         }
     }
 
@@ -798,9 +841,9 @@ impl Drop for RequestRecord {
             self.error_kind = Some("client_disconnect");
         }
         let duration = self.started.elapsed();
-        REQUESTS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        REQUESTS_IN_FLIGHT.add(-1);
         if self.stream && self.responding {
-            STREAMS_ACTIVE.fetch_sub(1, Ordering::Relaxed);
+            STREAMS_ACTIVE.add(-1);
         }
         let status = if self.status == 0 { 499 } else { self.status };
         request_metrics(self.route, self.method, status, self.stream, duration);
