@@ -24,7 +24,7 @@ static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-bufferin
 
 /// The fallback handler: everything the gateway does not answer itself goes upstream.
 pub async fn forward(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let live = state.live.load_full();
+    let live = state.live_copy.load();
     forward_under(state, live, request).await
 }
 
@@ -255,11 +255,10 @@ pub async fn send_pending(
     *upstream_request.headers_mut() = parts.headers;
     // Under `serve`, a refused connection most likely means vLLM just died and the supervisor has
     // not noticed yet: such a request (never sent) waits for the next vLLM and goes again, once.
-    let serving_pid = state.status.borrow().serving_pid();
-    let retry = match serving_pid {
-        Some(_) if config.ready_wait_timeout().is_some() => try_clone(&upstream_request),
-        _ => None,
-    };
+    let serving_pid = config
+        .ready_wait_timeout()
+        .and_then(|_| state.status.borrow().serving_pid());
+    let retry = serving_pid.and_then(|_| try_clone(&upstream_request));
     let mut sent_at = Instant::now();
     let mut outcome = send(
         state,

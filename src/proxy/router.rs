@@ -65,7 +65,7 @@ impl Surface {
     /// future is copied whole each time it moves, and a forwarded request's is several KB.
     pub fn respond(self, request: http::Request<Incoming>) -> Responding {
         let request = request.map(Body::new);
-        let live = self.state.live.load_full();
+        let live = self.state.live_copy.load();
         let own = OWN_ENDPOINTS
             .iter()
             .any(|(path, _)| *path == request.uri().path());

@@ -1,8 +1,9 @@
 //! What every request handler shares: [`AppState`] (a worker's upstream connections, the upstream
 //! path prefix, the precomputed auth header, the status watch), and [`Live`], the part of the
-//! configuration a reload may change, swapped whole and read once per request.
+//! configuration a reload may change, swapped whole and read once per request from the worker's
+//! [`LiveCopy`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -20,6 +21,7 @@ use crate::status::UpstreamStatus;
 /// The configuration as the last reload left it (the start-up one until then), with what requests
 /// derive from it prepared once. Keys a reload may not change keep their start-up values here
 /// (`config::KEYS` says which).
+#[derive(Clone)]
 pub struct Live {
     pub config: Config,
     /// `None` leaves CORS off.
@@ -41,6 +43,45 @@ pub fn live_config(config: Config) -> LiveConfig {
     Arc::new(ArcSwap::from_pointee(Live::new(config)))
 }
 
+/// A worker's own copy of the live configuration, remade when a reload swaps the shared one.
+/// A request holds its configuration to its end; counted on the shared one, that reference moved
+/// its cache line between the workers' CPUs twice a request.
+pub struct LiveCopy {
+    shared: LiveConfig,
+    /// The shared configuration it was copied from (held, so that its address, which tells
+    /// whether a reload came, is not reused), and the copy.
+    copy: Mutex<(Arc<Live>, Arc<Live>)>,
+}
+
+impl LiveCopy {
+    pub fn new(shared: LiveConfig) -> LiveCopy {
+        let source = shared.load_full();
+        let copy = Arc::new(Live::clone(&source));
+        LiveCopy {
+            shared,
+            copy: Mutex::new((source, copy)),
+        }
+    }
+
+    /// The configuration as the last reload left it.
+    pub fn load(&self) -> Arc<Live> {
+        let current = self.shared.load();
+        let mut copy = self.copy.lock().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&copy.0, &current) {
+            let fresh = Arc::new(Live::clone(&current));
+            *copy = (arc_swap::Guard::into_inner(current), fresh);
+        }
+        Arc::clone(&copy.1)
+    }
+}
+
+impl Clone for LiveCopy {
+    /// A copy of its own, for another worker.
+    fn clone(&self) -> LiveCopy {
+        LiveCopy::new(Arc::clone(&self.shared))
+    }
+}
+
 /// What every request handler shares. Built once at start-up, then copied for each proxy worker
 /// with a pool of its own.
 #[derive(Clone)]
@@ -55,9 +96,10 @@ pub struct AppState {
     pub upstream_path: String,
     /// `Bearer <key>`, precomputed and marked sensitive, injected when the client sent none.
     pub upstream_auth: Option<HeaderValue>,
-    /// What a reload may change: timeouts, limits, keys, CORS, the access log. A request loads it
-    /// once (`live.load_full()`) and keeps that copy to its end.
+    /// What a reload may change: timeouts, limits, keys, CORS, the access log.
     pub live: LiveConfig,
+    /// This worker's copy of `live`, which a forwarded request loads once and keeps to its end.
+    pub live_copy: LiveCopy,
     pub status: watch::Receiver<UpstreamStatus>,
     /// How old a standalone health probe may be and still count.
     pub probe_freshness: Duration,
@@ -104,6 +146,7 @@ impl AppState {
             upstream_base: config.upstream.base.clone(),
             upstream_path,
             upstream_auth,
+            live_copy: LiveCopy::new(Arc::clone(&live)),
             live,
             status,
             probe_freshness: config.health.interval + config.health.timeout,
