@@ -14,7 +14,7 @@
 //!  proxy: workers ─▶ conn, router ─▶ endpoints       supervisor (the actor, its handle)
 //!     │                                                 │
 //!  proxy::forward ─▶ body, errors, headers,          supervisor::child ─▶ reaper; port,
-//!    admission, keepalive, upstream;                 descendants ─▶ guard; output
+//!    admission, keepalive, upstream, timer;          descendants ─▶ guard; output
 //!  telemetry; notify
 //!     │                                                 │
 //!  probe         the upstream /health probe, the standalone poller
@@ -39,7 +39,8 @@
 //!   runtime, accept loop and upstream pool: `proxy::workers`, which also binds the listener).
 //!   `proxy::router` is the router, and the `Surface` each connection calls, which skips it for a
 //!   forwarded request while CORS is off; `proxy::endpoints` the gateway's own `/livez`, `/readyz`,
-//!   `/health`, `/metrics`; `proxy::state` the state handlers share and the live configuration.
+//!   `/health`, `/metrics`; `proxy::state` the state handlers share, the live configuration and
+//!   each worker's copy of it (`LiveCopy`).
 //!   `proxy::conn` accepts client connections under the shared `max_connections` limit, spreading
 //!   them evenly over the workers, and enforces the client-side header, idle and send timeouts on
 //!   the socket. `proxy::forward` forwards one request; `proxy::admission` holds it to the
@@ -48,8 +49,8 @@
 //!   finishes it from a task (forward hands it the rest of the exchange, so keepalive never names
 //!   forward); `proxy::upstream` holds a worker's connections to vLLM (HTTP/1.1 over plain
 //!   sockets, and the worker's pool of idle ones); `proxy::headers` holds the hop-by-hop
-//!   rules; `proxy::body` wraps bodies with
-//!   limits and timeouts; `proxy::errors` shapes every error as OpenAI JSON or a
+//!   rules; `proxy::body` wraps bodies with limits and timeouts, whose sleeps `proxy::timer` arms
+//!   only when something has to wait; `proxy::errors` shapes every error as OpenAI JSON or a
 //!   final SSE `error` event.
 //! - `supervisor`: `gateway serve`, the actor that owns the child (one task); others hold a
 //!   `SupervisorHandle` (its `Control` sender and status receiver). `child` spawns and
@@ -89,7 +90,8 @@
 //! until the status says the child accepts requests, is rewritten and sent over one of the
 //! worker's pooled upstream connections (`proxy::upstream`); the answer streams back frame by
 //! frame through `body::UpstreamBody`. A request never leaves the worker thread that accepted its
-//! connection.
+//! connection, and touches only that worker's memory: its state, pool and shutdown tokens (built on
+//! its thread), its copy of the live configuration, its part of the request metrics.
 //! `main` binds the listen address (so a taken port fails at once); under `serve`, `run` starts
 //! the supervisor, waits for the first `Ready`, and only then listens and starts the proxy workers. On
 //! SIGTERM readiness turns 503, the listener closes, in-flight requests drain, then the supervisor
