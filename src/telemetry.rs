@@ -880,6 +880,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_split_count_sums_what_every_thread_moved() {
+        static COUNT: SplitCount = SplitCount::new();
+        let threads: Vec<_> = (0..20)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    for _ in 0..1_000 {
+                        COUNT.add(1);
+                    }
+                    COUNT.add(-400);
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .for_each(|thread| thread.join().expect("a counting thread"));
+        assert_eq!(COUNT.get(), 20 * 600);
+    }
+
+    #[test]
     fn route_labels_are_bounded() {
         assert_eq!(route_label("/v1/responses"), "/v1/responses");
         assert_eq!(route_label("/v1/responses/resp_123"), "/v1/responses/{id}");

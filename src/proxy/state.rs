@@ -224,3 +224,52 @@ fn cors_layer(cors: &Cors) -> CorsLayer {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Flags, Mode};
+
+    fn config(request_timeout: &str) -> Config {
+        let mut flags = Flags::default();
+        flags.set("llm_api_base", ["http://127.0.0.1:9"]);
+        flags.set("request_timeout", [request_timeout]);
+        config::load(&flags, Mode::Standalone, &|_| None).expect("valid config")
+    }
+
+    #[test]
+    fn a_workers_copy_is_its_own_and_follows_each_reload() {
+        let shared = live_config(config("10s"));
+        let copy = LiveCopy::new(Arc::clone(&shared));
+        let first = copy.load();
+        assert!(
+            !Arc::ptr_eq(&first, &shared.load_full()),
+            "a copy, not the shared one"
+        );
+        assert!(
+            Arc::ptr_eq(&first, &copy.load()),
+            "the same copy until a reload"
+        );
+        assert_eq!(first.config.proxy.request_timeout, Duration::from_secs(10));
+
+        shared.store(Arc::new(Live::new(config("20s"))));
+        let second = copy.load();
+        assert_eq!(second.config.proxy.request_timeout, Duration::from_secs(20));
+        assert_eq!(
+            first.config.proxy.request_timeout,
+            Duration::from_secs(10),
+            "a request keeps the configuration it began with"
+        );
+        assert!(!Arc::ptr_eq(&second, &shared.load_full()));
+
+        let other = copy.clone();
+        assert!(
+            !Arc::ptr_eq(&other.load(), &second),
+            "another worker gets its own"
+        );
+        assert_eq!(
+            other.load().config.proxy.request_timeout,
+            Duration::from_secs(20)
+        );
+    }
+}
