@@ -36,7 +36,7 @@ impl Live {
 }
 
 /// Shared by every worker and the reload: a reload swaps the whole [`Live`] at once, and a request
-/// takes the current one with an atomic load and a reference count, no lock.
+/// takes it through its worker's [`LiveCopy`].
 pub type LiveConfig = Arc<ArcSwap<Live>>;
 
 pub fn live_config(config: Config) -> LiveConfig {
