@@ -880,6 +880,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn request_metrics_reach_the_registry_in_batches_and_whenever_metrics_render() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let value = move |name: &str| -> u64 {
+            let text = handle.render();
+            let line = text
+                .lines()
+                .find(|line| line.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+            line.rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("a count")
+        };
+        let requests = "gateway_requests_total{";
+        let durations = "gateway_request_duration_seconds_count{";
+        std::thread::spawn(move || {
+            metrics::with_local_recorder(&recorder, || {
+                for _ in 0..PENDING_MAX + 10 {
+                    request_metrics(
+                        "/v1/responses",
+                        "POST",
+                        200,
+                        false,
+                        Duration::from_millis(3),
+                    );
+                }
+            });
+            assert_eq!(
+                value(requests),
+                PENDING_MAX as u64,
+                "handed over at the batch's end"
+            );
+            assert_eq!(value(durations), PENDING_MAX as u64);
+            hand_over_pending();
+            assert_eq!(
+                value(requests),
+                PENDING_MAX as u64 + 10,
+                "and the rest before a render"
+            );
+            assert_eq!(value(durations), PENDING_MAX as u64 + 10);
+        })
+        .join()
+        .expect("the recording thread");
+    }
+
+    #[test]
     fn a_split_count_sums_what_every_thread_moved() {
         static COUNT: SplitCount = SplitCount::new();
         let threads: Vec<_> = (0..20)
