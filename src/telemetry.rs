@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -139,12 +139,66 @@ const ACCESS_LOG_KEEP_BYTES: usize = 256 << 10;
 /// meanwhile, and no wake-up per line.
 const ACCESS_LOG_WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
+/// A value kept in one part for each thread that uses it, each part behind a lock that only its
+/// thread takes, but for a moment when [`PerThread::visit`] goes over the parts: threads on
+/// different CPUs never pass a lock's cache line back and forth. The access log's queue and the
+/// pending request metrics are kept so.
+#[derive(Default)]
+struct PerThread<T> {
+    parts: Mutex<Vec<Arc<Mutex<T>>>>,
+}
+
+/// Where a thread keeps its part of a [`PerThread`], once it has one.
+type ThreadPart<T> = std::thread::LocalKey<std::cell::OnceCell<Arc<Mutex<T>>>>;
+
+impl<T: Default> PerThread<T> {
+    const fn new() -> PerThread<T> {
+        PerThread {
+            parts: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `work` on this thread's part (kept in `local`); `None` when the part's lock is
+    /// poisoned. A thread already past its thread-locals gets a part for this once, visited like
+    /// the others.
+    fn with<R>(&self, local: &'static ThreadPart<T>, work: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let mut work = Some(work);
+        let mut run = |part: &Mutex<T>| {
+            let mut value = part.lock().ok()?;
+            work.take().map(|work| work(&mut value))
+        };
+        local
+            .try_with(|part| run(part.get_or_init(|| self.new_part())))
+            .unwrap_or_else(|_| run(&self.new_part()))
+    }
+
+    fn new_part(&self) -> Arc<Mutex<T>> {
+        let part = Arc::default();
+        if let Ok(mut parts) = self.parts.lock() {
+            parts.push(Arc::clone(&part));
+        }
+        part
+    }
+
+    /// Runs `visit` on every part, and forgets the parts of threads that have ended.
+    fn visit(&self, mut visit: impl FnMut(&mut T)) {
+        let Ok(mut parts) = self.parts.lock() else {
+            return;
+        };
+        parts.retain(|part| {
+            if let Ok(mut value) = part.lock() {
+                visit(&mut value);
+            }
+            Arc::strong_count(part) > 1
+        });
+    }
+}
+
 /// The access log's queue: one part for each thread that writes lines, which the writer thread
-/// empties in turn. A worker's lock is its own but for a moment every 20 ms, so workers on
-/// different CPUs never pass a lock's cache line back and forth for each line.
+/// empties every 20 ms.
 #[derive(Default)]
 struct AccessQueue {
-    parts: Mutex<Vec<Arc<Mutex<Vec<u8>>>>>,
+    parts: PerThread<Vec<u8>>,
     dropped: AtomicU64,
     closing: AtomicBool,
 }
@@ -170,52 +224,30 @@ impl AccessQueue {
     /// Appends what `write` writes to this thread's part, in place, or drops and counts it if
     /// that would overfill the part.
     fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
-        let mut write = Some(write);
-        let mut append = |part: &Mutex<Vec<u8>>| {
-            let (Ok(mut lines), Some(write)) = (part.lock(), write.take()) else {
-                return false;
-            };
+        let queued = self.parts.with(&ACCESS_PART, |lines| {
             let start = lines.len();
-            write(&mut lines);
+            write(lines);
             if lines.len() > ACCESS_LOG_QUEUE_BYTES {
                 lines.truncate(start);
                 return false;
             }
             true
-        };
-        let queued = ACCESS_PART
-            .try_with(|part| append(part.get_or_init(|| self.new_part())))
-            // A thread already past its thread-locals: a part of its own for this line.
-            .unwrap_or_else(|_| append(&self.new_part()));
-        if !queued {
+        });
+        if queued != Some(true) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    fn new_part(&self) -> Arc<Mutex<Vec<u8>>> {
-        let part = Arc::default();
-        if let Ok(mut parts) = self.parts.lock() {
-            parts.push(Arc::clone(&part));
-        }
-        part
-    }
-
     /// Moves every queued line into `batch`, and forgets the parts of threads that have ended.
     fn take(&self, batch: &mut Vec<u8>) {
-        let Ok(mut parts) = self.parts.lock() else {
-            return;
-        };
-        parts.retain(|part| {
-            if let Ok(mut lines) = part.lock() {
-                if batch.is_empty() {
-                    std::mem::swap(&mut *lines, batch);
-                } else {
-                    batch.extend_from_slice(&lines);
-                    lines.clear();
-                }
-                lines.shrink_to(ACCESS_LOG_KEEP_BYTES);
+        self.parts.visit(|lines| {
+            if batch.is_empty() {
+                std::mem::swap(lines, batch);
+            } else {
+                batch.extend_from_slice(lines);
+                lines.clear();
             }
-            Arc::strong_count(part) > 1
+            lines.shrink_to(ACCESS_LOG_KEEP_BYTES);
         });
     }
 }
@@ -723,45 +755,21 @@ impl PendingMetrics {
 }
 
 /// Every thread's pending metrics, for `/metrics` to collect before it renders.
-static PENDING: Mutex<Vec<Arc<Mutex<PendingMetrics>>>> = Mutex::new(Vec::new());
+static PENDING: PerThread<PendingMetrics> = PerThread::new();
 
 thread_local! {
-    static THREAD_PENDING: Arc<Mutex<PendingMetrics>> = {
-        let pending = Arc::default();
-        lock(&PENDING).push(Arc::clone(&pending));
-        pending
-    };
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn with_pending(record: impl FnOnce(&mut PendingMetrics)) {
-    let mut record = Some(record);
-    let _ = THREAD_PENDING.try_with(|pending| {
-        if let Some(record) = record.take() {
-            record(&mut lock(pending));
-        }
-    });
-    if let Some(record) = record {
-        // The thread is exiting: straight to the registry.
-        let mut alone = PendingMetrics::default();
-        record(&mut alone);
-        alone.hand_over();
-    }
+    /// This thread's part of [`PENDING`], once it has recorded a request.
+    static PENDING_PART: std::cell::OnceCell<Arc<Mutex<PendingMetrics>>> = const { std::cell::OnceCell::new() };
 }
 
 /// Hands every thread's pending request metrics to the registry.
 fn hand_over_pending() {
-    for pending in lock(&PENDING).iter() {
-        lock(pending).hand_over();
-    }
+    PENDING.visit(PendingMetrics::hand_over);
 }
 
 /// `gateway_time_to_first_byte_seconds` for one stream.
 fn first_byte_metric(route: &'static str, elapsed: Duration) {
-    with_pending(|pending| pending.first_byte(route, elapsed));
+    PENDING.with(&PENDING_PART, |pending| pending.first_byte(route, elapsed));
 }
 
 /// `gateway_requests_total` and `gateway_request_duration_seconds` for one request.
@@ -772,7 +780,9 @@ fn request_metrics(
     stream: bool,
     duration: Duration,
 ) {
-    with_pending(|pending| pending.request(route, method, status, stream, duration));
+    PENDING.with(&PENDING_PART, |pending| {
+        pending.request(route, method, status, stream, duration);
+    });
 }
 
 /// `2026-11-30T08:20:31.665608Z`, as tracing-subscriber writes its timestamps (UTC, microseconds).
