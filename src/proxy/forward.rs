@@ -1,6 +1,7 @@
 //! Forwarding one request: authorise, hold it while a supervised child is not ready, rewrite the
 //! headers, stream the body up, stream the answer back. Nothing is buffered and nothing is parsed.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,7 +17,7 @@ use crate::proxy::body::{BodyTooLarge, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::proxy::state::{AppState, Live};
 use crate::proxy::upstream::{RequestBody, ResponseBody, UpstreamError};
-use crate::proxy::{headers, keepalive};
+use crate::proxy::{headers, keepalive, upstream};
 use crate::telemetry::RequestRecord;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -247,41 +248,28 @@ pub async fn send_pending(
         admitted: _,
     } = pending;
     let request_id = &request_id;
-    let uri = upstream_uri(&state.upstream_path, &parts.uri)?;
+    let target = upstream_target(&state.upstream_path, &parts.uri)?;
     rewrite_request_headers(state, &mut parts.headers, request_id);
-    let mut upstream_request = http::Request::new(body);
-    *upstream_request.method_mut() = parts.method;
-    *upstream_request.uri_mut() = uri;
-    *upstream_request.headers_mut() = parts.headers;
+    let head = upstream::Head {
+        method: &parts.method,
+        target: &target,
+        headers: &parts.headers,
+    };
     // Under `serve`, a refused connection most likely means vLLM just died and the supervisor has
     // not noticed yet: such a request (never sent) waits for the next vLLM and goes again, once.
     let serving_pid = config
         .ready_wait_timeout()
         .and_then(|_| state.status.borrow().serving_pid());
-    let retry = serving_pid.and_then(|_| try_clone(&upstream_request));
+    let again = serving_pid.and_then(|_| body.try_clone());
     let mut sent_at = Instant::now();
-    let mut outcome = send(
-        state,
-        upstream_request,
-        sent_at + header_timeout,
-        header_kind,
-        limit,
-        record,
-    )
-    .await;
-    if let (Err(ProxyError::Unavailable(Unavailable::Connect)), Some(request)) = (&outcome, retry) {
+    let deadline = sent_at + header_timeout;
+    let mut outcome = send(state, head, body, deadline, header_kind, limit, record).await;
+    if let (Err(ProxyError::Unavailable(Unavailable::Connect)), Some(body)) = (&outcome, again) {
         if wait_for_replacement(state, config, serving_pid).await? {
             tracing::debug!(request_id = %record.request_id(), "vLLM refused the connection; sending again to its replacement");
             sent_at = Instant::now();
-            outcome = send(
-                state,
-                request,
-                sent_at + header_timeout,
-                header_kind,
-                limit,
-                record,
-            )
-            .await;
+            let deadline = sent_at + header_timeout;
+            outcome = send(state, head, body, deadline, header_kind, limit, record).await;
         }
     }
     if let (Err(ProxyError::Timeout(_)), Some(finished)) = (&outcome, &streamed_body_finished) {
@@ -332,14 +320,15 @@ fn downstream_response(
 /// Sends the request and waits for the response headers until `deadline`.
 async fn send(
     state: &AppState,
-    request: http::Request<RequestBody>,
+    head: upstream::Head<'_>,
+    body: RequestBody,
     deadline: Instant,
     kind: TimeoutKind,
     limit: u64,
     record: &RequestRecord,
 ) -> Result<http::Response<ResponseBody>, ProxyError> {
     let sent = tokio::select! {
-        sent = tokio::time::timeout_at(deadline, state.upstream.send(request)) => sent,
+        sent = tokio::time::timeout_at(deadline, state.upstream.send(head, body)) => sent,
         () = state.cut.cancelled() => return Err(ProxyError::DrainTimeout),
     };
     match sent {
@@ -360,27 +349,15 @@ async fn read_whole(body: Body, deadline: Instant) -> Result<bytes::Bytes, Proxy
 
 /// The request target sent upstream: the base URL's path prefix, then the request's path and
 /// query, byte for byte, in origin form.
-fn upstream_uri(prefix: &str, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
+fn upstream_target<'a>(prefix: &str, uri: &'a http::Uri) -> Result<Cow<'a, str>, ProxyError> {
     let path_and_query = uri.path_and_query().map_or("/", |target| target.as_str());
     if prefix.is_empty() {
-        if let Some(target) = uri.path_and_query() {
-            return Ok(http::Uri::from(target.clone()));
-        }
+        return Ok(Cow::Borrowed(path_and_query));
     }
-    let mut target = String::with_capacity(prefix.len() + path_and_query.len());
-    target.push_str(prefix);
-    target.push_str(path_and_query);
-    http::Uri::try_from(target)
-        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
-}
-
-/// A copy of a request to send again, when its body can be (it was not streamed).
-fn try_clone(request: &http::Request<RequestBody>) -> Option<http::Request<RequestBody>> {
-    let mut copy = http::Request::new(request.body().try_clone()?);
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+    let target = format!("{prefix}{path_and_query}");
+    http::uri::PathAndQuery::try_from(target.as_str())
+        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
+    Ok(Cow::Owned(target))
 }
 
 /// Whether the path has a `.` or `..` segment, plain or percent-encoded. URL handling resolves
@@ -572,7 +549,7 @@ mod tests {
     #[test]
     fn upstream_targets_keep_the_path_and_query_bytes() {
         let target = |prefix: &str, uri: &str| {
-            upstream_uri(prefix, &uri.parse().expect("uri"))
+            upstream_target(prefix, &uri.parse().expect("uri"))
                 .expect("target")
                 .to_string()
         };

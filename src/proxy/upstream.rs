@@ -27,7 +27,7 @@
 //! a pooled connection before any answer came, and before any of a streamed body was taken, goes
 //! again on a new connection (the pooled one was closing).
 
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -128,17 +128,24 @@ impl Upstream {
         })
     }
 
-    /// Sends `request` (whose URI is in origin form, with its `Host` header set) on a pooled
-    /// connection, or a new one, and returns the response once its head has arrived.
+    /// Sends a request on a pooled connection, or a new one, and returns the response once its
+    /// head has arrived.
     pub async fn send(
         &self,
-        request: Request<RequestBody>,
+        head: Head<'_>,
+        mut body: RequestBody,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
-        let (parts, mut body) = request.into_parts();
-        let (head, chunked) = encode_head(&parts.method, &parts.uri, parts.headers, &mut body);
-        while let Some(connection) = self.pool.take() {
-            match exchange(connection, &head, chunked, &mut body, &parts.method).await {
+        let (head_bytes, chunked) = encode_head(head, &mut body);
+        // Pooled connections first, then a new one (one exchange for both, so that this future
+        // holds room for one).
+        loop {
+            let connection = match self.pool.take() {
+                Some(connection) => connection,
+                None => self.connect().await?,
+            };
+            match exchange(connection, &head_bytes, chunked, &mut body, head.method).await {
                 Ok(answer) => return Ok(self.answer(answer)),
+                // Only a pooled connection fails untouched: the request goes on another.
                 Err(Failed {
                     error,
                     untouched: true,
@@ -147,11 +154,6 @@ impl Upstream {
                 }
                 Err(Failed { error, .. }) => return Err(error),
             }
-        }
-        let connection = self.connect().await?;
-        match exchange(connection, &head, chunked, &mut body, &parts.method).await {
-            Ok(answer) => Ok(self.answer(answer)),
-            Err(Failed { error, .. }) => Err(error),
         }
     }
 
@@ -227,33 +229,37 @@ impl Connection {
     }
 }
 
+/// A request's head as it goes to vLLM, borrowed from where the request is kept: the method, the
+/// target in origin form, and the headers, `Host` included and hop-by-hop ones removed.
+#[derive(Clone, Copy)]
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
 /// The request line and headers, and a body read whole, in one buffer written at once; and
 /// whether a streamed body goes chunked (it has no declared length).
-fn encode_head(
-    method: &Method,
-    uri: &http::Uri,
-    mut headers: HeaderMap,
-    body: &mut RequestBody,
-) -> (Vec<u8>, bool) {
+fn encode_head(head: Head<'_>, body: &mut RequestBody) -> (Vec<u8>, bool) {
+    let Head {
+        method,
+        target,
+        headers,
+    } = head;
     let whole = match body {
         RequestBody::Whole(bytes) => Some(std::mem::take(bytes)),
         _ => None,
     };
+    // The framing header the request lacks, written after its own.
+    let mut length = None;
     let mut chunked = false;
-    match (&whole, &*body) {
-        (Some(bytes), _) if !headers.contains_key(header::CONTENT_LENGTH) => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    if !headers.contains_key(header::CONTENT_LENGTH) {
+        match (&whole, &*body) {
+            (Some(bytes), _) => length = Some(bytes.len()),
+            (None, RequestBody::Streamed(_)) => chunked = true,
+            _ => {}
         }
-        (None, RequestBody::Streamed(_)) if !headers.contains_key(header::CONTENT_LENGTH) => {
-            headers.insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-            chunked = true;
-        }
-        _ => {}
     }
-    let target = uri.path_and_query().map_or("/", |target| target.as_str());
     let size = method.as_str().len()
         + target.len()
         + 16
@@ -261,23 +267,31 @@ fn encode_head(
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>()
+        + 30
         + whole.as_ref().map_or(0, Bytes::len);
-    let mut head = Vec::with_capacity(size);
-    head.extend_from_slice(method.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(target.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+    let mut encoded = Vec::with_capacity(size);
+    encoded.extend_from_slice(method.as_str().as_bytes());
+    encoded.push(b' ');
+    encoded.extend_from_slice(target.as_bytes());
+    encoded.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        encoded.extend_from_slice(name.as_str().as_bytes());
+        encoded.extend_from_slice(b": ");
+        encoded.extend_from_slice(value.as_bytes());
+        encoded.extend_from_slice(b"\r\n");
     }
-    head.extend_from_slice(b"\r\n");
+    if let Some(length) = length {
+        // Writing to a Vec cannot fail.
+        let _ = write!(encoded, "content-length: {length}\r\n");
+    }
+    if chunked {
+        encoded.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    encoded.extend_from_slice(b"\r\n");
     if let Some(bytes) = whole {
-        head.extend_from_slice(&bytes);
+        encoded.extend_from_slice(&bytes);
     }
-    (head, chunked)
+    (encoded, chunked)
 }
 
 /// A failed exchange; `untouched` when nothing was answered and no streamed body was taken, so
@@ -853,12 +867,17 @@ mod tests {
         let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
         let upstream = Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8)
             .expect("upstream");
-        let mut request = Request::new(RequestBody::Empty);
-        *request.uri_mut() = "/v1/models".parse().expect("target");
-        request
-            .headers_mut()
-            .insert(header::HOST, upstream.host_header.clone());
-        let (head, body) = upstream.send(request).await?.into_parts();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, upstream.host_header.clone());
+        let request = Head {
+            method: &Method::GET,
+            target: "/v1/models",
+            headers: &headers,
+        };
+        let (head, body) = upstream
+            .send(request, RequestBody::Empty)
+            .await?
+            .into_parts();
         let bytes = body.collect().await?.to_bytes();
         Ok((Response::from_parts(head, ()), bytes))
     }
