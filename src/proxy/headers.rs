@@ -3,7 +3,7 @@
 //! else passes through untouched. The fixed list is a static table; no allocation happens unless a
 //! client nominates custom headers in `Connection`.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, never the message.
 static HOP_BY_HOP: [HeaderName; 8] = [
@@ -20,28 +20,73 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// The elements of a comma-separated list header (`Connection`, `Transfer-Encoding`), in order
 /// over all its lines, trimmed; empty elements are skipped.
 pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(name)
-        .iter()
+    elements(headers.get_all(name).iter())
+}
+
+/// The elements of the lines of a comma-separated list header, as [`tokens`].
+fn elements<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a str> {
+    lines
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
         .filter(|token| !token.is_empty())
 }
 
+/// The lengths of the names in [`HOP_BY_HOP`], one bit each: most names are told apart from
+/// them by their length alone.
+const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 17 | 1 << 18 | 1 << 19;
+
+/// Where `name` is in [`HOP_BY_HOP`], if it is.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let length = name.as_str().len();
+    if length >= 32 || HOP_BY_HOP_LENGTHS & (1 << length) == 0 {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|hop| hop == name)
+}
+
 /// Removes the fixed hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let nominated: Vec<HeaderName> = tokens(headers, header::CONNECTION)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in nominated {
-        headers.remove(name);
+    // One pass over the names finds the few that are there (most messages carry none, or only
+    // `Connection`): a removal by name costs a lookup each.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(index) = hop_by_hop_index(name) {
+            present |= 1 << index;
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present == 0 {
+        return;
+    }
+    // `Connection` (first in the table) goes with all its lines in one lookup, and the headers
+    // it nominates after it.
+    if present & 1 != 0
+        && let Entry::Occupied(connection) = headers.entry(header::CONNECTION)
+    {
+        let names_none = |token: &str| {
+            token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive")
+        };
+        // Usually the one line `keep-alive` or `close`, told without taking it apart.
+        let nominated: Vec<HeaderName> = if connection
+            .iter()
+            .all(|line| line.to_str().is_ok_and(names_none))
+        {
+            Vec::new()
+        } else {
+            elements(connection.iter())
+                .filter(|token| !names_none(token))
+                .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+                .collect()
+        };
+        connection.remove_entry_mult();
+        for name in nominated {
+            headers.remove(name);
+        }
+    }
+    for (index, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -60,17 +105,15 @@ pub fn strip_cors(headers: &mut HeaderMap) {
     }
 }
 
+const EVENT_STREAM: &str = "text/event-stream";
+
 /// True when the response is a Server-Sent Events stream.
 pub fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| {
-            value
-                .trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        })
+        .and_then(|value| value.trim_start().get(..EVENT_STREAM.len()))
+        .is_some_and(|media_type| media_type.eq_ignore_ascii_case(EVENT_STREAM))
 }
 
 #[cfg(test)]
@@ -101,8 +144,34 @@ mod tests {
         headers.insert("x-custom", HeaderValue::from_static("kept"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
         strip_hop_by_hop(&mut headers);
+        // (A removal moves the last header into its place: the order of names is not kept.)
+        let mut left: Vec<_> = headers.keys().map(|name| name.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "x-custom"]);
+    }
+
+    #[test]
+    fn the_length_filter_passes_every_hop_by_hop_name() {
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(index), "{name}");
+        }
+        for name in ["host", "user-agent", "content-type", "x-connection"] {
+            let name = HeaderName::from_static(name);
+            assert_eq!(hop_by_hop_index(&name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_connection_header_over_several_lines_goes_with_what_it_nominates() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-a, , X-B"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert("x-b", HeaderValue::from_static("2"));
+        headers.insert("x-c", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|name| name.as_str()).collect();
-        assert_eq!(left, ["x-custom", "authorization"]);
+        assert_eq!(left, ["x-c"]);
     }
 
     #[test]
