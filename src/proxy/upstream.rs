@@ -267,7 +267,8 @@ fn encode_head(head: Head<'_>, body: &mut RequestBody) -> (Vec<u8>, bool) {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>()
-        + 30
+        // The framing line, when one is added.
+        + 40
         + whole.as_ref().map_or(0, Bytes::len);
     let mut encoded = Vec::with_capacity(size);
     encoded.extend_from_slice(method.as_str().as_bytes());
