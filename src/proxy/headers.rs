@@ -32,6 +32,29 @@ fn elements<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> impl Iterator<I
         .filter(|token| !token.is_empty())
 }
 
+/// Whether a `Connection` token is one that names no header.
+fn names_none(token: &str) -> bool {
+    token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive")
+}
+
+/// Whether a line of `Connection` names headers to remove with it (anything but `keep-alive` and
+/// `close`).
+pub fn nominates(line: &HeaderValue) -> bool {
+    // Usually the line is `keep-alive` or `close` alone, told without taking it apart.
+    if line.to_str().is_ok_and(names_none) {
+        return false;
+    }
+    elements(std::iter::once(line)).any(|token| !names_none(token))
+}
+
+/// Whether a line of `Connection` asks to close the connection.
+pub fn asks_to_close(line: &HeaderValue) -> bool {
+    if line.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
+        return false;
+    }
+    elements(std::iter::once(line)).any(|token| token.eq_ignore_ascii_case("close"))
+}
+
 /// The lengths of the names in [`HOP_BY_HOP`], one bit each: most names are told apart from
 /// them by their length alone.
 const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 17 | 1 << 18 | 1 << 19;
@@ -63,20 +86,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present & 1 != 0
         && let Entry::Occupied(connection) = headers.entry(header::CONNECTION)
     {
-        let names_none = |token: &str| {
-            token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive")
-        };
-        // Usually the one line `keep-alive` or `close`, told without taking it apart.
-        let nominated: Vec<HeaderName> = if connection
-            .iter()
-            .all(|line| line.to_str().is_ok_and(names_none))
-        {
-            Vec::new()
-        } else {
+        let nominated: Vec<HeaderName> = if connection.iter().any(nominates) {
             elements(connection.iter())
                 .filter(|token| !names_none(token))
                 .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
                 .collect()
+        } else {
+            Vec::new()
         };
         connection.remove_entry_mult();
         for name in nominated {

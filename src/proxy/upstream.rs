@@ -435,16 +435,24 @@ fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>,
     *response.version_mut() = version;
     let headers = response.headers_mut();
     headers.reserve(parsed.headers.len());
+    let mut close = false;
     for line in parsed.headers.iter() {
         let name = HeaderName::from_bytes(line.name.as_bytes())
             .map_err(|_| UpstreamError::Protocol("invalid response header name"))?;
         let value = HeaderValue::from_bytes(line.value)
             .map_err(|_| UpstreamError::Protocol("invalid response header value"))?;
+        // `Connection` speaks of this connection alone: it is read here (may it serve again?)
+        // and kept only when it names other headers, for `headers::strip_hop_by_hop` to remove
+        // them with it. (A line kept and then removed costs more than the rest of the head.)
+        if name == header::CONNECTION {
+            close |= headers::asks_to_close(&value);
+            if !headers::nominates(&value) {
+                continue;
+            }
+        }
         headers.append(name, value);
     }
     let framing = framing(method, status, headers)?;
-    let close = headers::tokens(headers, header::CONNECTION)
-        .any(|token| token.eq_ignore_ascii_case("close"));
     let reusable = version == Version::HTTP_11 && !close && !matches!(framing, Framing::Close);
     Ok(Some((length, Parsed::Final(response, framing, reusable))))
 }
@@ -839,6 +847,32 @@ mod tests {
         assert!(!reusable, "an HTTP/1.0 answer closes its connection");
         assert!(parse_head(b"HTTP/1.1 2000 No\r\n\r\n", &Method::GET).is_err());
         assert!(parse_head(b"garbage\r\n\r\n", &Method::GET).is_err());
+    }
+
+    #[test]
+    fn connection_decides_reuse_and_stays_only_when_it_names_headers() {
+        let parsed = |connection: &str| {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nconnection: {connection}\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n"
+            );
+            let Ok(Some((_, Parsed::Final(response, _, reusable)))) =
+                parse_head(head.as_bytes(), &Method::GET)
+            else {
+                panic!("a complete head");
+            };
+            let kept = response
+                .headers()
+                .get(header::CONNECTION)
+                .map(|value| value.to_str().expect("ascii").to_owned());
+            (kept, reusable)
+        };
+        assert_eq!(parsed("keep-alive"), (None, true));
+        assert_eq!(parsed("Close"), (None, false));
+        assert_eq!(parsed("x-hop, close"), (Some("x-hop, close".into()), false));
+        assert_eq!(
+            parsed("keep-alive, x-hop"),
+            (Some("keep-alive, x-hop".into()), true)
+        );
     }
 
     /// An upstream on loopback that reads one request and writes `pieces` apart, then closes the
