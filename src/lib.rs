@@ -14,7 +14,7 @@
 //!  proxy: workers ─▶ conn, router ─▶ endpoints       supervisor (the actor, its handle)
 //!     │                                                 │
 //!  proxy::forward ─▶ body, errors, headers,          supervisor::child ─▶ reaper; port,
-//!    admission, keepalive, upstream, timer;          descendants ─▶ guard; output
+//!    admission, keepalive, upstream, timer, wake;    descendants ─▶ guard; output
 //!  telemetry; notify
 //!     │                                                 │
 //!  probe         the upstream /health probe, the standalone poller
@@ -50,8 +50,9 @@
 //!   forward); `proxy::upstream` holds a worker's connections to vLLM (HTTP/1.1 over plain
 //!   sockets, and the worker's pool of idle ones); `proxy::headers` holds the hop-by-hop
 //!   rules; `proxy::body` wraps bodies with limits and timeouts, whose sleeps `proxy::timer` arms
-//!   only when something has to wait; `proxy::errors` shapes every error as OpenAI JSON or a
-//!   final SSE `error` event.
+//!   only when something has to wait; `proxy::wake` polls a shutdown token's wait (a connection's
+//!   drain, a stream's cut) only once it has woken; `proxy::errors` shapes every error as OpenAI
+//!   JSON or a final SSE `error` event.
 //! - `supervisor`: `gateway serve`, the actor that owns the child (one task); others hold a
 //!   `SupervisorHandle` (its `Control` sender and status receiver). `child` spawns and
 //!   stops process groups, `port` checks that `vllm_port` is free and that vLLM's group owns the

@@ -22,6 +22,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::proxy::timer::Timer;
+use crate::proxy::wake::WhenWoken;
 use crate::telemetry::RequestRecord;
 
 /// The request body grew past the configured limit.
@@ -107,7 +108,7 @@ pub struct UpstreamBody<B> {
     /// Armed only when the body has to wait for vLLM: a body read at once never touches it.
     timer: Timer,
     /// For a stream: fires when `drain_timeout` expires, which ends it with the error event.
-    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    cut: Option<WhenWoken<Pin<Box<WaitForCancellationFutureOwned>>>>,
     /// Whether the bytes forwarded so far end on an SSE event boundary (`\n\n`), so a final
     /// error event can be framed correctly.
     at_boundary: bool,
@@ -136,7 +137,7 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
             record.set_complete();
         }
         let cut = match timing {
-            Timing::Stream { .. } => Some(Box::pin(cut.clone().cancelled_owned())),
+            Timing::Stream { .. } => Some(WhenWoken::new(Box::pin(cut.clone().cancelled_owned()))),
             Timing::Whole => None,
         };
         UpstreamBody {
@@ -190,7 +191,7 @@ where
             return Poll::Ready(None);
         }
         if let Some(cut) = &mut this.cut
-            && cut.as_mut().poll(cx).is_ready()
+            && Pin::new(cut).poll(cx).is_ready()
         {
             return this.fail(ProxyError::DrainTimeout);
         }

@@ -34,14 +34,13 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Wake, Waker, ready};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use futures_util::task::AtomicWaker;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -58,6 +57,7 @@ use crate::config::ProxyConfig;
 use crate::proxy::router::{Responding, Surface};
 use crate::proxy::state::LiveConfig;
 use crate::proxy::timer::Timer;
+use crate::proxy::wake::WhenWoken;
 
 /// The largest request head (request line and headers) accepted: a larger one gets 431. It also
 /// bounds each connection's read and write buffers (hyper's default is about 400 KB), so that a
@@ -431,64 +431,6 @@ fn serve_connection(
         if let Err(error) = result {
             tracing::debug!(%error, "client connection ended with an error");
         }
-    }
-}
-
-/// A future polled only when it may have become ready: on the first poll, and after it woke its
-/// task. The connection's wait for the drain is one: polling a token's wait takes two locks (the
-/// token's and its notifier's), and a connection's task is polled several times a request, for
-/// reasons that are never the drain.
-struct WhenWoken<'a, F> {
-    future: Pin<&'a mut F>,
-    woken: Arc<Woken>,
-    /// `woken` as a waker: the one `future` is polled with.
-    waker: Waker,
-}
-
-/// Whether a [`WhenWoken`] future woke since it was last polled, and the task to wake then.
-struct Woken {
-    since_poll: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for Woken {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.since_poll.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl<'a, F: Future> WhenWoken<'a, F> {
-    fn new(future: Pin<&'a mut F>) -> Self {
-        let woken = Arc::new(Woken {
-            since_poll: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
-        WhenWoken {
-            future,
-            waker: Waker::from(Arc::clone(&woken)),
-            woken,
-        }
-    }
-}
-
-impl<F: Future> Future for WhenWoken<'_, F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
-        // Registered before the flag is read, so a wake in between is not lost.
-        this.woken.task.register(cx.waker());
-        if !this.woken.since_poll.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        this.future
-            .as_mut()
-            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 

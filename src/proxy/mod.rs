@@ -21,6 +21,7 @@ pub mod router;
 pub mod state;
 pub mod timer;
 pub mod upstream;
+pub mod wake;
 pub mod workers;
 
 pub use crate::proxy::router::app;
