@@ -16,7 +16,7 @@ TEST_VENV ?= $(TARGET_DIR)/test-venv
 # A real vLLM and a tiny model made locally (tests/vllm/setup.sh): 6.3 GB, 7.6 GB while it installs.
 VLLM_DIR ?= $(TARGET_DIR)/vllm
 
-.PHONY: all build test test-venv test-vllm vllm-setup lint fmt demo bench install install-check clean verify-unit
+.PHONY: all build test test-venv test-vllm vllm-setup lint fmt demo bench bench-instructions install install-check clean verify-unit
 
 all: build
 
@@ -81,6 +81,10 @@ demo:
 
 bench:
 	bash tests/bench/run.sh
+
+# Instructions a forwarded request costs, under callgrind (steadier than CPU time; see the script).
+bench-instructions:
+	bash tests/bench/instructions.sh
 
 # The unit is installed with its paths rewritten for PREFIX and SYSCONFDIR; an existing
 # config.toml is never overwritten.
