@@ -327,7 +327,10 @@ async fn send(
     limit: u64,
     record: &RequestRecord,
 ) -> Result<http::Response<ResponseBody>, ProxyError> {
+    // The exchange first: polling the cut's wait takes its token's locks, and when the answer has
+    // come there is no need to.
     let sent = tokio::select! {
+        biased;
         sent = tokio::time::timeout_at(deadline, state.upstream.send(head, body)) => sent,
         () = state.cut.cancelled() => return Err(ProxyError::DrainTimeout),
     };
