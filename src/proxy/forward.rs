@@ -331,13 +331,13 @@ async fn send(
     // come there is no need to.
     let sent = tokio::select! {
         biased;
-        sent = tokio::time::timeout_at(deadline, state.upstream.send(head, body)) => sent,
+        sent = state.upstream.send(head, body, deadline) => sent,
         () = state.cut.cancelled() => return Err(ProxyError::DrainTimeout),
     };
     match sent {
-        Err(_) => Err(ProxyError::Timeout(kind)),
-        Ok(Err(error)) => Err(classify(&error, limit, record)),
-        Ok(Ok(response)) => Ok(response),
+        Err(UpstreamError::Timeout) => Err(ProxyError::Timeout(kind)),
+        Err(error) => Err(classify(&error, limit, record)),
+        Ok(response) => Ok(response),
     }
 }
 

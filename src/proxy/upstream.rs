@@ -8,7 +8,8 @@
 //! an 8 KB write buffer, the first block of the channel to its connection (9.7 KB) and a task per
 //! connection: about 12 KB of resident memory a stream more. The exchange runs in the request's
 //! own task and the response body is read by the client connection's task, so a request and its
-//! answer cross no task in between.
+//! answer cross no task in between. The caller's deadline for the response head (the first-byte
+//! timeout) is kept by a timer that stays with the connection from one exchange to the next.
 //!
 //! The protocol is the client side of RFC 9112, as much as a proxy in front of vLLM needs: the
 //! request head is written in one piece (with a body read whole, in the same write); a streamed
@@ -30,7 +31,7 @@
 use std::cell::RefCell;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -45,6 +46,7 @@ use tokio::time::Instant;
 
 use crate::proxy::body::LimitedBody;
 use crate::proxy::headers;
+use crate::proxy::timer::Timer;
 
 /// A connection's first read buffer: under a page, so that quiet streams' buffers share pages.
 const READ_START: usize = 1024;
@@ -75,6 +77,9 @@ pub enum UpstreamError {
     Connect(io::Error),
     #[error("connect timeout")]
     ConnectTimeout,
+    /// The deadline `Upstream::send` was given passed before the response head came.
+    #[error("no response by the deadline")]
+    Timeout,
     #[error("connection failed: {0}")]
     Io(#[from] io::Error),
     #[error("invalid response: {0}")]
@@ -131,11 +136,12 @@ impl Upstream {
     }
 
     /// Sends a request on a pooled connection, or a new one, and returns the response once its
-    /// head has arrived.
+    /// head has arrived; [`UpstreamError::Timeout`] if that is not by `deadline`.
     pub async fn send(
         &self,
         head: Head<'_>,
         mut body: RequestBody,
+        deadline: Instant,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let (head_bytes, chunked) = encode_head(head, &mut body);
         // Pooled connections first, then a new one (one exchange for both, so that this future
@@ -143,9 +149,17 @@ impl Upstream {
         loop {
             let connection = match self.pool.take() {
                 Some(connection) => connection,
-                None => self.connect().await?,
+                None => self.connect(deadline).await?,
             };
-            match exchange(connection, &head_bytes, chunked, &mut body, head.method).await {
+            let exchanged = exchange(
+                connection,
+                &head_bytes,
+                chunked,
+                &mut body,
+                head.method,
+                deadline,
+            );
+            match exchanged.await {
                 Ok(answer) => return Ok(self.answer(answer)),
                 // Only a pooled connection fails untouched: the request goes on another.
                 Err(Failed {
@@ -172,10 +186,17 @@ impl Upstream {
         head.map(|()| body)
     }
 
-    async fn connect(&self) -> Result<Connection, UpstreamError> {
+    /// A new connection, within `connect_timeout` and by `deadline`.
+    async fn connect(&self, deadline: Instant) -> Result<Connection, UpstreamError> {
         let connect = TcpStream::connect((self.host.as_str(), self.port));
-        let tcp = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Err(_) => return Err(UpstreamError::ConnectTimeout),
+        let (limit, late) = match Instant::now() + self.connect_timeout {
+            connect_deadline if connect_deadline < deadline => {
+                (connect_deadline, UpstreamError::ConnectTimeout)
+            }
+            _ => (deadline, UpstreamError::Timeout),
+        };
+        let tcp = match tokio::time::timeout_at(limit, connect).await {
+            Err(_) => return Err(late),
             Ok(Err(error)) => return Err(UpstreamError::Connect(error)),
             Ok(Ok(tcp)) => tcp,
         };
@@ -188,6 +209,7 @@ impl Upstream {
             buffer: BytesMut::new(),
             next_read: READ_START,
             reused: false,
+            timer: Timer::default(),
         })
     }
 }
@@ -200,6 +222,10 @@ struct Connection {
     next_read: usize,
     /// Whether it served a request before (and so may have been closed meanwhile by vLLM).
     reused: bool,
+    /// For the deadline of each exchange. Kept with the connection, so that its sleep is moved on
+    /// only when it fires early (see [`Timer`]): a sleep made, registered with the runtime's timer
+    /// wheel and taken out again for each request cost 340 instructions a request more.
+    timer: Timer,
 }
 
 impl Connection {
@@ -308,26 +334,51 @@ struct Failed {
 /// connection may serve again after it.
 type Answer = (Response<()>, Connection, Framing, bool);
 
-/// Writes the request and reads the response head.
+/// `future`, unless `deadline` passes first.
+async fn within<T>(
+    timer: &mut Timer,
+    deadline: Instant,
+    future: impl Future<Output = T>,
+) -> Result<T, UpstreamError> {
+    let mut future = pin!(future);
+    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Ok(output)),
+        Poll::Pending if timer.expired(deadline, cx) => Poll::Ready(Err(UpstreamError::Timeout)),
+        Poll::Pending => Poll::Pending,
+    })
+    .await
+}
+
+/// Writes the request and reads the response head, by `deadline`.
 async fn exchange(
     mut connection: Connection,
     head: &[u8],
     chunked: bool,
     body: &mut RequestBody,
     method: &Method,
+    deadline: Instant,
 ) -> Result<Answer, Failed> {
     let reused = connection.reused;
     let failed = |error: UpstreamError, untouched: bool| Failed {
         error,
         untouched: reused && untouched,
     };
-    if let Err(error) = connection.tcp.write_all(head).await {
-        return Err(failed(error.into(), true));
+    // Out of the connection while it waits on the connection's socket; back in with the answer.
+    let mut timer = std::mem::take(&mut connection.timer);
+    match within(&mut timer, deadline, connection.tcp.write_all(head)).await {
+        Err(timeout) => return Err(failed(timeout, false)),
+        Ok(Err(error)) => return Err(failed(error.into(), true)),
+        Ok(Ok(())) => {}
     }
     if let RequestBody::Streamed(streamed) = body {
-        write_streamed(&mut connection.tcp, streamed, chunked)
-            .await
-            .map_err(|error| failed(error, false))?;
+        within(
+            &mut timer,
+            deadline,
+            write_streamed(&mut connection.tcp, streamed, chunked),
+        )
+        .await
+        .and_then(|written| written)
+        .map_err(|error| failed(error, false))?;
     }
     loop {
         match parse_head(&connection.buffer, method) {
@@ -337,6 +388,7 @@ async fn exchange(
             }
             Ok(Some((length, Parsed::Final(response, framing, reusable)))) => {
                 connection.buffer.advance(length);
+                connection.timer = timer;
                 return Ok((response, connection, framing, reusable));
             }
             Ok(None) => {}
@@ -348,7 +400,10 @@ async fn exchange(
                 false,
             ));
         }
-        match connection.fill().await {
+        let filled = within(&mut timer, deadline, connection.fill())
+            .await
+            .map_err(|timeout| failed(timeout, false))?;
+        match filled {
             Ok(0) => {
                 let untouched = connection.buffer.is_empty();
                 return Err(failed(
@@ -1045,8 +1100,9 @@ mod tests {
             target: "/v1/models",
             headers: &headers,
         };
+        let deadline = Instant::now() + Duration::from_secs(5);
         let (head, body) = upstream
-            .send(request, RequestBody::Empty)
+            .send(request, RequestBody::Empty, deadline)
             .await?
             .into_parts();
         let bytes = body.collect().await?.to_bytes();
@@ -1069,6 +1125,54 @@ mod tests {
         let (head, body) = fetch(port).await.expect("response");
         assert_eq!(head.status(), StatusCode::OK);
         assert_eq!(&body[..], b"hello");
+    }
+
+    /// A deadline that passed while its connection sat in the pool does not cut the connection's
+    /// next exchange short, and a deadline that passes while vLLM is silent ends the exchange.
+    #[tokio::test]
+    async fn each_exchange_keeps_its_own_deadline_on_a_reused_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // One connection only: the two answered requests must share it. The third gets no answer.
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 4096];
+            for _ in 0..2 {
+                let _ = socket.read(&mut request).await;
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                socket.write_all(answer).await.expect("write");
+            }
+            while socket.read(&mut request).await.is_ok_and(|read| read > 0) {}
+        });
+        let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
+        let upstream = Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8)
+            .expect("upstream");
+        let upstream = &upstream;
+        let headers = HeaderMap::new();
+        let request = Head {
+            method: &Method::GET,
+            target: "/v1/models",
+            headers: &headers,
+        };
+        let exchange = |deadline| async move {
+            let response = upstream.send(request, RequestBody::Empty, deadline).await?;
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok::<_, UpstreamError>(body)
+        };
+        let first = Instant::now() + Duration::from_millis(50);
+        assert_eq!(&exchange(first).await.expect("answered")[..], b"ok");
+        tokio::time::sleep_until(first + Duration::from_millis(10)).await;
+        let later = Instant::now() + Duration::from_secs(5);
+        assert_eq!(&exchange(later).await.expect("answered again")[..], b"ok");
+        let started = Instant::now();
+        let silent = exchange(started + Duration::from_millis(50)).await;
+        assert!(matches!(silent, Err(UpstreamError::Timeout)), "{silent:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not by the deadline"
+        );
     }
 
     #[tokio::test]
