@@ -585,7 +585,12 @@ impl http_body::Body for TrackedBody {
 #[derive(Debug, Clone, Copy)]
 enum Reading {
     /// Waiting for a request head, due whole by the deadline; `begun` once a byte of it came.
-    Head { deadline: Instant, begun: bool },
+    /// A later request's deadline is set when a read first has to wait for more of its head
+    /// (right after its first bytes): most heads arrive whole and never need one.
+    Head {
+        deadline: Option<Instant>,
+        begun: bool,
+    },
     /// Kept alive after a response, waiting for the next request's first byte.
     Idle { deadline: Instant },
     /// A request is being served: reads are its body's, or hyper watching for a hang-up.
@@ -617,7 +622,7 @@ impl ClientIo {
             seen_finished: 0,
             // The first head is due `client_header_timeout` after the connection opened.
             reading: Reading::Head {
-                deadline: Instant::now() + timeouts.header,
+                deadline: Some(Instant::now() + timeouts.header),
                 begun: false,
             },
             read_timer: Timer::default(),
@@ -646,7 +651,7 @@ impl ClientIo {
         match &mut self.reading {
             Reading::Idle { .. } => {
                 self.reading = Reading::Head {
-                    deadline: Instant::now() + self.timeouts.header,
+                    deadline: None,
                     begun: true,
                 };
             }
@@ -744,8 +749,12 @@ impl AsyncRead for ClientIo {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                let deadline = match this.reading {
-                    Reading::Head { deadline, .. } | Reading::Idle { deadline } => deadline,
+                let header = this.timeouts.header;
+                let deadline = match &mut this.reading {
+                    Reading::Head { deadline, .. } => {
+                        *deadline.get_or_insert_with(|| Instant::now() + header)
+                    }
+                    Reading::Idle { deadline } => *deadline,
                     Reading::Busy | Reading::TimedOut => return Poll::Pending,
                 };
                 if !this.read_timer.expired(deadline, cx) {
