@@ -580,6 +580,11 @@ impl RequestRecord {
         }
     }
 
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     pub fn request_id(&self) -> &str {
         self.request_id.to_str().unwrap_or("-")
     }

@@ -146,7 +146,7 @@ async fn proxy(
         } else {
             (config.proxy.request_timeout, TimeoutKind::Request)
         };
-    let body_deadline = Instant::now() + header_timeout;
+    let body_deadline = record.started() + header_timeout;
 
     let (mut parts, body) = request.into_parts();
     // Tunnels and traces have no place in front of vLLM (and CONNECT's answer cannot be relayed).
