@@ -15,12 +15,12 @@ use crate::config::Config;
 use crate::proxy::admission::{self, Permit};
 use crate::proxy::body::{BodyTooLarge, LimitedBody, Timing, UpstreamBody};
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
+use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::state::{AppState, Live};
 use crate::proxy::upstream::{RequestBody, ResponseBody, UpstreamError};
 use crate::proxy::{headers, keepalive, upstream};
 use crate::telemetry::RequestRecord;
 
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// The fallback handler: everything the gateway does not answer itself goes upstream.
@@ -238,7 +238,7 @@ pub async fn send_pending(
     record: &RequestRecord,
 ) -> Result<Forwarded, ProxyError> {
     let Pending {
-        mut parts,
+        parts,
         body,
         streamed_body_finished,
         header_timeout,
@@ -249,11 +249,18 @@ pub async fn send_pending(
     } = pending;
     let request_id = &request_id;
     let target = upstream_target(&state.upstream_path, &parts.uri)?;
-    rewrite_request_headers(state, &mut parts.headers, request_id);
+    // What goes upstream: no hop-by-hop headers, the upstream's `Host`, the request id, and the
+    // upstream key unless the client sent its own.
     let head = upstream::Head {
         method: &parts.method,
         target: &target,
         headers: &parts.headers,
+        host: &state.upstream.host_header,
+        request_id,
+        authorization: state
+            .upstream_auth
+            .as_ref()
+            .filter(|_| !parts.headers.contains_key(header::AUTHORIZATION)),
     };
     // Under `serve`, a refused connection most likely means vLLM just died and the supervisor has
     // not noticed yet: such a request (never sent) waits for the next vLLM and goes again, once.
@@ -279,19 +286,6 @@ pub async fn send_pending(
     }
     let (head, body, timing) = downstream_response(config, outcome?);
     Ok((head, body, timing, sent_at))
-}
-
-/// What goes upstream: no hop-by-hop headers, the upstream's `Host`, the upstream key unless the
-/// client sent its own, and the request id.
-fn rewrite_request_headers(state: &AppState, headers: &mut HeaderMap, request_id: &HeaderValue) {
-    headers::strip_hop_by_hop(headers);
-    headers.insert(header::HOST, state.upstream.host_header.clone());
-    if let Some(auth) = &state.upstream_auth {
-        if !headers.contains_key(header::AUTHORIZATION) {
-            headers.insert(header::AUTHORIZATION, auth.clone());
-        }
-    }
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
 /// The upstream's response as the client gets it, and how its body is to be timed.

@@ -1,9 +1,13 @@
 //! Header rules of a forwarding proxy (RFC 9110 section 7.6.1): hop-by-hop headers are removed in
-//! both directions, the fixed list and every header the `Connection` header nominates. Everything
+//! both directions, the fixed list and every header the `Connection` header nominates (from a
+//! response's map; a request's are left out as `proxy::upstream` writes its head). Everything
 //! else passes through untouched. The fixed list is a static table; no allocation happens unless a
 //! client nominates custom headers in `Connection`.
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+
+/// The request's id, which the gateway passes to vLLM and returns to the client.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers that describe one connection, never the message.
 static HOP_BY_HOP: [HeaderName; 8] = [
@@ -68,6 +72,31 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     HOP_BY_HOP.iter().position(|hop| hop == name)
 }
 
+/// The headers a message's `Connection` names (other than `close` and `keep-alive`), hop-by-hop
+/// with it; empty, and nothing allocated, when it names none.
+pub fn nominated(headers: &HeaderMap) -> Vec<HeaderName> {
+    nominated_by(|| headers.get_all(header::CONNECTION).iter())
+}
+
+/// [`nominated`], of the `Connection` lines `lines` goes over.
+fn nominated_by<'a, I>(lines: impl Fn() -> I) -> Vec<HeaderName>
+where
+    I: Iterator<Item = &'a HeaderValue>,
+{
+    if !lines().any(nominates) {
+        return Vec::new();
+    }
+    elements(lines())
+        .filter(|token| !names_none(token))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect()
+}
+
+/// Whether `name` is hop-by-hop in a message whose `Connection` names `nominated`.
+pub fn is_hop_by_hop(name: &HeaderName, nominated: &[HeaderName]) -> bool {
+    hop_by_hop_index(name).is_some() || nominated.contains(name)
+}
+
 /// Removes the fixed hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds the few that are there (most messages carry none, or only
@@ -86,14 +115,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present & 1 != 0
         && let Entry::Occupied(connection) = headers.entry(header::CONNECTION)
     {
-        let nominated: Vec<HeaderName> = if connection.iter().any(nominates) {
-            elements(connection.iter())
-                .filter(|token| !names_none(token))
-                .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let nominated = nominated_by(|| connection.iter());
         connection.remove_entry_mult();
         for name in nominated {
             headers.remove(name);

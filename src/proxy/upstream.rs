@@ -258,12 +258,21 @@ impl Connection {
 }
 
 /// A request's head as it goes to vLLM, borrowed from where the request is kept: the method, the
-/// target in origin form, and the headers, `Host` included and hop-by-hop ones removed.
+/// target in origin form, the client's headers, and the lines the gateway writes in place of the
+/// client's. Hop-by-hop headers are left out as the head is written, rather than removed from the
+/// map first (a removal or an insertion is a lookup in it).
 #[derive(Clone, Copy)]
 pub struct Head<'a> {
     pub method: &'a Method,
     pub target: &'a str,
+    /// As the client sent them.
     pub headers: &'a HeaderMap,
+    /// vLLM's authority, in place of the client's `Host`.
+    pub host: &'a HeaderValue,
+    /// The request's id, in place of the client's `X-Request-Id`.
+    pub request_id: &'a HeaderValue,
+    /// The upstream key, for a request that has no `Authorization` of its own.
+    pub authorization: Option<&'a HeaderValue>,
 }
 
 /// The request line and headers, and a body read whole, in one buffer written at once; and
@@ -273,6 +282,9 @@ fn encode_head(head: Head<'_>, body: &mut RequestBody) -> (Vec<u8>, bool) {
         method,
         target,
         headers,
+        host,
+        request_id,
+        authorization,
     } = head;
     let whole = match body {
         RequestBody::Whole(bytes) => Some(std::mem::take(bytes)),
@@ -295,19 +307,36 @@ fn encode_head(head: Head<'_>, body: &mut RequestBody) -> (Vec<u8>, bool) {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>()
-        // The framing line, when one is added.
-        + 40
+        + host.len()
+        + request_id.len()
+        + authorization.map_or(0, HeaderValue::len)
+        // Their names, and the framing line when one is added.
+        + 80
         + whole.as_ref().map_or(0, Bytes::len);
     let mut encoded = Vec::with_capacity(size);
     encoded.extend_from_slice(method.as_str().as_bytes());
     encoded.push(b' ');
     encoded.extend_from_slice(target.as_bytes());
     encoded.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    let nominated = headers::nominated(headers);
+    let mut line = |name: &HeaderName, value: &HeaderValue| {
         encoded.extend_from_slice(name.as_str().as_bytes());
         encoded.extend_from_slice(b": ");
         encoded.extend_from_slice(value.as_bytes());
         encoded.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in headers {
+        if !headers::is_hop_by_hop(name, &nominated)
+            && name != header::HOST
+            && *name != headers::X_REQUEST_ID
+        {
+            line(name, value);
+        }
+    }
+    line(&header::HOST, host);
+    line(&headers::X_REQUEST_ID, request_id);
+    if let Some(authorization) = authorization {
+        line(&header::AUTHORIZATION, authorization);
     }
     if let Some(length) = length {
         // Writing to a Vec cannot fail.
@@ -961,6 +990,52 @@ mod tests {
     }
 
     #[test]
+    fn request_heads_leave_out_hop_by_hop_lines_and_take_the_gateways_own() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::HOST, HeaderValue::from_static("client"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-a, close"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append(header::TE, HeaderValue::from_static("trailers"));
+        headers.append(&headers::X_REQUEST_ID, HeaderValue::from_static("theirs"));
+        headers.append(header::ACCEPT, HeaderValue::from_static("*/*"));
+        headers.append(header::ACCEPT, HeaderValue::from_static("text/plain"));
+        let (host, id) = (
+            HeaderValue::from_static("vllm:8000"),
+            HeaderValue::from_static("ours"),
+        );
+        let head = |authorization| Head {
+            method: &Method::POST,
+            target: "/v1/responses?x=1",
+            headers: &headers,
+            host: &host,
+            request_id: &id,
+            authorization,
+        };
+        let encoded = |head, mut body| String::from_utf8(encode_head(head, &mut body).0);
+        let key = HeaderValue::from_static("Bearer k");
+        assert_eq!(
+            encoded(
+                head(Some(&key)),
+                RequestBody::Whole(Bytes::from_static(b"{}"))
+            ),
+            Ok(
+                "POST /v1/responses?x=1 HTTP/1.1\r\naccept: */*\r\naccept: text/plain\r\n\
+                host: vllm:8000\r\nx-request-id: ours\r\nauthorization: Bearer k\r\n\
+                content-length: 2\r\n\r\n{}"
+                    .to_string()
+            )
+        );
+        assert_eq!(
+            encoded(head(None), RequestBody::Empty),
+            Ok(
+                "POST /v1/responses?x=1 HTTP/1.1\r\naccept: */*\r\naccept: text/plain\r\n\
+                host: vllm:8000\r\nx-request-id: ours\r\n\r\n"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
     fn interim_heads_are_skipped_and_final_ones_parsed() {
         let interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n";
         assert!(matches!(
@@ -1093,12 +1168,15 @@ mod tests {
         let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
         let upstream = Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8)
             .expect("upstream");
-        let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, upstream.host_header.clone());
+        let headers = HeaderMap::new();
+        let request_id = HeaderValue::from_static("1");
         let request = Head {
             method: &Method::GET,
             target: "/v1/models",
             headers: &headers,
+            host: &upstream.host_header,
+            request_id: &request_id,
+            authorization: None,
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         let (head, body) = upstream
@@ -1151,10 +1229,14 @@ mod tests {
             .expect("upstream");
         let upstream = &upstream;
         let headers = HeaderMap::new();
+        let request_id = HeaderValue::from_static("1");
         let request = Head {
             method: &Method::GET,
             target: "/v1/models",
             headers: &headers,
+            host: &upstream.host_header,
+            request_id: &request_id,
+            authorization: None,
         };
         let exchange = |deadline| async move {
             let response = upstream.send(request, RequestBody::Empty, deadline).await?;
