@@ -49,8 +49,9 @@
 //!   finishes it from a task (forward hands it the rest of the exchange, so keepalive never names
 //!   forward); `proxy::upstream` holds a worker's connections to vLLM (HTTP/1.1 over plain
 //!   sockets, and the worker's pool of idle ones); `proxy::headers` holds the hop-by-hop
-//!   rules; `proxy::body` wraps bodies with limits and timeouts, whose sleeps `proxy::timer` arms
-//!   only when something has to wait; `proxy::wake` polls a shutdown token's wait (a connection's
+//!   rules; `proxy::body` wraps bodies with limits and timeouts; `proxy::timer` arms the sleeps of
+//!   those, of the client-side deadlines and of the first-byte deadline only when something has
+//!   to wait; `proxy::wake` polls a shutdown token's wait (a connection's
 //!   drain, a stream's cut) only once it has woken; `proxy::errors` shapes every error as OpenAI
 //!   JSON or a final SSE `error` event.
 //! - `supervisor`: `gateway serve`, the actor that owns the child (one task); others hold a

@@ -28,7 +28,7 @@
 //! reading from a model that is slow to produce its next token. Hyper has one timeout for the head
 //! and the wait before it. It is set (to their sum) only because, with one set, hyper starts
 //! reading the next head as soon as a response is done, which is when the idle clock starts; the
-//! timer hyper is given for it, [`HeadTimer`], hands out sleeps that never end, since the socket's
+//! timer hyper is given for it, `HeadTimer`, hands out sleeps that never end, since the socket's
 //! deadlines come first.
 
 use std::convert::Infallible;
