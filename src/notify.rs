@@ -157,10 +157,10 @@ pub async fn follow(mut status_rx: watch::Receiver<UpstreamStatus>, startup_time
             };
             was_ready |= matches!(child.state, ChildState::Ready { .. });
             let mut text = child.state.describe();
-            if let ChildState::Backoff { .. } = child.state {
-                if let Some(exit) = child.last_exit {
-                    text = format!("vLLM exited ({exit}); {text}");
-                }
+            if let ChildState::Backoff { .. } = child.state
+                && let Some(exit) = child.last_exit
+            {
+                text = format!("vLLM exited ({exit}); {text}");
             }
             let extend = if was_ready {
                 None

@@ -831,10 +831,10 @@ fn counting_upstream(close_after_answer: bool) -> CountingUpstream {
                             break;
                         }
                         post |= line.starts_with("POST ");
-                        if let Some((name, value)) = line.split_once(':') {
-                            if name.eq_ignore_ascii_case("content-length") {
-                                length = value.trim().parse().unwrap_or(0);
-                            }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
                         }
                     }
                     let mut body = vec![0; length];
@@ -925,10 +925,10 @@ fn post_on(client: &mut BufReader<TcpStream>) {
         if line == "\r\n" {
             break;
         }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().expect("content-length");
-            }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("content-length");
         }
     }
     let mut body = vec![0; length];

@@ -106,10 +106,10 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             );
         }
     }
-    if let Some(key) = &values.value::<String>("upstream_api_key") {
-        if http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
-            error("upstream_api_key", "must be printable ASCII".into());
-        }
+    if let Some(key) = &values.value::<String>("upstream_api_key")
+        && http::HeaderValue::from_str(&format!("Bearer {key}")).is_err()
+    {
+        error("upstream_api_key", "must be printable ASCII".into());
     }
     if serves && vllm_port != 0 && vllm_port == port {
         // Blamed on the key that was set, so that `port = 8000` alone (vLLM's default port) names
@@ -241,12 +241,12 @@ pub(super) fn normalise_base_url(url: &str) -> Result<String, String> {
         .rsplit_once(':')
         .map(|(_, port)| port)
         .filter(|port| !port.is_empty() && !port.contains(']'));
-    if let Some(port) = port {
-        if !matches!(port.parse::<u16>(), Ok(1..)) {
-            return Err(format!(
-                "the port must be a number from 1 to 65535, got {port:?} in {url:?}"
-            ));
-        }
+    if let Some(port) = port
+        && !matches!(port.parse::<u16>(), Ok(1..))
+    {
+        return Err(format!(
+            "the port must be a number from 1 to 65535, got {port:?} in {url:?}"
+        ));
     }
     let mut base = url.trim_end_matches('/');
     if let Some(stripped) = base.strip_suffix("/v1") {

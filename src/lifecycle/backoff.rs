@@ -83,10 +83,10 @@ pub fn decide(
             }
         });
     }
-    if let (EndCause::Exited, ExitInfo::Code(code)) = (end.cause, end.exit) {
-        if prevent_exit_codes.contains(&code) {
-            return Decision::Stop(Outcome::Prevented(end.exit));
-        }
+    if let (EndCause::Exited, ExitInfo::Code(code)) = (end.cause, end.exit)
+        && prevent_exit_codes.contains(&code)
+    {
+        return Decision::Stop(Outcome::Prevented(end.exit));
     }
     if config.max_restarts > 0 && history.failed_starts >= config.max_restarts {
         return Decision::Stop(Outcome::GaveUp(format!(

@@ -52,10 +52,10 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            if pay_one(&self.owed) {
-                permit.forget();
-            }
+        if let Some(permit) = self.permit.take()
+            && pay_one(&self.owed)
+        {
+            permit.forget();
         }
     }
 }

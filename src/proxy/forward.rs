@@ -271,18 +271,18 @@ pub async fn send_pending(
     let mut sent_at = Instant::now();
     let deadline = sent_at + header_timeout;
     let mut outcome = send(state, head, body, deadline, header_kind, limit, record).await;
-    if let (Err(ProxyError::Unavailable(Unavailable::Connect)), Some(body)) = (&outcome, again) {
-        if wait_for_replacement(state, config, serving_pid).await? {
-            tracing::debug!(request_id = %record.request_id(), "vLLM refused the connection; sending again to its replacement");
-            sent_at = Instant::now();
-            let deadline = sent_at + header_timeout;
-            outcome = send(state, head, body, deadline, header_kind, limit, record).await;
-        }
+    if let (Err(ProxyError::Unavailable(Unavailable::Connect)), Some(body)) = (&outcome, again)
+        && wait_for_replacement(state, config, serving_pid).await?
+    {
+        tracing::debug!(request_id = %record.request_id(), "vLLM refused the connection; sending again to its replacement");
+        sent_at = Instant::now();
+        let deadline = sent_at + header_timeout;
+        outcome = send(state, head, body, deadline, header_kind, limit, record).await;
     }
-    if let (Err(ProxyError::Timeout(_)), Some(finished)) = (&outcome, &streamed_body_finished) {
-        if !finished.load(Ordering::Relaxed) {
-            return Err(ProxyError::BodyTimeout);
-        }
+    if let (Err(ProxyError::Timeout(_)), Some(finished)) = (&outcome, &streamed_body_finished)
+        && !finished.load(Ordering::Relaxed)
+    {
+        return Err(ProxyError::BodyTimeout);
     }
     let (head, body, timing) = downstream_response(config, outcome?);
     Ok((head, body, timing, sent_at))

@@ -182,10 +182,10 @@ async fn relay(
         let Ok(frame) = frame else {
             return "failed";
         };
-        if let Ok(data) = frame.into_data() {
-            if sender.send(data).await.is_err() {
-                return "client_disconnect";
-            }
+        if let Ok(data) = frame.into_data()
+            && sender.send(data).await.is_err()
+        {
+            return "client_disconnect";
         }
     }
     "relayed"

@@ -701,11 +701,12 @@ pub struct ResponseBody {
 impl ResponseBody {
     fn finish(&mut self) {
         self.framing = Framing::Done;
-        if let Some(mut connection) = self.connection.take() {
-            if self.reusable && connection.buffer.is_empty() {
-                connection.reused = true;
-                self.pool.put(connection);
-            }
+        if let Some(mut connection) = self.connection.take()
+            && self.reusable
+            && connection.buffer.is_empty()
+        {
+            connection.reused = true;
+            self.pool.put(connection);
         }
     }
 

@@ -47,10 +47,10 @@ pub fn start() {
     if STARTED.set(()).is_err() {
         return;
     }
-    if std::process::id() != 1 {
-        if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
-            tracing::warn!(%error, "cannot become a child subreaper; orphaned grandchildren go to init");
-        }
+    if std::process::id() != 1
+        && let Err(error) = nix::sys::prctl::set_child_subreaper(true)
+    {
+        tracing::warn!(%error, "cannot become a child subreaper; orphaned grandchildren go to init");
     }
     let mut signals = match signal_hook_tokio::Signals::new([SIGCHLD]) {
         Ok(signals) => signals,
