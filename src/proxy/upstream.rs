@@ -1165,10 +1165,17 @@ mod tests {
         port
     }
 
-    async fn fetch(port: u16) -> Result<(Response<()>, Bytes), UpstreamError> {
+    /// An upstream on loopback at `port`.
+    fn upstream_at(port: u16) -> Upstream {
         let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
-        let upstream = Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8)
-            .expect("upstream");
+        Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8).expect("upstream")
+    }
+
+    /// `GET /v1/models` through `upstream`, answered by `deadline`, and the whole response.
+    async fn get_models(
+        upstream: &Upstream,
+        deadline: Instant,
+    ) -> Result<(Response<()>, Bytes), UpstreamError> {
         let headers = HeaderMap::new();
         let request_id = HeaderValue::from_static("1");
         let request = Head {
@@ -1179,13 +1186,17 @@ mod tests {
             request_id: &request_id,
             authorization: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
         let (head, body) = upstream
             .send(request, RequestBody::Empty, deadline)
             .await?
             .into_parts();
         let bytes = body.collect().await?.to_bytes();
         Ok((Response::from_parts(head, ()), bytes))
+    }
+
+    async fn fetch(port: u16) -> Result<(Response<()>, Bytes), UpstreamError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        get_models(&upstream_at(port), deadline).await
     }
 
     #[tokio::test]
@@ -1225,23 +1236,9 @@ mod tests {
             }
             while socket.read(&mut request).await.is_ok_and(|read| read > 0) {}
         });
-        let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
-        let upstream = Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8)
-            .expect("upstream");
-        let upstream = &upstream;
-        let headers = HeaderMap::new();
-        let request_id = HeaderValue::from_static("1");
-        let request = Head {
-            method: &Method::GET,
-            target: "/v1/models",
-            headers: &headers,
-            host: &upstream.host_header,
-            request_id: &request_id,
-            authorization: None,
-        };
-        let exchange = |deadline| async move {
-            let response = upstream.send(request, RequestBody::Empty, deadline).await?;
-            let body = response.into_body().collect().await?.to_bytes();
+        let upstream = upstream_at(port);
+        let exchange = async |deadline| {
+            let (_, body) = get_models(&upstream, deadline).await?;
             Ok::<_, UpstreamError>(body)
         };
         let first = Instant::now() + Duration::from_millis(50);
