@@ -1142,13 +1142,19 @@ mod tests {
         );
     }
 
-    /// An upstream on loopback that reads one request and writes `pieces` apart, then closes the
-    /// connection if `close`, else waits for the gateway to close it.
-    async fn upstream(pieces: Vec<&'static [u8]>, close: bool) -> u16 {
+    /// A listener on a free loopback port, and the port.
+    async fn listen() -> (tokio::net::TcpListener, u16) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
+        (listener, port)
+    }
+
+    /// An upstream on loopback that reads one request and writes `pieces` apart, then closes the
+    /// connection if `close`, else waits for the gateway to close it.
+    async fn upstream(pieces: Vec<&'static [u8]>, close: bool) -> u16 {
+        let (listener, port) = listen().await;
         tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
             let mut request = vec![0u8; 4096];
@@ -1221,10 +1227,7 @@ mod tests {
     /// next exchange short, and a deadline that passes while vLLM is silent ends the exchange.
     #[tokio::test]
     async fn each_exchange_keeps_its_own_deadline_on_a_reused_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
+        let (listener, port) = listen().await;
         // One connection only: the two answered requests must share it. The third gets no answer.
         tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
