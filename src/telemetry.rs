@@ -691,13 +691,9 @@ fn write_milliseconds(line: &mut Vec<u8>, duration: Duration) {
         .as_secs()
         .saturating_mul(1000)
         .saturating_add(u64::from(nanos / 1_000_000));
-    let mut fraction = nanos % 1_000_000;
     // Written from the right, into one buffer: up to 20 digits, the point, 6 digits.
     let mut text = [b'0'; 27];
-    for digit in text[21..].iter_mut().rev() {
-        *digit = b'0' + (fraction % 10) as u8;
-        fraction /= 10;
-    }
+    write_digits(&mut text[21..], nanos % 1_000_000);
     text[20] = b'.';
     let mut start = 20;
     loop {
@@ -714,6 +710,14 @@ fn write_milliseconds(line: &mut Vec<u8>, duration: Duration) {
         end -= 1;
     }
     line.extend_from_slice(&text[start..end]);
+}
+
+/// The last `digits.len()` decimal digits of `value`, zero-padded, into `digits`.
+fn write_digits(digits: &mut [u8], mut value: u32) {
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// Whether access lines are JSON on stderr (through the queue), which [`RequestRecord`] then
@@ -855,12 +859,8 @@ fn write_timestamp(line: &mut Vec<u8>, now: std::time::SystemTime) {
         }
         line.extend_from_slice(text);
     });
-    let mut micros = since_epoch.subsec_micros();
     let mut digits = [b'0'; 6];
-    for digit in digits.iter_mut().rev() {
-        *digit = b'0' + (micros % 10) as u8;
-        micros /= 10;
-    }
+    write_digits(&mut digits, since_epoch.subsec_micros());
     line.push(b'.');
     line.extend_from_slice(&digits);
     line.push(b'Z');
