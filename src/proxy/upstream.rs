@@ -14,9 +14,10 @@
 //! The protocol is the client side of RFC 9112, as much as a proxy in front of vLLM needs: the
 //! request head is written in one piece (with a body read whole, in the same write); a streamed
 //! body goes as it comes, with its declared length or chunked; the response head is parsed with
-//! `httparse` (1xx heads are skipped); the body is framed by `Content-Length`, by chunked
-//! transfer coding (extensions and trailers are read and dropped), or by the end of the
-//! connection, and HEAD requests and 204 and 304 answers have none. A connection is kept for
+//! `httparse` a line at a time, a line equal to the one at its place in the worker's last head
+//! taken as it was parsed then (1xx heads are skipped); the body is framed by `Content-Length`,
+//! by chunked transfer coding (extensions and trailers are read and dropped), or by the end of
+//! the connection, and HEAD requests and 204 and 304 answers have none. A connection is kept for
 //! another request only after an HTTP/1.1 answer without `Connection: close` whose body was read
 //! to its framed end with nothing after it.
 //!
@@ -492,6 +493,167 @@ fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>,
     if buffer.is_empty() {
         return Ok(None);
     }
+    let mut response = Response::new(());
+    let by_lines = LAST_HEAD
+        .try_with(|last| read_by_lines(buffer, &mut last.borrow_mut(), &mut response))
+        .ok()
+        .flatten();
+    let (length, close) = match by_lines {
+        Some(read) => read?,
+        None => {
+            response = Response::new(());
+            match read_whole(buffer, &mut response)? {
+                Some(read) => read,
+                None => return Ok(None),
+            }
+        }
+    };
+    let status = response.status();
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(UpstreamError::Protocol("unexpected protocol switch"));
+        }
+        return Ok(Some((length, Parsed::Interim)));
+    }
+    let framing = framing(method, status, response.headers())?;
+    let reusable =
+        response.version() == Version::HTTP_11 && !close && !matches!(framing, Framing::Close);
+    Ok(Some((length, Parsed::Final(response, framing, reusable))))
+}
+
+/// Reads a head that is complete in `buffer` a line at a time. A line byte-equal to the last
+/// head's line at its position is taken as it was parsed then: vLLM answers with the same lines
+/// in the same order (only `date` changes, once a second, and the length), and parsing them again
+/// (httparse, then `http`'s checks and copies) was 3,700 instructions of a JSON request's 36,000.
+/// Any other line is parsed alone by httparse, as it would be within the whole head (httparse
+/// reads a head line by line), and checked by `http`. `None` when the head is not complete in
+/// `buffer`, or starts with an empty line: [`read_whole`] decides those. Either way the head's
+/// length and whether it asks to close the connection.
+fn read_by_lines(
+    buffer: &[u8],
+    last: &mut LastHead,
+    response: &mut Response<()>,
+) -> Option<Result<(usize, bool), UpstreamError>> {
+    let status_len = if !last.status_line.is_empty() && buffer.starts_with(&last.status_line) {
+        last.status_line.len()
+    } else {
+        let len = line_end(buffer)?;
+        let status_line = &buffer[..len];
+        if status_line == b"\r\n" || status_line == b"\n" {
+            return None;
+        }
+        match parse_status_line(status_line, &mut last.scratch) {
+            Ok(status) => last.status = status,
+            Err(error) => return Some(Err(error)),
+        }
+        last.status_line = if len <= LAST_LINE_BYTES {
+            status_line.into()
+        } else {
+            Box::default()
+        };
+        len
+    };
+    let mut rest = &buffer[status_len..];
+    (*response.status_mut(), *response.version_mut()) = last.status;
+    let headers = response.headers_mut();
+    headers.reserve(last.lines.len());
+    let mut close = false;
+    let mut index = 0;
+    loop {
+        if rest.starts_with(b"\r\n") || rest.starts_with(b"\n") {
+            let end = buffer.len() - rest.len() + if rest[0] == b'\r' { 2 } else { 1 };
+            return Some(Ok((end, close)));
+        }
+        let known = last
+            .lines
+            .get(index)
+            .filter(|(raw, _)| rest.starts_with(raw));
+        let (line, len) = match known {
+            Some((raw, line)) => (line.clone(), raw.len()),
+            None => {
+                let len = line_end(rest)?;
+                if index == MAX_HEADERS {
+                    return Some(Err(UpstreamError::Protocol("too many response headers")));
+                }
+                let line = match parse_header_line(&rest[..len], &mut last.scratch) {
+                    Ok(line) => line,
+                    Err(error) => return Some(Err(error)),
+                };
+                if len <= LAST_LINE_BYTES && index < LAST_LINES_MAX {
+                    let kept = (Box::from(&rest[..len]), line.clone());
+                    if let Some(slot) = last.lines.get_mut(index) {
+                        *slot = kept;
+                    } else if index == last.lines.len() {
+                        last.lines.push(kept);
+                    }
+                }
+                (line, len)
+            }
+        };
+        close |= line.closes;
+        if line.kept {
+            headers.append(line.name, line.value);
+        }
+        rest = &rest[len..];
+        index += 1;
+    }
+}
+
+/// The length of the line at the start of `bytes`, with its `\n`, if it ends within them.
+fn line_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .iter()
+        .position(|&byte| byte == b'\n')
+        .map(|end| end + 1)
+}
+
+/// The status line alone (with its ending), parsed by httparse.
+fn parse_status_line(
+    line: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(StatusCode, Version), UpstreamError> {
+    scratch.clear();
+    scratch.extend_from_slice(line);
+    scratch.extend_from_slice(b"\r\n");
+    let mut parsed = httparse::Response::new(&mut []);
+    match parsed.parse(scratch) {
+        Ok(httparse::Status::Complete(_)) => status_of(&parsed),
+        Ok(httparse::Status::Partial) | Err(_) => {
+            Err(UpstreamError::Protocol("malformed response head"))
+        }
+    }
+}
+
+/// One header line alone (with its ending), parsed by httparse and checked by `http`.
+fn parse_header_line(line: &[u8], scratch: &mut Vec<u8>) -> Result<Line, UpstreamError> {
+    scratch.clear();
+    scratch.extend_from_slice(line);
+    scratch.extend_from_slice(b"\r\n");
+    let mut one = [httparse::EMPTY_HEADER; 1];
+    match httparse::parse_headers(scratch, &mut one) {
+        Ok(httparse::Status::Complete((_, [header]))) => Line::parse(header),
+        Ok(_) | Err(_) => Err(UpstreamError::Protocol("malformed response head")),
+    }
+}
+
+/// The status and version httparse found.
+fn status_of(parsed: &httparse::Response<'_, '_>) -> Result<(StatusCode, Version), UpstreamError> {
+    let status = StatusCode::from_u16(parsed.code.unwrap_or(0))
+        .map_err(|_| UpstreamError::Protocol("invalid response status"))?;
+    let version = if parsed.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    Ok((status, version))
+}
+
+/// Parses the head at the start of `buffer` as a whole, with httparse: `None` while it is
+/// incomplete. For the heads [`read_by_lines`] leaves.
+fn read_whole(
+    buffer: &[u8],
+    response: &mut Response<()>,
+) -> Result<Option<(usize, bool)>, UpstreamError> {
     // Uninitialised: httparse writes the lines it finds, and 100 empty ones are 3.2 KB to fill.
     let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
@@ -507,72 +669,23 @@ fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>,
         }
         Err(_) => return Err(UpstreamError::Protocol("malformed response head")),
     };
-    let code = parsed.code.unwrap_or(0);
-    let status = StatusCode::from_u16(code)
-        .map_err(|_| UpstreamError::Protocol("invalid response status"))?;
-    if status.is_informational() {
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(UpstreamError::Protocol("unexpected protocol switch"));
-        }
-        return Ok(Some((length, Parsed::Interim)));
-    }
-    let version = if parsed.version == Some(1) {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_10
-    };
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    *response.version_mut() = version;
+    (*response.status_mut(), *response.version_mut()) = status_of(&parsed)?;
     let headers = response.headers_mut();
     headers.reserve(parsed.headers.len());
-    let mut fill = |last: &mut Vec<Line>| -> Result<bool, UpstreamError> {
-        let mut close = false;
-        for (index, raw) in parsed.headers.iter().enumerate() {
-            let (name, value, closes, kept) = match last.get(index) {
-                Some(line) if line.is(raw) => (
-                    line.name.clone(),
-                    line.value.clone(),
-                    line.closes,
-                    line.kept,
-                ),
-                _ => {
-                    let line = Line::parse(raw)?;
-                    let parts = (
-                        line.name.clone(),
-                        line.value.clone(),
-                        line.closes,
-                        line.kept,
-                    );
-                    if raw.name.len() + raw.value.len() <= LAST_LINE_BYTES {
-                        if let Some(kept) = last.get_mut(index) {
-                            *kept = line;
-                        } else if index == last.len() && index < LAST_LINES_MAX {
-                            last.push(line);
-                        }
-                    }
-                    parts
-                }
-            };
-            close |= closes;
-            if kept {
-                headers.append(name, value);
-            }
+    let mut close = false;
+    for raw in parsed.headers.iter() {
+        let line = Line::parse(raw)?;
+        close |= line.closes;
+        if line.kept {
+            headers.append(line.name, line.value);
         }
-        Ok(close)
-    };
-    let close = LAST_LINES
-        .try_with(|last| fill(&mut last.borrow_mut()))
-        .unwrap_or_else(|_| fill(&mut Vec::new()))?;
-    let framing = framing(method, status, headers)?;
-    let reusable = version == Version::HTTP_11 && !close && !matches!(framing, Framing::Close);
-    Ok(Some((length, Parsed::Final(response, framing, reusable))))
+    }
+    Ok(Some((length, close)))
 }
 
 /// A response header line as parsed and checked, and what it says of the connection.
+#[derive(Clone)]
 struct Line {
-    /// The name as vLLM wrote it (`name` is lowercase).
-    raw_name: Box<[u8]>,
     name: HeaderName,
     value: HeaderValue,
     /// A `Connection` line asking to close the connection.
@@ -596,30 +709,36 @@ impl Line {
             (false, true)
         };
         Ok(Line {
-            raw_name: raw.name.as_bytes().into(),
             name,
             value,
             closes,
             kept,
         })
     }
-
-    /// Whether `raw` is this line, byte for byte.
-    fn is(&self, raw: &httparse::Header<'_>) -> bool {
-        *self.raw_name == *raw.name.as_bytes() && self.value.as_bytes() == raw.value
-    }
 }
 
-/// The most lines of a response head, and the longest line, that [`LAST_LINES`] keeps.
+/// The last response head a thread read (see [`read_by_lines`]).
+struct LastHead {
+    /// The status line as vLLM wrote it, with its ending, and what it says.
+    status_line: Box<[u8]>,
+    status: (StatusCode, Version),
+    /// The header lines after it, by position: as written (with the ending), and as parsed. At
+    /// most [`LAST_LINES_MAX`] lines of at most [`LAST_LINE_BYTES`] are kept.
+    lines: Vec<(Box<[u8]>, Line)>,
+    /// Where a line is copied to be parsed alone.
+    scratch: Vec<u8>,
+}
+
 const LAST_LINES_MAX: usize = 16;
 const LAST_LINE_BYTES: usize = 256;
 
 thread_local! {
-    /// The lines of the last response head this thread parsed, by position. vLLM answers with
-    /// the same lines in the same order (only `date` changes, once a second), and a line equal to
-    /// the one kept at its position is cloned rather than parsed, checked and copied again: that
-    /// was about 1,500 instructions of a JSON request's 36,000.
-    static LAST_LINES: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    static LAST_HEAD: RefCell<LastHead> = RefCell::new(LastHead {
+        status_line: Box::default(),
+        status: (StatusCode::OK, Version::HTTP_11),
+        lines: Vec::new(),
+        scratch: Vec::new(),
+    });
 }
 
 /// How the response body is delimited (RFC 9112 section 6.3).
@@ -1140,6 +1259,106 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// What a head reads as (status, version, lines, length, close), `None` while incomplete,
+    /// or `Err` when refused.
+    type Reading = Option<Result<(StatusCode, Version, Vec<(String, Vec<u8>)>, usize, bool), ()>>;
+
+    fn reading(
+        read: impl FnOnce(&mut Response<()>) -> Option<Result<(usize, bool), UpstreamError>>,
+    ) -> Reading {
+        let mut response = Response::new(());
+        let read = read(&mut response)?;
+        Some(read.map_err(|_| ()).map(|(length, close)| {
+            let lines = response
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+                .collect();
+            (response.status(), response.version(), lines, length, close)
+        }))
+    }
+
+    fn last_head() -> LastHead {
+        LastHead {
+            status_line: Box::default(),
+            status: (StatusCode::OK, Version::HTTP_11),
+            lines: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn heads_read_by_lines_read_as_whole_heads_do() {
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            "x: 1\r\n".repeat(MAX_HEADERS + 1)
+        );
+        let long = format!(
+            "HTTP/1.1 200 {}\r\nx-long: {}\r\nx: 1\r\n\r\n",
+            "O".repeat(LAST_LINE_BYTES),
+            "v".repeat(LAST_LINE_BYTES)
+        );
+        let heads: Vec<&[u8]> = vec![
+            b"HTTP/1.1 200 OK\r\nServer: a\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nServer: a\r\nContent-Length: 10\r\nx-more: 1\r\n\r\nbody",
+            b"HTTP/1.1 200 OK\nServer: a\nContent-Length: 0\n\n",
+            b"HTTP/1.1 404 Not Found\r\nServer: a\r\n\r\n",
+            b"HTTP/1.1 204\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nx: 1\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx:  padded \t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x\r\nx: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx: \xe2\x80\xa6\r\n\r\n",
+            b"\r\nHTTP/1.1 200 OK\r\n\r\n",
+            long.as_bytes(),
+            // Refused, whichever way they are read.
+            b"HTTP/1.1 200 OK\r\nx: a\r\n folded\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx : a\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx: a\rb\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx: \x7f\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n: no name\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/2 200 OK\r\n\r\n",
+            b"garbage\r\n\r\n",
+            many.as_bytes(),
+        ];
+        for head in &heads {
+            let whole = reading(|response| read_whole(head, response).transpose());
+            assert!(
+                whole.is_some(),
+                "{:?} is complete",
+                String::from_utf8_lossy(head)
+            );
+            // By lines, with nothing known, then knowing every head read before it, then itself.
+            let mut last = last_head();
+            for _ in 0..2 {
+                let by_lines = reading(|response| read_by_lines(head, &mut last, response));
+                let by_lines = by_lines.or_else(|| whole.clone());
+                assert_eq!(by_lines, whole, "{:?}", String::from_utf8_lossy(head));
+            }
+            for other in &heads {
+                let mut last = last_head();
+                let _ = reading(|response| read_by_lines(other, &mut last, response));
+                let by_lines = reading(|response| read_by_lines(head, &mut last, response))
+                    .or_else(|| whole.clone());
+                assert_eq!(by_lines, whole, "{:?}", String::from_utf8_lossy(head));
+            }
+            // Cut short, a head is incomplete for both, or refused by both.
+            for cut in 0..head.len() {
+                let part = &head[..cut];
+                let whole = reading(|response| read_whole(part, response).transpose());
+                let mut last = last_head();
+                let _ = reading(|response| read_by_lines(head, &mut last, response));
+                match reading(|response| read_by_lines(part, &mut last, response)) {
+                    None => {}
+                    Some(Err(())) => assert_eq!(whole, Some(Err(())), "{part:?}"),
+                    Some(Ok(read)) => assert_eq!(whole, Some(Ok(read)), "{part:?}"),
+                }
+            }
+        }
     }
 
     /// A listener on a free loopback port, and the port.
