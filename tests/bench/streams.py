@@ -6,7 +6,8 @@
       "bench_events": N and "bench_interval": S answers 200 text/event-stream (chunked, keep-alive)
       with N events, the first at once, then one every S seconds, and a final `data: [DONE]`. (In
       the body because that is all a proxy surely passes on: the vLLM Router drops the query and
-      unknown headers.) GET /health and /v1/models answer 200.
+      unknown headers.) The head has the lines vLLM's uvicorn writes for a stream, in its order:
+      date, server, content-type, vary, transfer-encoding. GET /health and /v1/models answer 200.
 
   streams.py ttfb URL COUNT
       COUNT sequential requests (one event each) on one keep-alive connection. Prints
@@ -30,9 +31,21 @@ import os
 import statistics
 import sys
 import time
+from email.utils import formatdate
 from urllib.parse import urlsplit
 
 # ---------------------------------------------------------------------------- upstream
+
+_date = (0, b"")
+
+
+def date_line():
+    """`date: <IMF-fixdate>\\r\\n`, made once a second (as uvicorn does)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode())
+    return _date[1]
 
 
 async def serve(reader, writer):
@@ -53,8 +66,9 @@ async def serve(reader, writer):
                 events = int(request.get("bench_events", 10))
                 interval = float(request.get("bench_interval", 1))
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\n%sserver: uvicorn\r\n"
+                    b"content-type: text/event-stream; charset=utf-8\r\nvary: Origin\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n" % date_line()
                 )
                 for n in range(events):
                     if n:
