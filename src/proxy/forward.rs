@@ -266,7 +266,7 @@ pub async fn send_pending(
     // not noticed yet: such a request (never sent) waits for the next vLLM and goes again, once.
     let serving_pid = config
         .ready_wait_timeout()
-        .and_then(|_| state.status.borrow().serving_pid());
+        .and_then(|_| state.status_copy.readiness().serving_pid);
     let again = serving_pid.and_then(|_| body.try_clone());
     let mut sent_at = Instant::now();
     let deadline = sent_at + header_timeout;
@@ -457,7 +457,7 @@ pub async fn wait_until_ready(
     let Some(wait) = config.ready_wait_timeout() else {
         return Ok(());
     };
-    if state.status.borrow().accepts_requests() {
+    if state.status_copy.readiness().accepts_requests {
         return Ok(());
     }
     let not_ready = || ProxyError::NotReady {

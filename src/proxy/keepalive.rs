@@ -64,11 +64,11 @@ pub fn after(state: &AppState, config: &Config, body: Option<&[u8]>) -> Option<D
     if serve.stream_keepalive_after.is_zero() || serve.ready_wait_timeout.is_zero() {
         return None;
     }
-    {
-        let status = state.status.borrow();
-        if status.accepts_requests() || !status.may_become_ready() {
-            return None;
-        }
+    if state.status_copy.readiness().accepts_requests {
+        return None;
+    }
+    if !state.status.borrow().may_become_ready() {
+        return None;
     }
     wants_stream(body?).then_some(serve.stream_keepalive_after)
 }

@@ -1,7 +1,7 @@
 //! What every request handler shares: [`AppState`] (a worker's upstream connections, the upstream
-//! path prefix, the precomputed auth header, the status watch), and [`Live`], the part of the
-//! configuration a reload may change, swapped whole and read once per request from the worker's
-//! [`LiveCopy`].
+//! path prefix, the precomputed auth header, the status watch and the worker's [`StatusCopy`] of
+//! it), and [`Live`], the part of the configuration a reload may change, swapped whole and read
+//! once per request from the worker's [`LiveCopy`].
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -82,6 +82,65 @@ impl Clone for LiveCopy {
     }
 }
 
+/// What a request on its way needs to know of vLLM's status.
+#[derive(Clone, Copy)]
+pub struct Readiness {
+    /// [`UpstreamStatus::accepts_requests`].
+    pub accepts_requests: bool,
+    /// [`UpstreamStatus::serving_pid`].
+    pub serving_pid: Option<u32>,
+}
+
+impl Readiness {
+    fn of(status: &UpstreamStatus) -> Readiness {
+        Readiness {
+            accepts_requests: status.accepts_requests(),
+            serving_pid: status.serving_pid(),
+        }
+    }
+}
+
+/// A worker's copy of vLLM's [`Readiness`], taken again when the status changes. Read from the
+/// status watch itself, a request under `serve` took the watch's lock three times, and the lock
+/// moved its cache line between the workers' CPUs each time; whether the status changed is a
+/// load of a version only the supervisor writes.
+pub struct StatusCopy {
+    seen: Mutex<(watch::Receiver<UpstreamStatus>, Readiness)>,
+}
+
+impl StatusCopy {
+    pub fn new(mut status: watch::Receiver<UpstreamStatus>) -> StatusCopy {
+        let readiness = Readiness::of(&status.borrow_and_update());
+        StatusCopy {
+            seen: Mutex::new((status, readiness)),
+        }
+    }
+
+    /// vLLM's readiness as the supervisor last set it.
+    pub fn readiness(&self) -> Readiness {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let (status, readiness) = &mut *seen;
+        // Once the supervisor is gone (an error), the status is read each time, as it stands.
+        if status.has_changed().unwrap_or(true) {
+            *readiness = Readiness::of(&status.borrow_and_update());
+        }
+        *readiness
+    }
+}
+
+impl Clone for StatusCopy {
+    /// A copy of its own, for another worker.
+    fn clone(&self) -> StatusCopy {
+        let status = self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone();
+        StatusCopy::new(status)
+    }
+}
+
 /// What every request handler shares. Built once at start-up, then copied for each proxy worker
 /// with a pool of its own.
 #[derive(Clone)]
@@ -101,6 +160,8 @@ pub struct AppState {
     /// This worker's copy of `live`, which a forwarded request loads once and keeps to its end.
     pub live_copy: LiveCopy,
     pub status: watch::Receiver<UpstreamStatus>,
+    /// This worker's copy of what requests need of `status`.
+    pub status_copy: StatusCopy,
     /// How old a standalone health probe may be and still count.
     pub probe_freshness: Duration,
     pub metrics: Option<PrometheusHandle>,
@@ -148,6 +209,7 @@ impl AppState {
             upstream_auth,
             live_copy: LiveCopy::new(Arc::clone(&live)),
             live,
+            status_copy: StatusCopy::new(status.clone()),
             status,
             probe_freshness: config.health.interval + config.health.timeout,
             metrics,
@@ -271,5 +333,47 @@ mod tests {
             other.load().config.proxy.request_timeout,
             Duration::from_secs(20)
         );
+    }
+
+    #[test]
+    fn a_workers_status_copy_follows_every_change() {
+        use crate::lifecycle::state::ChildState;
+        use crate::status::ChildStatus;
+
+        let child = |state| {
+            UpstreamStatus::Child(ChildStatus {
+                state,
+                restarts: 0,
+                last_exit: None,
+            })
+        };
+        let since = tokio::time::Instant::now();
+        let (supervisor, status) = watch::channel(child(ChildState::Starting { pid: 7, since }));
+        let copy = StatusCopy::new(status);
+        let readiness = copy.readiness();
+        assert!(!readiness.accepts_requests);
+        assert_eq!(readiness.serving_pid, None);
+
+        supervisor.send_replace(child(ChildState::Ready { pid: 7, since }));
+        let readiness = copy.readiness();
+        assert!(readiness.accepts_requests);
+        assert_eq!(readiness.serving_pid, Some(7));
+        let other = copy.clone();
+        assert_eq!(
+            other.readiness().serving_pid,
+            Some(7),
+            "another worker's copy"
+        );
+
+        supervisor.send_replace(child(ChildState::Backoff {
+            attempt: 1,
+            until: since,
+        }));
+        assert!(!copy.readiness().accepts_requests);
+        assert!(!other.readiness().accepts_requests);
+        // The supervisor gone, the last status stands.
+        supervisor.send_replace(child(ChildState::Ready { pid: 8, since }));
+        drop(supervisor);
+        assert_eq!(copy.readiness().serving_pid, Some(8));
     }
 }
