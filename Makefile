@@ -28,6 +28,7 @@ build:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --locked
 
 # nextest runs each test in its own process, which suits tests that own child processes;
 # plain `cargo test` is the fallback where nextest is not installed.

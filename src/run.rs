@@ -9,7 +9,7 @@
 //! An in-place upgrade (under `serve`, once vLLM has been ready) is the old image's side here:
 //! stop accepting while the listening socket stays open (new connections wait in its backlog),
 //! drain for up to `drain_timeout`, take the supervisor's description of vLLM, and exec the new
-//! binary ([`hand_over`]). If any step fails, the workers start again on the same socket and the
+//! binary (`hand_over`). If any step fails, the workers start again on the same socket and the
 //! supervisor goes on.
 
 use std::os::fd::AsRawFd;

@@ -10,7 +10,7 @@
 //! connection: whichever calls accept first takes it, for as long as it stays open. Left alone, the
 //! worker that happens to be free when a client opens its keep-alive connections takes most of
 //! them, and one CPU does most of the work for their lifetime. So a worker with more connections
-//! open than another ([`Balance`]) waits [`BALANCE_PAUSE`] before it accepts, and the other takes
+//! open than another ([`Balance`]) waits `BALANCE_PAUSE` before it accepts, and the other takes
 //! the connection if it can; if it cannot, the first accepts it after the pause.
 //!
 //! Each connection is served by hyper's HTTP/1 server over a [`ClientIo`], which enforces the

@@ -3,7 +3,7 @@
 //!
 //! A stream holds its upstream connection for as long as it lasts, so what a connection holds is
 //! paid once per open stream. Here that is the socket and one read buffer, which starts at
-//! [`READ_START`] bytes (under a page, so the buffers of many quiet streams share pages) and grows
+//! `READ_START` bytes (under a page, so the buffers of many quiet streams share pages) and grows
 //! only when a read fills it. hyper's client, which forwarded before, held an 8 KB read buffer,
 //! an 8 KB write buffer, the first block of the channel to its connection (9.7 KB) and a task per
 //! connection: about 12 KB of resident memory a stream more. The exchange runs in the request's

@@ -17,7 +17,7 @@ use crate::proxy::router::Surface;
 use crate::proxy::state::{AppState, LiveConfig};
 
 /// How many proxy workers to run: one per CPU the process may use (cgroup quotas and affinity
-/// count), at most [`MAX_WORKERS`].
+/// count), at most `MAX_WORKERS`.
 pub fn worker_count() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |cpus| cpus.get())

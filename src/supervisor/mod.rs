@@ -1,6 +1,6 @@
 //! `gateway serve`: the actor that owns the vLLM child from spawn to last breath.
 //!
-//! One task ([`Supervisor::run`]) owns the child and its state. It `select!`s on the child's exit,
+//! One task (`Supervisor::run`) owns the child and its state. It `select!`s on the child's exit,
 //! one timer (next probe, startup deadline, kill deadline or end of backoff), the in-flight health
 //! probe, the control queue and the watchdog tick, and publishes every state change on a `watch`
 //! channel. Nothing else mutates the state. Others hold a [`SupervisorHandle`]: the control sender
