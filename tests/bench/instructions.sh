@@ -23,49 +23,24 @@
 
 set -euo pipefail
 
-BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$BENCH_DIR/../.." && pwd)"
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-[[ "$TARGET_DIR" = /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+# shellcheck source=tests/bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 REQUESTS="${INSTR_REQUESTS:-3000}"
 WARMUP="${INSTR_WARMUP:-2000}"
 CONNECTIONS="${INSTR_CONNECTIONS:-8}"
 OUT="${INSTR_OUT:-$TARGET_DIR/bench-instructions}"
 
-log() { printf '>> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-
 for n in "$REQUESTS" "$WARMUP" "$CONNECTIONS"; do
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "INSTR_REQUESTS/WARMUP/CONNECTIONS must be positive integers (got '$n')"
 done
 
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 want=()
 command -v valgrind >/dev/null || want+=(valgrind)
 command -v nginx >/dev/null || want+=(nginx-light)
 command -v curl >/dev/null || want+=(curl)
-if (( ${#want[@]} )); then
-    SUDO=()
-    if [[ $EUID -ne 0 ]]; then
-        command -v sudo >/dev/null || die "need root (or sudo) to install ${want[*]}"
-        SUDO=(sudo)
-    fi
-    log "apt-get install ${want[*]}"
-    "${SUDO[@]}" apt-get update -q >/dev/null
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${want[@]}" >/dev/null
-fi
-OHA="$(command -v oha || echo "$TARGET_DIR/bench-tools/oha/bin/oha")"
-if [[ ! -x "$OHA" ]]; then
-    log "cargo install oha --locked (into $TARGET_DIR/bench-tools/oha)"
-    cargo install oha --locked --root "$TARGET_DIR/bench-tools/oha" >/dev/null 2>&1 || die "cargo install oha failed"
-fi
-
-GATEWAY="${GATEWAY_BIN:-}"
-if [[ -z "$GATEWAY" ]]; then
-    log "cargo build --release --bin gateway"
-    (cd "$ROOT" && cargo build --release --bin gateway)
-    GATEWAY="$TARGET_DIR/release/gateway"
-fi
+(( ${#want[@]} == 0 )) || apt_install "${want[@]}"
+install_oha || die "oha is needed"
+build_gateway || die "cargo build failed"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gateway-instructions.XXXXXX")"
 NGINX_PID="" GATEWAY_PID=""
@@ -76,19 +51,9 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-# nginx workers run as an unprivileged user when started as root and must read the body.
-chmod 755 "$WORK"
-mkdir -p "$WORK/www" "$WORK/tmp" "$OUT"
-cp "$ROOT/tests/fixtures/vllm-responses-toolcall-gpt-oss-20b.json" "$WORK/www/response.json"
-cp "$ROOT/tests/fixtures/vllm-responses-stream-gpt-oss-20b.sse" "$WORK/www/response.sse"
-chmod 644 "$WORK/www/"*
-printf '{"model":"m","input":"hello","stream":false}' >"$WORK/request.json"
-read -r UP_JSON UP_SSE GATEWAY_PORT <<<"$(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))')"
+stage_upstream "$WORK"
+mkdir -p "$OUT"
+read -r UP_JSON UP_SSE GATEWAY_PORT <<<"$(free_ports 3)"
 sed -e "s|@WORK@|$WORK|g" -e "s|@UP_JSON_PORT@|$UP_JSON|g" -e "s|@UP_SSE_PORT@|$UP_SSE|g" \
     "$BENCH_DIR/upstream.nginx.conf.in" >"$WORK/upstream.nginx.conf"
 grep -q '@[A-Z_]*@' "$WORK/upstream.nginx.conf" && die "unfilled placeholder in the nginx config"

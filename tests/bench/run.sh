@@ -54,13 +54,8 @@
 
 set -euo pipefail
 
-BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$BENCH_DIR/../.." && pwd)"
-TOOLS="${CARGO_TARGET_DIR:-$ROOT/target}/bench-tools"
-[[ "$TOOLS" = /* ]] || TOOLS="$ROOT/$TOOLS"
-FIXTURES="$ROOT/tests/fixtures"
-JSON_FIXTURE="$FIXTURES/vllm-responses-toolcall-gpt-oss-20b.json"
-SSE_FIXTURE="$FIXTURES/vllm-responses-stream-gpt-oss-20b.sse"
+# shellcheck source=tests/bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROUTER_VERSION=0.1.17
 
 DURATION="${BENCH_DURATION:-5}"
@@ -75,8 +70,6 @@ STREAM_INTERVAL="${BENCH_STREAM_INTERVAL:-1}"
 ALL_TARGETS=(direct nginx haproxy gateway gateway-nolog router)
 read -r -a TARGETS <<<"direct ${BENCH_TARGETS:-nginx haproxy gateway gateway-nolog router}"
 
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-
 WORK=""
 TOOL=""
 OHA=oha
@@ -86,10 +79,6 @@ ROUTER=""
 declare -A PROCS=()    # name -> pid of every process this script started
 declare -A PORT=()     # "<target>_<kind>" -> port
 declare -A BROKEN=()   # "<target>_<kind>" -> reason the leg is not measured
-
-log()  { printf '>> %s\n' "$*" >&2; }
-warn() { printf '!! %s\n' "$*" >&2; }
-die()  { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 for n in "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP" "$TTFB_REQUESTS" "$STREAM_EVENTS" $STREAM_COUNTS; do
     [[ "$n" =~ ^[0-9]+$ ]] || die "BENCH_DURATION/ROUNDS/CONNECTIONS/WARMUP/TTFB_REQUESTS/STREAM_* must be integers (got '$n')"
@@ -165,25 +154,6 @@ cleanup() {
 # dependencies
 # ---------------------------------------------------------------------------
 
-APT_UPDATED=0
-SUDO=()
-apt_update() {
-    (( ! APT_UPDATED )) || return 0
-    if [[ $EUID -ne 0 ]]; then
-        command -v sudo >/dev/null || die "need root (or sudo) to install packages with apt-get"
-        SUDO=(sudo)
-    fi
-    log "apt-get update"
-    "${SUDO[@]}" apt-get update -q >/dev/null
-    APT_UPDATED=1
-}
-
-apt_install() {
-    apt_update
-    log "apt-get install $*"
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
-}
-
 wants() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 install_deps() {
@@ -200,17 +170,7 @@ install_deps() {
         *) die "BENCH_TOOL must be oha or wrk" ;;
     esac
     if [[ "${BENCH_TOOL:-oha}" == oha ]]; then
-        if command -v oha >/dev/null; then
-            OHA=oha
-        else
-            OHA="$TOOLS/oha/bin/oha"
-            if [[ ! -x "$OHA" ]]; then
-                log "cargo install oha --locked (into $TOOLS/oha)"
-                cargo install oha --locked --root "$TOOLS/oha" >"$TOOLS.oha-install.log" 2>&1 \
-                    || warn "cargo install oha failed (see $TOOLS.oha-install.log)"
-            fi
-        fi
-        if [[ -x "$OHA" ]] || command -v "$OHA" >/dev/null; then
+        if install_oha; then
             TOOL=oha
         elif [[ "${BENCH_TOOL:-}" == oha ]]; then
             die "oha is not installed"
@@ -244,38 +204,9 @@ install_router() {
     fi
 }
 
-build_gateway() {
-    if [[ -n "${GATEWAY_BIN:-}" ]]; then
-        GATEWAY="$GATEWAY_BIN"
-        log "gateway: $GATEWAY (GATEWAY_BIN, not building)"
-        return 0
-    fi
-    log "cargo build --release --bin gateway"
-    if (cd "$ROOT" && cargo build --release --bin gateway); then
-        GATEWAY="${CARGO_TARGET_DIR:-$ROOT/target}/release/gateway"
-        [[ "$GATEWAY" = /* ]] || GATEWAY="$ROOT/$GATEWAY"
-    else
-        warn "cargo build failed: the gateway legs will be reported as n/a"
-        GATEWAY=""
-    fi
-}
-
 # ---------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------
-
-# Ask the kernel for N currently free loopback ports.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 
 allocate_ports() {
     local ports i=0 target kind
@@ -306,15 +237,8 @@ render() {
 
 prepare_workdir() {
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/gateway-bench.XXXXXX")"
-    # nginx workers run as an unprivileged user when started as root and must
-    # be able to read the canned bodies.
-    chmod 755 "$WORK"
-    mkdir -p "$WORK/www" "$WORK/tmp" "$WORK/out"
-    cp "$JSON_FIXTURE" "$WORK/www/response.json"
-    cp "$SSE_FIXTURE" "$WORK/www/response.sse"
-    chmod 644 "$WORK/www/"*
-    chmod 755 "$WORK/www"
-    printf '{"model":"m","input":"hello","stream":false}' >"$WORK/request.json"
+    stage_upstream "$WORK"
+    mkdir -p "$WORK/out"
     printf '{"model":"m","input":"hello","stream":true}' >"$WORK/request.sse"
     printf '{"model":"m","input":"hello","stream":true,"bench_events":2,"bench_interval":0}' >"$WORK/request.streams"
     allocate_ports
@@ -685,7 +609,7 @@ main() {
         [[ "$kind" == json || "$kind" == sse || "$kind" == streams ]] || die "BENCH_KINDS: unknown kind '$kind'"
     done
     install_deps
-    build_gateway
+    build_gateway || warn "cargo build failed: the gateway legs will be reported as n/a"
     prepare_workdir
     : >"$WORK/streams.tsv"
     start_upstream
