@@ -40,7 +40,8 @@
 //!   `proxy::router` is the router, and the `Surface` each connection calls, which skips it for a
 //!   forwarded request while CORS is off; `proxy::endpoints` the gateway's own `/livez`, `/readyz`,
 //!   `/health`, `/metrics`; `proxy::state` the state handlers share, the live configuration and
-//!   each worker's copy of it (`LiveCopy`).
+//!   each worker's copy of it (`LiveCopy`), and each worker's copy of vLLM's readiness
+//!   (`StatusCopy`).
 //!   `proxy::conn` accepts client connections under the shared `max_connections` limit, spreading
 //!   them evenly over the workers, and enforces the client-side header, idle and send timeouts on
 //!   the socket. `proxy::forward` forwards one request; `proxy::admission` holds it to the
