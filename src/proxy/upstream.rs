@@ -612,11 +612,8 @@ fn parse_status_line(
     line: &[u8],
     scratch: &mut Vec<u8>,
 ) -> Result<(StatusCode, Version), UpstreamError> {
-    scratch.clear();
-    scratch.extend_from_slice(line);
-    scratch.extend_from_slice(b"\r\n");
     let mut parsed = httparse::Response::new(&mut []);
-    match parsed.parse(scratch) {
+    match parsed.parse(alone(line, scratch)) {
         Ok(httparse::Status::Complete(_)) => status_of(&parsed),
         Ok(httparse::Status::Partial) | Err(_) => {
             Err(UpstreamError::Protocol("malformed response head"))
@@ -626,14 +623,20 @@ fn parse_status_line(
 
 /// One header line alone (with its ending), parsed by httparse and checked by `http`.
 fn parse_header_line(line: &[u8], scratch: &mut Vec<u8>) -> Result<Line, UpstreamError> {
-    scratch.clear();
-    scratch.extend_from_slice(line);
-    scratch.extend_from_slice(b"\r\n");
     let mut one = [httparse::EMPTY_HEADER; 1];
-    match httparse::parse_headers(scratch, &mut one) {
+    match httparse::parse_headers(alone(line, scratch), &mut one) {
         Ok(httparse::Status::Complete((_, [header]))) => Line::parse(header),
         Ok(_) | Err(_) => Err(UpstreamError::Protocol("malformed response head")),
     }
+}
+
+/// `line` copied into `scratch` and followed by an empty line: a head of that line alone, which
+/// httparse parses as it would the line within the whole head.
+fn alone<'s>(line: &[u8], scratch: &'s mut Vec<u8>) -> &'s [u8] {
+    scratch.clear();
+    scratch.extend_from_slice(line);
+    scratch.extend_from_slice(b"\r\n");
+    scratch
 }
 
 /// The status and version httparse found.
@@ -729,16 +732,23 @@ struct LastHead {
     scratch: Vec<u8>,
 }
 
+impl LastHead {
+    /// Nothing known yet.
+    fn new() -> LastHead {
+        LastHead {
+            status_line: Box::default(),
+            status: (StatusCode::OK, Version::HTTP_11),
+            lines: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
 const LAST_LINES_MAX: usize = 16;
 const LAST_LINE_BYTES: usize = 256;
 
 thread_local! {
-    static LAST_HEAD: RefCell<LastHead> = RefCell::new(LastHead {
-        status_line: Box::default(),
-        status: (StatusCode::OK, Version::HTTP_11),
-        lines: Vec::new(),
-        scratch: Vec::new(),
-    });
+    static LAST_HEAD: RefCell<LastHead> = RefCell::new(LastHead::new());
 }
 
 /// How the response body is delimited (RFC 9112 section 6.3).
@@ -1280,15 +1290,6 @@ mod tests {
         }))
     }
 
-    fn last_head() -> LastHead {
-        LastHead {
-            status_line: Box::default(),
-            status: (StatusCode::OK, Version::HTTP_11),
-            lines: Vec::new(),
-            scratch: Vec::new(),
-        }
-    }
-
     #[test]
     fn heads_read_by_lines_read_as_whole_heads_do() {
         let many = format!(
@@ -1333,14 +1334,14 @@ mod tests {
                 String::from_utf8_lossy(head)
             );
             // By lines, with nothing known, then knowing every head read before it, then itself.
-            let mut last = last_head();
+            let mut last = LastHead::new();
             for _ in 0..2 {
                 let by_lines = reading(|response| read_by_lines(head, &mut last, response));
                 let by_lines = by_lines.or_else(|| whole.clone());
                 assert_eq!(by_lines, whole, "{:?}", String::from_utf8_lossy(head));
             }
             for other in &heads {
-                let mut last = last_head();
+                let mut last = LastHead::new();
                 let _ = reading(|response| read_by_lines(other, &mut last, response));
                 let by_lines = reading(|response| read_by_lines(head, &mut last, response))
                     .or_else(|| whole.clone());
@@ -1350,7 +1351,7 @@ mod tests {
             for cut in 0..head.len() {
                 let part = &head[..cut];
                 let whole = reading(|response| read_whole(part, response).transpose());
-                let mut last = last_head();
+                let mut last = LastHead::new();
                 let _ = reading(|response| read_by_lines(head, &mut last, response));
                 match reading(|response| read_by_lines(part, &mut last, response)) {
                     None => {}
