@@ -11,7 +11,9 @@ Sub-commands (used by run.sh):
   report.py report RESULTS_TSV [--streams STREAMS_TSV] [--duration S] [--rounds N]
                    [--connections N] [--tool NAME]
       RESULTS_TSV lines: kind target round status rps p50_s p99_s errors
-      (status is "ok" or "fail"; numbers are "-" for failed runs).
+      cpu_us machine_us (status is "ok" or "fail"; numbers are "-" for
+      failed runs; cpu_us and machine_us are the CPU a request took the
+      target's processes and the whole machine, in microseconds).
       Prints one table per body kind with medians over rounds, the
       gateway/nginx and gateway/haproxy ratios and the p50 latency each
       proxy adds on top of the direct path.
@@ -156,6 +158,10 @@ def fmt_time(sec):
     return f"{sec:.2f}s"
 
 
+def fmt_cpu(sec):
+    return "n/a" if sec is None else f"{sec * 1e6:.2f}us"
+
+
 def fmt_delta(sec):
     if sec is None:
         return "n/a"
@@ -178,15 +184,18 @@ def load_results(path):
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             parts = line.split()
-            if len(parts) != 8:
+            if len(parts) != 10:
                 continue
-            kind, target, rnd, status, rps, p50, p99, errors = parts
+            kind, target, rnd, status, rps, p50, p99, errors, cpu, machine = parts
+            ok = status == "ok"
             rows.append({
-                "kind": kind, "target": target, "round": int(rnd), "ok": status == "ok",
-                "rps": float(rps) if status == "ok" else None,
-                "p50": float(p50) if status == "ok" else None,
-                "p99": float(p99) if status == "ok" else None,
+                "kind": kind, "target": target, "round": int(rnd), "ok": ok,
+                "rps": float(rps) if ok else None,
+                "p50": float(p50) if ok else None,
+                "p99": float(p99) if ok else None,
                 "errors": int(errors) if errors != "-" else 0,
+                "cpu": float(cpu) * 1e-6 if ok else None,
+                "machine": float(machine) * 1e-6 if ok else None,
             })
     return rows
 
@@ -197,6 +206,7 @@ def summarize(rows, kind, target):
     med = (lambda key: statistics.median(r[key] for r in good)) if good else (lambda key: None)
     return {
         "rps": med("rps"), "p50": med("p50"), "p99": med("p99"),
+        "cpu": med("cpu"), "machine": med("machine"),
         "errors": sum(r["errors"] for r in mine),
         "runs": f"{len(good)}/{len(mine)}",
         "per_round": " ".join(fmt_rps(r["rps"]) for r in sorted(mine, key=lambda r: r["round"])),
@@ -214,7 +224,8 @@ def cmd_report(args):
         print(f"== {KIND_TITLES.get(kind, kind)}")
         print(f"   median of {args.rounds} round(s) x {args.duration}s, "
               f"{args.connections} connections, {args.tool}")
-        hdr = f"   {'target':<28}{'req/s':>11}{'p50':>11}{'p99':>11}{'errors':>8}{'ok runs':>9}   req/s per round"
+        hdr = (f"   {'target':<28}{'req/s':>11}{'p50':>11}{'p99':>11}{'CPU/req':>10}{'machine':>10}"
+               f"{'errors':>8}{'ok runs':>9}   req/s per round")
         print(hdr)
         print("   " + "-" * (len(hdr) - 3))
         for t in TARGETS:
@@ -224,20 +235,26 @@ def cmd_report(args):
             if x["rps"] is None:
                 failed = True
             print(f"   {LABELS.get(t, t):<28}{fmt_rps(x['rps']):>11}{fmt_time(x['p50']):>11}{fmt_time(x['p99']):>11}"
-                  f"{x['errors']:>8}{x['runs']:>9}   {x['per_round']}")
+                  f"{fmt_cpu(x['cpu']):>10}{fmt_cpu(x['machine']):>10}{x['errors']:>8}{x['runs']:>9}   {x['per_round']}")
+        print("   CPU/req: the target's processes (direct: the upstream's); machine: all CPUs, load generator"
+              " and upstream included")
         base = s["nginx"]["rps"]
         print()
         print("   x nginx (throughput): " + ", ".join(
             f"{LABELS.get(t, t)} {ratio(s[t]['rps'], base)}" for t in PROXIES if s[t]["any"]))
         g = s["gateway"]
-        print("   gateway vs      throughput   p50 latency    (throughput >1x and p50 <1x favour the gateway)")
+        print("   gateway vs      throughput   p50 latency   CPU/req    (throughput >1x, p50 and CPU <1x favour the gateway)")
         for other in ("nginx", "haproxy", "router"):
             o = s[other]
             if o["any"]:
-                print(f"   {other:<15} {ratio(g['rps'], o['rps']):>10}   {ratio(g['p50'], o['p50']):>11}")
+                print(f"   {other:<15} {ratio(g['rps'], o['rps']):>10}   {ratio(g['p50'], o['p50']):>11}"
+                      f"   {ratio(g['cpu'], o['cpu']):>7}")
         nolog = s["gateway-nolog"]
         if g["rps"] and nolog["rps"]:
-            print(f"   the access log costs {(1 - g['rps'] / nolog['rps']) * 100:.1f}% of the throughput"
+            cpu = ""
+            if g["cpu"] and nolog["cpu"]:
+                cpu = f" and {(g['cpu'] / nolog['cpu'] - 1) * 100:.1f}% more CPU a request"
+            print(f"   the access log costs {(1 - g['rps'] / nolog['rps']) * 100:.1f}% of the throughput{cpu}"
                   " (gateway against gateway --access-log false)")
         print()
         d = s["direct"]["p50"]

@@ -21,7 +21,8 @@
 #              keep-alive connections POSTing
 #              {"model":"m","input":"hello","stream":false} for BENCH_DURATION
 #              seconds; the targets take turns round by round and the table
-#              shows medians.
+#              shows medians, with the CPU time a request took the proxy's
+#              processes and the whole machine (from /proc).
 #     sse      the same with a canned 31 KB event-stream body sent in one piece.
 #     streams  an event-stream upstream (streams.py) that sends 10 events 1 s
 #              apart. Added time to first byte: 300 sequential requests per
@@ -71,6 +72,7 @@ ALL_TARGETS=(direct nginx haproxy gateway gateway-nolog router)
 read -r -a TARGETS <<<"direct ${BENCH_TARGETS:-nginx haproxy gateway gateway-nolog router}"
 
 WORK=""
+HZ="$(getconf CLK_TCK)"  # clock ticks a second, the unit of /proc/*/stat and /proc/stat
 TOOL=""
 OHA=oha
 OHA_JSON=()            # JSON-output flag: -j on older oha, --output-format json on newer
@@ -494,34 +496,68 @@ worker_shares() {
         <(echo "$1") <(echo "$2")
 }
 
-# measure TARGET KIND ROUND: one measured run, appended to results.tsv. For
-# the gateway it also prints how the proxy workers shared the work.
+# tree_ticks PID: the CPU time (user + system, in clock ticks) that PID and
+# its descendants have used (nginx's master and workers, the router's launcher
+# and the router).
+tree_ticks() {
+    cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$1" '
+        {
+            pid = $1
+            sub(/^.*\) /, "")  # past the command name, which may hold spaces
+            kids[$2] = kids[$2] " " pid
+            ticks[pid] = $12 + $13
+        }
+        END {
+            todo[1] = root; n = 1; total = 0
+            for (i = 1; i <= n; i++) {
+                total += ticks[todo[i]]
+                m = split(kids[todo[i]], more, " ")
+                for (j = 1; j <= m; j++) todo[++n] = more[j]
+            }
+            print total
+        }'
+}
+
+# busy_ticks: the clock ticks all CPUs have spent on anything but idling
+# (user, nice, system, irq, softirq) since boot.
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
+
+# per_request TICKS REQUESTS: microseconds of CPU a request.
+per_request() { awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }'; }
+
+# measure TARGET KIND ROUND: one measured run, appended to results.tsv with the
+# CPU a request took the target (the proxy's process tree; direct: the
+# upstream's) and the whole machine. For the gateway it also prints how the
+# proxy workers shared the work.
 measure() {
-    local target="$1" kind="$2" round="$3" out parsed rps p50 p99 errors pid="" ticks="" shares=""
+    local target="$1" kind="$2" round="$3" out parsed rps p50 p99 errors requests shares=""
+    local proc pid="" ticks="" cpu0 busy0 cpu busy
     out="$WORK/out/$kind-$target-$round.txt"
     if ! usable "$target" "$kind"; then
-        echo "$kind $target $round fail - - - -" >>"$WORK/results.tsv"
+        echo "$kind $target $round fail - - - - - -" >>"$WORK/results.tsv"
         return 0
     fi
-    if [[ "$target" == gateway* ]]; then
-        pid="${PROCS[$(proc_of "$target" "$kind")]:-}"
-        [[ -z "$pid" ]] || ticks="$(worker_ticks "$pid")"
-    fi
+    proc="$(proc_of "$target" "$kind")"
+    pid="${PROCS[$proc]:-}"
+    [[ "$target" != gateway* || -z "$pid" ]] || ticks="$(worker_ticks "$pid")"
+    cpu0="$(tree_ticks "$pid")" busy0="$(busy_ticks)"
     if load_run "$target" "$kind" "$DURATION" "$out" \
         && parsed="$(python3 "$BENCH_DIR/report.py" parse "$TOOL" "$out")"; then
+        cpu=$(($(tree_ticks "$pid") - cpu0)) busy=$(($(busy_ticks) - busy0))
         if [[ -n "$ticks" ]]; then
             shares="$(worker_shares "$ticks" "$(worker_ticks "$pid")")"
             echo "$kind $target $round $shares" >>"$WORK/workers.tsv"
         fi
-        read -r rps p50 p99 errors _ <<<"$parsed"
-        awk -v k="$kind" -v r="$round" -v t="$target" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v e="$errors" \
-            'BEGIN { printf "   %-4s round %d  %-13s %9.0f req/s  p50 %8.3fms  p99 %8.3fms  errors %d\n", k, r, t, rps, p50 * 1e3, p99 * 1e3, e }' >&2
-        echo "$kind $target $round ok $rps $p50 $p99 $errors" >>"$WORK/results.tsv"
+        read -r rps p50 p99 errors requests <<<"$parsed"
+        cpu="$(per_request "$cpu" "$requests")" busy="$(per_request "$busy" "$requests")"
+        awk -v k="$kind" -v r="$round" -v t="$target" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v e="$errors" -v c="$cpu" -v m="$busy" \
+            'BEGIN { printf "   %-4s round %d  %-13s %9.0f req/s  p50 %8.3fms  p99 %8.3fms  errors %d  CPU %5.2fus/req, machine %5.2fus/req\n", k, r, t, rps, p50 * 1e3, p99 * 1e3, e, c, m }' >&2
+        echo "$kind $target $round ok $rps $p50 $p99 $errors $cpu $busy" >>"$WORK/results.tsv"
         [[ -z "$shares" ]] || echo "                 $target proxy workers' CPU: $shares" >&2
     else
         warn "$target ($kind) round $round failed; output in $out:"
         tail -n 5 "$out" | sed 's/^/     | /' >&2 || true
-        echo "$kind $target $round fail - - - -" >>"$WORK/results.tsv"
+        echo "$kind $target $round fail - - - - - -" >>"$WORK/results.tsv"
     fi
 }
 
