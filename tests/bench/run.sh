@@ -541,9 +541,10 @@ measure() {
     pid="${PROCS[$proc]:-}"
     [[ "$target" != gateway* || -z "$pid" ]] || ticks="$(worker_ticks "$pid")"
     cpu0="$(tree_ticks "$pid")" busy0="$(busy_ticks)"
+    # The CPU read just around the load: the parse's interpreter is not the target's.
     if load_run "$target" "$kind" "$DURATION" "$out" \
+        && busy=$(($(busy_ticks) - busy0)) && cpu=$(($(tree_ticks "$pid") - cpu0)) \
         && parsed="$(python3 "$BENCH_DIR/report.py" parse "$TOOL" "$out")"; then
-        cpu=$(($(tree_ticks "$pid") - cpu0)) busy=$(($(busy_ticks) - busy0))
         if [[ -n "$ticks" ]]; then
             shares="$(worker_shares "$ticks" "$(worker_ticks "$pid")")"
             echo "$kind $target $round $shares" >>"$WORK/workers.tsv"
