@@ -5,9 +5,11 @@
 //!
 //! On stderr the access log leaves the request path: its lines are formatted on the worker and
 //! appended to the worker's part of a bounded queue, which a writer thread writes out in one piece
-//! every 20 ms, so a slow reader of stderr never stalls a request and a request costs no write and
-//! no thread wake-up (in the JSON format the record writes its line itself, without the tracing
-//! formatter's per-event work, when the filter wants it). When the queue is full a line is dropped
+//! every 20 ms while lines come, so a slow reader of stderr never stalls a request and a request
+//! costs no write and no thread wake-up (in the JSON format the record writes its line itself,
+//! without the tracing formatter's per-event work, when the filter wants it). After 20 ms without
+//! a line the writer sleeps until the next one, whose request wakes it: an idle gateway does not
+//! wake up for its access log. When the queue is full a line is dropped
 //! and counted (`gateway_log_lines_dropped_total`); [`flush_logs`] writes out what is queued
 //! before the process exits. Every other line is written at once: nothing the supervisor or vLLM
 //! says is ever dropped.
@@ -135,8 +137,9 @@ const ACCESS_LOG_QUEUE_BYTES: usize = 4 << 20;
 /// pages back at once).
 const ACCESS_LOG_KEEP_BYTES: usize = 256 << 10;
 
-/// How often the writer thread writes out what has been queued: one write for every line queued
-/// meanwhile, and no wake-up per line.
+/// How often the writer thread writes out what has been queued while lines come: one write for
+/// every line queued meanwhile, and no wake-up per line. An interval with no line puts it to sleep
+/// until the next one.
 const ACCESS_LOG_WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A value kept in one part for each thread that uses it, each part behind a lock that only its
@@ -201,6 +204,10 @@ struct AccessQueue {
     parts: PerThread<Vec<u8>>,
     dropped: AtomicU64,
     closing: AtomicBool,
+    /// Set while the writer sleeps until a line comes; the line's writer wakes it.
+    idle: AtomicBool,
+    /// The writer's thread, set by the writer itself before it can first be idle.
+    writer: OnceLock<std::thread::Thread>,
 }
 
 thread_local! {
@@ -222,7 +229,8 @@ impl AccessQueue {
     }
 
     /// Appends what `write` writes to this thread's part, in place, or drops and counts it if
-    /// that would overfill the part.
+    /// that would overfill the part. The first line after the writer went idle wakes it (one
+    /// futex wake, at most once per [`ACCESS_LOG_WRITE_INTERVAL`]).
     fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
         let queued = self.parts.with(&ACCESS_PART, |lines| {
             let start = lines.len();
@@ -235,7 +243,31 @@ impl AccessQueue {
         });
         if queued != Some(true) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        } else if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::Relaxed) {
+            // The part's lock orders this with the writer's look at the queue after it went
+            // idle: either it saw the line, or this sees it idle.
+            if let Some(writer) = self.writer.get() {
+                writer.unpark();
+            }
         }
+    }
+
+    /// The writer's wait between two looks at the queue: [`ACCESS_LOG_WRITE_INTERVAL`] after it
+    /// wrote something, else until a line comes (or [`flush_logs`] asks it to finish). `batch`
+    /// gets what it finds on its way to sleep.
+    fn wait(&self, batch: &mut Vec<u8>, wrote: bool) {
+        if wrote {
+            std::thread::park_timeout(ACCESS_LOG_WRITE_INTERVAL);
+            return;
+        }
+        self.idle.store(true, Ordering::Relaxed);
+        // A line queued before the flag was set did not wake this thread: look once more.
+        self.take(batch);
+        if batch.is_empty() && !self.closing.load(Ordering::Acquire) {
+            // Wakes for a line, for flush_logs, or spuriously; the caller looks again either way.
+            std::thread::park();
+        }
+        self.idle.store(false, Ordering::Relaxed);
     }
 
     /// Moves every queued line into `batch`, and forgets the parts of threads that have ended.
@@ -272,18 +304,21 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for AccessLog {
 }
 
 /// Starts the access log's writer thread: it writes the queue to stderr every
-/// [`ACCESS_LOG_WRITE_INTERVAL`] until [`flush_logs`], then writes what is left.
+/// [`ACCESS_LOG_WRITE_INTERVAL`] while lines come, and sleeps while none do, until
+/// [`flush_logs`]; then it writes what is left.
 fn access_log() -> AccessLog {
     let queue = Arc::clone(ACCESS_QUEUE.get_or_init(Default::default));
     let writer_queue = Arc::clone(&queue);
     let spawned = std::thread::Builder::new()
         .name("gateway-access-log".into())
         .spawn(move || {
+            let _ = writer_queue.writer.set(std::thread::current());
             let mut batch = Vec::new();
             loop {
                 let closing = writer_queue.closing.load(Ordering::Acquire);
                 writer_queue.take(&mut batch);
-                if !batch.is_empty() {
+                let wrote = !batch.is_empty();
+                if wrote {
                     // Nothing to tell if stderr is gone: the lines are lost either way.
                     let _ = std::io::stderr().lock().write_all(&batch);
                     batch.clear();
@@ -292,7 +327,7 @@ fn access_log() -> AccessLog {
                 if closing {
                     return;
                 }
-                std::thread::park_timeout(ACCESS_LOG_WRITE_INTERVAL);
+                writer_queue.wait(&mut batch, wrote);
             }
         });
     match spawned {

@@ -98,3 +98,65 @@ fn requests_go_on_while_stderr_is_not_read_and_every_access_line_is_written_by_a
         (0..REQUESTS).find(|n| !logged.contains(n))
     );
 }
+
+/// The voluntary and involuntary context switches of the gateway's access log writer thread.
+fn writer_switches(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the gateway's threads");
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // Thread names are cut to 15 bytes: "gateway-access-log" reads "gateway-access-".
+        if comm.trim_end() != "gateway-access-" {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).expect("status");
+        return status
+            .lines()
+            .filter(|line| line.contains("ctxt_switches:"))
+            .filter_map(|line| line.split_whitespace().last()?.parse::<u64>().ok())
+            .sum();
+    }
+    panic!("the gateway has no access log writer thread");
+}
+
+#[test]
+fn the_access_log_writer_sleeps_while_no_line_comes_and_wakes_for_the_next() {
+    let vllm = mock_vllm(&[]);
+    let gateway = gateway(vllm.port, &["--log-format", "json"], &[]);
+    let logged = |id: &str| {
+        gateway
+            .log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|line| line["target"] == "gateway::access" && line["request_id"] == id)
+    };
+    let request = |id: &str| {
+        let response = post_json(
+            gateway.port,
+            "/v1/responses",
+            r#"{"model":"mock-model","input":"hi"}"#,
+            &format!("\r\nx-request-id: {id}"),
+        );
+        assert_eq!(response.status, 200, "request {id}");
+    };
+
+    request("before-idle");
+    wait_until("the first access line", Duration::from_secs(10), || {
+        logged("before-idle")
+    });
+    // What is asserted is that nothing happens for a while, so the test watches a while: a writer
+    // that woke on a timer would be switched in some 50 times in that second.
+    let before = writer_switches(gateway.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let woken = writer_switches(gateway.pid()) - before;
+    assert!(
+        woken <= 3,
+        "the idle access log writer was switched in {woken} times in a second"
+    );
+
+    request("after-idle");
+    wait_until(
+        "the access line after the idle second",
+        Duration::from_secs(10),
+        || logged("after-idle"),
+    );
+}
