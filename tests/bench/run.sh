@@ -499,24 +499,7 @@ worker_shares() {
 # tree_ticks PID: the CPU time (user + system, in clock ticks) that PID and
 # its descendants have used (nginx's master and workers, the router's launcher
 # and the router).
-tree_ticks() {
-    cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$1" '
-        {
-            pid = $1
-            sub(/^.*\) /, "")  # past the command name, which may hold spaces
-            kids[$2] = kids[$2] " " pid
-            ticks[pid] = $12 + $13
-        }
-        END {
-            todo[1] = root; n = 1; total = 0
-            for (i = 1; i <= n; i++) {
-                total += ticks[todo[i]]
-                m = split(kids[todo[i]], more, " ")
-                for (j = 1; j <= m; j++) todo[++n] = more[j]
-            }
-            print total
-        }'
-}
+tree_ticks() { python3 "$BENCH_DIR/streams.py" cpu "$1"; }
 
 # busy_ticks: the clock ticks all CPUs have spent on anything but idling
 # (user, nice, system, irq, softirq) since boot.

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Streams mode of the proxy benchmark: an event-stream upstream and two clients.
+"""Streams mode of the proxy benchmark: an event-stream upstream, two clients, and what a proxy's
+processes hold and use.
 
   streams.py upstream PORT
       An SSE stand-in for vLLM on 127.0.0.1:PORT. POST /v1/responses with a JSON body that has
@@ -20,6 +21,12 @@
       of PIDS (comma-separated; each process with its
       descendants, summed). Prints "<rss bytes> <most streams open at once> <whole streams>": a
       stream is whole when it got every event and its end.
+
+  streams.py rss PIDS
+      The resident bytes of PIDS (comma-separated), each with its descendants, summed.
+
+  streams.py cpu PIDS
+      The CPU time (user and system, in clock ticks) that PIDS and their descendants have used.
 
 Only loopback is used. Everything has a deadline, so a wedged target makes a run fail instead of
 hang.
@@ -182,26 +189,37 @@ async def ttfb(url, count):
     print(f"{statistics.median(samples):.6f} {samples[int(len(samples) * 0.9)]:.6f} {len(samples)}")
 
 
-def rss_of(pids):
-    """Resident bytes of each pid and its descendants, summed."""
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid,
+    ...; None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def tree(pids):
+    """Each pid and its descendants, once each."""
     children = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    total, todo, seen = 0, list(pids), set()
+        if entry.isdigit() and (fields := stat_fields(entry)) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    todo, seen = list(pids), set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
         todo.extend(children.get(pid, []))
+        yield pid
+
+
+def rss_of(pids):
+    """Resident bytes of each pid and its descendants, summed."""
+    total = 0
+    for pid in tree(pids):
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
@@ -209,6 +227,15 @@ def rss_of(pids):
                         total += int(line.split()[1]) * 1024
         except OSError:
             pass
+    return total
+
+
+def cpu_of(pids):
+    """Clock ticks of user and system time each pid and its descendants have used, summed."""
+    total = 0
+    for pid in tree(pids):
+        if (fields := stat_fields(pid)) is not None:
+            total += int(fields[11]) + int(fields[12])
     return total
 
 
@@ -278,6 +305,8 @@ def main():
         asyncio.run(hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), pids))
     elif mode == "rss":
         print(rss_of([int(p) for p in sys.argv[2].split(",") if p]))
+    elif mode == "cpu":
+        print(cpu_of([int(p) for p in sys.argv[2].split(",") if p]))
     else:
         sys.exit(f"unknown mode {mode}")
 
