@@ -6,13 +6,13 @@
 //! On stderr the access log leaves the request path: its lines are formatted on the worker and
 //! appended to the worker's part of a bounded queue, which a writer thread writes out in one piece
 //! every 20 ms while lines come, so a slow reader of stderr never stalls a request and a request
-//! costs no write and no thread wake-up (in the JSON format the record writes its line itself,
-//! without the tracing formatter's per-event work, when the filter wants it). After 20 ms without
-//! a line the writer sleeps until the next one, whose request wakes it: an idle gateway does not
-//! wake up for its access log. When the queue is full a line is dropped
-//! and counted (`gateway_log_lines_dropped_total`); [`flush_logs`] writes out what is queued
-//! before the process exits. Every other line is written at once: nothing the supervisor or vLLM
-//! says is ever dropped.
+//! costs no write and, while lines come, no thread wake-up (in the JSON format the record writes
+//! its line itself, without the tracing formatter's per-event work, when the filter wants it).
+//! After 20 ms without a line the writer sleeps until the next one, whose request wakes it: an idle
+//! gateway does not wake up for its access log. When the queue is full a line is dropped and
+//! counted (`gateway_log_lines_dropped_total`); [`flush_logs`] writes out what is queued before the
+//! process exits. Every other line is written at once: nothing the supervisor or vLLM says is ever
+//! dropped.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
