@@ -214,6 +214,15 @@ def summarize(rows, kind, target):
     }
 
 
+def per_round(rows, kind, a, b):
+    """The ratio of a's throughput to b's in each round both finished: the targets of a round run
+    back to back, so a drift of the machine's speed over the run moves both alike."""
+    def by_round(t):
+        return {r["round"]: r["rps"] for r in rows if r["kind"] == kind and r["target"] == t and r["ok"]}
+    mine, theirs = by_round(a), by_round(b)
+    return [mine[n] / theirs[n] for n in sorted(mine) if n in theirs and theirs[n]]
+
+
 def cmd_report(args):
     rows = load_results(args.results)
     kinds = [k for k in ("json", "sse") if any(r["kind"] == k for r in rows)]
@@ -243,19 +252,22 @@ def cmd_report(args):
         print("   x nginx (throughput): " + ", ".join(
             f"{LABELS.get(t, t)} {ratio(s[t]['rps'], base)}" for t in PROXIES if s[t]["any"]))
         g = s["gateway"]
-        print("   gateway vs      throughput   p50 latency   CPU/req    (throughput >1x, p50 and CPU <1x favour the gateway)")
+        print("   gateway vs      throughput   p50 latency   CPU/req   throughput per round"
+              "    (throughput >1x, p50 and CPU <1x favour the gateway)")
         for other in ("nginx", "haproxy", "router"):
             o = s[other]
             if o["any"]:
+                rounds = " ".join(f"{x:.2f}" for x in per_round(rows, kind, "gateway", other))
                 print(f"   {other:<15} {ratio(g['rps'], o['rps']):>10}   {ratio(g['p50'], o['p50']):>11}"
-                      f"   {ratio(g['cpu'], o['cpu']):>7}")
+                      f"   {ratio(g['cpu'], o['cpu']):>7}   {rounds}")
         nolog = s["gateway-nolog"]
         if g["rps"] and nolog["rps"]:
             cpu = ""
             if g["cpu"] and nolog["cpu"]:
                 cpu = f" and {(g['cpu'] / nolog['cpu'] - 1) * 100:.1f}% more CPU a request"
+            rounds = " ".join(f"{(1 - x) * 100:.1f}%" for x in per_round(rows, kind, "gateway", "gateway-nolog"))
             print(f"   the access log costs {(1 - g['rps'] / nolog['rps']) * 100:.1f}% of the throughput{cpu}"
-                  " (gateway against gateway --access-log false)")
+                  f" (gateway against gateway --access-log false; per round {rounds})")
         print()
         d = s["direct"]["p50"]
         added = []
@@ -327,6 +339,16 @@ def report_streams(path):
         print(row)
     for note in notes:
         print(f"   * {note}")
+    # Each round's p50 minus direct's in the same round: whether the rounds agree on the order.
+    added_rounds = []
+    for t in PROXIES:
+        if t not in ttfb or "direct" not in ttfb:
+            continue
+        pairs = zip(ttfb[t], ttfb["direct"])
+        added_rounds.append(f"{t} " + " ".join(
+            "-" if v is None or d is None else fmt_delta(v - d) for v, d in pairs))
+    if added_rounds:
+        print("   added TTFB per round: " + ", ".join(added_rounds))
     return failed
 
 
