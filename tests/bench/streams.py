@@ -201,10 +201,12 @@ def stat_fields(pid):
 
 
 def tree(pids):
-    """Each pid and its descendants, once each."""
-    children = {}
+    """Each pid and its descendants, once each, with the stat fields read to find them (None for a
+    pid given that is gone)."""
+    children, stats = {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := stat_fields(entry)) is not None:
+            stats[int(entry)] = fields
             children.setdefault(int(fields[1]), []).append(int(entry))
     todo, seen = list(pids), set()
     while todo:
@@ -213,13 +215,13 @@ def tree(pids):
             continue
         seen.add(pid)
         todo.extend(children.get(pid, []))
-        yield pid
+        yield pid, stats.get(pid)
 
 
 def rss_of(pids):
     """Resident bytes of each pid and its descendants, summed."""
     total = 0
-    for pid in tree(pids):
+    for pid, _ in tree(pids):
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
@@ -233,8 +235,8 @@ def rss_of(pids):
 def cpu_of(pids):
     """Clock ticks of user and system time each pid and its descendants have used, summed."""
     total = 0
-    for pid in tree(pids):
-        if (fields := stat_fields(pid)) is not None:
+    for _, fields in tree(pids):
+        if fields is not None:
             total += int(fields[11]) + int(fields[12])
     return total
 
