@@ -31,7 +31,8 @@
 //!   supervisor's hand-over, the exec.
 //! - `commands`: the subcommands that do not run the gateway (`healthcheck`, `config check`).
 //! - `signals`: the one task that turns signals into stop requests, reloads, or signals to forward
-//!   to the child.
+//!   to the child; the one thread that takes them (every other blocks them), which an upgrade's
+//!   exec holds back.
 //! - `reload`: SIGHUP: reads the configuration again and swaps in what may change while vLLM runs
 //!   (`config::KEYS` says which keys) as the proxy's `proxy::Live`; or, when the binary was
 //!   replaced, runs the new one on trial and asks `run` to upgrade in place.

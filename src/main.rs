@@ -53,6 +53,11 @@ fn main() -> ExitCode {
             return supervisor::guard::run(Duration::from_millis(grace_ms));
         }
     };
+    // Before any other thread starts, so that every thread inherits the block (see `signals`).
+    if let Err(error) = signals::block() {
+        eprintln!("gateway: cannot block signals: {error}");
+        return ExitCode::from(1);
+    }
     // First, before anything opens a descriptor: the numbers a hand-over names are inherited ones.
     let takeover = takeover::take();
     let env = |name: &str| std::env::var(name).ok();

@@ -337,20 +337,17 @@ async fn hand_over(listener: &std::net::TcpListener, serving: &Serving<'_>, path
         "executing the new gateway binary in place; vLLM keeps running"
     );
     telemetry::flush_logs();
-    let reason = match signals::block_for_exec() {
+    let reason = match signals::hold() {
         // A stop asked for meanwhile wins (the exec would lose it): the supervisor resumes and
-        // stops. Checked last, right before the exec, so that only a signal that arrives in the
-        // microseconds between the two is lost.
-        Ok(()) if stopping() => {
-            signals::unblock_after_failed_exec();
-            "the gateway is stopping".into()
-        }
-        Ok(()) => {
+        // stops. From here on no signal is handled: one that comes waits, pending, for the new
+        // image, and one whose handler ran before the hold is seen here, though the signal task
+        // may not have acted on it yet.
+        Ok(held) if stopping() || held.stop_received() => "the gateway is stopping".into(),
+        Ok(_held) => {
             let error = crate::upgrade::exec::exec(path, &description);
-            signals::unblock_after_failed_exec();
             format!("cannot execute {}: {error}", path.display())
         }
-        Err(error) => format!("cannot block signals for the exec: {error}"),
+        Err(error) => format!("cannot hold the signals back for the exec: {error}"),
     };
     serving.supervisor.resume();
     reason

@@ -5,9 +5,17 @@
 //! (`reload`); vLLM never sees it (vLLM does not handle SIGHUP and dies of it).
 //! SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`).
 //! SIGQUIT: forwarded, then a graceful stop.
+//!
+//! Every thread of the gateway blocks these signals but one, `gateway-signals`, which does
+//! nothing but take them (their handlers run there and wake the task). So the gateway can hold
+//! them all back at once, as an in-place upgrade does across its exec: a signal sent meanwhile
+//! then waits for the new image instead of being lost with the old one.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
@@ -60,44 +68,86 @@ pub fn action_for(signal: i32) -> Option<SignalAction> {
 /// The signals the gateway handles.
 const HANDLED: [i32; 6] = [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT];
 
-/// Installs the handlers, then unblocks the signals on this thread. Done before anything else
-/// starts so that no signal is lost to the default action (which for SIGTERM would kill the
-/// gateway without stopping the child).
-///
-/// An in-place upgrade blocks the handled signals across its exec ([`block_for_exec`]): the new
-/// image starts with them blocked, so one sent meanwhile waits, pending, until its handlers are
-/// installed here instead of killing it.
+/// Set by a stop signal's handler itself, at once, where the signal task may read the signal
+/// only later: an in-place upgrade's exec must not lose a stop that came just before it.
+static STOP_RECEIVED: AtomicBool = AtomicBool::new(false);
+
+/// A change to the mask of the thread that takes the signals, and where it answers.
+type MaskRequest = (SigmaskHow, std::sync::mpsc::SyncSender<nix::Result<()>>);
+
+/// The way to the thread that takes the signals, once [`install`] has started it.
+static RECEIVER: OnceLock<std::sync::mpsc::Sender<MaskRequest>> = OnceLock::new();
+
+/// Blocks the handled signals on the calling thread. `main` calls it before it starts any other
+/// thread, so every thread inherits the block, and only the one [`install`] starts takes the
+/// signals: an in-place upgrade can then hold them all back across its exec ([`hold`]). A new
+/// image starts with them blocked (the mask survives the exec), so one sent meanwhile waits,
+/// pending, for its handlers.
+pub fn block() -> nix::Result<()> {
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled_set()), None)
+}
+
+/// Installs the handlers, and starts the thread that takes the signals, the only one that does
+/// not block them: its handlers run there. A signal that came before (since [`block`], or
+/// across an upgrade's exec) was pending meanwhile and arrives now; none is lost to the default
+/// action, which for SIGTERM would kill the gateway without stopping the child.
 pub fn install() -> std::io::Result<Signals> {
     let signals = Signals::new(HANDLED)?;
-    nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
-        Some(&handled_set()),
-        None,
-    )?;
+    for signal in [SIGTERM, SIGINT, SIGQUIT] {
+        signal_hook::flag::register(signal, &STOP_RECEIVED)?;
+    }
+    if RECEIVER.get().is_none() {
+        let (requests, received) = std::sync::mpsc::channel::<MaskRequest>();
+        std::thread::Builder::new()
+            .name("gateway-signals".into())
+            .spawn(move || {
+                // Handlers interrupt this wait; nothing else runs here.
+                while let Ok((how, done)) = received.recv() {
+                    let _ = done.send(pthread_sigmask(how, Some(&handled_set()), None));
+                }
+            })?;
+        let _ = RECEIVER.set(requests);
+    }
+    set_receiver_mask(SigmaskHow::SIG_UNBLOCK)?;
     Ok(signals)
 }
 
-/// Blocks the handled signals on the calling thread, which is about to exec a new image (the
-/// mask survives the exec); [`unblock_after_failed_exec`] undoes it.
-pub fn block_for_exec() -> std::io::Result<()> {
-    nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_BLOCK,
-        Some(&handled_set()),
-        None,
-    )?;
-    Ok(())
+/// Holds the handled signals back until the [`Held`] is dropped: the thread that takes them
+/// blocks them too, so a signal sent meanwhile stays pending, and across an exec it waits for
+/// the new image's handlers. Only a handler that ran before the hold can have been missed by the
+/// signal task yet; for a stop, [`Held::stop_received`] tells.
+pub fn hold() -> std::io::Result<Held> {
+    set_receiver_mask(SigmaskHow::SIG_BLOCK)?;
+    Ok(Held(()))
 }
 
-pub fn unblock_after_failed_exec() {
-    let _ = nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
-        Some(&handled_set()),
-        None,
-    );
+/// The handled signals held back, until dropped ([`hold`]).
+pub struct Held(());
+
+impl Held {
+    /// Whether a stop signal has come, even one the signal task has not acted on yet.
+    pub fn stop_received(&self) -> bool {
+        STOP_RECEIVED.load(Ordering::SeqCst)
+    }
 }
 
-fn handled_set() -> nix::sys::signal::SigSet {
-    let mut set = nix::sys::signal::SigSet::empty();
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = set_receiver_mask(SigmaskHow::SIG_UNBLOCK);
+    }
+}
+
+/// Changes the mask of the thread that takes the signals, and waits until it has.
+fn set_receiver_mask(how: SigmaskHow) -> std::io::Result<()> {
+    let gone = || std::io::Error::other("the thread that takes the signals is not running");
+    let receiver = RECEIVER.get().ok_or_else(gone)?;
+    let (done, answer) = std::sync::mpsc::sync_channel(1);
+    receiver.send((how, done)).map_err(|_| gone())?;
+    Ok(answer.recv().map_err(|_| gone())??)
+}
+
+fn handled_set() -> SigSet {
+    let mut set = SigSet::empty();
     for signal in HANDLED {
         if let Ok(signal) = Signal::try_from(signal) {
             set.add(signal);

@@ -180,6 +180,60 @@ fn wait_upgraded(gateway: &Proc) {
     wait_ready(gateway);
 }
 
+/// The threads of a process by name, each with whether it blocks every signal the gateway
+/// handles (`Some(true)`), none of them (`Some(false)`), or only some (`None`).
+fn signal_masks(pid: i32) -> Vec<(String, Option<bool>)> {
+    let handled = [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGTERM,
+    ]
+    .iter()
+    .fold(0u64, |mask, signal| mask | 1 << (*signal as i32 - 1));
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the gateway's threads");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("status")).ok())
+        .map(|status| {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .map(str::trim)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let blocked = u64::from_str_radix(&field("SigBlk:"), 16).expect("a hex mask") & handled;
+            let blocks = match blocked {
+                0 => Some(false),
+                all if all == handled => Some(true),
+                _ => None,
+            };
+            (field("Name:"), blocks)
+        })
+        .collect()
+}
+
+/// Every thread of the gateway blocks the signals it handles but the one that takes them.
+fn assert_one_thread_takes_the_signals(gateway: &Proc) {
+    let threads = signal_masks(gateway.pid());
+    let takers: Vec<_> = threads
+        .iter()
+        .filter(|(_, blocks)| *blocks != Some(true))
+        .collect();
+    assert_eq!(
+        takers,
+        [&("gateway-signals".to_owned(), Some(false))],
+        "threads: {threads:?}"
+    );
+    assert!(
+        threads.len() > 3,
+        "the runtime's and the workers' threads too: {threads:?}"
+    );
+}
+
 #[test]
 fn livez_names_the_version_of_the_running_binary() {
     let binary = Binary::copy();
@@ -402,6 +456,22 @@ fn a_vllm_started_by_the_new_image_stops_at_the_first_sigterm() {
         gateway.log_text()
     );
     assert!(!alive(restarted));
+}
+
+#[test]
+fn only_one_thread_takes_signals_so_an_upgrade_can_hold_them_for_the_new_image() {
+    let binary = Binary::copy();
+    let mut gateway = serve_from(&binary, &[], &[]);
+    assert_one_thread_takes_the_signals(&gateway);
+
+    binary.replace();
+    gateway.signal(Signal::SIGHUP);
+    wait_upgraded(&gateway);
+    // The new image started with them blocked (the old one's mask across the exec).
+    assert_one_thread_takes_the_signals(&gateway);
+    gateway.signal(Signal::SIGTERM);
+    let status = gateway.wait_exit(DEADLINE);
+    assert!(status.success(), "{status:?}\n{}", gateway.log_text());
 }
 
 #[test]

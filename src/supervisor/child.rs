@@ -63,8 +63,8 @@ pub fn command(serve: &ServeConfig) -> Command {
     command
 }
 
-/// Makes `command` start with no signal blocked. The gateway's threads may block the signals it
-/// handles (a new image starts with them blocked, see `signals`), and a child inherits the mask
+/// Makes `command` start with no signal blocked. The gateway's threads block the signals it
+/// handles, all but the one that takes them (see `signals`), and a child inherits the mask
 /// of the thread that forks it: vLLM would then never see the SIGTERM that stops it.
 pub fn unblock_signals_in_child(command: &mut Command) {
     // SAFETY: between fork and exec only sigprocmask is called, which is async-signal-safe.

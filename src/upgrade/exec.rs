@@ -2,9 +2,10 @@
 //! PID, with the same arguments and environment, plus the description in [`ENV_VAR`] and exactly
 //! the descriptors it names.
 //!
-//! `std`'s `Command::exec` is not used: it resets the signal mask, and the caller blocks the
-//! handled signals across the exec so that one sent meanwhile waits for the new image's
-//! handlers.
+//! `std`'s `Command::exec` is not used: it resets the signal mask, and the calling thread blocks
+//! the handled signals (as every thread of the gateway does but the one that takes them, which
+//! holds them back across the exec: `signals::hold`), so that one sent meanwhile waits for the
+//! new image's handlers.
 
 use std::ffi::{CString, OsString};
 use std::os::fd::BorrowedFd;
