@@ -43,10 +43,14 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate a configuration file and report every mistake in it.
+    /// Validate a configuration file and report every mistake in it, or which run it is fit for.
     Check {
         /// The TOML file to check.
         file: PathBuf,
+        /// Judge it as `gateway serve --config FILE` (the systemd unit's command) takes it:
+        /// `model` is required, `llm_api_base` refused.
+        #[arg(long)]
+        serve: bool,
     },
 }
 

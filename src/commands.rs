@@ -30,16 +30,28 @@ pub fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
     }
 }
 
-/// `gateway config check FILE`: 0 and `FILE: ok` when the file is valid, else every mistake and 2.
-pub fn check_config(file: &Path) -> ExitCode {
-    match config::load(&Flags::file(file), Mode::Check, &|_| None) {
-        Ok(_) => {
-            println!("{}: ok", file.display());
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            eprintln!("{errors}");
-            ExitCode::from(2)
-        }
+/// `gateway config check [--serve] FILE`: every mistake and 2, or 0 and which run the file is
+/// fit for. Without `--serve` the file is judged for the run it names (see [`Mode::Check`]), and
+/// the answer says which that is: `serve` refuses `llm_api_base`, and a file without `model` is
+/// fit for `serve` only with the model on the command line (the systemd unit passes none). With
+/// `--serve` it is judged as `gateway serve --config FILE` takes it.
+pub fn check_config(file: &Path, serve: bool) -> ExitCode {
+    let load = |mode| config::load(&Flags::file(file), mode, &|_| None);
+    if let Err(errors) = load(if serve { Mode::Serve } else { Mode::Check }) {
+        eprintln!("{errors}");
+        return ExitCode::from(2);
     }
+    let shown = file.display();
+    if serve || load(Mode::Serve).is_ok() {
+        println!("{shown}: ok for `gateway serve --config {shown}`");
+    } else if load(Mode::Standalone).is_ok() {
+        println!(
+            "{shown}: ok for the standalone proxy, `gateway --config {shown}` (`gateway serve` refuses its `llm_api_base`)"
+        );
+    } else {
+        println!(
+            "{shown}: ok for `gateway serve <MODEL> --config {shown}`; it names no `model`, so `gateway serve --config {shown}` alone refuses it"
+        );
+    }
+    ExitCode::SUCCESS
 }

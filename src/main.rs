@@ -45,8 +45,8 @@ fn main() -> ExitCode {
     let (mode, flags) = match cli.command {
         None => (Mode::Standalone, cli.proxy.0),
         Some(Command::Serve(serve)) => (Mode::Serve, serve.0),
-        Some(Command::Config(ConfigCommand::Check { file })) => {
-            return commands::check_config(&file);
+        Some(Command::Config(ConfigCommand::Check { file, serve })) => {
+            return commands::check_config(&file, serve);
         }
         Some(Command::Healthcheck(args)) => return commands::healthcheck(&args.url, args.timeout),
         Some(Command::Guard { grace_ms }) => {

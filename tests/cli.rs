@@ -273,6 +273,60 @@ fn config_check_accepts_the_example_and_rejects_mistakes() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("`drain_timeout`"));
 }
 
+/// A file may be fine for one run and refused by the other: `config check` says which run it is
+/// fit for, and with `--serve` judges it as the systemd unit's `gateway serve --config FILE` does.
+#[test]
+fn config_check_says_which_run_a_file_is_fit_for_and_serve_judges_it_as_the_unit_runs_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (text, verdict, serve_refuses) in [
+        ("model = \"m\"\n", "ok for `gateway serve --config", None),
+        (
+            "port = 9100\n",
+            "it names no `model`, so `gateway serve --config",
+            Some("`model`: is required"),
+        ),
+        (
+            "llm_api_base = \"http://127.0.0.1:8000\"\n",
+            "ok for the standalone proxy",
+            Some("key `llm_api_base`: cannot be used with `serve`"),
+        ),
+    ] {
+        let path = write_config(dir.path(), text);
+        let check = gateway()
+            .args(["config", "check", &path])
+            .output()
+            .expect("run");
+        let stdout = String::from_utf8_lossy(&check.stdout);
+        assert_eq!(check.status.code(), Some(0), "{text}: {stdout}");
+        assert!(stdout.starts_with(&format!("{path}: ")), "{text}: {stdout}");
+        assert!(stdout.contains(verdict), "{text}: {stdout}");
+
+        let strict = gateway()
+            .args(["config", "check", "--serve", &path])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&strict.stderr);
+        match serve_refuses {
+            None => assert_eq!(strict.status.code(), Some(0), "{text}: {stderr}"),
+            Some(error) => {
+                assert_eq!(strict.status.code(), Some(2), "{text}");
+                assert!(stderr.contains(error), "{text}: {stderr}");
+                let run = gateway()
+                    .args(["serve", "--config", &path])
+                    .timeout(std::time::Duration::from_secs(10))
+                    .output()
+                    .expect("run");
+                assert_eq!(run.status.code(), Some(2), "{text}: the run refuses it too");
+                assert!(
+                    String::from_utf8_lossy(&run.stderr).contains(error),
+                    "{text}: {}",
+                    String::from_utf8_lossy(&run.stderr)
+                );
+            }
+        }
+    }
+}
+
 /// Regression (issue 11): `config check` accepted `port = 8000`, which `serve` then refused (vLLM's
 /// default port), and a port of 99999 in `llm_api_base`, which failed only at start-up with a bare
 /// "invalid port number". Both are now refused by `config check` and by the run, with one text
