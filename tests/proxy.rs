@@ -156,6 +156,31 @@ fn hop_by_hop_request_headers_are_removed_and_others_kept() {
     assert_eq!(seen["query"], "trace=1", "query strings are kept");
 }
 
+/// Regression: a `Content-Length` the client's `Connection` named was left out upstream like any
+/// nominated header, and the body went after a head with no length: vLLM read it as a second
+/// request, whose answer went to whichever request read that connection next (smuggling). The
+/// body here is such a request; vLLM must see one POST with the whole body, small (sent whole) or
+/// large (streamed).
+#[test]
+fn a_content_length_the_client_names_in_connection_still_frames_the_body_upstream() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    for padding in [0, 100 * 1024] {
+        let body = format!(
+            "GET /v1/smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: {padding}\r\n\r\n{}",
+            " ".repeat(padding)
+        );
+        let head = "POST /v1/responses HTTP/1.1\r\nContent-Type: application/json\r\nConnection: Content-Length";
+        let response = raw_request(gateway.port, head, body.as_bytes());
+        assert_eq!(response.status, 400, "vLLM refuses the body as JSON");
+        let seen = last_request(&mock);
+        assert_eq!(seen["method"], "POST", "{seen}");
+        assert_eq!(seen["path"], "/v1/responses", "{seen}");
+        assert_eq!(seen["body_len"], body.len(), "{seen}");
+        assert_eq!(seen["headers"]["content-length"], body.len().to_string());
+    }
+}
+
 /// A one-shot upstream that answers with hop-by-hop headers of its own.
 fn upstream_with_hop_headers() -> (u16, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -291,16 +291,21 @@ fn encode_head(head: Head<'_>, body: &mut RequestBody) -> (Vec<u8>, bool) {
         RequestBody::Whole(bytes) => Some(std::mem::take(bytes)),
         _ => None,
     };
-    // The framing header the request lacks, written after its own.
-    let mut length = None;
-    let mut chunked = false;
-    if !headers.contains_key(header::CONTENT_LENGTH) {
-        match (&whole, &*body) {
-            (Some(bytes), _) => length = Some(bytes.len()),
-            (None, RequestBody::Streamed(_)) => chunked = true,
-            _ => {}
-        }
-    }
+    // The framing is the gateway's own, from the body it sends, never the client's line: a
+    // `Content-Length` that the client's `Connection` nominates is left out with the rest, and a
+    // body sent without its length would be read by vLLM as the next request.
+    let (length, chunked) = match (&whole, &*body) {
+        (Some(bytes), _) => (Some(bytes.len() as u64), false),
+        (None, RequestBody::Streamed(streamed)) => match streamed.size_hint().exact() {
+            Some(length) => (Some(length), false),
+            None => (None, true),
+        },
+        // No body: a `Content-Length: 0` the client sent goes on.
+        (None, _) => (
+            headers.contains_key(header::CONTENT_LENGTH).then_some(0),
+            false,
+        ),
+    };
     let size = method.as_str().len()
         + target.len()
         + 16
@@ -330,6 +335,7 @@ fn encode_head(head: Head<'_>, body: &mut RequestBody) -> (Vec<u8>, bool) {
         if !headers::is_hop_by_hop(name, &nominated)
             && name != header::HOST
             && *name != headers::X_REQUEST_ID
+            && name != header::CONTENT_LENGTH
         {
             line(name, value);
         }
