@@ -923,6 +923,87 @@ fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
     assert_eq!(upstream.used.load(Ordering::SeqCst), 2);
 }
 
+/// Regression: a streamed request body (over 64 KB) whose pooled connection vLLM closed after
+/// reading it, without answering, was sent again on a new connection with its head alone (the
+/// body was gone): vLLM waited for the body and the client got a 504 at the first-byte timeout,
+/// or, chunked, the answer to an empty request. It is not sent again: the client gets a 502.
+#[test]
+fn a_streamed_body_is_not_sent_again_after_vllm_closed_without_answering() {
+    use std::sync::{Arc, Mutex};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    // Every request line vLLM read, with the length of the body that came with it.
+    let seen: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let record = Arc::clone(&record);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request_line = String::new();
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if request_line.is_empty() {
+                            request_line = line.trim_end().to_owned();
+                        } else if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    let read = reader.read_exact(&mut body).map_or(0, |()| length);
+                    record.lock().expect("record").push((request_line, read));
+                    if length > 64 * 1024 {
+                        // Read it all, then close without a word.
+                        return;
+                    }
+                    let _ = write!(
+                        reader.get_mut(),
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{{\"ok\":true}}"
+                    );
+                }
+            });
+        }
+    });
+    let gateway = gateway(
+        port,
+        &["--health-interval", "1h", "--first-byte-timeout", "5s"],
+        &[],
+    );
+    let mut client = keep_alive_client(gateway.port);
+    // Leaves a connection in the pool, which the large POST then goes on.
+    post_on(&mut client);
+    let body = format!("{{\"input\":\"{}\"}}", "x".repeat(100 * 1024));
+    // On the same client connection, so on the same worker and its pool.
+    write!(
+        client.get_mut(),
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut status = String::new();
+    client.read_line(&mut status).expect("status line");
+    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    let seen = seen.lock().expect("seen").clone();
+    let posts: Vec<_> = seen
+        .iter()
+        .filter(|(line, _)| line.starts_with("POST "))
+        .collect();
+    assert_eq!(posts.len(), 2, "the large POST went once: {seen:?}");
+    assert_eq!(posts[1].1, body.len(), "{seen:?}");
+}
+
 fn keep_alive_client(port: u16) -> BufReader<TcpStream> {
     let client = BufReader::new(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
     client

@@ -399,6 +399,9 @@ async fn exchange(
         error,
         untouched: reused && untouched,
     };
+    // Once any of a streamed body has been taken it cannot go again: a failure after that is
+    // never untouched, however little vLLM answered.
+    let streamed = matches!(body, RequestBody::Streamed(_));
     // Out of the connection while it waits on the connection's socket; back in with the answer.
     let mut timer = std::mem::take(&mut connection.timer);
     match within(&mut timer, deadline, connection.tcp.write_all(head)).await {
@@ -439,19 +442,16 @@ async fn exchange(
         let filled = within(&mut timer, deadline, connection.fill())
             .await
             .map_err(|timeout| failed(timeout, false))?;
+        let untouched = connection.buffer.is_empty() && !streamed;
         match filled {
             Ok(0) => {
-                let untouched = connection.buffer.is_empty();
                 return Err(failed(
                     io::Error::from(io::ErrorKind::UnexpectedEof).into(),
                     untouched,
                 ));
             }
             Ok(_) => {}
-            Err(error) => {
-                let untouched = connection.buffer.is_empty();
-                return Err(failed(error.into(), untouched));
-            }
+            Err(error) => return Err(failed(error.into(), untouched)),
         }
     }
 }
