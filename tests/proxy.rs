@@ -132,12 +132,18 @@ fn each_stream_chunk_is_forwarded_before_the_next_is_produced() {
 fn hop_by_hop_request_headers_are_removed_and_others_kept() {
     let mock = mock_vllm(&[]);
     let gateway = gateway(mock.port, &[], &[]);
-    let head = "POST /v1/responses?trace=1 HTTP/1.1\r\nContent-Type: application/json\r\nConnection: keep-alive, X-Hop-Nominated\r\nX-Hop-Nominated: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9v\r\nX-Custom-Header: kept";
+    let head = "POST /v1/responses?trace=1 HTTP/1.1\r\nContent-Type: application/json\r\nConnection: keep-alive, X-Hop-Nominated\r\nX-Hop-Nominated: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9v\r\nProxy-Connection: keep-alive\r\nX-Custom-Header: kept";
     let response = raw_request(gateway.port, head, RESPONSES_JSON.as_bytes());
     assert_eq!(response.status, 200);
     let seen = last_request(&mock);
     let headers = seen["headers"].as_object().expect("headers");
-    for removed in ["x-hop-nominated", "keep-alive", "te", "proxy-authorization"] {
+    for removed in [
+        "x-hop-nominated",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
         assert!(
             !headers.contains_key(removed),
             "{removed} reached the upstream: {headers:?}"
@@ -194,7 +200,7 @@ fn upstream_with_hop_headers() -> (u16, std::thread::JoinHandle<()>) {
             let body = "{\"ok\":true}";
             let _ = write!(
                 stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close, X-Upstream-Hop\r\nX-Upstream-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Upstream-Custom: yes\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close, X-Upstream-Hop\r\nX-Upstream-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Upstream-Custom: yes\r\n\r\n{body}",
                 body.len()
             );
         }
@@ -212,6 +218,7 @@ fn hop_by_hop_response_headers_are_removed_and_others_kept() {
     assert_eq!(response.header("x-upstream-custom"), Some("yes"));
     assert_eq!(response.header("x-upstream-hop"), None);
     assert_eq!(response.header("keep-alive"), None);
+    assert_eq!(response.header("proxy-connection"), None);
 }
 
 #[test]

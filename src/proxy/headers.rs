@@ -9,12 +9,14 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 /// The request's id, which the gateway passes to vLLM and returns to the client.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Headers that describe one connection, never the message.
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, never the message (`Proxy-Connection`, never standard,
+/// is `Connection` as some old clients send it to a proxy).
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
@@ -27,12 +29,12 @@ pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &st
     elements(headers.get_all(name).iter())
 }
 
-/// The elements of the lines of a comma-separated list header, as [`tokens`].
+/// The elements of the lines of a comma-separated list header, as [`tokens`]. A line is taken
+/// apart as bytes: one element that is not text (obs-text) leaves the others in force.
 fn elements<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a str> {
     lines
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .filter_map(|token| std::str::from_utf8(token.trim_ascii()).ok())
         .filter(|token| !token.is_empty())
 }
 
@@ -61,7 +63,7 @@ pub fn asks_to_close(line: &HeaderValue) -> bool {
 
 /// The lengths of the names in [`HOP_BY_HOP`], one bit each: most names are told apart from
 /// them by their length alone.
-const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 17 | 1 << 18 | 1 << 19;
+const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
 
 /// Where `name` is in [`HOP_BY_HOP`], if it is.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
@@ -101,7 +103,7 @@ pub fn is_hop_by_hop(name: &HeaderName, nominated: &[HeaderName]) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds the few that are there (most messages carry none, or only
     // `Connection`): a removal by name costs a lookup each.
-    let mut present = 0u8;
+    let mut present = 0u16;
     for name in headers.keys() {
         if let Some(index) = hop_by_hop_index(name) {
             present |= 1 << index;
@@ -179,6 +181,7 @@ mod tests {
             header::PROXY_AUTHORIZATION,
             HeaderValue::from_static("Basic x"),
         );
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         headers.insert("x-custom", HeaderValue::from_static("kept"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
         strip_hop_by_hop(&mut headers);
@@ -207,6 +210,22 @@ mod tests {
         headers.insert("x-a", HeaderValue::from_static("1"));
         headers.insert("x-b", HeaderValue::from_static("2"));
         headers.insert("x-c", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(left, ["x-c"]);
+    }
+
+    #[test]
+    fn a_connection_line_with_a_byte_that_is_not_text_still_nominates_the_rest() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-a, \xe9, close").expect("obs-text is a valid value"),
+        );
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert("x-c", HeaderValue::from_static("3"));
+        assert!(asks_to_close(&headers[header::CONNECTION]));
+        assert_eq!(nominated(&headers), [HeaderName::from_static("x-a")]);
         strip_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|name| name.as_str()).collect();
         assert_eq!(left, ["x-c"]);
