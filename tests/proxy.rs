@@ -187,25 +187,29 @@ fn a_content_length_the_client_names_in_connection_still_frames_the_body_upstrea
     }
 }
 
-/// A one-shot upstream that answers with hop-by-hop headers of its own.
-fn upstream_with_hop_headers() -> (u16, std::thread::JoinHandle<()>) {
+/// An upstream that answers each of its first four connections (the first may be the gateway's
+/// health probe) with `answer`, whatever was asked.
+fn upstream_answering(answer: String) -> (u16, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let handle = std::thread::spawn(move || {
-        // The first connection may be the gateway's health probe; answer every connection.
         for stream in listener.incoming().take(4) {
             let Ok(mut stream) = stream else { continue };
             let mut buffer = [0u8; 4096];
             let _ = stream.read(&mut buffer);
-            let body = "{\"ok\":true}";
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close, X-Upstream-Hop\r\nX-Upstream-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Upstream-Custom: yes\r\n\r\n{body}",
-                body.len()
-            );
+            let _ = stream.write_all(answer.as_bytes());
         }
     });
     (port, handle)
+}
+
+/// An upstream that answers with hop-by-hop headers of its own.
+fn upstream_with_hop_headers() -> (u16, std::thread::JoinHandle<()>) {
+    let body = "{\"ok\":true}";
+    upstream_answering(format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close, X-Upstream-Hop\r\nX-Upstream-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Upstream-Custom: yes\r\n\r\n{body}",
+        body.len()
+    ))
 }
 
 #[test]
@@ -219,6 +223,42 @@ fn hop_by_hop_response_headers_are_removed_and_others_kept() {
     assert_eq!(response.header("x-upstream-hop"), None);
     assert_eq!(response.header("keep-alive"), None);
     assert_eq!(response.header("proxy-connection"), None);
+}
+
+/// A length beside chunked coding is dropped (chunked wins, RFC 9112 section 6.3): the client got
+/// vLLM's `content-length: 5` and the first five bytes of the body. Another transfer coding, which
+/// the client could not be told of, is a 502; an HTTP/1.0 answer reaches it in HTTP/1.1.
+#[test]
+fn upstream_framing_and_version_never_reach_the_client_as_they_came() {
+    let through = |answer: &str| {
+        let (port, upstream) = upstream_answering(answer.into());
+        (gateway(port, &["--health-interval", "1h"], &[]), upstream)
+    };
+    let (proxy, _upstream) = through(
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
+    );
+    let response = post_json(proxy.port, "/v1/models", "", "");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"hello world");
+
+    let (proxy, _upstream) = through(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
+    let response = post_json(proxy.port, "/v1/models", "", "");
+    assert_eq!(response.status, 502);
+    assert_eq!(response.json()["error"]["code"], "upstream_unavailable");
+
+    let (proxy, _upstream) = through("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut status_line = [0u8; 12];
+    stream
+        .read_exact(&mut status_line)
+        .expect("the status line");
+    assert_eq!(&status_line, b"HTTP/1.1 200");
 }
 
 #[test]

@@ -16,8 +16,9 @@
 //! body goes as it comes, with its declared length or chunked; the response head is parsed with
 //! `httparse` a line at a time, a line equal to the one at its place in the worker's last head
 //! taken as it was parsed then (1xx heads are skipped); the body is framed by `Content-Length`,
-//! by chunked transfer coding (extensions and trailers are read and dropped), or by the end of
-//! the connection, and HEAD requests and 204 and 304 answers have none. A connection is kept for
+//! by chunked transfer coding (extensions and trailers are read and dropped; a length beside it
+//! goes, and any other coding is refused), or by the end of the connection, and HEAD requests and
+//! 204 and 304 answers have none. The client gets the head in HTTP/1.1. A connection is kept for
 //! another request only after an HTTP/1.1 answer without `Connection: close` whose body was read
 //! to its framed end with nothing after it.
 //!
@@ -514,6 +515,10 @@ fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>,
             }
         }
     };
+    // However it came in reads.
+    if length > READ_MAX {
+        return Err(UpstreamError::Protocol("the response head is too large"));
+    }
     let status = response.status();
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -524,6 +529,13 @@ fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>,
     let framing = framing(method, status, response.headers())?;
     let reusable =
         response.version() == Version::HTTP_11 && !close && !matches!(framing, Framing::Close);
+    // Chunked coding wins over a length beside it, which must then go (RFC 9112 section 6.3):
+    // the client's framing is hyper's, from what is left.
+    if matches!(framing, Framing::Chunked(_)) {
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    // The answer goes to the client in the gateway's own HTTP/1.1, whatever vLLM spoke.
+    *response.version_mut() = Version::HTTP_11;
     Ok(Some((length, Parsed::Final(response, framing, reusable))))
 }
 
@@ -770,21 +782,23 @@ fn framing(
         return Ok(Framing::Length(0));
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        return Ok(
-            match headers::tokens(headers, header::TRANSFER_ENCODING).last() {
-                Some(coding) if coding.eq_ignore_ascii_case("chunked") => {
-                    Framing::Chunked(Chunk::Size)
-                }
-                _ => Framing::Close,
-            },
-        );
+        // Only chunked is taken off: another coding (gzip) could not go on to the client, whose
+        // framing hyper writes, and the body would arrive still coded with nothing saying so.
+        let mut codings = headers::tokens(headers, header::TRANSFER_ENCODING);
+        let chunked = |coding: &str| coding.eq_ignore_ascii_case("chunked");
+        return if codings.next().is_some_and(chunked) && codings.all(chunked) {
+            Ok(Framing::Chunked(Chunk::Size))
+        } else {
+            Err(UpstreamError::Protocol("unsupported transfer coding"))
+        };
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        let parsed = value
-            .to_str()
+        // Digits only (`+5` parses as a u64).
+        let parsed = std::str::from_utf8(value.as_bytes().trim_ascii())
             .ok()
-            .and_then(|value| value.trim().parse::<u64>().ok())
+            .filter(|digits| !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()))
+            .and_then(|digits| digits.parse::<u64>().ok())
             .ok_or(UpstreamError::Protocol("invalid content-length"))?;
         if length.is_some_and(|length| length != parsed) {
             return Err(UpstreamError::Protocol("conflicting content-length"));
@@ -1102,17 +1116,13 @@ mod tests {
             framed(
                 Method::POST,
                 200,
-                &[
-                    ("transfer-encoding", "gzip, Chunked"),
-                    ("content-length", "5")
-                ]
+                &[("transfer-encoding", "Chunked"), ("content-length", "5")]
             ),
             Ok(Framing::Chunked(Chunk::Size))
         ));
-        assert!(matches!(
-            framed(Method::POST, 200, &[("transfer-encoding", "gzip")]),
-            Ok(Framing::Close)
-        ));
+        // A coding the client could not be told of.
+        assert!(framed(Method::POST, 200, &[("transfer-encoding", "gzip, chunked")]).is_err());
+        assert!(framed(Method::POST, 200, &[("transfer-encoding", "gzip")]).is_err());
         assert!(matches!(framed(Method::POST, 200, &[]), Ok(Framing::Close)));
         assert!(
             framed(
@@ -1123,6 +1133,12 @@ mod tests {
             .is_err()
         );
         assert!(framed(Method::GET, 200, &[("content-length", "-1")]).is_err());
+        assert!(framed(Method::GET, 200, &[("content-length", "+5")]).is_err());
+        assert!(framed(Method::GET, 200, &[("content-length", "")]).is_err());
+        assert!(matches!(
+            framed(Method::GET, 200, &[("content-length", " 5 ")]),
+            Ok(Framing::Length(5))
+        ));
     }
 
     #[test]
@@ -1192,8 +1208,30 @@ mod tests {
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert_eq!(response.headers().get_all("x-a").iter().count(), 2);
         assert!(!reusable, "an HTTP/1.0 answer closes its connection");
+        assert_eq!(
+            response.version(),
+            Version::HTTP_11,
+            "the gateway's own version"
+        );
         assert!(parse_head(b"HTTP/1.1 2000 No\r\n\r\n", &Method::GET).is_err());
         assert!(parse_head(b"garbage\r\n\r\n", &Method::GET).is_err());
+    }
+
+    #[test]
+    fn a_length_beside_chunked_coding_is_dropped_and_a_head_over_the_limit_refused() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n";
+        let Ok(Some((_, Parsed::Final(response, Framing::Chunked(_), _)))) =
+            parse_head(head, &Method::GET)
+        else {
+            panic!("a complete chunked head");
+        };
+        assert_eq!(response.headers().get(header::CONTENT_LENGTH), None);
+        // Whole in one read, however large: the limit is the head's, not the read's.
+        let large = format!(
+            "HTTP/1.1 200 OK\r\nx-large: {}\r\ncontent-length: 0\r\n\r\n",
+            "a".repeat(READ_MAX)
+        );
+        assert!(parse_head(large.as_bytes(), &Method::GET).is_err());
     }
 
     #[test]
