@@ -802,7 +802,39 @@ fn connect_and_trace_are_refused_with_405() {
         let response = raw_request(gateway.port, head, b"");
         assert_eq!(response.status, 405, "{head}");
         assert_eq!(response.json()["error"]["code"], "method_not_allowed");
+        let allow = response.header("allow").unwrap_or_default();
+        assert!(
+            allow.contains("POST") && !allow.contains("TRACE"),
+            "{head}: {allow}"
+        );
     }
+    assert!(last_request(&mock).is_null(), "nothing reached vLLM");
+}
+
+/// Requests a proxy in front of vLLM cannot pass on faithfully get an error of their own, and
+/// never reach vLLM: a body in a transfer coding beneath chunked (it would go on still coded, with
+/// nothing saying so; RFC 9112 section 6.1) is a 501, and the target `*` for anything but OPTIONS
+/// a 400 (section 3.2.4).
+#[test]
+fn a_transfer_coded_body_is_501_and_an_asterisk_target_400() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &[], &[]);
+    let mut stream = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    .expect("write");
+    let response = read_response(&mut stream);
+    assert_eq!(response.status, 501);
+    assert_eq!(response.json()["error"]["code"], "not_implemented");
+
+    let response = raw_request(gateway.port, "GET * HTTP/1.1", b"");
+    assert_eq!(response.status, 400);
+    assert_eq!(response.json()["error"]["code"], "invalid_request");
     assert!(last_request(&mock).is_null(), "nothing reached vLLM");
 }
 

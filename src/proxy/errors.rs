@@ -19,6 +19,8 @@ pub enum ProxyError {
     BodyTimeout,
     #[error("{0} requests are not proxied")]
     MethodNotAllowed(&'static str),
+    #[error("not supported: {0}")]
+    NotImplemented(&'static str),
     #[error("the model server is not ready")]
     NotReady { retry_after_secs: u64 },
     #[error("the gateway is shutting down")]
@@ -121,6 +123,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown | ProxyError::DrainTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -137,7 +140,8 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
-            | ProxyError::MethodNotAllowed(_) => "invalid_request_error",
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::NotImplemented(_) => "invalid_request_error",
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown | ProxyError::DrainTimeout => {
                 "server_error"
             }
@@ -155,6 +159,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "invalid_request",
             ProxyError::BodyTimeout => "request_timeout",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::NotReady { .. } => "upstream_not_ready",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::DrainTimeout => "drain_timeout",
@@ -226,6 +231,13 @@ impl IntoResponse for ProxyError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        if let ProxyError::MethodNotAllowed(_) = self {
+            // What a 405 must name (RFC 9110 section 15.5.6): every method that is proxied.
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
         }
         response
     }

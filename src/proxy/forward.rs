@@ -159,6 +159,16 @@ async fn proxy(
             },
         ));
     }
+    // The body goes on decoded from chunked coding; one coded beneath it (gzip) would go on
+    // coded, with nothing saying so (RFC 9112 section 6.1: 501 for a coding not understood).
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && !headers::tokens(&parts.headers, header::TRANSFER_ENCODING)
+            .all(|coding| coding.eq_ignore_ascii_case("chunked"))
+    {
+        return Err(ProxyError::NotImplemented(
+            "a request body in a transfer coding other than chunked",
+        ));
+    }
     authorize(config, &mut parts.headers)?;
     if has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::BadRequest(
@@ -248,7 +258,7 @@ pub async fn send_pending(
         admitted: _,
     } = pending;
     let request_id = &request_id;
-    let target = upstream_target(&state.upstream_path, &parts.uri)?;
+    let target = upstream_target(&state.upstream_path, &parts.method, &parts.uri)?;
     // What goes upstream: no hop-by-hop headers, the upstream's `Host`, the request id, and the
     // upstream key unless the client sent its own.
     let head = upstream::Head {
@@ -345,13 +355,32 @@ async fn read_whole(body: Body, deadline: Instant) -> Result<bytes::Bytes, Proxy
 }
 
 /// The request target sent upstream: the base URL's path prefix, then the request's path and
-/// query, byte for byte, in origin form.
-fn upstream_target<'a>(prefix: &str, uri: &'a http::Uri) -> Result<Cow<'a, str>, ProxyError> {
+/// query, byte for byte, in origin form (the path `/` when an absolute-form target had none);
+/// or `*` for `OPTIONS *`, the only request that may have it (RFC 9112 section 3.2.4).
+fn upstream_target<'a>(
+    prefix: &str,
+    method: &http::Method,
+    uri: &'a http::Uri,
+) -> Result<Cow<'a, str>, ProxyError> {
     let path_and_query = uri.path_and_query().map_or("/", |target| target.as_str());
-    if prefix.is_empty() {
+    if path_and_query == "*" {
+        return if method == http::Method::OPTIONS {
+            Ok(Cow::Borrowed(path_and_query))
+        } else {
+            Err(ProxyError::BadRequest(
+                "the request target `*` is for OPTIONS only",
+            ))
+        };
+    }
+    let slash = if path_and_query.starts_with('/') {
+        ""
+    } else {
+        "/"
+    };
+    if prefix.is_empty() && slash.is_empty() {
         return Ok(Cow::Borrowed(path_and_query));
     }
-    let target = format!("{prefix}{path_and_query}");
+    let target = format!("{prefix}{slash}{path_and_query}");
     http::uri::PathAndQuery::try_from(target.as_str())
         .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
     Ok(Cow::Owned(target))
@@ -554,7 +583,7 @@ mod tests {
     #[test]
     fn upstream_targets_keep_the_path_and_query_bytes() {
         let target = |prefix: &str, uri: &str| {
-            upstream_target(prefix, &uri.parse().expect("uri"))
+            upstream_target(prefix, &http::Method::GET, &uri.parse().expect("uri"))
                 .expect("target")
                 .to_string()
         };
@@ -568,6 +597,14 @@ mod tests {
         );
         assert_eq!(target("", "http://gateway:1/health?a"), "/health?a");
         assert_eq!(target("/llm", "/health"), "/llm/health");
+        assert_eq!(target("", "http://gateway:1?a"), "/?a");
+        assert_eq!(target("/llm", "http://gateway:1?a"), "/llm/?a");
+        let star = "*".parse().expect("asterisk-form");
+        assert_eq!(
+            upstream_target("", &http::Method::OPTIONS, &star).expect("OPTIONS *"),
+            "*"
+        );
+        assert!(upstream_target("", &http::Method::GET, &star).is_err());
     }
 
     #[test]
