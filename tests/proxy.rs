@@ -246,7 +246,12 @@ fn upstream_framing_and_version_never_reach_the_client_as_they_came() {
     );
     let response = post_json(proxy.port, "/v1/models", "", "");
     assert_eq!(response.status, 502);
-    assert_eq!(response.json()["error"]["code"], "upstream_unavailable");
+    let error = &response.json()["error"];
+    assert_eq!(error["code"], "upstream_unavailable");
+    assert_eq!(
+        error["message"],
+        "the model server is unavailable: its response could not be read"
+    );
 
     let (proxy, _upstream) = through("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}");
     let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).expect("connect");

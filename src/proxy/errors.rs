@@ -71,6 +71,9 @@ pub enum Unavailable {
     Connect,
     /// The connection broke before a complete response arrived.
     Reset,
+    /// The response head could not be read, or cannot go on to the client (malformed, too
+    /// large, in a transfer coding other than chunked).
+    Invalid,
 }
 
 /// Which of the proxy's timeouts expired.
@@ -87,6 +90,7 @@ impl std::fmt::Display for Unavailable {
         f.write_str(match self {
             Unavailable::Connect => "connection refused or unreachable",
             Unavailable::Reset => "connection closed before the response completed",
+            Unavailable::Invalid => "its response could not be read",
         })
     }
 }
@@ -112,6 +116,7 @@ impl ProxyError {
             ProxyError::Timeout(TimeoutKind::Request) => "timeout_request",
             ProxyError::Timeout(TimeoutKind::StreamIdle) => "timeout_idle",
             ProxyError::Unavailable(Unavailable::Reset) => "reset_mid_stream",
+            ProxyError::Unavailable(Unavailable::Invalid) => "invalid_response",
             _ => return None,
         })
     }

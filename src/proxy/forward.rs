@@ -514,6 +514,11 @@ fn classify(error: &UpstreamError, limit: u64, record: &RequestRecord) -> ProxyE
             ProxyError::BodyTooLarge { limit }
         }
         UpstreamError::Body(_) => ProxyError::BadRequest("the request body could not be read"),
+        UpstreamError::Protocol(reason) => {
+            // Never vLLM's way: whoever answers on its port is worth a look.
+            tracing::warn!(request_id = %record.request_id(), reason, "vLLM's response could not be read");
+            ProxyError::Unavailable(Unavailable::Invalid)
+        }
         error => {
             tracing::debug!(request_id = %record.request_id(), error = %error, "upstream error");
             match error {
