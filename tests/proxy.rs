@@ -900,6 +900,29 @@ fn a_request_after_vllm_closed_the_idle_pooled_connection_still_gets_200() {
     assert_eq!(mock_stats(&mock)["requests"], 2);
 }
 
+/// A request head read by a stand-in vLLM: its request line and its `Content-Length` (0 when
+/// none); `None` once the connection ends.
+fn read_request_head(reader: &mut BufReader<TcpStream>) -> Option<(String, usize)> {
+    let mut request_line = String::new();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            return Some((request_line, length));
+        }
+        if request_line.is_empty() {
+            request_line = line.trim_end().to_owned();
+        } else if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+}
+
 /// An upstream that answers every request with a small JSON body; it counts the connections that
 /// carried a POST (the health probe's GETs are not counted). It keeps connections alive, or, with
 /// `close_after_answer`, closes each one after its first answer without saying so beforehand (as a
@@ -927,25 +950,8 @@ fn counting_upstream(close_after_answer: bool) -> CountingUpstream {
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
                 let mut counted = false;
-                loop {
-                    let mut length = 0;
-                    let mut post = false;
-                    loop {
-                        let mut line = String::new();
-                        match reader.read_line(&mut line) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        post |= line.starts_with("POST ");
-                        if let Some((name, value)) = line.split_once(':')
-                            && name.eq_ignore_ascii_case("content-length")
-                        {
-                            length = value.trim().parse().unwrap_or(0);
-                        }
-                    }
+                while let Some((request_line, length)) = read_request_head(&mut reader) {
+                    let post = request_line.starts_with("POST ");
                     let mut body = vec![0; length];
                     if reader.read_exact(&mut body).is_err() {
                         return;
@@ -1025,26 +1031,7 @@ fn a_streamed_body_is_not_sent_again_after_vllm_closed_without_answering() {
             let record = Arc::clone(&record);
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
-                loop {
-                    let mut request_line = String::new();
-                    let mut length = 0;
-                    loop {
-                        let mut line = String::new();
-                        match reader.read_line(&mut line) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if request_line.is_empty() {
-                            request_line = line.trim_end().to_owned();
-                        } else if let Some((name, value)) = line.split_once(':')
-                            && name.eq_ignore_ascii_case("content-length")
-                        {
-                            length = value.trim().parse().unwrap_or(0);
-                        }
-                    }
+                while let Some((request_line, length)) = read_request_head(&mut reader) {
                     let mut body = vec![0; length];
                     let read = reader.read_exact(&mut body).map_or(0, |()| length);
                     record.lock().expect("record").push((request_line, read));
@@ -1070,14 +1057,7 @@ fn a_streamed_body_is_not_sent_again_after_vllm_closed_without_answering() {
     post_on(&mut client);
     let body = format!("{{\"input\":\"{}\"}}", "x".repeat(100 * 1024));
     // On the same client connection, so on the same worker and its pool.
-    write!(
-        client.get_mut(),
-        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut status = String::new();
-    client.read_line(&mut status).expect("status line");
+    let status = send_post(&mut client, &body);
     assert!(status.starts_with("HTTP/1.1 502"), "{status}");
     let seen = seen.lock().expect("seen").clone();
     let posts: Vec<_> = seen
@@ -1097,16 +1077,22 @@ fn keep_alive_client(port: u16) -> BufReader<TcpStream> {
     client
 }
 
-/// One POST on a kept-alive client connection; its answer must be the upstream's 200.
-fn post_on(client: &mut BufReader<TcpStream>) {
+/// A POST of `body` on a kept-alive client connection; the answer's status line.
+fn send_post(client: &mut BufReader<TcpStream>, body: &str) -> String {
     write!(
         client.get_mut(),
-        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{RESPONSES_JSON}",
-        RESPONSES_JSON.len()
+        "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .expect("write");
     let mut status = String::new();
     client.read_line(&mut status).expect("status line");
+    status
+}
+
+/// One POST on a kept-alive client connection; its answer must be the upstream's 200.
+fn post_on(client: &mut BufReader<TcpStream>) {
+    let status = send_post(client, RESPONSES_JSON);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     let mut length = 0;
     loop {
