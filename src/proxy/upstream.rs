@@ -31,7 +31,7 @@
 //! again on a new connection (the pooled one was closing).
 
 use std::cell::RefCell;
-use std::io::{self, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -347,8 +347,10 @@ fn encode_head(head: Head<'_>, body: &mut RequestBody) -> (Vec<u8>, bool) {
         line(&header::AUTHORIZATION, authorization);
     }
     if let Some(length) = length {
-        // Writing to a Vec cannot fail.
-        let _ = write!(encoded, "content-length: {length}\r\n");
+        // itoa: `write!` and its formatting machinery took 200 instructions a request more.
+        encoded.extend_from_slice(b"content-length: ");
+        encoded.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+        encoded.extend_from_slice(b"\r\n");
     }
     if chunked {
         encoded.extend_from_slice(b"transfer-encoding: chunked\r\n");
