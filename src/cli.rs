@@ -158,7 +158,14 @@ fn key_arg(key: &Key) -> Arg {
     match key.flag {
         Flag::Long(long, value_name) => {
             let arg = arg.long(long).value_name(value_name);
-            if list { arg.value_delimiter(',') } else { arg }
+            // A list flag is repeatable, and takes commas too where no value holds one; a value
+            // that may be a credential (or an environment entry such as `CUDA_VISIBLE_DEVICES=0,1`)
+            // is taken whole: `--api-key sk-a,b` is one key, not `sk-a` and a key `b`.
+            if list && !key.secret {
+                arg.value_delimiter(',')
+            } else {
+                arg
+            }
         }
         Flag::Positional(value_name) => arg.value_name(value_name),
         Flag::Trailing(value_name) => arg.value_name(value_name).last(true).num_args(1..),

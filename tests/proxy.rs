@@ -843,6 +843,21 @@ fn a_transfer_coded_body_is_501_and_an_asterisk_target_400() {
     assert!(last_request(&mock).is_null(), "nothing reached vLLM");
 }
 
+/// Regression: a list flag split its value at commas, so `--api-key sk-abc,x` let in a client
+/// with the key `x` and turned away the one with the key given.
+#[test]
+fn a_gateway_key_with_a_comma_is_one_key() {
+    let mock = mock_vllm(&[]);
+    let gateway = gateway(mock.port, &["--api-key", "sk-abc,x"], &[]);
+    let with = |key: &str| {
+        let header = format!("\r\nAuthorization: Bearer {key}");
+        post_json(gateway.port, "/v1/responses", RESPONSES_JSON, &header).status
+    };
+    assert_eq!(with("x"), 401);
+    assert_eq!(with("sk-abc"), 401);
+    assert_eq!(with("sk-abc,x"), 200);
+}
+
 #[test]
 fn the_bearer_scheme_is_case_insensitive_for_gateway_keys() {
     let mock = mock_vllm(&[]);

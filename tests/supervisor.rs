@@ -143,6 +143,38 @@ fn a_request_refused_by_a_dying_vllm_waits_for_its_replacement() {
     );
 }
 
+/// Regression: `--child-env` split its value at commas, so `CUDA_VISIBLE_DEVICES=0,1` was refused
+/// as an entry `1` without a name. vLLM gets the value whole.
+#[test]
+fn a_child_env_value_with_commas_reaches_vllm_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seen = dir.path().join("seen");
+    let vllm = dir.path().join("vllm");
+    std::fs::write(
+        &vllm,
+        format!(
+            "#!/bin/sh\nprintf %s \"$CUDA_VISIBLE_DEVICES\" > '{}'\nexec '{MOCK_VLLM}' \"$@\"\n",
+            seen.display()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&vllm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make it executable");
+    let (gateway, _) = gateway_serve_child(
+        &[],
+        0,
+        vllm.to_str().expect("utf-8 path"),
+        0,
+        &["--child-env", "CUDA_VISIBLE_DEVICES=0,1"],
+        &[],
+    );
+    wait_ready(&gateway);
+    assert_eq!(
+        std::fs::read_to_string(&seen).expect("the child's value"),
+        "0,1"
+    );
+}
+
 #[test]
 fn a_listen_port_in_use_fails_the_start_before_vllm_is_spawned() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
