@@ -124,12 +124,13 @@ fn takes(scope: Scope, key: &Key) -> bool {
 /// `--config`, then one argument per key, its help made from the table.
 fn key_args(mut command: clap::Command, scope: Scope) -> clap::Command {
     command = command.arg(
+        // GATEWAY_CONFIG is read in `flags`, where an empty one counts as unset (clap would
+        // refuse it as a missing value).
         Arg::new("config")
             .long("config")
-            .env("GATEWAY_CONFIG")
             .value_name("FILE")
             .value_parser(clap::value_parser!(PathBuf))
-            .help("TOML configuration file; flags and environment variables override its keys"),
+            .help("TOML configuration file; flags and environment variables override its keys [env: GATEWAY_CONFIG]"),
     );
     for key in KEYS.iter().filter(|key| takes(scope, key)) {
         command = command.arg(key_arg(key));
@@ -175,9 +176,12 @@ fn key_arg(key: &Key) -> Arg {
 /// The values given for each key, as text (parsed by `config`, which knows where they came from).
 fn flags(matches: &ArgMatches, scope: Scope) -> Flags {
     let mut flags = Flags::default();
-    if let Ok(Some(path)) = matches.try_get_one::<PathBuf>("config") {
-        flags.config = Some(path.clone());
-    }
+    flags.config = match matches.try_get_one::<PathBuf>("config") {
+        Ok(Some(path)) => Some(path.clone()),
+        _ => std::env::var_os("GATEWAY_CONFIG")
+            .filter(|path| !path.is_empty())
+            .map(PathBuf::from),
+    };
     for key in KEYS.iter().filter(|key| takes(scope, key)) {
         if let Ok(Some(values)) = matches.try_get_many::<String>(key.name) {
             flags.set(key.name, values.cloned());

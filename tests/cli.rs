@@ -209,10 +209,97 @@ fn bad_upstream_urls_are_rejected() {
 }
 
 #[test]
-fn invalid_toml_is_rejected() {
+fn invalid_toml_is_rejected_with_where_it_went_wrong_but_not_what_the_line_holds() {
     rejects(
         "llm_api_base = \"http://127.0.0.1:8000\n",
-        &["not valid TOML"],
+        &["not valid TOML at line 1, column"],
+    );
+    rejects(
+        "model = \"m\"\nport = 9100\nport = 9101\n",
+        &["not valid TOML at line 3, column 1", "duplicate key"],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        "model = \"m\"\napi_keys = [\"sk-SECRET\" \"b\"]\n",
+    );
+    let output = gateway()
+        .args(["config", "check", &path])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.contains("at line 2, column"), "{stderr}");
+    assert!(!stderr.contains("SECRET"), "{stderr}");
+}
+
+/// Values that parse but could never work are refused at start, each with its key: keys that no
+/// client could ever present (not ASCII, a space), an empty log filter (which let through errors
+/// alone), an empty vLLM executable, exit codes no process can have, and (next test) a standalone
+/// proxy in front of its own address. A range in a message starts where the key's does.
+#[test]
+fn values_that_could_never_work_are_refused_before_anything_starts() {
+    rejects(
+        concat!(
+            "llm_api_base = \"http://127.0.0.1:8000\"\n",
+            "api_keys = [\"sk-ok\", \"sk-é\", \"sk-trail \"]\n",
+            "upstream_api_key = \"sk-é\"\n",
+            "log_level = \" \"\n",
+            "vllm_bin = \"\"\n",
+            "restart_prevent_exit_codes = [2, 256]\n",
+            "max_connections = -1\n",
+        ),
+        &[
+            "key `api_keys`: every key must be printable ASCII, without spaces",
+            "key `upstream_api_key`: must be printable ASCII, without spaces",
+            "key `log_level`",
+            "key `vllm_bin`",
+            "key `restart_prevent_exit_codes`: exit codes are 0 to 255, got 256",
+            "key `max_connections`: expected an integer from 1 to",
+        ],
+    );
+}
+
+#[test]
+fn a_standalone_proxy_in_front_of_its_own_address_is_refused() {
+    let port = free_port();
+    for upstream in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}/v1"),
+    ] {
+        let output = gateway()
+            .args(["--llm-api-base", &upstream, "--port", &port.to_string()])
+            .timeout(std::time::Duration::from_secs(10))
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{upstream}: {stderr}");
+        assert!(
+            stderr.contains("names the gateway's own address"),
+            "{stderr}"
+        );
+        assert!(!accepts_connections(port), "nothing was started");
+    }
+}
+
+/// An empty variable counts as unset, `GATEWAY_CONFIG` too (clap refused it as a missing value).
+#[test]
+fn an_empty_gateway_config_variable_counts_as_unset() {
+    let output = gateway()
+        .env("GATEWAY_CONFIG", "")
+        .args([
+            "--llm-api-base",
+            "http://127.0.0.1:1",
+            "--max-connections",
+            "0",
+        ])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`--max-connections` (key `max_connections`): must be at least 1"),
+        "reached the configuration's own checks: {stderr}"
     );
 }
 

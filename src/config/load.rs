@@ -322,8 +322,20 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
     };
     let text = std::fs::read_to_string(path)
         .map_err(|err| whole_file(format!("cannot read the file: {err}")))?;
-    text.parse()
-        .map_err(|err: toml::de::Error| whole_file(format!("not valid TOML: {}", err.message())))
+    text.parse().map_err(|err: toml::de::Error| {
+        // Where, never what: the line may hold a secret.
+        let at = err.span().map_or(String::new(), |span| {
+            let before = text.get(..span.start).unwrap_or(&text);
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .map_or(0, |start| start.chars().count())
+                + 1;
+            format!(" at line {line}, column {column}")
+        });
+        whole_file(format!("not valid TOML{at}: {}", err.message()))
+    })
 }
 
 /// A variable's text as the values of its key: lists are comma-separated.
@@ -339,7 +351,7 @@ fn expected(kind: Kind) -> String {
     match kind {
         Kind::Text { .. } => "a string".into(),
         Kind::Duration { .. } => "a duration string like \"500ms\", \"30s\" or \"10m\"".into(),
-        Kind::Integer { max, .. } => format!("an integer from 0 to {max}"),
+        Kind::Integer { min, max } => format!("an integer from {min} to {max}"),
         Kind::Bool => "true or false".into(),
         Kind::Choice(names) => format!("one of {}", names.join(", ")),
         Kind::Texts => "an array of strings".into(),

@@ -98,18 +98,28 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             }
         }
     }
-    for key in values.value::<Vec<String>>("api_keys").unwrap_or_default() {
-        if key.is_empty() || http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
-            error(
-                "api_keys",
-                "every key must be non-empty printable ASCII".into(),
-            );
-        }
-    }
-    if let Some(key) = &values.value::<String>("upstream_api_key")
-        && http::HeaderValue::from_str(&format!("Bearer {key}")).is_err()
+    // A key goes in `Authorization: Bearer KEY`, one token: one with a space or a byte that is not
+    // ASCII could be given but never matched (a client's is read trimmed, as ASCII).
+    let token = |key: &str| !key.is_empty() && key.bytes().all(|byte| byte.is_ascii_graphic());
+    if !values
+        .value::<Vec<String>>("api_keys")
+        .unwrap_or_default()
+        .iter()
+        .all(|key| token(key))
     {
-        error("upstream_api_key", "must be printable ASCII".into());
+        error(
+            "api_keys",
+            "every key must be printable ASCII, without spaces".into(),
+        );
+    }
+    if values
+        .value::<String>("upstream_api_key")
+        .is_some_and(|key| !token(&key))
+    {
+        error(
+            "upstream_api_key",
+            "must be printable ASCII, without spaces".into(),
+        );
     }
     if serves && vllm_port != 0 && vllm_port == port {
         // Blamed on the key that was set, so that `port = 8000` alone (vLLM's default port) names
@@ -140,12 +150,45 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
         );
     }
     let log_level = values.value::<String>("log_level").unwrap_or_default();
-    if log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+    // An empty filter parses, and lets through errors alone.
+    if log_level.trim().is_empty() || log_level.parse::<tracing_subscriber::EnvFilter>().is_err() {
         error(
             "log_level",
             format!(
                 "expected a level or filter such as \"info\" or \"gateway=debug\", got {log_level:?}"
             ),
+        );
+    }
+    if values
+        .value::<String>("vllm_bin")
+        .is_some_and(|bin| bin.trim().is_empty())
+    {
+        error(
+            "vllm_bin",
+            "expected vLLM's executable, a name on PATH or a path, got an empty string".into(),
+        );
+    }
+    // An exit status is 0 to 255 (a signal's death is reported as 128 + N).
+    if let Some(code) = values
+        .value::<Vec<i32>>("restart_prevent_exit_codes")
+        .unwrap_or_default()
+        .into_iter()
+        .find(|code| !(0..=255).contains(code))
+    {
+        error(
+            "restart_prevent_exit_codes",
+            format!("exit codes are 0 to 255, got {code}"),
+        );
+    }
+    // A standalone proxy in front of its own address would forward every request to itself.
+    if let (Some(ip), Some(base)) = (ip, &base)
+        && !serves
+        && port != 0
+        && is_own_address(base, ip, port)
+    {
+        error(
+            "llm_api_base",
+            format!("names the gateway's own address (port {port}): it would forward to itself"),
         );
     }
     for pair in &values.value::<Vec<String>>("child_env").unwrap_or_default() {
@@ -196,6 +239,37 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
 }
 
 /// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
+/// Whether the upstream `base` (normalised) is an address the gateway listens on: its port, on
+/// the listening address itself, or on loopback when it listens on every address. (A vLLM on
+/// 127.0.0.1 behind a gateway on another address and the same port is no loop.)
+fn is_own_address(base: &str, listen_ip: IpAddr, listen_port: u16) -> bool {
+    let Ok(url) = reqwest::Url::parse(base) else {
+        return false;
+    };
+    if url.port_or_known_default() != Some(listen_port) {
+        return false;
+    }
+    let listens_on =
+        |ip: IpAddr| ip == listen_ip || (listen_ip.is_unspecified() && ip.is_loopback());
+    let host = url.host_str().unwrap_or_default();
+    match host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        Ok(ip) => listens_on(ip),
+        Err(_) => {
+            host.eq_ignore_ascii_case("localhost")
+                && [
+                    IpAddr::from([127, 0, 0, 1]),
+                    IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                ]
+                .into_iter()
+                .any(listens_on)
+        }
+    }
+}
+
 pub(super) fn normalise_base_url(url: &str) -> Result<String, String> {
     let expected = "expected an http:// URL such as http://127.0.0.1:8000";
     // Credentials in the URL would be logged with it (and are not how vLLM takes a key).
