@@ -95,16 +95,40 @@ fn under_restart_no_vllm_exiting_0_on_its_own_makes_the_gateway_exit_75() {
     );
 }
 
+/// Under `restart = "no"` too, where an exit 0 alone makes the gateway exit 75 (regression: it
+/// did even when 0 was listed).
 #[test]
 fn an_exit_0_listed_in_restart_prevent_exit_codes_stops_the_gateway_with_0() {
+    for policy in ["on-failure", "no"] {
+        let (_dir, pids, pids_text) = pid_file();
+        let (mut gateway, vllm_port) = gateway_serve(
+            &["--restart-prevent-exit-codes", "0", "--restart", policy],
+            &[("MOCK_VLLM_PID_FILE", &pids_text)],
+        );
+        wait_ready(&gateway);
+        exit_child(vllm_port, 0);
+        assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0), "{policy}");
+        assert_eq!(read_pid_file(&pids).len(), 1, "{policy}: not restarted");
+    }
+}
+
+/// A death by signal N is reported as 128 + N, and so listed (regression: only plain exit codes
+/// matched, so `137`, to stop an OOM-kill loop, never did).
+#[test]
+fn a_death_by_signal_listed_as_128_plus_n_stops_the_gateway_with_that_code() {
     let (_dir, pids, pids_text) = pid_file();
-    let (mut gateway, vllm_port) = gateway_serve(
-        &["--restart-prevent-exit-codes", "0"],
+    let (mut gateway, _) = gateway_serve(
+        &["--restart-prevent-exit-codes", "137"],
         &[("MOCK_VLLM_PID_FILE", &pids_text)],
     );
     wait_ready(&gateway);
-    exit_child(vllm_port, 0);
-    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+    let (vllm, _) = read_pid_file(&pids)[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vllm),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill vLLM");
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(137));
     assert_eq!(read_pid_file(&pids).len(), 1, "not restarted");
 }
 

@@ -67,6 +67,12 @@ pub fn decide(
     // exit only to stop it for good (a shutdown never comes here) or because it failed (startup
     // timeout, hung), and real vLLM exits 0 on its own when its engine dies. So `on-failure`
     // restarts whatever `always` restarts.
+    // A code the operator listed is final under every policy, and passed on as it is (0 too,
+    // where `no` alone would make it 75); a death by signal N counts as 128 + N, the code it is
+    // reported as.
+    if end.cause == EndCause::Exited && prevent_exit_codes.contains(&end.exit.exit_code()) {
+        return Decision::Stop(Outcome::Prevented(end.exit));
+    }
     let restart = match policy {
         RestartPolicy::No => false,
         RestartPolicy::OnFailure | RestartPolicy::Always => true,
@@ -82,11 +88,6 @@ pub fn decide(
                 Outcome::GaveUp("vllm_port is held by a process that is not vLLM".into())
             }
         });
-    }
-    if let (EndCause::Exited, ExitInfo::Code(code)) = (end.cause, end.exit)
-        && prevent_exit_codes.contains(&code)
-    {
-        return Decision::Stop(Outcome::Prevented(end.exit));
     }
     if config.max_restarts > 0 && history.failed_starts >= config.max_restarts {
         return Decision::Stop(Outcome::GaveUp(format!(
@@ -287,24 +288,36 @@ mod tests {
         );
     }
 
+    /// Under every policy, `no` too (where an exit 0 alone becomes 75), and for a death by signal
+    /// N, listed as 128 + N: the code it is reported as.
     #[test]
-    fn an_exit_0_in_the_prevented_codes_is_not_restarted() {
-        let clean = End {
-            exit: ExitInfo::Code(0),
-            cause: EndCause::Exited,
-            ready_for: Some(Duration::ZERO),
-        };
-        let decision = decide(
+    fn a_listed_code_is_final_under_every_policy_an_exit_0_and_a_signal_too() {
+        for policy in [
+            RestartPolicy::No,
             RestartPolicy::OnFailure,
-            &config(),
-            &[0],
-            &mut History::default(),
-            clean,
-            0.0,
-        );
-        assert_eq!(
-            decision,
-            Decision::Stop(Outcome::Prevented(ExitInfo::Code(0)))
-        );
+            RestartPolicy::Always,
+        ] {
+            for (exit, listed) in [(ExitInfo::Code(0), 0), (ExitInfo::Signal(9), 137)] {
+                let end = End {
+                    exit,
+                    cause: EndCause::Exited,
+                    ready_for: Some(Duration::ZERO),
+                };
+                let decision = decide(
+                    policy,
+                    &config(),
+                    &[listed],
+                    &mut History::default(),
+                    end,
+                    0.0,
+                );
+                assert_eq!(
+                    decision,
+                    Decision::Stop(Outcome::Prevented(exit)),
+                    "{policy:?}, {exit:?}"
+                );
+                assert_eq!(Outcome::Prevented(exit).exit_code(), listed as u8);
+            }
+        }
     }
 }
