@@ -82,38 +82,102 @@ pub fn unblock_signals_in_child(command: &mut Command) {
 
 /// The program and arguments, for the log.
 ///
-/// The values of any option whose name says it is secret (`--api-key`, `--hf-token`, ...) are
-/// shown as `***`: in the `--flag=value` form, and in the `--flag value...` form every word up to
-/// the next option, since some (vLLM's `--api-key`) take a list.
+/// Shown as `***`: the values of any option whose name says it is secret (`--api-key`,
+/// `--hf-token`, ...), in the `--flag=value` form, and in the `--flag value...` form the word after
+/// it (whatever it starts with) and every word up to the next option, since some (vLLM's
+/// `--api-key`) take a list; the password of a URL (`http://user:***@host`) in any word; and in a
+/// JSON object (`--kv-transfer-config '{...}'`), the value of every field whose name says it is
+/// secret, at any depth.
 pub fn describe(command: &Command) -> String {
     let mut words: Vec<String> = vec![command.get_program().to_string_lossy().into_owned()];
-    let mut hiding = false;
+    // Whether the next word is a secret option's value: its first (`Some(true)`), or a further
+    // one of a list (`Some(false)`).
+    let mut hiding = None;
     for arg in command.get_args() {
         let arg = arg.to_string_lossy();
-        if hiding && !arg.starts_with('-') {
+        if hiding == Some(true) || (hiding.is_some() && !arg.starts_with('-')) {
+            hiding = Some(false);
             words.push("***".into());
             continue;
         }
         match arg.split_once('=') {
             Some((flag, _)) if is_secret_option(flag) => {
-                hiding = false;
+                hiding = None;
                 words.push(format!("{flag}=***"));
             }
             _ => {
-                hiding = is_secret_option(&arg);
-                words.push(arg.into_owned());
+                hiding = is_secret_option(&arg).then_some(true);
+                words.push(hide_in_value(&arg));
             }
         }
     }
     words.join(" ")
 }
 
-/// Whether an option's value is a secret: its name ends in `key`, `token`, `secret` or
-/// `password` (`--api-key`, `--hf-token`, `--client-secret`), whatever the case.
+/// `word` with the secrets inside it hidden: a URL's password, and a JSON object's secret fields.
+fn hide_in_value(word: &str) -> String {
+    if word.trim_start().starts_with('{')
+        && let Ok(mut object) = serde_json::from_str::<serde_json::Value>(word)
+        && object.is_object()
+    {
+        hide_json_secrets(&mut object);
+        return object.to_string();
+    }
+    hide_url_passwords(word)
+}
+
+/// Every `scheme://user:password@` in `text`, with the password as `***`.
+fn hide_url_passwords(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        shown.push_str(before);
+        let authority_end = after.find(['/', '?', '#', ' ', '"']).unwrap_or(after.len());
+        match after[..authority_end].rfind('@') {
+            Some(userinfo_end) => {
+                let userinfo = &after[..userinfo_end];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => shown.push_str(&format!("{user}:***")),
+                    None => shown.push_str(userinfo),
+                }
+                rest = &after[userinfo_end..];
+            }
+            None => rest = after,
+        }
+    }
+    shown.push_str(rest);
+    shown
+}
+
+/// Hides the value of every field whose name says it is secret, at any depth, and the URL
+/// passwords in every other string.
+fn hide_json_secrets(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (name, field) in fields.iter_mut() {
+                if is_secret_name(name) {
+                    *field = serde_json::Value::String("***".into());
+                } else {
+                    hide_json_secrets(field);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(hide_json_secrets),
+        serde_json::Value::String(text) => *text = hide_url_passwords(text),
+        _ => {}
+    }
+}
+
+/// Whether an option's value is a secret: its name says so ([`is_secret_name`]: `--api-key`,
+/// `--hf-token`, `--client-secret`).
 fn is_secret_option(word: &str) -> bool {
-    let Some(name) = word.strip_prefix("--") else {
-        return false;
-    };
+    word.strip_prefix("--").is_some_and(is_secret_name)
+}
+
+/// Whether a name (of an option, of a JSON field) ends in `key`, `token`, `secret` or
+/// `password`, whatever the case.
+fn is_secret_name(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     ["key", "token", "secret", "password"]
         .iter()
@@ -208,6 +272,35 @@ mod tests {
              --HF-TOKEN *** --enforce-eager"
         );
         for secret in ["sk-a", "sk-b", "sk-c", "s1", "hf_x"] {
+            assert!(!line.contains(secret), "{secret} in {line}");
+        }
+    }
+
+    /// Regression: a value starting with `-`, a password in a URL and a secret field of a JSON
+    /// argument were all logged.
+    #[test]
+    fn secrets_inside_values_are_hidden_too() {
+        let mut command = Command::new("vllm");
+        command.args([
+            "serve",
+            "m",
+            "--api-key",
+            "-sk-dash",
+            "--otlp-traces-endpoint",
+            "http://user:pw_url@collector:4317/v1",
+            "--kv-transfer-config",
+            r#"{"kv_connector":"x","extra":{"password":"pw_json","url":"redis://:pw_redis@h/0"}}"#,
+            "--served-model-name",
+            "tiny",
+        ]);
+        let line = describe(&command);
+        assert_eq!(
+            line,
+            "vllm serve m --api-key *** --otlp-traces-endpoint http://user:***@collector:4317/v1 \
+             --kv-transfer-config {\"extra\":{\"password\":\"***\",\"url\":\"redis://:***@h/0\"},\"kv_connector\":\"x\"} \
+             --served-model-name tiny"
+        );
+        for secret in ["sk-dash", "pw_url", "pw_json", "pw_redis"] {
             assert!(!line.contains(secret), "{secret} in {line}");
         }
     }
