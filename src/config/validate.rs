@@ -238,7 +238,6 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
     Ok(config)
 }
 
-/// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
 /// Whether the upstream `base` (normalised) is an address the gateway listens on: its port, on
 /// the listening address itself, or on loopback when it listens on every address. (A vLLM on
 /// 127.0.0.1 behind a gateway on another address and the same port is no loop.)
@@ -270,6 +269,7 @@ fn is_own_address(base: &str, listen_ip: IpAddr, listen_port: u16) -> bool {
     }
 }
 
+/// Accepts `http(s)://host[:port][/prefix][/v1][/]` and returns it without the `/v1` and slash.
 pub(super) fn normalise_base_url(url: &str) -> Result<String, String> {
     let expected = "expected an http:// URL such as http://127.0.0.1:8000";
     // Credentials in the URL would be logged with it (and are not how vLLM takes a key).

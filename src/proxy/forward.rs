@@ -159,16 +159,6 @@ async fn proxy(
             },
         ));
     }
-    // The body goes on decoded from chunked coding; one coded beneath it (gzip) would go on
-    // coded, with nothing saying so (RFC 9112 section 6.1: 501 for a coding not understood).
-    if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && !headers::tokens(&parts.headers, header::TRANSFER_ENCODING)
-            .all(|coding| coding.eq_ignore_ascii_case("chunked"))
-    {
-        return Err(ProxyError::NotImplemented(
-            "a request body in a transfer coding other than chunked",
-        ));
-    }
     authorize(config, &mut parts.headers)?;
     if has_dot_segment(parts.uri.path()) {
         return Err(ProxyError::BadRequest(
@@ -179,6 +169,17 @@ async fn proxy(
     let length = content_length(&parts.headers);
     if length.is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
+    }
+    // A body without a length is chunked, and goes on decoded from that; one coded beneath it
+    // (gzip) would go on coded, with nothing saying so (RFC 9112 section 6.1: 501 for a coding
+    // not understood).
+    if length.is_none()
+        && !headers::tokens(&parts.headers, header::TRANSFER_ENCODING)
+            .all(|coding| coding.eq_ignore_ascii_case("chunked"))
+    {
+        return Err(ProxyError::NotImplemented(
+            "a request body in a transfer coding other than chunked",
+        ));
     }
     // A request without a body (most GETs) must stay without one, rather than become an empty
     // chunked body.

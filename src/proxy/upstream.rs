@@ -517,7 +517,8 @@ fn parse_head(buffer: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>,
             }
         }
     };
-    // However it came in reads.
+    // The limit is the head's, whatever reads it came in: the check before each read lets one
+    // read bring up to READ_MAX more.
     if length > READ_MAX {
         return Err(UpstreamError::Protocol("the response head is too large"));
     }
