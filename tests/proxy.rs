@@ -746,6 +746,24 @@ fn a_path_with_dot_segments_is_refused_rather_than_resolved() {
         assert_eq!(response.json()["error"]["code"], "invalid_request");
     }
     assert!(last_request(&mock).is_null(), "nothing reached vLLM");
+    // The access line counts the body the gateway wrote (regression: bytes_out was 0).
+    let response = raw_request(
+        gateway.port,
+        "GET /v1/../x HTTP/1.1\r\nX-Request-Id: dots",
+        b"",
+    );
+    wait_until("the access line", DEADLINE, || {
+        lines_with_message(&gateway, "request finished")
+            .iter()
+            .any(|line| line["request_id"] == "dots")
+    });
+    let lines = lines_with_message(&gateway, "request finished");
+    let line = lines
+        .iter()
+        .find(|line| line["request_id"] == "dots")
+        .expect("the access line");
+    assert_eq!(line["status"], 400);
+    assert_eq!(line["bytes_out"], response.body.len(), "{line}");
 }
 
 #[test]

@@ -80,8 +80,13 @@ pub async fn forward_under(state: Arc<AppState>, live: Arc<Live>, request: Reque
                 }
             }
             record.set_failed(error.status().as_u16(), error.metric_kind());
+            let response = error.into_response();
+            // The gateway's own body, written whole: its length is the response's bytes_out.
+            if let Some(length) = http_body::Body::size_hint(response.body()).exact() {
+                record.add_bytes(length as usize);
+            }
             drop(record);
-            error.into_response()
+            response
         }
     };
     response
