@@ -279,6 +279,37 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_the_upstream_request_drop
     assert_eq!(client_timeouts(&gateway, "send"), 1);
 }
 
+/// Regression: the send deadline started only once the kernel refused a write, and the kernel's
+/// send buffer grows to megabytes, so a stream of a few dozen kilobytes (most generations) went
+/// whole into it for a client that read nothing, and vLLM generated it to its end. Here mock-vllm
+/// sends 130 events (about 29 KB) and then nothing: the client must be cut off at the send
+/// timeout, and vLLM see the disconnect.
+#[test]
+fn a_client_that_stops_reading_is_cut_off_before_the_kernel_takes_the_whole_stream() {
+    let mock = mock_vllm(&[("MOCK_VLLM_STALL_MID_STREAM", "130")]);
+    let gateway = gateway(mock.port, &[], &[("GATEWAY_CLIENT_SEND_TIMEOUT", "500ms")]);
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let address: SocketAddr = ([127, 0, 0, 1], gateway.port).into();
+    socket.connect(&address.into()).expect("connect");
+    let mut client: TcpStream = socket.into();
+    let body = RESPONSES_STREAM;
+    write!(
+        client,
+        "POST /v1/responses HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write the request");
+    wait_until("the client to be cut off", DEADLINE, || {
+        client_timeouts(&gateway, "send") == 1
+    });
+    wait_until("vLLM to see the disconnect", DEADLINE, || {
+        let (_, stats) = get(&mock.url("/_mock/stats")).expect("stats");
+        serde_json::from_str::<serde_json::Value>(&stats).expect("JSON")["disconnects"] == 1
+    });
+}
+
 #[test]
 fn a_slow_model_is_not_mistaken_for_a_slow_client() {
     // vLLM takes longer to answer than every client timeout, and the client reads as it should.

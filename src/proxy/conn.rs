@@ -92,6 +92,11 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 /// connection: long enough for a busy worker's runtime to come round to its accept.
 const BALANCE_PAUSE: Duration = Duration::from_millis(1);
 
+/// The most response bytes a client connection keeps unsent in the kernel (TCP_NOTSENT_LOWAT)
+/// before writes to it are refused and `client_send_timeout` starts: a few dozen events of a
+/// stream, against the megabytes the kernel's own sizing allows.
+const CLIENT_NOTSENT_LOWAT: u32 = 16 * 1024;
+
 /// How many client connections each worker has open, shared by every worker.
 #[derive(Clone)]
 pub struct Balance {
@@ -426,6 +431,14 @@ fn serve_connection(
     // delayed ACK: tens of milliseconds per response.
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+    // A client that stops reading shuts its window; what the gateway writes then stays in the
+    // kernel, unsent, and the send deadline starts only once a write is refused. The kernel's
+    // buffer grows to megabytes (tcp_wmem), room for a whole generation, which vLLM would finish
+    // for nobody: past this much unsent, writes are refused (sent-but-unacknowledged data, all a
+    // fast client needs, is not counted).
+    if let Err(error) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(CLIENT_NOTSENT_LOWAT) {
+        tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
     }
     let activity = Arc::new(Activity::default());
     let io = TokioIo::new(ClientIo::new(tcp, timeouts, activity.clone()));
