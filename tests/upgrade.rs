@@ -281,6 +281,14 @@ fn an_upgrade_under_load_refuses_no_connection_keeps_vllm_and_runs_the_new_binar
         body.contains("event: error") && body.contains("\"code\":\"drain_timeout\""),
         "the stream still running at drain_timeout ends with the error event: {body}"
     );
+    // And its access line says so (it blamed the client).
+    let id = cut.header("x-request-id").expect("the stream's request id");
+    let lines = lines_with_message(&gateway, "request finished");
+    let line = lines
+        .iter()
+        .find(|line| line["request_id"] == id)
+        .expect("the stream's access line");
+    assert_eq!(line["error"], "drain_timeout", "{line}");
     assert_eq!(
         running_identity(gateway.pid()),
         new_binary,

@@ -117,6 +117,9 @@ impl ProxyError {
             ProxyError::Timeout(TimeoutKind::StreamIdle) => "timeout_idle",
             ProxyError::Unavailable(Unavailable::Reset) => "reset_mid_stream",
             ProxyError::Unavailable(Unavailable::Invalid) => "invalid_response",
+            // Not vLLM's doing, but the one way the gateway itself ends a response that vLLM
+            // was still giving: without a kind, its record would blame the client.
+            ProxyError::DrainTimeout => "drain_timeout",
             _ => return None,
         })
     }
