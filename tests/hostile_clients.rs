@@ -232,6 +232,24 @@ fn endless_upstream() -> (u16, mpsc::Receiver<std::io::Error>) {
     (port, dropped)
 }
 
+/// A client that sends a streaming request `body` and reads nothing, with a small receive buffer:
+/// its window closes and stays closed.
+fn stalled_stream_client(port: u16, body: &str) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    socket.connect(&address.into()).expect("connect");
+    let mut client: TcpStream = socket.into();
+    write!(
+        client,
+        "POST /v1/responses HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write the request");
+    client
+}
+
 #[test]
 fn a_client_that_stops_reading_a_stream_is_cut_off_and_the_upstream_request_dropped() {
     let (upstream_port, dropped) = endless_upstream();
@@ -243,20 +261,8 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_the_upstream_request_drop
     wait_until("the upstream to be healthy", DEADLINE, || {
         get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
     });
-    // A small receive buffer, and nothing read: the window closes and stays closed.
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let address: SocketAddr = ([127, 0, 0, 1], gateway.port).into();
-    socket.connect(&address.into()).expect("connect");
-    let mut client: TcpStream = socket.into();
-    let body = r#"{"model":"m","input":"hi","stream":true}"#;
-    write!(
-        client,
-        "POST /v1/responses HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write the request");
+    let mut client =
+        stalled_stream_client(gateway.port, r#"{"model":"m","input":"hi","stream":true}"#);
     let error = dropped
         .recv_timeout(DEADLINE)
         .expect("the upstream stream was never dropped");
@@ -288,19 +294,7 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_the_upstream_request_drop
 fn a_client_that_stops_reading_is_cut_off_before_the_kernel_takes_the_whole_stream() {
     let mock = mock_vllm(&[("MOCK_VLLM_STALL_MID_STREAM", "130")]);
     let gateway = gateway(mock.port, &[], &[("GATEWAY_CLIENT_SEND_TIMEOUT", "500ms")]);
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let address: SocketAddr = ([127, 0, 0, 1], gateway.port).into();
-    socket.connect(&address.into()).expect("connect");
-    let mut client: TcpStream = socket.into();
-    let body = RESPONSES_STREAM;
-    write!(
-        client,
-        "POST /v1/responses HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write the request");
+    let _client = stalled_stream_client(gateway.port, RESPONSES_STREAM);
     wait_until("the client to be cut off", DEADLINE, || {
         client_timeouts(&gateway, "send") == 1
     });
