@@ -175,13 +175,9 @@ async fn proxy(
     if length.is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    // A body without a length is chunked, and goes on decoded from that; one coded beneath it
-    // (gzip) would go on coded, with nothing saying so (RFC 9112 section 6.1: 501 for a coding
-    // not understood).
-    if length.is_none()
-        && !headers::tokens(&parts.headers, header::TRANSFER_ENCODING)
-            .all(|coding| coding.eq_ignore_ascii_case("chunked"))
-    {
+    // A body without a length is chunked, and goes on decoded from that (RFC 9112 section 6.1:
+    // 501 for a coding not understood).
+    if length.is_none() && !headers::chunked_only(&parts.headers) {
         return Err(ProxyError::NotImplemented(
             "a request body in a transfer coding other than chunked",
         ));

@@ -29,6 +29,13 @@ pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &st
     elements(headers.get_all(name).iter())
 }
 
+/// Whether every coding `Transfer-Encoding` names (none, when it is absent) is chunked: the one
+/// coding the gateway takes off a body and frames anew. One beneath it (`gzip, chunked`) could
+/// not go on, and the body would arrive still coded with nothing saying so.
+pub fn chunked_only(headers: &HeaderMap) -> bool {
+    tokens(headers, header::TRANSFER_ENCODING).all(|coding| coding.eq_ignore_ascii_case("chunked"))
+}
+
 /// The elements of the lines of a comma-separated list header, as [`tokens`]. A line is taken
 /// apart as bytes: one element that is not text (obs-text) leaves the others in force.
 fn elements<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a str> {

@@ -785,11 +785,12 @@ fn framing(
         return Ok(Framing::Length(0));
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Only chunked is taken off: another coding (gzip) could not go on to the client, whose
-        // framing hyper writes, and the body would arrive still coded with nothing saying so.
-        let mut codings = headers::tokens(headers, header::TRANSFER_ENCODING);
-        let chunked = |coding: &str| coding.eq_ignore_ascii_case("chunked");
-        return if codings.next().is_some_and(chunked) && codings.all(chunked) {
+        // The client's framing is hyper's: only chunked can be taken off (and a line that names
+        // no coding at all frames nothing).
+        let names_one = headers::tokens(headers, header::TRANSFER_ENCODING)
+            .next()
+            .is_some();
+        return if names_one && headers::chunked_only(headers) {
             Ok(Framing::Chunked(Chunk::Size))
         } else {
             Err(UpstreamError::Protocol("unsupported transfer coding"))
