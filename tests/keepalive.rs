@@ -143,20 +143,16 @@ fn the_openai_python_sdk_reads_a_stream_kept_alive_while_vllm_loads() {
 fn a_start_that_fails_ends_the_waiting_stream_with_the_error_event() {
     // vLLM starts once; every later start exits at once, so the wait runs out.
     let dir = tempfile::tempdir().expect("tempdir");
-    let script = dir.path().join("vllm");
-    let marker = dir.path().join("started");
-    std::fs::write(
-        &script,
+    let vllm = script(
+        dir.path(),
+        "vllm",
         "#!/bin/sh\nif [ -e \"$MARKER\" ]; then exit 3; fi\ntouch \"$MARKER\"\nexec \"$MOCK\" \"$@\"\n",
-    )
-    .expect("write the script");
-    let mut permissions = std::fs::metadata(&script).expect("metadata").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-    std::fs::set_permissions(&script, permissions).expect("chmod");
+    );
+    let marker = dir.path().join("started");
     let (gateway, _) = gateway_serve_child(
         &[],
         0,
-        script.to_str().expect("utf-8 path"),
+        &vllm,
         0,
         &[
             "--stream-keepalive-after",

@@ -149,21 +149,18 @@ fn a_request_refused_by_a_dying_vllm_waits_for_its_replacement() {
 fn a_child_env_value_with_commas_reaches_vllm_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
     let seen = dir.path().join("seen");
-    let vllm = dir.path().join("vllm");
-    std::fs::write(
-        &vllm,
-        format!(
+    let vllm = script(
+        dir.path(),
+        "vllm",
+        &format!(
             "#!/bin/sh\nprintf %s \"$CUDA_VISIBLE_DEVICES\" > '{}'\nexec '{MOCK_VLLM}' \"$@\"\n",
             seen.display()
         ),
-    )
-    .expect("write the wrapper");
-    std::fs::set_permissions(&vllm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("make it executable");
+    );
     let (gateway, _) = gateway_serve_child(
         &[],
         0,
-        vllm.to_str().expect("utf-8 path"),
+        &vllm,
         0,
         &["--child-env", "CUDA_VISIBLE_DEVICES=0,1"],
         &[],

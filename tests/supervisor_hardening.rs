@@ -244,15 +244,6 @@ fn exit_or_ready_then_request(gateway: &mut Proc) -> bool {
     went_ready
 }
 
-/// Writes an executable script into `dir` and returns its path.
-fn script(dir: &std::path::Path, name: &str, text: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    path.to_str().expect("utf-8 path").to_string()
-}
-
 /// A "vLLM" that imports its model for ever and never binds its port (real vLLM binds only once
 /// the model is loaded, minutes later). It appends its pid to `$STARTS` at each start.
 const IMPORTING_VLLM: &str = "#!/bin/sh\necho $$ >> \"$STARTS\"\nexec sleep 100000\n";

@@ -683,3 +683,12 @@ pub fn lines_with_message(gateway: &Proc, message: &str) -> Vec<serde_json::Valu
         .filter(|line| line["message"] == message)
         .collect()
 }
+
+/// Writes an executable script into `dir` and returns its path (a stand-in `vllm_bin`).
+pub fn script(dir: &std::path::Path, name: &str, text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.to_str().expect("utf-8 path").to_string()
+}
