@@ -132,13 +132,14 @@ async fn serve(
     };
     // An adopted vLLM is registered with the reaper before it starts reaping, so that an exit
     // during the exec is delivered to the supervisor rather than reaped as an orphan's.
-    let (listener, inherited) = match takeover {
+    let (listener, health, inherited) = match takeover {
         Some(taken) if config.serve.is_some() => (
             taken.listener,
+            taken.health,
             Some(Inherited::adopt(taken.restarts, taken.history, taken.child)),
         ),
-        Some(taken) => (taken.listener, None),
-        None => (None, None),
+        Some(taken) => (taken.listener, taken.health, None),
+        None => (None, None, None),
     };
     supervisor::reaper::start();
     let metrics = match telemetry::init_metrics() {
@@ -165,6 +166,13 @@ async fn serve(
             return EXIT_FAILURE;
         }
     };
+    let health = match health_socket(health, &config) {
+        Ok(health) => health,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            return EXIT_FAILURE;
+        }
+    };
     let shutdown = Shutdown::new();
     let (forward_tx, forward_rx) = mpsc::unbounded_channel();
     let (reload_tx, reload_rx) = mpsc::channel(1);
@@ -183,6 +191,7 @@ async fn serve(
         metrics,
         upgrades,
         inherited,
+        health,
     };
     let code = match gateway::run::run(config, socket, context).await {
         Ok(code) => code,
@@ -227,11 +236,45 @@ fn log_takeover(taken: &Takeover, configured_vllm_port: u16) {
 /// The listening socket a previous image handed over, as the socket `run` listens on.
 fn inherited_socket(listener: std::os::fd::OwnedFd, config: &Config) -> anyhow::Result<TcpSocket> {
     let listener = std::net::TcpListener::from(listener);
-    listener.set_nonblocking(true)?;
     let address = listener.local_addr()?;
     if address != config.listen && config.listen.port() != 0 {
         tracing::warn!(listen = %address, configured = %config.listen, "configuration keys `host`/`port` changed but need a restart; serving on the inherited socket");
     }
+    Ok(socket_from(listener)?)
+}
+
+/// The health listener's socket: the one a previous image handed over, else bound now (so that a
+/// port in use fails the start), if `health_port` is set.
+fn health_socket(
+    inherited: Option<std::os::fd::OwnedFd>,
+    config: &Config,
+) -> anyhow::Result<Option<TcpSocket>> {
+    let Some(port) = config.health_port else {
+        if inherited.is_some() {
+            tracing::warn!(
+                "configuration key `health_port` was removed but needs a restart; the health listener stays open"
+            );
+        }
+        return Ok(inherited
+            .map(std::net::TcpListener::from)
+            .map(socket_from)
+            .transpose()?);
+    };
+    let Some(inherited) = inherited else {
+        let address = std::net::SocketAddr::new(config.listen.ip(), port);
+        return proxy::workers::bind(address).map(Some);
+    };
+    let inherited = std::net::TcpListener::from(inherited);
+    let address = inherited.local_addr()?;
+    if address.port() != port && port != 0 {
+        tracing::warn!(listen = %address, configured = port, "configuration key `health_port` changed but needs a restart; serving on the inherited socket");
+    }
+    Ok(Some(socket_from(inherited)?))
+}
+
+/// A listening socket a previous image handed over, as a socket `run` listens on.
+fn socket_from(listener: std::net::TcpListener) -> std::io::Result<TcpSocket> {
+    listener.set_nonblocking(true)?;
     // SAFETY: the descriptor is the listener's, given up by `into_raw_fd` to the socket alone.
     Ok(unsafe { TcpSocket::from_raw_fd(listener.into_raw_fd()) })
 }

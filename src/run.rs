@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::lifecycle::outcome::Outcome;
 use crate::notify;
 use crate::probe;
+use crate::proxy::conn;
 use crate::proxy::state::{AppState, LiveConfig};
 use crate::proxy::workers::{self, Workers};
 use crate::reload::UpgradeRequest;
@@ -51,6 +52,8 @@ pub struct Context {
     pub upgrades: mpsc::Receiver<UpgradeRequest>,
     /// What a previous image of the gateway handed over across an in-place upgrade.
     pub inherited: Option<Inherited>,
+    /// The health listener's socket, bound (or inherited, listening), when `health_port` is set.
+    pub health: Option<TcpSocket>,
 }
 
 /// Runs the gateway until shutdown and returns its exit code. `socket` is bound to the listen
@@ -68,6 +71,7 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         shutdown,
         metrics,
         upgrades,
+        health,
         ..
     } = context;
     let refuser = tokio::spawn(refuse_upgrades(
@@ -86,6 +90,7 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         status_tx,
         shutdown.graceful.clone(),
     ));
+    let health = HealthListener::open(health, &config, &live, &status_rx, &metrics, &shutdown)?;
     let state = Arc::new(AppState::new(
         &config,
         live,
@@ -103,6 +108,7 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
     refuser.abort();
     tracker.close();
     tracker.wait().await;
+    HealthListener::close(health).await;
     tracing::info!("gateway stopped");
     Ok(0)
 }
@@ -115,6 +121,7 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         metrics,
         mut upgrades,
         inherited,
+        health,
     } = context;
     let serve = config
         .serve
@@ -133,6 +140,16 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         inherited,
     );
     let status_rx = supervisor.status();
+    // Open from the start: probes get their answers while the model loads.
+    let health = match HealthListener::open(health, &config, &live, &status_rx, &metrics, &shutdown)
+    {
+        Ok(health) => health,
+        Err(error) => {
+            supervisor.stop().await;
+            let _ = supervised.await;
+            return Err(error);
+        }
+    };
     let relay = tokio::spawn(relay(
         forward,
         supervisor.clone(),
@@ -162,6 +179,7 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
             status_rx: &status_rx,
             metrics,
             supervisor: &supervisor,
+            health: health.as_ref(),
         };
         serve_child(socket, serving, &mut upgrades).await
     } else {
@@ -172,6 +190,7 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
     supervisor.stop().await;
     let exit = supervised.await?;
     relay.abort();
+    HealthListener::close(health).await;
     // The notifier ends once the supervisor's status sender is gone, after sending the last state.
     let _ = tokio::time::timeout(Duration::from_secs(1), notifier).await;
     served?;
@@ -222,6 +241,8 @@ struct Serving<'a> {
     status_rx: &'a watch::Receiver<UpstreamStatus>,
     metrics: Option<PrometheusHandle>,
     supervisor: &'a SupervisorHandle,
+    /// The health listener, to hand over with the main socket.
+    health: Option<&'a HealthListener>,
 }
 
 /// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain before the
@@ -318,6 +339,7 @@ async fn hand_over(listener: &std::net::TcpListener, serving: &Serving<'_>, path
         version: handover::VERSION,
         from_version: env!("CARGO_PKG_VERSION").into(),
         listener_fd: listener.as_raw_fd(),
+        health_fd: serving.health.map(|health| health.listener.as_raw_fd()),
         vllm_port: serve.vllm_port,
         vllm_pid: child.map(|child| child.pid),
         guard_fd: child.and_then(|child| child.guard_fd),
@@ -336,6 +358,11 @@ async fn hand_over(listener: &std::net::TcpListener, serving: &Serving<'_>, path
         vllm_pid = description.vllm_pid,
         "executing the new gateway binary in place; vLLM keeps running"
     );
+    // Probes it accepted would be cut by the exec: it lets them finish, and the socket holds the
+    // next ones in its backlog for the new image.
+    if let Some(health) = serving.health {
+        health.pause().await;
+    }
     telemetry::flush_logs();
     let reason = match signals::hold() {
         // A stop asked for meanwhile wins (the exec would lose it): the supervisor resumes and
@@ -350,7 +377,99 @@ async fn hand_over(listener: &std::net::TcpListener, serving: &Serving<'_>, path
         Err(error) => format!("cannot hold the signals back for the exec: {error}"),
     };
     serving.supervisor.resume();
+    if let Some(health) = serving.health
+        && let Err(error) = health.serve()
+    {
+        tracing::error!(%error, "cannot serve the health listener again");
+    }
     reason
+}
+
+/// The health listener (`health_port`): the gateway's own endpoints on a port of their own, with a
+/// connection limit of their own, served on the main runtime from start to exit, through the
+/// drain (where `/readyz` turns 503) and, across an in-place upgrade, on the same socket.
+struct HealthListener {
+    /// The socket itself, open for as long as the gateway runs, and handed over by an upgrade.
+    listener: std::net::TcpListener,
+    state: Arc<AppState>,
+    /// The accept loop while it runs, and what stops it.
+    serving: std::sync::Mutex<Option<(CancellationToken, HealthServed)>>,
+}
+
+type HealthServed = tokio::task::JoinHandle<std::io::Result<()>>;
+
+impl HealthListener {
+    /// How long the health listener's open connections get to finish once it stops.
+    const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+    /// Starts listening on `socket` (if there is a health listener) and serving it.
+    fn open(
+        socket: Option<TcpSocket>,
+        config: &Config,
+        live: &LiveConfig,
+        status: &watch::Receiver<UpstreamStatus>,
+        metrics: &Option<PrometheusHandle>,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Option<HealthListener>> {
+        let Some(socket) = socket else {
+            return Ok(None);
+        };
+        let listener = workers::listen(socket)?;
+        let address = listener.local_addr()?;
+        let state = Arc::new(AppState::new(
+            config,
+            Arc::clone(live),
+            status.clone(),
+            metrics.clone(),
+            shutdown.graceful.clone(),
+        )?);
+        let health = HealthListener {
+            listener,
+            state,
+            serving: std::sync::Mutex::default(),
+        };
+        health.serve()?;
+        tracing::info!(health_listen = %address, "health listener open: /livez, /readyz, /health, /metrics");
+        Ok(Some(health))
+    }
+
+    /// Starts the accept loop.
+    fn serve(&self) -> std::io::Result<()> {
+        let done = CancellationToken::new();
+        let served = tokio::spawn(conn::serve_health(
+            self.listener.try_clone()?,
+            Arc::clone(&self.state),
+            done.clone(),
+        ));
+        *self.lock() = Some((done, served));
+        Ok(())
+    }
+
+    /// Stops the accept loop and gives open connections [`Self::CLOSE_WAIT`] to finish; the socket
+    /// stays open, and new connections wait in its backlog (for an upgrade's new image).
+    async fn pause(&self) {
+        let Some((done, mut served)) = self.lock().take() else {
+            return;
+        };
+        done.cancel();
+        match tokio::time::timeout(Self::CLOSE_WAIT, &mut served).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the health listener failed"),
+            Ok(_) => {}
+            Err(_) => served.abort(),
+        }
+    }
+
+    async fn close(health: Option<HealthListener>) {
+        if let Some(health) = health {
+            health.pause().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(CancellationToken, HealthServed)>> {
+        self.serving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Refuses every upgrade request, with `reason`, until the senders are gone.
@@ -472,6 +591,7 @@ mod tests {
             metrics: None,
             upgrades,
             inherited: None,
+            health: None,
         };
         (port, shutdown, tokio::spawn(run(config, socket, context)))
     }

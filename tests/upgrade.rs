@@ -409,6 +409,70 @@ fn a_new_binary_that_cannot_start_leaves_the_running_image_serving() {
     );
 }
 
+/// The inode of the socket listening on loopback `port`, from /proc/net/tcp.
+fn listening_socket(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local address, remote address, state (0A: LISTEN), ..., inode
+        (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+            .then(|| fields.get(9).map(|inode| inode.to_string()))
+            .flatten()
+    })
+}
+
+#[test]
+fn the_health_port_is_handed_over_and_answers_all_through_an_upgrade() {
+    let binary = Binary::copy();
+    let mut gateway = serve_from(&binary, &["--health-port", "0"], &[]);
+    let health = gateway.expect_report("the health port", reported_health_port);
+    let socket = listening_socket(health).expect("the health port listens");
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let prober = {
+        let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match get(&format!("http://127.0.0.1:{health}/livez")) {
+                    Some((200, _)) => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+            failures
+        })
+    };
+    wait_until("probes", DEADLINE, || answered.load(Ordering::SeqCst) >= 10);
+
+    binary.replace();
+    gateway.signal(Signal::SIGHUP);
+    wait_upgraded(&gateway);
+    let after = answered.load(Ordering::SeqCst);
+    wait_until("probes to the new image", DEADLINE, || {
+        answered.load(Ordering::SeqCst) >= after + 10
+    });
+    stop.store(true, Ordering::SeqCst);
+    let failures = prober.join().expect("prober thread");
+
+    assert!(failures.is_empty(), "probes failed: {failures:?}");
+    assert_eq!(
+        listening_socket(health),
+        Some(socket),
+        "the new image serves the same socket"
+    );
+    assert!(
+        lines_with_message(
+            &gateway,
+            "health listener open: /livez, /readyz, /health, /metrics"
+        )
+        .len()
+            >= 2,
+        "the new image serves it"
+    );
+}
+
 #[test]
 fn sighup_with_the_binary_unchanged_only_reloads_the_configuration() {
     let binary = Binary::copy();

@@ -119,6 +119,12 @@ impl FromValue for Option<u32> {
     }
 }
 
+impl FromValue for Option<u16> {
+    fn from_value(value: &Value) -> Option<Self> {
+        u16::from_value(value).map(Some)
+    }
+}
+
 impl FromValue for String {
     fn from_value(value: &Value) -> Option<Self> {
         match value {

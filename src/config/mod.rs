@@ -34,6 +34,9 @@ pub struct Config {
     /// The file the settings were read from, if any (for messages).
     pub file: Option<PathBuf>,
     pub listen: SocketAddr,
+    /// The port of the listener that serves only the gateway's own endpoints (on the host of
+    /// `listen`); `None`: there is none.
+    pub health_port: Option<u16>,
     pub upstream: UpstreamConfig,
     pub proxy: ProxyConfig,
     pub health: HealthConfig,

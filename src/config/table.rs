@@ -216,6 +216,14 @@ pub const KEYS: &[Key] = &[
         ..Key::BASE
     },
     Key {
+        name: "health_port",
+        kind: Kind::PORT,
+        doc: "Port of a second listener for probes and scrapers: /livez, /readyz, /health and /metrics only, answered even when max_connections are taken",
+        flag: Flag::Long("health-port", "PORT"),
+        env: &["GATEWAY_HEALTH_PORT"],
+        ..field!(health_port)
+    },
+    Key {
         name: "llm_api_base",
         kind: Kind::TEXT,
         doc: "Base URL of the running vLLM server (a trailing /v1 is accepted) [standalone only]",

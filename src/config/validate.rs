@@ -138,6 +138,21 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             );
         }
     }
+    if let Some(health_port) = values.value::<u16>("health_port")
+        && health_port != 0
+    {
+        if health_port == port {
+            error(
+                "health_port",
+                format!("must differ from port ({port}): the health listener is a second one"),
+            );
+        } else if serves && health_port == vllm_port {
+            error(
+                "health_port",
+                format!("must differ from vllm_port ({vllm_port}): vLLM listens there"),
+            );
+        }
+    }
     let restart_delay: Duration = values.value("restart_delay").unwrap_or_default();
     let restart_max_delay: Duration = values.value("restart_max_delay").unwrap_or_default();
     if restart_delay > restart_max_delay {
@@ -216,6 +231,7 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
     let mut config = Config {
         file: values.file.clone(),
         listen: SocketAddr::new(ip, port),
+        health_port: None,
         upstream: UpstreamConfig {
             base,
             api_key: None,

@@ -57,7 +57,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
 use crate::proxy::router::{Responding, Surface};
-use crate::proxy::state::LiveConfig;
+use crate::proxy::state::{AppState, LiveConfig};
 use crate::proxy::timer::Timer;
 use crate::proxy::wake::WhenWoken;
 
@@ -67,9 +67,14 @@ use crate::proxy::wake::WhenWoken;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Descriptors kept back from client connections whatever the worker count: standard streams,
-/// the main runtime, the signal pipe, the log, the health probe, and spawning vLLM (its output
-/// pipes, the guard's pipe, the pipes of the spawn itself).
-pub const RESERVED_FDS: u64 = 64;
+/// the main runtime, the signal pipe, the log, the health probe, spawning vLLM (its output
+/// pipes, the guard's pipe, the pipes of the spawn itself), and the health listener's
+/// connections, each of which may hold one to vLLM (for its `/metrics`).
+pub const RESERVED_FDS: u64 = 64 + 2 * HEALTH_MAX_CONNECTIONS as u64;
+
+/// The most connections the health listener serves at once; more wait in its backlog. Probes
+/// and scrapers need a few.
+pub const HEALTH_MAX_CONNECTIONS: usize = 16;
 
 /// Descriptors kept back for each proxy worker: its runtime's epoll and event descriptors and its
 /// copy of the listening socket, with room to spare.
@@ -325,6 +330,25 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves the health listener on the caller's runtime until `done` is cancelled: the gateway's
+/// own endpoints alone ([`Surface::health`]), under a connection limit of its own
+/// ([`HEALTH_MAX_CONNECTIONS`]), so that probes are answered however many connections the main
+/// listener holds.
+pub async fn serve_health(
+    listener: std::net::TcpListener,
+    state: Arc<AppState>,
+    done: CancellationToken,
+) -> io::Result<()> {
+    // SAFETY: the AsyncFd owns the socket, so the descriptor stays open for as long as it is
+    // registered.
+    let listener = unsafe { AsyncFd::register(listener) }?;
+    let live = Arc::clone(&state.live);
+    let balance = Balance::new(1).swap_remove(0);
+    let limit = ConnectionLimit::new(HEALTH_MAX_CONNECTIONS);
+    serve(listener, Surface::health(state), live, limit, balance, done).await;
+    Ok(())
 }
 
 /// Waits for a connection and accepts it; a worker [`Balance::ahead`] of another first pauses
@@ -848,7 +872,7 @@ mod tests {
     #[test]
     fn the_default_limit_leaves_the_reserve_and_room_for_upstream_connections() {
         // 1024 descriptors, 2 workers: 80 kept back, the rest split in three.
-        assert_eq!(derive_max_connections(1024, 2), 314);
+        assert_eq!(derive_max_connections(1024, 2), 304);
         let max = derive_max_connections(524_288, 8);
         assert!(3 * max as u64 + RESERVED_FDS + 8 * RESERVED_FDS_PER_WORKER <= 524_288);
         // A limit below the reserve still lets one connection in.

@@ -21,6 +21,8 @@ pub enum ProxyError {
     MethodNotAllowed(&'static str),
     #[error("not supported: {0}")]
     NotImplemented(&'static str),
+    #[error("not found: {0}")]
+    NotFound(&'static str),
     #[error("the model server is not ready")]
     NotReady { retry_after_secs: u64 },
     #[error("the gateway is shutting down")]
@@ -132,6 +134,7 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown | ProxyError::DrainTimeout => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -149,7 +152,8 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
             | ProxyError::MethodNotAllowed(_)
-            | ProxyError::NotImplemented(_) => "invalid_request_error",
+            | ProxyError::NotImplemented(_)
+            | ProxyError::NotFound(_) => "invalid_request_error",
             ProxyError::NotReady { .. } | ProxyError::ShuttingDown | ProxyError::DrainTimeout => {
                 "server_error"
             }
@@ -168,6 +172,7 @@ impl ProxyError {
             ProxyError::BodyTimeout => "request_timeout",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::NotImplemented(_) => "not_implemented",
+            ProxyError::NotFound(_) => "not_found",
             ProxyError::NotReady { .. } => "upstream_not_ready",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::DrainTimeout => "drain_timeout",

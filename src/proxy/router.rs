@@ -15,6 +15,7 @@ use axum::routing::{MethodRouter, get};
 use hyper::body::Incoming;
 use tower::{Layer as _, ServiceExt as _};
 
+use crate::proxy::errors::ProxyError;
 use crate::proxy::state::AppState;
 use crate::proxy::{endpoints, forward};
 
@@ -33,14 +34,29 @@ pub type Responding = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 /// The whole HTTP surface. A function of the state alone, so routing tests need no socket.
 pub fn app(state: Arc<AppState>) -> Router {
+    own_endpoints()
+        .fallback(forward::forward)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
+        .with_state(state)
+}
+
+/// The health listener's surface: the gateway's own endpoints and nothing else (every other path
+/// is a 404, never forwarded).
+pub fn health_app(state: Arc<AppState>) -> Router {
+    own_endpoints()
+        .fallback(|| async { ProxyError::NotFound(HEALTH_PORT_SERVES) })
+        .with_state(state)
+}
+
+/// What the health listener's 404 says.
+const HEALTH_PORT_SERVES: &str = "the health port serves only /livez, /readyz, /health and /metrics; requests for vLLM go to the gateway's main port";
+
+fn own_endpoints() -> Router<Arc<AppState>> {
     OWN_ENDPOINTS
         .iter()
         .fold(Router::new(), |router, (path, endpoint)| {
             router.route(path, endpoint())
         })
-        .fallback(forward::forward)
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), cors))
-        .with_state(state)
 }
 
 /// The HTTP surface as a client connection calls it: [`app`], except that while CORS is off (the
@@ -51,6 +67,9 @@ pub fn app(state: Arc<AppState>) -> Router {
 pub struct Surface {
     router: Router,
     state: Arc<AppState>,
+    /// Whether requests for other paths than the gateway's own are forwarded (not on the health
+    /// listener).
+    forwards: bool,
 }
 
 impl Surface {
@@ -58,6 +77,16 @@ impl Surface {
         Surface {
             router: app(Arc::clone(&state)),
             state,
+            forwards: true,
+        }
+    }
+
+    /// The health listener's: [`health_app`].
+    pub fn health(state: Arc<AppState>) -> Surface {
+        Surface {
+            router: health_app(Arc::clone(&state)),
+            state,
+            forwards: false,
         }
     }
 
@@ -69,7 +98,7 @@ impl Surface {
         let own = OWN_ENDPOINTS
             .iter()
             .any(|(path, _)| *path == request.uri().path());
-        if live.cors.is_none() && !own {
+        if self.forwards && live.cors.is_none() && !own {
             return boxed_in_place(|| forward::forward_under(self.state, live, request));
         }
         Box::pin(async move {

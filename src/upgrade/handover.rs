@@ -8,8 +8,9 @@
 //! A description the new image cannot take whole is refused, never half-used. The keys that say
 //! which socket to serve on, which vLLM to adopt and where it listens, and which descriptors keep
 //! it alive are kept by every version, at the top level, so that even a refused description tells
-//! the new image that much ([`Salvage`]): `version`, `listener_fd`, `vllm_port`, `vllm_pid`,
-//! `guard_fd`, `stdout_fd` and `stderr_fd`. Nothing in a refused description ever leads to
+//! the new image that much ([`Salvage`]): `version`, `listener_fd`, `health_fd` (written only
+//! when there is a health listener), `vllm_port`, `vllm_pid`, `guard_fd`, `stdout_fd` and
+//! `stderr_fd`. Nothing in a refused description ever leads to
 //! signalling vLLM.
 
 use std::os::fd::RawFd;
@@ -37,6 +38,10 @@ pub struct Handover {
     /// The listening socket, bound and listening: connections arriving during the exec wait in
     /// its backlog.
     pub listener_fd: RawFd,
+    /// The health listener's socket, listening, when there is one. Absent from the JSON when
+    /// there is none, so that such a description reads as every earlier image wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_fd: Option<RawFd>,
     /// The port vLLM listens on (the old image may have picked it), where the new image probes.
     pub vllm_port: u16,
     /// vLLM's pid (also its process group's id, since it leads its group); `None` when no vLLM
@@ -105,6 +110,7 @@ pub enum HandoverError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Salvage {
     pub listener_fd: Option<RawFd>,
+    pub health_fd: Option<RawFd>,
     pub vllm_port: Option<u16>,
     pub vllm_pid: Option<u32>,
     pub guard_fd: Option<RawFd>,
@@ -129,9 +135,14 @@ impl Handover {
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.listener_fd];
         fds.extend(
-            [self.guard_fd, self.stdout_fd, self.stderr_fd]
-                .into_iter()
-                .flatten(),
+            [
+                self.health_fd,
+                self.guard_fd,
+                self.stdout_fd,
+                self.stderr_fd,
+            ]
+            .into_iter()
+            .flatten(),
         );
         fds
     }
@@ -192,11 +203,10 @@ impl Handover {
                 return stale(format!("descriptor {fd} was not inherited"));
             }
         }
-        let listener = std::fs::read_link(format!("/proc/self/fd/{}", self.listener_fd))
-            .map(|target| target.to_string_lossy().starts_with("socket:"))
-            .unwrap_or(false);
-        if !listener {
-            return stale(format!("descriptor {} is not a socket", self.listener_fd));
+        for listener in std::iter::once(self.listener_fd).chain(self.health_fd) {
+            if fds::kind(listener).as_deref() != Some("socket") {
+                return stale(format!("descriptor {listener} is not a socket"));
+            }
         }
         if let Some(pid) = self.vllm_pid {
             match parent_and_group(pid) {
@@ -267,6 +277,7 @@ fn salvage(value: &serde_json::Value) -> Salvage {
         .filter(|port| *port > 0);
     Salvage {
         listener_fd: fd("listener_fd"),
+        health_fd: fd("health_fd"),
         vllm_port,
         vllm_pid,
         guard_fd: fd("guard_fd"),
@@ -303,6 +314,7 @@ mod tests {
             version: VERSION,
             from_version: "0.1.0".into(),
             listener_fd: 3,
+            health_fd: Some(8),
             vllm_port: 8000,
             vllm_pid: Some(4242),
             guard_fd: Some(5),
@@ -319,10 +331,21 @@ mod tests {
     }
 
     #[test]
+    fn without_a_health_listener_the_description_is_the_one_earlier_images_read() {
+        let handover = Handover {
+            health_fd: None,
+            ..sample()
+        };
+        let text = handover.encode();
+        assert!(!text.contains("health_fd"), "{text}");
+        assert_eq!(decode(&text), Ok(handover));
+    }
+
+    #[test]
     fn a_description_reads_back_as_written() {
         let handover = sample();
         assert_eq!(decode(&handover.encode()), Ok(handover.clone()));
-        assert_eq!(handover.fds(), vec![3, 5, 6, 7]);
+        assert_eq!(handover.fds(), vec![3, 8, 5, 6, 7]);
         assert_eq!(
             handover.history(),
             History {
@@ -368,6 +391,7 @@ mod tests {
             refused.salvage,
             Salvage {
                 listener_fd: Some(3),
+                health_fd: Some(8),
                 vllm_port: Some(8000),
                 vllm_pid: Some(4242),
                 guard_fd: Some(5),
@@ -470,8 +494,10 @@ mod tests {
     #[test]
     fn a_description_naming_descriptors_this_process_lacks_is_stale() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let health = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let handover = Handover {
             listener_fd: listener.as_raw_fd(),
+            health_fd: Some(health.as_raw_fd()),
             ..sample_without_vllm()
         };
         assert_eq!(handover.check_process(std::process::id()), Ok(()));
@@ -483,6 +509,14 @@ mod tests {
         };
         assert!(matches!(
             not_a_socket.check_process(std::process::id()),
+            Err(HandoverError::Stale(_))
+        ));
+        let health_not_a_socket = Handover {
+            health_fd: Some(file.as_raw_fd()),
+            ..handover.clone()
+        };
+        assert!(matches!(
+            health_not_a_socket.check_process(std::process::id()),
             Err(HandoverError::Stale(_))
         ));
         let closed = Handover {
@@ -506,6 +540,7 @@ mod tests {
         let pid = child.id();
         let handover = Handover {
             listener_fd: listener.as_raw_fd(),
+            health_fd: None,
             vllm_pid: Some(pid),
             guard_fd: None,
             stdout_fd: None,

@@ -21,6 +21,8 @@ pub struct Takeover {
     pub from_version: Option<String>,
     /// The listening socket, already listening.
     pub listener: Option<OwnedFd>,
+    /// The health listener's socket, already listening.
+    pub health: Option<OwnedFd>,
     /// Where the running vLLM listens.
     pub vllm_port: Option<u16>,
     pub child: Option<TakenChild>,
@@ -77,6 +79,7 @@ fn whole(handover: Handover) -> Takeover {
         });
     Takeover {
         listener: Some(own(handover.listener_fd)),
+        health: handover.health_fd.map(own),
         vllm_port: Some(handover.vllm_port),
         history: handover.history(),
         restarts: handover.restarts,
@@ -89,6 +92,7 @@ fn whole(handover: Handover) -> Takeover {
 fn salvage_of(handover: &Handover) -> Salvage {
     Salvage {
         listener_fd: Some(handover.listener_fd),
+        health_fd: handover.health_fd,
         vllm_port: Some(handover.vllm_port),
         vllm_pid: handover.vllm_pid,
         guard_fd: handover.guard_fd,
@@ -108,6 +112,7 @@ fn salvaged(salvage: Salvage, reason: String, own_pid: u32) -> Takeover {
         })
     };
     let listener = take_if(salvage.listener_fd, "socket");
+    let health = take_if(salvage.health_fd, "socket");
     let child = salvage
         .vllm_pid
         .filter(|pid| is_own_child_leading_its_group(*pid, own_pid))
@@ -122,6 +127,7 @@ fn salvaged(salvage: Salvage, reason: String, own_pid: u32) -> Takeover {
     Takeover {
         from_version: None,
         listener,
+        health,
         vllm_port: salvage.vllm_port,
         child,
         restarts: 0,
@@ -164,6 +170,8 @@ mod tests {
         let pid = child.id();
         let salvage = Salvage {
             listener_fd: Some(listener_fd),
+            // Named as the listener already: not taken twice.
+            health_fd: Some(listener_fd),
             vllm_port: Some(8000),
             vllm_pid: Some(pid),
             guard_fd: Some(guard_fd),
@@ -180,6 +188,7 @@ mod tests {
             taken.listener.as_ref().map(AsRawFd::as_raw_fd),
             Some(listener_fd)
         );
+        assert!(taken.health.is_none());
         assert_eq!(taken.vllm_port, Some(8000));
         let adopted = taken.child.expect("vLLM adopted");
         assert_eq!(adopted.pid, pid);

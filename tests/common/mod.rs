@@ -87,8 +87,18 @@ pub fn log_field(line: &str, name: &str) -> Option<String> {
 /// The port the gateway reports it listens on: the `listen` field it logs once the address is
 /// bound (under `serve`, before vLLM starts; standalone, with "gateway listening").
 pub fn reported_listen_port(log: &str) -> Option<u16> {
+    reported_address_port(log, "listen")
+}
+
+/// The health port as the gateway reports it: the `health_listen` field of "health listener open".
+pub fn reported_health_port(log: &str) -> Option<u16> {
+    reported_address_port(log, "health_listen")
+}
+
+/// The port of the first address logged in `field`, unless it is 0.
+fn reported_address_port(log: &str, field: &str) -> Option<u16> {
     log.lines()
-        .filter_map(|line| log_field(line, "listen"))
+        .filter_map(|line| log_field(line, field))
         .find_map(|address| address.parse::<SocketAddr>().ok())
         .map(|address| address.port())
         .filter(|port| *port != 0)
