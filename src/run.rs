@@ -72,8 +72,11 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         metrics,
         upgrades,
         health,
+        forward,
         ..
     } = context;
+    // No vLLM to forward signals to: the signal task sees the channel closed, and says so.
+    drop(forward);
     let refuser = tokio::spawn(refuse_upgrades(
         upgrades,
         "in-place upgrades are made under `gateway serve` only; restart the gateway to run the new binary",

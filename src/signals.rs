@@ -3,7 +3,8 @@
 //! SIGTERM/SIGINT: graceful stop; a second one: fast stop (skip the drain).
 //! SIGHUP: the gateway's own: reload the configuration, or re-execute a replaced binary in place
 //! (`reload`); vLLM never sees it (vLLM does not handle SIGHUP and dies of it).
-//! SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`).
+//! SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`), which vLLM dies of
+//! unless a build of it handles them: the log says so.
 //! SIGQUIT: forwarded, then a graceful stop.
 //!
 //! Every thread of the gateway blocks these signals but one, `gateway-signals`, which does
@@ -157,8 +158,8 @@ fn handled_set() -> SigSet {
 }
 
 /// Reads signals until the process ends. Signals to forward go to `forward` (under `serve`, on to
-/// the supervisor; with no child they are logged and dropped). Reload requests go to `reload`; one already waiting covers the next (it
-/// reads the file after both).
+/// the supervisor; standalone, the channel is closed and they are logged as ignored). Reload
+/// requests go to `reload`; one already waiting covers the next (it reads the file after both).
 pub async fn handle(
     mut signals: Signals,
     shutdown: Shutdown,
@@ -184,8 +185,14 @@ pub async fn handle(
                 let _ = reload.try_send(());
             }
             SignalAction::Forward(signal) => {
-                tracing::info!(signal = name, "forwarding signal to vLLM");
-                let _ = forward.send(signal);
+                if forward.send(signal).is_ok() {
+                    tracing::warn!(
+                        signal = name,
+                        "forwarded signal to vLLM's process group; vLLM installs no handler for it and dies of it, unless a build of it handles it"
+                    );
+                } else {
+                    tracing::info!(signal = name, "signal ignored: the gateway runs no vLLM");
+                }
             }
             SignalAction::ForwardThenStop(signal) => {
                 tracing::info!(

@@ -239,7 +239,7 @@ fn sighup_to_the_whole_group_leaves_nothing() {
 /// survives a hang-up.
 #[test]
 fn a_sighup_its_parent_ignored_stays_ignored() {
-    let server = mock_vllm_wrapped(&["setsid", "nohup"], &[]);
+    let server = mock_vllm_wrapped(&["setsid", "nohup"], &[("MOCK_VLLM_HANDLE_SIGUSR", "1")]);
     let _cleanup = KillGroup(server.pid());
     server.signal(Signal::SIGHUP);
     // A signal sent after it is still recorded shows that the hang-up went by.
@@ -248,6 +248,19 @@ fn a_sighup_its_parent_ignored_stays_ignored() {
         mock_stats_on(server.port)["signals"] == serde_json::json!(["SIGUSR1"])
     });
     assert_eq!(health_status(&server), Some(200));
+}
+
+/// As vLLM, which installs no handler for them: sent to its group (`kill -USR1 -<pgid>`), every
+/// process of a CPU vLLM 0.32 was gone within seconds.
+#[test]
+fn sigusr1_and_sigusr2_kill_the_server_as_they_kill_vllm() {
+    for signal in [Signal::SIGUSR1, Signal::SIGUSR2] {
+        let mut server = mock_vllm_own_group(&[]);
+        let _cleanup = KillGroup(server.pid());
+        server.signal(signal);
+        let status = server.wait_exit(DEADLINE);
+        assert_eq!(status.signal(), Some(signal as i32), "{status:?}");
+    }
 }
 
 #[test]

@@ -435,7 +435,8 @@ fn sigkill_of_the_gateway_takes_vllms_whole_group_even_one_ignoring_sigterm() {
 
 #[test]
 fn sigusr1_is_forwarded_to_the_child() {
-    let (gateway, vllm_port) = gateway_serve(&[], &[]);
+    // A child that handles it (vLLM itself dies of it: see the README's signal table).
+    let (gateway, vllm_port) = gateway_serve(&[], &[("MOCK_VLLM_HANDLE_SIGUSR", "1")]);
     wait_ready(&gateway);
     gateway.signal(Signal::SIGUSR1);
     wait_until("the child to receive SIGUSR1", DEADLINE, || {

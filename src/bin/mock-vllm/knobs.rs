@@ -72,6 +72,11 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
         "bool: log and ignore SIGHUP (by default it kills the process, as it kills vLLM)",
     ),
     (
+        "MOCK_VLLM_HANDLE_SIGUSR",
+        "1",
+        "bool: log and record SIGUSR1 and SIGUSR2 (by default they kill the process, as they kill vLLM)",
+    ),
+    (
         "MOCK_VLLM_ENGINE_PROCESSES",
         "0",
         "bool: start VLLM::EngineCore and VLLM::Worker processes in this process group, as vLLM \
@@ -143,6 +148,8 @@ pub(crate) struct Knobs {
     pub(crate) ignore_sigterm: bool,
     /// Off by default: vLLM installs no SIGHUP handler, so a hang-up kills it.
     pub(crate) ignore_sighup: bool,
+    /// Off by default: vLLM installs no SIGUSR1 or SIGUSR2 handler either.
+    pub(crate) handle_sigusr: bool,
     /// Whether to run the engine as vLLM does, in processes of its own in our process group, which
     /// a SIGKILL of this process alone leaves behind.
     pub(crate) engine_processes: bool,
@@ -200,6 +207,7 @@ impl Knobs {
             hang_health_after: reader.duration("MOCK_VLLM_HANG_HEALTH_AFTER"),
             ignore_sigterm: reader.flag("MOCK_VLLM_IGNORE_SIGTERM").unwrap_or(false),
             ignore_sighup: reader.flag("MOCK_VLLM_IGNORE_SIGHUP").unwrap_or(false),
+            handle_sigusr: reader.flag("MOCK_VLLM_HANDLE_SIGUSR").unwrap_or(false),
             engine_processes: reader.flag("MOCK_VLLM_ENGINE_PROCESSES").unwrap_or(true),
             engine_die_after: reader.duration("MOCK_VLLM_ENGINE_DIE_AFTER"),
             engine_death_linger: reader

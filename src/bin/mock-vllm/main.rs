@@ -107,6 +107,8 @@
 //!   the process.
 //! - `MOCK_VLLM_IGNORE_SIGHUP`: log and ignore SIGHUP, which otherwise kills the process as it
 //!   kills vLLM (an exit by signal, 129 as a shell reports it).
+//! - `MOCK_VLLM_HANDLE_SIGUSR`: log and record SIGUSR1 and SIGUSR2, which otherwise kill the
+//!   process as they kill vLLM (checked against vLLM 0.32 on CPU: every process of it gone).
 //! - `MOCK_VLLM_ENGINE_PROCESSES`: run the engine as `VLLM::EngineCore` and `VLLM::Worker`
 //!   processes (default 1); 0 keeps it inside the server process.
 //! - `MOCK_VLLM_ENGINE_DIE_AFTER`: this long after listening, the engine dies (the engine core is
@@ -130,10 +132,10 @@
 //! # Signals
 //!
 //! SIGTERM, SIGINT and SIGQUIT shut down gracefully and exit 0, as uvicorn does, aborting streams
-//! in flight; a second one exits at once. SIGHUP kills the process, as it kills vLLM, which
-//! installs no handler for it (both keep whatever action they inherited, normally the default),
-//! unless `MOCK_VLLM_IGNORE_SIGHUP` is set (then it is only logged).
-//! SIGUSR1 and SIGUSR2 are only logged. Every signal the server handles is recorded in the stats.
+//! in flight; a second one exits at once. SIGHUP, SIGUSR1 and SIGUSR2 kill the process, as they
+//! kill vLLM, which installs no handler for them (both keep whatever action they inherited,
+//! normally the default), unless `MOCK_VLLM_IGNORE_SIGHUP` or `MOCK_VLLM_HANDLE_SIGUSR` is set
+//! (then they are only logged). Every signal the server handles is recorded in the stats.
 //!
 //! # Layout
 //!

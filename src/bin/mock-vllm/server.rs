@@ -40,11 +40,14 @@ pub(crate) const LISTEN_BACKLOG: u32 = 1024;
 /// Installs the signal handlers, does the start-up chores the knobs ask for, then serves until a
 /// stop signal.
 pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
-    let mut handled = vec![SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGQUIT];
-    // Without the knob SIGHUP keeps the action it inherited, as in vLLM, which installs no handler
-    // for it: normally that action kills the process.
+    let mut handled = vec![SIGTERM, SIGINT, SIGQUIT];
+    // Without the knobs SIGHUP, SIGUSR1 and SIGUSR2 keep the action they inherited, as in vLLM,
+    // which installs no handler for them: normally that action kills the process.
     if knobs.ignore_sighup {
         handled.push(SIGHUP);
+    }
+    if knobs.handle_sigusr {
+        handled.extend([SIGUSR1, SIGUSR2]);
     }
     let signals = Signals::new(handled)
         .map_err(|error| format!("cannot install signal handlers: {error}"))?;
