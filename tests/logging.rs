@@ -316,3 +316,24 @@ fn an_explicit_journald_format_without_journald_is_a_start_up_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot set up logging"), "{stderr}");
 }
+
+/// A client may put its key in the URL; vLLM's access line repeats the URL as it came, and the
+/// gateway relays vLLM's output into its log: the key must not get there.
+#[test]
+fn a_key_in_a_query_string_does_not_reach_the_log_through_vllms_access_line() {
+    let (gateway, _) = gateway_serve(&[], &[]);
+    wait_ready(&gateway);
+    let (status, _) =
+        get(&gateway.url("/v1/models?limit=5&api_key=sk-IN-THE-URL")).expect("an answer");
+    assert_eq!(status, 200);
+    wait_until("vLLM's access line for the request", DEADLINE, || {
+        gateway
+            .log_text()
+            .contains("GET /v1/models?limit=5&api_key=*** HTTP/1.1")
+    });
+    assert!(
+        !gateway.log_text().contains("sk-IN-THE-URL"),
+        "{}",
+        gateway.log_text()
+    );
+}

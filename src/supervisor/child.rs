@@ -177,7 +177,7 @@ fn is_secret_option(word: &str) -> bool {
 
 /// Whether a name (of an option, of a JSON field) ends in `key`, `token`, `secret` or
 /// `password`, whatever the case.
-fn is_secret_name(name: &str) -> bool {
+pub(super) fn is_secret_name(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     ["key", "token", "secret", "password"]
         .iter()

@@ -5,13 +5,17 @@
 //! the gateway: lines go through a bounded queue to a writer task, and when the log cannot keep up
 //! lines are dropped and counted rather than buffered. A line longer than [`MAX_LINE`] is cut.
 //! A carriage return ends a line as a newline does, so progress bars log one line per redraw.
+//! Secret query parameters (`?api_key=...`, which uvicorn's access lines repeat as the client
+//! sent them) are hidden.
 
+use std::borrow::Cow;
 use std::os::fd::OwnedFd;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
+use crate::supervisor::child;
 pub use crate::telemetry::VLLM_TARGET as TARGET;
 
 /// Longest line kept; the rest of a longer line is dropped.
@@ -147,7 +151,11 @@ fn emit(
         // The empty line between `\r` and `\n`, or a blank line: nothing to log.
         return;
     }
-    let mut text = String::from_utf8_lossy(line).into_owned();
+    let text = String::from_utf8_lossy(line);
+    let mut text = match hide_query_secrets(&text) {
+        Cow::Borrowed(_) => text.into_owned(),
+        Cow::Owned(hidden) => hidden,
+    };
     if *truncated {
         text.push_str(" [line truncated]");
     }
@@ -158,9 +166,77 @@ fn emit(
     }
 }
 
+/// `line` with the value of every secret query parameter (a name ending in `key`, `token`,
+/// `secret` or `password`: `api_key`, `access_token`) shown as `***`. A query runs from a `?` to
+/// the next space, quote or `#`, as in uvicorn's `"GET /v1/models?api_key=... HTTP/1.1"`.
+fn hide_query_secrets(line: &str) -> Cow<'_, str> {
+    let secret = |pair: &str| {
+        pair.split_once('=')
+            .is_some_and(|(name, value)| !value.is_empty() && child::is_secret_name(name))
+    };
+    let has_secret = line
+        .match_indices('?')
+        .any(|(at, _)| query_at(&line[at + 1..]).split('&').any(secret));
+    if !has_secret {
+        return Cow::Borrowed(line);
+    }
+    let mut hidden = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find('?') {
+        hidden.push_str(&rest[..=at]);
+        let query = query_at(&rest[at + 1..]);
+        for (index, pair) in query.split('&').enumerate() {
+            if index > 0 {
+                hidden.push('&');
+            }
+            match pair.split_once('=') {
+                Some((name, _)) if secret(pair) => {
+                    hidden.push_str(name);
+                    hidden.push_str("=***");
+                }
+                _ => hidden.push_str(pair),
+            }
+        }
+        rest = &rest[at + 1 + query.len()..];
+    }
+    hidden.push_str(rest);
+    Cow::Owned(hidden)
+}
+
+/// The query at the start of `text` (what follows a `?`): up to a space, a quote or a `#`.
+fn query_at(text: &str) -> &str {
+    let end = text
+        .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '#'))
+        .unwrap_or(text.len());
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_query_parameters_are_hidden() {
+        let line = r#"INFO:     127.0.0.1:5 - "GET /v1/models?limit=2&api_key=sk-abc&access_token=t0 HTTP/1.1" 200 OK"#;
+        assert_eq!(
+            hide_query_secrets(line),
+            r#"INFO:     127.0.0.1:5 - "GET /v1/models?limit=2&api_key=***&access_token=*** HTTP/1.1" 200 OK"#
+        );
+        for kept in [
+            r#"INFO:     127.0.0.1:5 - "GET /v1/models?limit=2 HTTP/1.1" 200 OK"#,
+            "what? key=value is not a query parameter? no",
+            "Loading weights ?",
+        ] {
+            assert!(
+                matches!(hide_query_secrets(kept), Cow::Borrowed(_)),
+                "{kept}"
+            );
+        }
+        assert_eq!(
+            hide_query_secrets("a?x=1 b?key=k#frag c"),
+            "a?x=1 b?key=***#frag c"
+        );
+    }
 
     /// Feeds `bytes` through `read_lines` as a pipe would, and returns the lines it emits.
     async fn lines_of(bytes: &[u8]) -> Vec<String> {
