@@ -27,9 +27,8 @@
 //!
 //! - `run`: the run sequence, given a config, a bound socket and the shutdown triggers
 //!   ([`run::run`]); under `serve` it starts the supervisor, in both modes the proxy workers and
-//!   the health listener. It
-//!   holds the old image's side of an in-place upgrade: drain with the socket kept open, the
-//!   supervisor's hand-over, the exec.
+//!   the health listener. It holds the old image's side of an in-place upgrade: drain with the
+//!   socket kept open, the supervisor's hand-over, the exec.
 //! - `commands`: the subcommands that do not run the gateway (`healthcheck`, `config check`).
 //! - `signals`: the one task that turns signals into stop requests, reloads, or signals to forward
 //!   to the child; the one thread that takes them (every other blocks them), which an upgrade's
@@ -47,8 +46,9 @@
 //!   `proxy::conn` accepts client connections under the shared `max_connections` limit, spreading
 //!   them evenly over the workers, and enforces the client-side header, idle and send timeouts on
 //!   the socket; it also serves the health listener (`health_port`: the gateway's own endpoints
-//!   alone, under a limit of their own) on the main runtime, which `run` opens at start. `proxy::forward` forwards one request; `proxy::admission` holds it to the
-//!   gateway-wide `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
+//!   alone, under a limit of their own) on the main runtime, which `run` opens at start.
+//!   `proxy::forward` forwards one request; `proxy::admission` holds it to the gateway-wide
+//!   `max_concurrent_requests` (a semaphore every worker shares, a bounded FIFO queue);
 //!   `proxy::keepalive` begins the stream of a streaming request still waiting for vLLM and
 //!   finishes it from a task (forward hands it the rest of the exchange, so keepalive never names
 //!   forward); `proxy::upstream` holds a worker's connections to vLLM (HTTP/1.1 over plain

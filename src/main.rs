@@ -132,6 +132,7 @@ async fn serve(
     };
     // An adopted vLLM is registered with the reaper before it starts reaping, so that an exit
     // during the exec is delivered to the supervisor rather than reaped as an orphan's.
+    let upgraded = takeover.is_some();
     let (listener, health, inherited) = match takeover {
         Some(taken) if config.serve.is_some() => (
             taken.listener,
@@ -168,6 +169,13 @@ async fn serve(
     };
     let health = match health_socket(health, &config) {
         Ok(health) => health,
+        // After an in-place upgrade vLLM runs already: the health listener is not worth it.
+        Err(error) if upgraded => {
+            tracing::error!(
+                "{error:#}; serving without a health listener (restart the gateway to open it)"
+            );
+            None
+        }
         Err(error) => {
             tracing::error!("{error:#}");
             return EXIT_FAILURE;
@@ -244,7 +252,8 @@ fn inherited_socket(listener: std::os::fd::OwnedFd, config: &Config) -> anyhow::
 }
 
 /// The health listener's socket: the one a previous image handed over, else bound now (so that a
-/// port in use fails the start), if `health_port` is set.
+/// port in use fails the start; `serve` then leaves it out after an in-place upgrade, where vLLM
+/// runs already), if `health_port` is set.
 fn health_socket(
     inherited: Option<std::os::fd::OwnedFd>,
     config: &Config,
@@ -262,7 +271,9 @@ fn health_socket(
     };
     let Some(inherited) = inherited else {
         let address = std::net::SocketAddr::new(config.listen.ip(), port);
-        return proxy::workers::bind(address).map(Some);
+        return proxy::workers::bind(address)
+            .map(Some)
+            .map_err(|error| error.context("the health listener (`health_port`)"));
     };
     let inherited = std::net::TcpListener::from(inherited);
     let address = inherited.local_addr()?;

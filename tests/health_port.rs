@@ -16,7 +16,7 @@ fn url(port: u16, path: &str) -> String {
     format!("http://127.0.0.1:{port}{path}")
 }
 
-/// A connection to the main port that sends part of a request head and nothing more: it holds
+/// A connection that sends part of a request head and nothing more: on the main port it holds
 /// one of `max_connections` until `client_header_timeout`.
 fn hold_a_connection(port: u16) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -71,6 +71,29 @@ fn probes_on_the_health_port_are_answered_while_every_client_connection_is_taken
         .read_to_end(&mut raw)
         .expect("the waiting probe's answer");
     assert_eq!(parse_response(&raw).status, 200);
+}
+
+/// A connection held open on the health port (idle, or half a request) is closed for a newer
+/// one once 16 are open: however many a client holds, a probe gets its answer.
+#[test]
+fn connections_held_open_on_the_health_port_cannot_keep_a_probe_waiting() {
+    let upstream = mock_vllm(&[]);
+    let mut gateway = gateway(upstream.port, &["--health-port", "0"], &[]);
+    let health = gateway.expect_report("the health port", reported_health_port);
+    let mut held: Vec<TcpStream> = (0..40).map(|_| hold_a_connection(health)).collect();
+
+    let (status, body) = get(&url(health, "/livez")).expect("the health port answers");
+    assert_eq!(status, 200, "{body}");
+    // The oldest held connection was closed, without an answer.
+    held[0]
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let mut rest = Vec::new();
+    let closed = match held[0].read_to_end(&mut rest) {
+        Ok(_) => rest.is_empty(),
+        Err(error) => error.kind() == ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "{}", String::from_utf8_lossy(&rest));
 }
 
 #[test]
@@ -139,6 +162,27 @@ fn under_serve_the_health_port_answers_while_the_model_loads_and_through_the_dra
     assert!(
         !accepts_connections(health),
         "the health port closes at exit"
+    );
+}
+
+#[test]
+fn an_upstream_on_the_gateways_own_health_port_is_refused_before_anything_starts() {
+    let output = std::process::Command::new(GATEWAY)
+        .args([
+            "--llm-api-base",
+            "http://127.0.0.1:9101",
+            "--port",
+            "9100",
+            "--health-port",
+            "9101",
+        ])
+        .output()
+        .expect("run the gateway");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("names the gateway's own health port (9101), which serves no model"),
+        "{stderr}"
     );
 }
 

@@ -473,6 +473,36 @@ fn the_health_port_is_handed_over_and_answers_all_through_an_upgrade() {
     );
 }
 
+/// An upgrade never costs vLLM, not even when the configuration it starts with asks for a health
+/// port that something else holds: the new image serves without it.
+#[test]
+fn a_health_port_in_use_after_an_upgrade_leaves_the_gateway_serving_without_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, "").expect("write the config");
+    let binary = Binary::copy();
+    let gateway = serve_from(&binary, &["--config", config.to_str().expect("utf-8")], &[]);
+    let vllm = vllm_pid(&gateway);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("address").port();
+    std::fs::write(&config, format!("health_port = {busy}\n")).expect("write the config");
+
+    binary.replace();
+    gateway.signal(Signal::SIGHUP);
+    wait_upgraded(&gateway);
+
+    assert_eq!(vllm_pid(&gateway), vllm, "vLLM was not restarted");
+    assert!(alive(vllm));
+    assert!(
+        gateway.log_text().contains(&format!(
+            "the health listener (`health_port`): cannot listen on 127.0.0.1:{busy}"
+        )),
+        "{}",
+        gateway.log_text()
+    );
+    drop(taken);
+}
+
 #[test]
 fn sighup_with_the_binary_unchanged_only_reloads_the_configuration() {
     let binary = Binary::copy();

@@ -138,9 +138,8 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
             );
         }
     }
-    if let Some(health_port) = values.value::<u16>("health_port")
-        && health_port != 0
-    {
+    let health_port: u16 = values.value("health_port").unwrap_or_default();
+    if health_port != 0 {
         if health_port == port {
             error(
                 "health_port",
@@ -198,13 +197,22 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
     // A standalone proxy in front of its own address would forward every request to itself.
     if let (Some(ip), Some(base)) = (ip, &base)
         && !serves
-        && port != 0
-        && is_own_address(base, ip, port)
     {
-        error(
-            "llm_api_base",
-            format!("names the gateway's own address (port {port}): it would forward to itself"),
-        );
+        if port != 0 && is_own_address(base, ip, port) {
+            error(
+                "llm_api_base",
+                format!(
+                    "names the gateway's own address (port {port}): it would forward to itself"
+                ),
+            );
+        } else if health_port != 0 && is_own_address(base, ip, health_port) {
+            error(
+                "llm_api_base",
+                format!(
+                    "names the gateway's own health port ({health_port}), which serves no model"
+                ),
+            );
+        }
     }
     for pair in &values.value::<Vec<String>>("child_env").unwrap_or_default() {
         match pair.split_once('=') {

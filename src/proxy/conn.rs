@@ -72,8 +72,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// connections, each of which may hold one to vLLM (for its `/metrics`).
 pub const RESERVED_FDS: u64 = 64 + 2 * HEALTH_MAX_CONNECTIONS as u64;
 
-/// The most connections the health listener serves at once; more wait in its backlog. Probes
-/// and scrapers need a few.
+/// The most connections the health listener keeps open; a new one closes the oldest. Probes and
+/// scrapers need a few.
 pub const HEALTH_MAX_CONNECTIONS: usize = 16;
 
 /// Descriptors kept back for each proxy worker: its runtime's epoll and event descriptors and its
@@ -333,9 +333,11 @@ pub async fn serve(
 }
 
 /// Serves the health listener on the caller's runtime until `done` is cancelled: the gateway's
-/// own endpoints alone ([`Surface::health`]), under a connection limit of its own
-/// ([`HEALTH_MAX_CONNECTIONS`]), so that probes are answered however many connections the main
-/// listener holds.
+/// own endpoints alone ([`Surface::health`]), on at most [`HEALTH_MAX_CONNECTIONS`] connections
+/// of its own, so that probes are answered however many connections the main listener holds.
+/// A new connection is always taken in: at the limit the oldest open one is closed for it. A
+/// probe is answered within moments of its connection, so connections that are held open (idle
+/// ones, half-sent requests, a flood) are the ones that go, and cannot keep a probe waiting.
 pub async fn serve_health(
     listener: std::net::TcpListener,
     state: Arc<AppState>,
@@ -345,9 +347,42 @@ pub async fn serve_health(
     // registered.
     let listener = unsafe { AsyncFd::register(listener) }?;
     let live = Arc::clone(&state.live);
+    let surface = Surface::health(state);
     let balance = Balance::new(1).swap_remove(0);
-    let limit = ConnectionLimit::new(HEALTH_MAX_CONNECTIONS);
-    serve(listener, Surface::health(state), live, limit, balance, done).await;
+    let connections = TaskTracker::new();
+    // Open connections, oldest first; each is closed by aborting its task.
+    let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> =
+        std::collections::VecDeque::new();
+    let mut failing = Throttle::default();
+    loop {
+        let accepted = tokio::select! {
+            accepted = accept(&listener, &balance) => accepted,
+            () = done.cancelled() => break,
+        };
+        let tcp = match accepted {
+            Ok(tcp) => tcp,
+            Err(error) if is_connection_error(&error) => continue,
+            Err(error) => {
+                if failing.due() {
+                    tracing::warn!(%error, "the health listener cannot accept a connection; retrying");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    () = done.cancelled() => break,
+                }
+            }
+        };
+        open.retain(|connection| !connection.is_finished());
+        if open.len() >= HEALTH_MAX_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            oldest.abort();
+        }
+        open.push_back(connections.spawn(serve_connection(tcp, &surface, &live, &done)));
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
     Ok(())
 }
 
@@ -871,7 +906,7 @@ mod tests {
 
     #[test]
     fn the_default_limit_leaves_the_reserve_and_room_for_upstream_connections() {
-        // 1024 descriptors, 2 workers: 80 kept back, the rest split in three.
+        // 1024 descriptors, 2 workers: 112 kept back, the rest split in three.
         assert_eq!(derive_max_connections(1024, 2), 304);
         let max = derive_max_connections(524_288, 8);
         assert!(3 * max as u64 + RESERVED_FDS + 8 * RESERVED_FDS_PER_WORKER <= 524_288);

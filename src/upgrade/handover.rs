@@ -10,8 +10,7 @@
 //! it alive are kept by every version, at the top level, so that even a refused description tells
 //! the new image that much ([`Salvage`]): `version`, `listener_fd`, `health_fd` (written only
 //! when there is a health listener), `vllm_port`, `vllm_pid`, `guard_fd`, `stdout_fd` and
-//! `stderr_fd`. Nothing in a refused description ever leads to
-//! signalling vLLM.
+//! `stderr_fd`. Nothing in a refused description ever leads to signalling vLLM.
 
 use std::os::fd::RawFd;
 
