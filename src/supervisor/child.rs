@@ -175,13 +175,26 @@ fn is_secret_option(word: &str) -> bool {
     word.strip_prefix("--").is_some_and(is_secret_name)
 }
 
-/// Whether a name (of an option, of a JSON field) ends in `key`, `token`, `secret` or
-/// `password`, whatever the case.
+/// Whether a name (of an option, of a JSON field, of a query parameter) ends in `key`, `token`,
+/// `secret`, `password`, `passwd`, `pwd`, `auth`, `authorization`, `credential(s)` or
+/// `signature`, whatever the case.
 pub(super) fn is_secret_name(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["key", "token", "secret", "password"]
-        .iter()
-        .any(|secret| name.ends_with(secret))
+    [
+        "key",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "auth",
+        "authorization",
+        "credential",
+        "credentials",
+        "signature",
+    ]
+    .iter()
+    .any(|secret| name.ends_with(secret))
 }
 
 /// Spawns `command`, registering its pid with the reaper before any SIGCHLD for it can be

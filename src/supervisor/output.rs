@@ -166,49 +166,74 @@ fn emit(
     }
 }
 
-/// `line` with the value of every secret query parameter (a name ending in `key`, `token`,
-/// `secret` or `password`: `api_key`, `access_token`) shown as `***`. A query runs from a `?` to
-/// the next space, quote or `#`, as in uvicorn's `"GET /v1/models?api_key=... HTTP/1.1"`.
+/// `line` with the value of every secret query parameter shown as `***`: one whose name, percent-
+/// decoded and without trailing brackets or spaces (`api_key[]`), says it is secret (see
+/// `child::is_secret_name`: `api_key`, `access_token`, ...). A query runs from a `?` to the next
+/// space or double quote, as in uvicorn's `"GET /v1/models?api_key=... HTTP/1.1"`, and `?`, `&`
+/// and `;` separate its parameters. One pass over the line; a line without a secret is not copied.
 fn hide_query_secrets(line: &str) -> Cow<'_, str> {
-    let secret = |pair: &str| {
-        pair.split_once('=')
-            .is_some_and(|(name, value)| !value.is_empty() && child::is_secret_name(name))
-    };
-    let has_secret = line
-        .match_indices('?')
-        .any(|(at, _)| query_at(&line[at + 1..]).split('&').any(secret));
-    if !has_secret {
+    let bytes = line.as_bytes();
+    let mut hidden = String::new();
+    // How much of `line` is in `hidden` so far; 0 while nothing was hidden.
+    let mut copied = 0;
+    let mut in_query = false;
+    let mut parameter = 0;
+    // One past the end counts as a space, which ends the last query.
+    for at in 0..=bytes.len() {
+        let byte = bytes.get(at).copied().unwrap_or(b' ');
+        let ends_query = byte.is_ascii_whitespace() || byte == b'"';
+        if !(ends_query || matches!(byte, b'?' | b'&' | b';')) {
+            continue;
+        }
+        if in_query
+            && let Some((name, value)) = line[parameter..at].split_once('=')
+            && !value.is_empty()
+            && child::is_secret_name(&parameter_name(name))
+        {
+            let value_starts = parameter + name.len() + 1;
+            hidden.push_str(&line[copied..value_starts]);
+            hidden.push_str("***");
+            copied = at;
+        }
+        in_query = (in_query || byte == b'?') && !ends_query;
+        parameter = at + 1;
+    }
+    if copied == 0 {
         return Cow::Borrowed(line);
     }
-    let mut hidden = String::with_capacity(line.len());
-    let mut rest = line;
-    while let Some(at) = rest.find('?') {
-        hidden.push_str(&rest[..=at]);
-        let query = query_at(&rest[at + 1..]);
-        for (index, pair) in query.split('&').enumerate() {
-            if index > 0 {
-                hidden.push('&');
-            }
-            match pair.split_once('=') {
-                Some((name, _)) if secret(pair) => {
-                    hidden.push_str(name);
-                    hidden.push_str("=***");
-                }
-                _ => hidden.push_str(pair),
-            }
-        }
-        rest = &rest[at + 1 + query.len()..];
-    }
-    hidden.push_str(rest);
+    hidden.push_str(&line[copied..]);
     Cow::Owned(hidden)
 }
 
-/// The query at the start of `text` (what follows a `?`): up to a space, a quote or a `#`.
-fn query_at(text: &str) -> &str {
-    let end = text
-        .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '#'))
-        .unwrap_or(text.len());
-    &text[..end]
+/// A query parameter's name as a server reads it: percent-decoded, `+` as a space, and without
+/// what follows the name itself (`[]`, spaces).
+fn parameter_name(name: &str) -> String {
+    let bytes = name.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes
+            .get(at + 1..at + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[at], hex) {
+            (b'%', Some(byte)) => {
+                decoded.push(byte);
+                at += 3;
+            }
+            (b'+', _) => {
+                decoded.push(b' ');
+                at += 1;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded)
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
 }
 
 #[cfg(test)]
@@ -222,9 +247,29 @@ mod tests {
             hide_query_secrets(line),
             r#"INFO:     127.0.0.1:5 - "GET /v1/models?limit=2&api_key=***&access_token=*** HTTP/1.1" 200 OK"#
         );
+        for (query, shown) in [
+            ("?a=1?api_key=S", "?a=1?api_key=***"),
+            ("?x='&api_key=S", "?x='&api_key=***"),
+            ("?a=1;api_key=S", "?a=1;api_key=***"),
+            ("?api_ke%79=S", "?api_ke%79=***"),
+            (
+                "?api_key[]=S&api_key%5B%5D=S",
+                "?api_key[]=***&api_key%5B%5D=***",
+            ),
+            ("?api_key+=S&API_KEY%20=S", "?api_key+=***&API_KEY%20=***"),
+            (
+                "?authorization=Bearer%20S&pwd=S",
+                "?authorization=***&pwd=***",
+            ),
+            ("?key=k#frag", "?key=***"),
+            ("?api_key=&key", "?api_key=&key"),
+        ] {
+            assert_eq!(hide_query_secrets(query), shown, "{query}");
+        }
         for kept in [
             r#"INFO:     127.0.0.1:5 - "GET /v1/models?limit=2 HTTP/1.1" 200 OK"#,
             "what? key=value is not a query parameter? no",
+            "api_key=S outside a query",
             "Loading weights ?",
         ] {
             assert!(
@@ -232,10 +277,16 @@ mod tests {
                 "{kept}"
             );
         }
-        assert_eq!(
-            hide_query_secrets("a?x=1 b?key=k#frag c"),
-            "a?x=1 b?key=***#frag c"
-        );
+    }
+
+    /// The work is linear in the line: a line of `?` (a URL a client may send) costs no more
+    /// than one pass.
+    #[test]
+    fn a_line_of_question_marks_is_one_pass() {
+        let line = format!("GET /v1/models{} HTTP/1.1", "?".repeat(MAX_LINE));
+        assert!(matches!(hide_query_secrets(&line), Cow::Borrowed(_)));
+        let line = format!("GET /v1/models{}key=S HTTP/1.1", "?".repeat(MAX_LINE));
+        assert!(hide_query_secrets(&line).ends_with("key=*** HTTP/1.1"));
     }
 
     /// Feeds `bytes` through `read_lines` as a pipe would, and returns the lines it emits.
