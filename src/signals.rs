@@ -4,7 +4,7 @@
 //! SIGHUP: the gateway's own: reload the configuration, or re-execute a replaced binary in place
 //! (`reload`); vLLM never sees it (vLLM does not handle SIGHUP and dies of it).
 //! SIGUSR1/SIGUSR2: forwarded to the child's process group (under `serve`), which vLLM dies of
-//! unless a build of it handles them: the log says so.
+//! unless a build of it handles them: the supervisor's log line says so.
 //! SIGQUIT: forwarded, then a graceful stop.
 //!
 //! Every thread of the gateway blocks these signals but one, `gateway-signals`, which does
@@ -186,10 +186,7 @@ pub async fn handle(
             }
             SignalAction::Forward(signal) => {
                 if forward.send(signal).is_ok() {
-                    tracing::warn!(
-                        signal = name,
-                        "forwarded signal to vLLM's process group; vLLM installs no handler for it and dies of it, unless a build of it handles it"
-                    );
+                    tracing::info!(signal = name, "signal for vLLM received");
                 } else {
                     tracing::info!(signal = name, "signal ignored: the gateway runs no vLLM");
                 }

@@ -372,7 +372,14 @@ impl Supervisor {
         match control {
             Control::Forward(signal) => {
                 match &self.child {
-                    Some(child) => child::signal_group_logged(child.pid, signal),
+                    Some(child) => {
+                        tracing::warn!(
+                            pid = child.pid,
+                            signal = signal.as_str(),
+                            "forwarding signal to vLLM's process group; vLLM installs no handler for it and dies of it, unless a build of it handles it"
+                        );
+                        child::signal_group_logged(child.pid, signal);
+                    }
                     None => tracing::info!(
                         signal = signal.as_str(),
                         "no vLLM running; signal not forwarded"
