@@ -556,8 +556,17 @@ pub fn ready(gateway: &Proc) -> bool {
     get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
 }
 
+/// Waits until the gateway's `/readyz` answers 200; on timeout, panics with the gateway's log.
 pub fn wait_ready(gateway: &Proc) {
-    wait_until("the gateway to be ready", DEADLINE, || ready(gateway));
+    let deadline = Instant::now() + DEADLINE;
+    while !ready(gateway) {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway was not ready within {DEADLINE:?}; its log:\n{}",
+            gateway.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A file mock-vllm appends `<pid> <grandchild pid>` to at each start (`MOCK_VLLM_PID_FILE`): the
