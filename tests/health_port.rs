@@ -165,44 +165,29 @@ fn under_serve_the_health_port_answers_while_the_model_loads_and_through_the_dra
     );
 }
 
+/// A health port that would collide with the main port, or that the standalone proxy's upstream
+/// names, is refused with exit 2 before anything starts.
 #[test]
-fn an_upstream_on_the_gateways_own_health_port_is_refused_before_anything_starts() {
-    let output = std::process::Command::new(GATEWAY)
-        .args([
-            "--llm-api-base",
-            "http://127.0.0.1:9101",
-            "--port",
+fn a_health_port_that_collides_is_refused_before_anything_starts() {
+    for (upstream, health_port, expected) in [
+        (
+            "8000",
             "9100",
-            "--health-port",
+            "`--health-port` (key `health_port`): must differ from port (9100)",
+        ),
+        (
             "9101",
-        ])
-        .output()
-        .expect("run the gateway");
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("names the gateway's own health port (9101), which serves no model"),
-        "{stderr}"
-    );
-}
-
-#[test]
-fn a_health_port_equal_to_the_main_port_is_refused_before_anything_starts() {
-    let output = std::process::Command::new(GATEWAY)
-        .args([
-            "--llm-api-base",
-            "http://127.0.0.1:8000",
-            "--port",
-            "9100",
-            "--health-port",
-            "9100",
-        ])
-        .output()
-        .expect("run the gateway");
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("`--health-port` (key `health_port`): must differ from port (9100)"),
-        "{stderr}"
-    );
+            "9101",
+            "names the gateway's own health port (9101), which serves no model",
+        ),
+    ] {
+        let output = std::process::Command::new(GATEWAY)
+            .args(["--llm-api-base", &format!("http://127.0.0.1:{upstream}")])
+            .args(["--port", "9100", "--health-port", health_port])
+            .output()
+            .expect("run the gateway");
+        assert_eq!(output.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }
