@@ -322,16 +322,23 @@ fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_clea
             "true",
             "--drain-timeout",
             "300s",
+            "--health-port",
+            "0",
         ],
         &[("NOTIFY_SOCKET", &systemd.socket_env)],
     );
     // Reported when the port is reserved, long before vLLM is ready and READY=1 can come.
     systemd.set_proxy_port(gateway.port);
+    let health_port = gateway.expect_report("the health port", reported_health_port);
+    let on_health_port = |path: &str| {
+        get(&format!("http://127.0.0.1:{health_port}{path}")).map(|(status, _)| status)
+    };
 
     // While vLLM loads, its port refuses connections and so does the gateway's; the gateway's
-    // opens only once vLLM answers /health.
+    // opens only once vLLM answers /health. The health port answers all along.
     let deadline = Instant::now() + START_DEADLINE;
     let mut saw_loading = false;
+    let mut health_port_while_loading = None;
     loop {
         if let Some(status) = gateway.child.try_wait().expect("try_wait") {
             panic!(
@@ -348,14 +355,24 @@ fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_clea
             );
             break;
         }
-        saw_loading |= !accepts_connections(vllm_port);
+        if !accepts_connections(vllm_port) {
+            saw_loading = true;
+            health_port_while_loading
+                .get_or_insert((on_health_port("/livez"), on_health_port("/readyz")));
+        }
         assert!(Instant::now() < deadline, "{}", gateway.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(saw_loading, "the loading phase was never seen");
+    assert_eq!(
+        health_port_while_loading,
+        Some((Some(200), Some(503))),
+        "/livez and /readyz on the health port while vLLM loads"
+    );
     wait_until("/readyz 200", DEADLINE, || {
         get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
     });
+    assert_eq!(on_health_port("/readyz"), Some(200));
     wait_until("READY=1", DEADLINE, || {
         systemd
             .messages()
@@ -375,6 +392,7 @@ fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_clea
     assert!(loading < ready, "{messages:?}");
 
     the_openai_sdk_gets_vllms_answers_and_errors(&setup, &gateway, vllm_port);
+    a_key_in_a_url_does_not_reach_the_log_through_vllms_access_line(&gateway);
     a_client_that_disconnects_mid_stream_makes_vllm_abort_the_request(&gateway, vllm_port);
     merged_metrics_hold_vllms_own_and_parse(&setup, &gateway);
     an_upgrade_in_place_keeps_every_vllm_process(&gateway, &binary, &systemd);
@@ -408,6 +426,19 @@ fn serve_opens_only_once_real_vllm_is_ready_serves_the_openai_sdk_and_stops_clea
             .iter()
             .any(|message| message == "STOPPING=1")
     });
+}
+
+/// uvicorn's access line repeats the request target as the client sent it, key and all; the
+/// gateway relays vLLM's output with the key's value hidden.
+fn a_key_in_a_url_does_not_reach_the_log_through_vllms_access_line(gateway: &Proc) {
+    let (status, _) = get(&gateway.url("/v1/models?api_key=sk-IN-THE-URL")).expect("vLLM answers");
+    assert_eq!(status, 200);
+    wait_until("vLLM's access line for the request", DEADLINE, || {
+        gateway
+            .log_text()
+            .contains("GET /v1/models?api_key=*** HTTP/1.1")
+    });
+    assert!(!gateway.log_text().contains("sk-IN-THE-URL"));
 }
 
 fn the_openai_sdk_gets_vllms_answers_and_errors(setup: &Setup, gateway: &Proc, vllm_port: u16) {
