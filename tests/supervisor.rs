@@ -445,6 +445,29 @@ fn sigusr1_is_forwarded_to_the_child() {
     assert!(ready(&gateway), "SIGUSR1 does not stop anything");
 }
 
+/// vLLM installs no SIGUSR1 handler and dies of it (as the mock does by default): the log says
+/// the gateway's forwarding did it, not a crash, and the restart policy brings vLLM back.
+#[test]
+fn a_vllm_killed_by_a_forwarded_sigusr1_is_named_as_such_and_restarted() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (gateway, _) = gateway_serve(&[], &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    wait_ready(&gateway);
+    let first = wait_for_starts(&pids, 1)[0].0;
+    gateway.signal(Signal::SIGUSR1);
+    wait_until("vLLM's death to be logged", DEADLINE, || {
+        !lines_with_message(
+            &gateway,
+            "vLLM died of a signal the gateway forwarded to it",
+        )
+        .is_empty()
+    });
+    assert!(!alive(first));
+    assert!(lines_with_message(&gateway, "vLLM exited on its own").is_empty());
+    let restarted = wait_for_starts(&pids, 2)[1].0;
+    assert_ne!(restarted, first);
+    wait_ready(&gateway);
+}
+
 #[test]
 fn a_child_flooding_its_output_does_not_stall_the_gateway() {
     let (gateway, _) = gateway_serve(&[], &[("MOCK_VLLM_FLOOD", "1")]);

@@ -220,6 +220,7 @@ pub fn start(
             stranger_logged: false,
             guard: child.guard,
             output: kept,
+            forwarded: Vec::new(),
         }
     });
     let supervisor = Supervisor {
@@ -258,6 +259,9 @@ struct Running {
     guard: Option<guard::Guard>,
     /// Copies of the read ends of vLLM's stdout and stderr, which a new image takes over.
     output: output::Kept,
+    /// The signals forwarded to its group (SIGUSR1, SIGUSR2), so that a death by one of them is
+    /// told apart from a crash.
+    forwarded: Vec<Signal>,
 }
 
 struct Supervisor {
@@ -371,8 +375,11 @@ impl Supervisor {
     fn on_control(&mut self, control: Control) -> Option<Outcome> {
         match control {
             Control::Forward(signal) => {
-                match &self.child {
+                match &mut self.child {
                     Some(child) => {
+                        if !child.forwarded.contains(&signal) {
+                            child.forwarded.push(signal);
+                        }
                         tracing::warn!(
                             pid = child.pid,
                             signal = signal.as_str(),
@@ -596,6 +603,7 @@ impl Supervisor {
                     stranger_logged: false,
                     guard,
                     output,
+                    forwarded: Vec::new(),
                 });
                 self.next_probe = now + self.serve.startup_poll_interval;
                 self.set_state(ChildState::Starting { pid, since: now });
@@ -671,9 +679,19 @@ impl Supervisor {
             _ => EndCause::Exited,
         };
         match cause {
-            EndCause::Exited => {
-                tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM exited on its own")
-            }
+            EndCause::Exited => match exit {
+                ExitInfo::Signal(number)
+                    if running
+                        .forwarded
+                        .iter()
+                        .any(|signal| *signal as i32 == number) =>
+                {
+                    tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM died of a signal the gateway forwarded to it")
+                }
+                _ => {
+                    tracing::warn!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM exited on its own")
+                }
+            },
             _ => {
                 tracing::info!(pid = running.pid, %exit, exit_code = exit.exit_code(), "vLLM stopped")
             }
