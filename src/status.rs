@@ -122,10 +122,13 @@ impl UpstreamStatus {
         } else {
             "not_ready"
         };
+        // vLLM's own state may be fine: what keeps the gateway from being ready is the stop.
+        let drain = || Some("the gateway is draining before it stops".to_string());
         match self {
             UpstreamStatus::External(health) => StatusReport {
                 status,
                 reason: match &health.last_probe {
+                    _ if draining => drain(),
                     None => Some("upstream /health not probed yet".into()),
                     Some(probe) if !probe.ok => Some(probe.detail.clone()),
                     Some(_) if !ready => Some("last upstream /health probe is stale".into()),
@@ -138,7 +141,11 @@ impl UpstreamStatus {
             },
             UpstreamStatus::Child(child) => StatusReport {
                 status,
-                reason: (!ready).then(|| child.state.describe()),
+                reason: if draining {
+                    drain()
+                } else {
+                    (!ready).then(|| child.state.describe())
+                },
                 state: Some(child.state.name()),
                 pid: child.state.pid(),
                 restarts: Some(child.restarts),

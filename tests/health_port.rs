@@ -149,6 +149,7 @@ fn under_serve_the_health_port_answers_while_the_model_loads_and_through_the_dra
     assert_eq!(status, 503, "draining: {body}");
     let report: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(report["status"], "draining");
+    assert_eq!(report["reason"], "the gateway is draining before it stops");
     let (status, body) = get(&url(health, "/livez")).expect("the health port answers");
     assert_eq!(status, 200, "{body}");
 
