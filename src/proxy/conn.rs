@@ -129,6 +129,14 @@ impl Balance {
             .any(|open| open.load(Ordering::Relaxed) < mine)
     }
 
+    /// Client connections open now, on every worker.
+    fn total(&self) -> usize {
+        self.open
+            .iter()
+            .map(|open| open.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Counts a connection in this worker's share while it is open.
     fn opened(&self) -> OpenShare {
         self.open[self.index].fetch_add(1, Ordering::Relaxed);
@@ -261,7 +269,9 @@ pub async fn serve(
         let permit = match limit.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                if full.due() {
+                // A worker waiting in accept holds a permit too: the limit is reached only once
+                // that many connections are open.
+                if balance.total() >= limit.max && full.due() {
                     tracing::warn!(
                         max_connections = limit.max,
                         "at max_connections: new connections wait until one closes"
