@@ -47,7 +47,11 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogFormat>
     let _ = LOG_FILTER.set(handle);
     let mut journald_unavailable = None;
     let journald = match format {
-        LogFormat::Journald => Some(journald_layers()?),
+        LogFormat::Journald => Some(journald_layers().map_err(|error| {
+            anyhow::anyhow!(
+                "log_format = \"journald\", but journald's socket (/run/systemd/journal/socket) cannot be opened: {error}"
+            )
+        })?),
         LogFormat::Auto if stderr_is_journal() => match journald_layers() {
             Ok(layers) => Some(layers),
             Err(error) => {

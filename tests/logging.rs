@@ -314,7 +314,10 @@ fn an_explicit_journald_format_without_journald_is_a_start_up_error() {
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot set up logging"), "{stderr}");
+    assert!(
+        stderr.contains("cannot set up logging: log_format = \"journald\", but journald's socket"),
+        "{stderr}"
+    );
 }
 
 /// A client may put its key in the URL; vLLM's access line repeats the URL as it came, and the
