@@ -34,7 +34,7 @@ pub enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Exit 0 when a gateway's /readyz answers 200, 1 otherwise (for Docker HEALTHCHECK).
+    /// Exit 0 when a gateway's /readyz answers 2xx, 1 otherwise (for Docker HEALTHCHECK).
     Healthcheck(HealthcheckArgs),
     /// Internal: stops vLLM's process group if the gateway dies (see `supervisor::guard`).
     #[command(name = "__guard", hide = true)]

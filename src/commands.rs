@@ -9,7 +9,7 @@ use crate::config::{self, Flags, Mode};
 use crate::lifecycle::outcome::EXIT_FAILURE;
 use crate::probe;
 
-/// `gateway healthcheck`: 0 when the URL answers 200, 1 otherwise.
+/// `gateway healthcheck`: 0 when the URL answers 2xx, 1 otherwise.
 pub fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
