@@ -157,7 +157,7 @@ async fn serve(
     // listens (and accepts connections) only once the gateway may serve. After an upgrade, the
     // previous image's socket, listening all along.
     let socket = match listener {
-        Some(listener) => inherited_socket(listener, &config),
+        Some(listener) => inherited_socket(listener, config.listen, "keys `host`/`port`"),
         None => proxy::workers::bind(config.listen),
     };
     let socket = match socket {
@@ -241,12 +241,17 @@ fn log_takeover(taken: &Takeover, configured_vllm_port: u16) {
     }
 }
 
-/// The listening socket a previous image handed over, as the socket `run` listens on.
-fn inherited_socket(listener: std::os::fd::OwnedFd, config: &Config) -> anyhow::Result<TcpSocket> {
+/// A listening socket a previous image handed over, as the socket `run` listens on; `configured`
+/// is where the configuration (`keys`) would have it now, which takes a restart.
+fn inherited_socket(
+    listener: std::os::fd::OwnedFd,
+    configured: std::net::SocketAddr,
+    keys: &str,
+) -> anyhow::Result<TcpSocket> {
     let listener = std::net::TcpListener::from(listener);
     let address = listener.local_addr()?;
-    if address != config.listen && config.listen.port() != 0 {
-        tracing::warn!(listen = %address, configured = %config.listen, "configuration keys `host`/`port` changed but need a restart; serving on the inherited socket");
+    if address != configured && configured.port() != 0 {
+        tracing::warn!(listen = %address, configured = %configured, "configuration {keys} changed, which takes a restart; serving on the inherited socket");
     }
     Ok(socket_from(listener)?)
 }
@@ -269,18 +274,13 @@ fn health_socket(
             .map(socket_from)
             .transpose()?);
     };
-    let Some(inherited) = inherited else {
-        let address = std::net::SocketAddr::new(config.listen.ip(), port);
-        return proxy::workers::bind(address)
+    let address = std::net::SocketAddr::new(config.listen.ip(), port);
+    match inherited {
+        Some(inherited) => inherited_socket(inherited, address, "key `health_port`").map(Some),
+        None => proxy::workers::bind(address)
             .map(Some)
-            .map_err(|error| error.context("the health listener (`health_port`)"));
-    };
-    let inherited = std::net::TcpListener::from(inherited);
-    let address = inherited.local_addr()?;
-    if address.port() != port && port != 0 {
-        tracing::warn!(listen = %address, configured = port, "configuration key `health_port` changed but needs a restart; serving on the inherited socket");
+            .map_err(|error| error.context("the health listener (`health_port`)")),
     }
-    Ok(Some(socket_from(inherited)?))
 }
 
 /// A listening socket a previous image handed over, as a socket `run` listens on.
