@@ -205,33 +205,11 @@ fn hide_query_secrets(line: &str) -> Cow<'_, str> {
     Cow::Owned(hidden)
 }
 
-/// A query parameter's name as a server reads it: percent-decoded, `+` as a space, and without
+/// A query parameter's name as a server reads it: `+` as a space, percent-decoded, and without
 /// what follows the name itself (`[]`, spaces).
 fn parameter_name(name: &str) -> String {
-    let bytes = name.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        let hex = bytes
-            .get(at + 1..at + 3)
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (bytes[at], hex) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                at += 3;
-            }
-            (b'+', _) => {
-                decoded.push(b' ');
-                at += 1;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                at += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded)
+    percent_encoding::percent_decode_str(&name.replace('+', " "))
+        .decode_utf8_lossy()
         .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_string()
 }
