@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{self, Flags, Mode};
+use crate::config::{self, Flags, Mode, Origin};
 use crate::lifecycle::outcome::EXIT_FAILURE;
 use crate::probe;
 
@@ -37,7 +37,13 @@ pub fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
 /// `--serve` it is judged as `gateway serve --config FILE` takes it.
 pub fn check_config(file: &Path, serve: bool) -> ExitCode {
     let load = |mode| config::load(&Flags::file(file), mode, &|_| None);
-    if let Err(errors) = load(if serve { Mode::Serve } else { Mode::Check }) {
+    if let Err(mut errors) = load(if serve { Mode::Serve } else { Mode::Check }) {
+        // The file is all there is to blame here, a key it leaves out included.
+        for error in &mut errors.0 {
+            if error.origin == Origin::Default {
+                error.origin = Origin::File(file.to_path_buf());
+            }
+        }
         eprintln!("{errors}");
         return ExitCode::from(2);
     }

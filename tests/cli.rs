@@ -229,7 +229,10 @@ fn invalid_toml_is_rejected_with_where_it_went_wrong_but_not_what_the_line_holds
         .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr.contains("at line 2, column"), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{path}: not valid TOML at line 2, column")),
+        "the file is blamed, not a key: {stderr}"
+    );
     assert!(!stderr.contains("SECRET"), "{stderr}");
 }
 
@@ -398,6 +401,10 @@ fn config_check_says_which_run_a_file_is_fit_for_and_serve_judges_it_as_the_unit
             Some(error) => {
                 assert_eq!(strict.status.code(), Some(2), "{text}");
                 assert!(stderr.contains(error), "{text}: {stderr}");
+                assert!(
+                    stderr.starts_with(&format!("{path}: key ")),
+                    "names the file, even for a key it leaves out: {stderr}"
+                );
                 let run = gateway()
                     .args(["serve", "--config", &path])
                     .timeout(std::time::Duration::from_secs(10))

@@ -301,7 +301,7 @@ pub(super) fn merge(
     for name in table.keys() {
         errors.push(ConfigError {
             origin: Origin::File(path.clone().unwrap_or_default()),
-            key: name.clone(),
+            key: Some(name.clone()),
             message: "unknown key (see config.example.toml for the keys there are)".into(),
         });
     }
@@ -315,7 +315,7 @@ pub(super) fn merge(
 fn error(key: &Key, origin: &Origin, message: String) -> ConfigError {
     ConfigError {
         origin: origin.clone(),
-        key: key.name.into(),
+        key: Some(key.name.into()),
         message,
     }
 }
@@ -323,7 +323,7 @@ fn error(key: &Key, origin: &Origin, message: String) -> ConfigError {
 fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
     let whole_file = |message: String| ConfigError {
         origin: Origin::File(path.to_path_buf()),
-        key: "(file)".into(),
+        key: None,
         message,
     };
     let text = std::fs::read_to_string(path)

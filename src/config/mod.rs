@@ -233,7 +233,8 @@ pub enum Origin {
 pub struct ConfigError {
     /// Where the offending value came from.
     pub origin: Origin,
-    pub key: String,
+    /// The key at fault; none when the file as a whole is (it cannot be read, or is not TOML).
+    pub key: Option<String>,
     pub message: String,
 }
 
@@ -247,7 +248,14 @@ impl fmt::Display for ConfigErrors {
             if index > 0 {
                 f.write_str("\n")?;
             }
-            let (key, message) = (&error.key, &error.message);
+            let message = &error.message;
+            let Some(key) = &error.key else {
+                match &error.origin {
+                    Origin::File(file) => write!(f, "{}: {message}", file.display())?,
+                    _ => f.write_str(message)?,
+                }
+                continue;
+            };
             match &error.origin {
                 Origin::File(file) => write!(f, "{}: key `{key}`: {message}", file.display())?,
                 Origin::Flag(flag) => write!(f, "flag `{flag}` (key `{key}`): {message}")?,
@@ -390,6 +398,11 @@ mod tests {
         None
     }
 
+    /// The key an error blames, or "" when it blames the whole file.
+    fn key(error: &ConfigError) -> &str {
+        error.key.as_deref().unwrap_or_default()
+    }
+
     fn load_file(text: &str, mode: Mode) -> Result<Config, ConfigErrors> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("gateway.toml");
@@ -530,7 +543,7 @@ mod tests {
             Mode::Standalone,
         );
         let err = result.expect_err("invalid");
-        let origins: Vec<_> = err.0.iter().map(|e| (e.key.as_str(), &e.origin)).collect();
+        let origins: Vec<_> = err.0.iter().map(|e| (key(e), &e.origin)).collect();
         assert_eq!(
             origins,
             [
@@ -554,7 +567,7 @@ mod tests {
         let err = result.expect_err("the file is wrong");
         assert_eq!(err.0.len(), 1, "{err}");
         assert_eq!(
-            (err.0[0].key.as_str(), &err.0[0].origin),
+            (key(&err.0[0]), &err.0[0].origin),
             ("port", &Origin::File(path))
         );
     }
@@ -571,7 +584,7 @@ mod tests {
             Mode::Standalone,
         );
         let err = result.expect_err("invalid");
-        let origins: Vec<_> = err.0.iter().map(|e| (e.key.as_str(), &e.origin)).collect();
+        let origins: Vec<_> = err.0.iter().map(|e| (key(e), &e.origin)).collect();
         assert_eq!(
             origins,
             [
@@ -601,7 +614,7 @@ mod tests {
             .expect_err("GATEWAY_PORT is read")
             .0
             .into_iter()
-            .map(|e| e.key)
+            .map(|e| key(&e).to_string())
             .collect();
         assert_eq!(keys, ["port"]);
         let (_, check) = load_with("", &[], &env, Mode::Check);
@@ -611,7 +624,7 @@ mod tests {
             .expect_err("invalid")
             .0
             .into_iter()
-            .map(|e| e.key)
+            .map(|e| key(&e).to_string())
             .collect();
         assert_eq!(keys, ["port", "restart"]);
     }
@@ -747,7 +760,7 @@ mod tests {
         let err = load_file("llm_api_base = \"http://127.0.0.1:99999\"\n", Mode::Check)
             .expect_err("invalid");
         assert_eq!(err.0.len(), 1, "{err}");
-        assert_eq!(err.0[0].key, "llm_api_base");
+        assert_eq!(key(&err.0[0]), "llm_api_base");
         assert!(matches!(err.0[0].origin, Origin::File(_)));
     }
 
@@ -790,11 +803,11 @@ mod tests {
     fn vllm_cannot_listen_on_the_gateways_port() {
         // The file sets `port` only: the clash with vLLM's default port is blamed on it.
         let err = load_file("model = \"m\"\nport = 8000\n", Mode::Serve).expect_err("invalid");
-        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        let keys: Vec<_> = err.0.iter().map(key).collect();
         assert_eq!(keys, ["port"]);
         assert!(matches!(err.0[0].origin, Origin::File(_)), "{err}");
         let err = load_file("vllm_port = 9000\n", Mode::Serve).expect_err("invalid");
-        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        let keys: Vec<_> = err.0.iter().map(key).collect();
         assert_eq!(keys, ["model", "vllm_port"]);
     }
 
@@ -802,7 +815,7 @@ mod tests {
     fn config_check_refuses_what_serve_refuses_and_accepts_what_a_command_line_completes() {
         // `port = 8000` alone is a file for `serve`, where vLLM's default port is 8000.
         let err = load_file("port = 8000\n", Mode::Check).expect_err("serve refuses it");
-        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        let keys: Vec<_> = err.0.iter().map(key).collect();
         assert_eq!(keys, ["port"]);
         // With `llm_api_base` it is a file for the standalone proxy, where 8000 is free.
         load_file(
@@ -836,7 +849,7 @@ mod tests {
             Mode::Check,
         )
         .expect_err("invalid");
-        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        let keys: Vec<_> = err.0.iter().map(key).collect();
         assert_eq!(
             keys,
             [
@@ -850,7 +863,7 @@ mod tests {
     #[test]
     fn serve_requires_a_model_and_rejects_a_base_url() {
         let err = load_file("llm_api_base = \"http://a:1\"\n", Mode::Serve).expect_err("invalid");
-        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        let keys: Vec<_> = err.0.iter().map(key).collect();
         assert_eq!(keys, ["llm_api_base", "model"]);
     }
 }

@@ -19,7 +19,7 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
     let mut error = |key: &str, message: String| {
         errors.push(ConfigError {
             origin: values.origin(key),
-            key: key.into(),
+            key: Some(key.into()),
             message,
         });
     };
