@@ -8,8 +8,10 @@
 //! at the end.
 //!
 //! The file is read again; the flags stay as given at start, and the environment (`GATEWAY_*`,
-//! `OPENAI_API_KEY`, ...) is the process's own, which does not change. A file `load` refuses changes nothing,
-//! and its mistakes are logged in the words of `gateway config check`. Otherwise `config::KEYS`
+//! `OPENAI_API_KEY`, ...) is the process's own, which does not change. The file is read on a
+//! blocking thread, for at most 10 s. A file `load` refuses changes nothing, and its mistakes are
+//! logged in the words of `gateway config check`; so does a file that sets no keys where the one
+//! in force set some (a truncated write, a pipe read once). Otherwise `config::KEYS`
 //! decides key by key: a `Live` key takes its new value, a `Restart` key keeps the running one and
 //! is logged as needing a restart. The [`Reloader`] owns the configuration as last loaded and as in
 //! force; it is the only writer of the live configuration the proxy workers read.
@@ -21,8 +23,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
-use crate::config::{self, Config, Source};
+use crate::config::{self, Config, ConfigErrors, Source};
 use crate::notify;
 use crate::proxy::{Live, LiveConfig, live_config};
 use crate::supervisor::child;
@@ -46,6 +49,8 @@ impl UpgradeRequest {
 
 /// How long the trial run of a new binary may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reload waits for the configuration to be read (a hung mount, a FIFO nobody writes).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the trial run's complaint is kept for the log.
 const CHECK_OUTPUT_MAX: u64 = 16 * 1024;
 
@@ -61,6 +66,8 @@ pub struct Reloader {
     /// The executable as it was at start; `None` if it could not be read (no upgrades then).
     exe: Option<ExeIdentity>,
     upgrades: mpsc::Sender<UpgradeRequest>,
+    /// A read of the configuration that outlived [`READ_TIMEOUT`] and has not returned since.
+    stuck: Option<JoinHandle<Result<Config, ConfigErrors>>>,
 }
 
 impl Reloader {
@@ -86,6 +93,7 @@ impl Reloader {
             live: live_config(running.clone()),
             exe,
             upgrades,
+            stuck: None,
         }
     }
 
@@ -106,18 +114,61 @@ impl Reloader {
                 "not upgrading in place; this binary keeps serving, and the configuration is reloaded"
             );
         }
-        let env = |name: &str| std::env::var(name).ok();
-        match self.source.load(&env) {
+        match self.read().await {
+            Ok(new) if new.file_keys == 0 && self.loaded.file_keys > 0 => {
+                let file = self
+                    .loaded
+                    .file
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display();
+                tracing::error!(
+                    "configuration not reloaded: {file} sets no keys now (emptied, being written, or a pipe read once?)"
+                );
+                tracing::warn!("the configuration in force stays as it was");
+            }
             Ok(new) => self.apply(new),
-            Err(errors) => {
-                // One event per mistake, each line as `gateway config check` prints it.
-                for line in errors.to_string().lines() {
+            Err(error) => {
+                // One event per line, each as `gateway config check` prints it.
+                for line in error.lines() {
                     tracing::error!("configuration not reloaded: {line}");
                 }
                 tracing::warn!("the configuration in force stays as it was");
             }
         }
         reloading.done();
+    }
+
+    /// Loads the configuration again, off the runtime: a file that blocks (a hung mount, a FIFO)
+    /// must not hold up the supervisor, the signals or the health port. A read that outlives
+    /// [`READ_TIMEOUT`] is left to finish on its own, and reloads are refused until it has.
+    async fn read(&mut self) -> Result<Config, String> {
+        let file = || {
+            let file = self.source.flags.config.as_deref();
+            file.unwrap_or(Path::new("")).display().to_string()
+        };
+        if self.stuck.as_ref().is_some_and(|read| !read.is_finished()) {
+            return Err(format!(
+                "the last reload's read of {} has not returned yet",
+                file()
+            ));
+        }
+        let source = self.source.clone();
+        let mut read = tokio::task::spawn_blocking(move || {
+            source.load(&|name: &str| std::env::var(name).ok())
+        });
+        match tokio::time::timeout(READ_TIMEOUT, &mut read).await {
+            Ok(Ok(loaded)) => loaded.map_err(|errors| errors.to_string()),
+            Ok(Err(error)) => Err(format!("reading the configuration failed: {error}")),
+            Err(_) => {
+                self.stuck = Some(read);
+                Err(format!(
+                    "reading {} took longer than {} (a hung mount, a FIFO nobody writes?)",
+                    file(),
+                    humantime::format_duration(READ_TIMEOUT)
+                ))
+            }
+        }
     }
 
     /// The path of the executable, if another file is there now than at start.
@@ -160,6 +211,9 @@ impl Reloader {
                 key,
                 "configuration key `{key}` changed but needs a restart; the running value stays"
             );
+        }
+        if !self.running.proxy.api_keys.is_empty() && reconciled.running.proxy.api_keys.is_empty() {
+            tracing::warn!("`api_keys` is empty now: clients are no longer asked for a key");
         }
         if reconciled.applied.contains(&"log_level") {
             match telemetry::set_log_level(&reconciled.running.log.level) {

@@ -389,3 +389,71 @@ fn a_reload_applies_a_new_client_header_timeout_to_the_connections_that_follow()
         half_head_gets_408(gateway.port)
     });
 }
+
+/// Regression: the reload read the file on the runtime the supervisor and the signal task share,
+/// so a file that blocks (a FIFO nobody writes, a hung network mount) held up SIGTERM, vLLM's
+/// restarts and the health probes until it returned; under the unit, the watchdog would have
+/// killed the gateway, and vLLM with it. The read now waits aside, for 10 s at most.
+#[test]
+fn a_config_file_that_blocks_on_reload_holds_up_nothing() {
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let (mut gateway, vllm_port) = serve(&file, &[]);
+    std::fs::remove_file(&file.path).expect("remove the config");
+    nix::unistd::mkfifo(&file.path, nix::sys::stat::Mode::S_IRUSR).expect("mkfifo");
+
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the read to be given up", DEADLINE, || {
+        log_messages(&gateway)
+            .iter()
+            .any(|message| message.contains("took longer than 10s"))
+    });
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the next reload to be refused", DEADLINE, || {
+        log_messages(&gateway)
+            .iter()
+            .any(|message| message.contains("has not returned yet"))
+    });
+    assert_eq!(status_with_key(&gateway, "sk-old"), 200, "the keys stay");
+
+    gateway.signal(Signal::SIGTERM);
+    let status = gateway.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(0), "{}", gateway.log_text());
+    wait_until("vLLM to be stopped", DEADLINE, || {
+        get(&format!("http://127.0.0.1:{vllm_port}/health")).is_none()
+    });
+}
+
+/// Regression: a reload that read an emptied file (a write caught halfway, `--config <(...)`
+/// read once) took every key back to its default, client keys off among them.
+#[test]
+fn a_reload_refuses_a_file_emptied_since_and_says_when_client_keys_go_off() {
+    let file = ConfigFile::new("api_keys = [\"sk-old\"]\n");
+    let (gateway, _) = serve(&file, &[]);
+
+    file.write("# being rewritten\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the empty file to be refused", DEADLINE, || {
+        log_messages(&gateway)
+            .iter()
+            .any(|message| message.contains("sets no keys now"))
+    });
+    assert_eq!(
+        status_with_key(&gateway, "sk-other"),
+        401,
+        "keys still asked"
+    );
+
+    // A file that still sets something but no client keys turns them off, loudly.
+    file.write("request_timeout = \"10m\"\n");
+    gateway.signal(Signal::SIGHUP);
+    wait_until("client keys to be off", DEADLINE, || {
+        status_with_key(&gateway, "sk-other") == 200
+    });
+    assert!(
+        log_messages(&gateway)
+            .iter()
+            .any(|message| message.contains("clients are no longer asked for a key")),
+        "{}",
+        gateway.log_text()
+    );
+}

@@ -212,6 +212,8 @@ impl FromValue for Vec<i32> {
 pub(super) struct Values {
     values: BTreeMap<&'static str, (Option<Value>, Origin)>,
     pub(super) file: Option<PathBuf>,
+    /// How many keys the file set, known or not.
+    pub(super) file_keys: usize,
     pub(super) errors: Vec<ConfigError>,
 }
 
@@ -249,6 +251,7 @@ pub(super) fn merge(
         Some(path) => (Some(path.clone()), read_file(path)?),
         None => (None, toml::Table::new()),
     };
+    let file_keys = table.len();
     let mut values = BTreeMap::new();
     for key in KEYS {
         // The file's value is parsed whatever overrides it.
@@ -308,6 +311,7 @@ pub(super) fn merge(
     Ok(Values {
         values,
         file: path,
+        file_keys,
         errors,
     })
 }

@@ -33,6 +33,8 @@ pub use table::{Flag, KEYS, Key, Kind, Reload, Scope};
 pub struct Config {
     /// The file the settings were read from, if any (for messages).
     pub file: Option<PathBuf>,
+    /// How many keys the file set (a reload refuses a file emptied since).
+    pub file_keys: usize,
     pub listen: SocketAddr,
     /// The port of the listener that serves only the gateway's own endpoints (on the host of
     /// `listen`); `None`: there is none.
