@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::{counter, gauge};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -114,29 +115,34 @@ impl Reloader {
                 "not upgrading in place; this binary keeps serving, and the configuration is reloaded"
             );
         }
-        match self.read().await {
-            Ok(new) if new.file_keys == 0 && self.loaded.file_keys > 0 => {
-                let file = self
-                    .loaded
-                    .file
-                    .as_deref()
-                    .unwrap_or(Path::new(""))
-                    .display();
-                tracing::error!(
-                    "configuration not reloaded: {file} sets no keys now (emptied, being written, or a pipe read once?)"
-                );
-                tracing::warn!("the configuration in force stays as it was");
+        let read = self.read().await;
+        match read.and_then(|new| self.refuse_emptied(new)) {
+            Ok(new) => {
+                self.apply(new);
+                count_reload(true);
             }
-            Ok(new) => self.apply(new),
             Err(error) => {
                 // One event per line, each as `gateway config check` prints it.
                 for line in error.lines() {
                     tracing::error!("configuration not reloaded: {line}");
                 }
                 tracing::warn!("the configuration in force stays as it was");
+                count_reload(false);
             }
         }
         reloading.done();
+    }
+
+    /// `new`, unless its file sets no keys where the one in force set some: a write caught
+    /// halfway, or a pipe that was read once.
+    fn refuse_emptied(&self, new: Config) -> Result<Config, String> {
+        if new.file_keys > 0 || self.loaded.file_keys == 0 {
+            return Ok(new);
+        }
+        let file = new.file.as_deref().unwrap_or(Path::new("")).display();
+        Err(format!(
+            "{file} sets no keys now (emptied, being written, or a pipe read once?)"
+        ))
     }
 
     /// Loads the configuration again, off the runtime: a file that blocks (a hung mount, a FIFO)
@@ -234,8 +240,20 @@ impl Reloader {
     }
 }
 
+/// Counts a reload, applied or refused, for `/metrics`.
+fn count_reload(applied: bool) {
+    let result = if applied { "applied" } else { "refused" };
+    counter!("gateway_config_reloads_total", "result" => result).increment(1);
+    gauge!("gateway_config_last_reload_successful").set(if applied { 1.0 } else { 0.0 });
+}
+
 /// Reloads once per request until the senders are gone.
 pub async fn run(mut reloader: Reloader, mut requests: mpsc::Receiver<()>) {
+    // Present from the start, so that an alert on them needs no reload first.
+    for result in ["applied", "refused"] {
+        counter!("gateway_config_reloads_total", "result" => result).absolute(0);
+    }
+    gauge!("gateway_config_last_reload_successful").set(1.0);
     while requests.recv().await.is_some() {
         reloader.reload().await;
     }

@@ -442,6 +442,8 @@ fn a_reload_refuses_a_file_emptied_since_and_says_when_client_keys_go_off() {
         401,
         "keys still asked"
     );
+    let metrics = reload_metrics(&gateway);
+    assert_eq!(metrics, [0.0, 0.0, 1.0], "a refused reload is counted");
 
     // A file that still sets something but no client keys turns them off, loudly.
     file.write("request_timeout = \"10m\"\n");
@@ -456,4 +458,23 @@ fn a_reload_refuses_a_file_emptied_since_and_says_when_client_keys_go_off() {
         "{}",
         gateway.log_text()
     );
+    assert_eq!(reload_metrics(&gateway), [1.0, 1.0, 1.0]);
+}
+
+/// `gateway_config_last_reload_successful`, then `gateway_config_reloads_total` applied and
+/// refused, from `/metrics`.
+fn reload_metrics(gateway: &Proc) -> [f64; 3] {
+    let (status, text) = get(&gateway.url("/metrics")).expect("metrics");
+    assert_eq!(status, 200);
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    [
+        value("gateway_config_last_reload_successful"),
+        value("gateway_config_reloads_total{result=\"applied\"}"),
+        value("gateway_config_reloads_total{result=\"refused\"}"),
+    ]
 }
