@@ -489,6 +489,7 @@ fn secrets_in_mistyped_keys_and_bad_entries_are_never_echoed() {
             "upstream_api_key = [\"sk-SECRET-2\"]\n",
             "vllm_args = \"--api-key sk-SECRET-3\"\n",
             "child_env = [\"HF_TOKEN=hf_SECRET-4\\u0000\", \"SECRET-5\"]\n",
+            "\"sk-SECRET-6-abcdefghijklmnopqrstuvwxyz\" = \"a value pasted as a key\"\n",
         ),
     );
     let output = gateway()
@@ -504,6 +505,8 @@ fn secrets_in_mistyped_keys_and_bad_entries_are_never_echoed() {
         );
     }
     assert!(!stderr.contains("SECRET"), "{stderr}");
+    assert!(stderr.contains("found an array"), "{stderr}");
+    assert!(stderr.contains("unknown key, not shown"), "{stderr}");
 
     let output = gateway()
         .args(["serve", "m", "--child-env", "=hf_SECRET-6"])

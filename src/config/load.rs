@@ -302,10 +302,19 @@ pub(super) fn merge(
     }
     // Whatever the table did not take is unknown.
     for name in table.keys() {
+        // A name no key could have is not shown: it may be a secret pasted in the wrong place.
+        let plausible = name.len() <= 32
+            && name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
         errors.push(ConfigError {
             origin: Origin::File(path.clone().unwrap_or_default()),
-            key: Some(name.clone()),
-            message: "unknown key (see config.example.toml for the keys there are)".into(),
+            key: plausible.then(|| name.clone()),
+            message: if plausible {
+                "unknown key (see config.example.toml for the keys there are)".into()
+            } else {
+                "unknown key, not shown (too long, or with characters no key has: a value in the wrong place?)".into()
+            },
         });
     }
     Ok(Values {
@@ -458,7 +467,15 @@ fn parse_toml(key: &Key, raw: &toml::Value) -> Result<Option<Value>, String> {
     // described by their type only.
     let mistake = || {
         let found = match raw {
-            other if key.secret => format!("a {}", other.type_str()),
+            other if key.secret => {
+                let kind = other.type_str();
+                let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                format!("{article} {kind}")
+            }
             toml::Value::String(text) => format!("{text:?}"),
             other => other.to_string(),
         };
