@@ -2,7 +2,8 @@
 //! processes of its own that outlive a SIGKILL of the server, an engine death ends in "503 for a
 //! while, then exit 0" with generation requests refused meanwhile, idle kept-alive connections are
 //! closed, SIGHUP kills it, a token limit gives an incomplete answer, and a stop
-//! signal ends an in-flight stream cleanly.
+//! signal ends an in-flight stream cleanly, and several served names, several keys, the context
+//! length and the response head come out as vLLM's.
 
 mod common;
 
@@ -635,5 +636,166 @@ fn the_gateway_stops_an_orphaned_engine_before_it_starts_vllm_again() {
         "the second engine to stop with the gateway",
         DEADLINE,
         || !alive(second_engine),
+    );
+}
+
+/// Starts mock-vllm on port 0 serving `model` with these further vLLM options.
+fn mock_vllm_serving(model: &str, options: &[&str]) -> Proc {
+    let mut args: Vec<String> = ["serve", model, "--host", "127.0.0.1", "--port", "0"]
+        .map(String::from)
+        .into();
+    args.extend(options.iter().map(|option| option.to_string()));
+    let mut server = spawn(MOCK_VLLM, &args, &[("MOCK_VLLM_ENGINE_PROCESSES", "0")], 0);
+    server.port = server.expect_report("the port it listens on", reported_uvicorn_port);
+    server
+}
+
+/// Regression: only the first of `--served-model-name tiny alias2` was kept, each card's `root`
+/// was the served name and `max_model_len` was always 8192. vLLM 0.32 lists a card per name, each
+/// rooted at the model as given, with the flag's context length.
+#[test]
+fn every_served_name_gets_a_model_card_rooted_at_the_model_as_given() {
+    let server = mock_vllm_serving(
+        "/models/tiny-llama",
+        &[
+            "--served-model-name",
+            "tiny",
+            "alias2",
+            "--max-model-len",
+            "1k",
+        ],
+    );
+    let models = raw_request(server.port, "GET /v1/models HTTP/1.1", b"").json();
+    let cards = models["data"].as_array().expect("a list of cards");
+    let ids: Vec<_> = cards.iter().map(|card| card["id"].clone()).collect();
+    assert_eq!(ids, ["tiny", "alias2"]);
+    for card in cards {
+        assert_eq!(card["root"], "/models/tiny-llama", "{card}");
+        assert_eq!(card["max_model_len"], 1000, "{card}");
+    }
+}
+
+#[test]
+fn a_request_for_any_served_name_is_answered_as_the_first_name() {
+    let server = mock_vllm_serving(
+        "/models/tiny-llama",
+        &["--served-model-name", "tiny", "alias2"],
+    );
+    for model in [r#""model":"alias2","#, r#""model":"","#, ""] {
+        let body = format!(r#"{{{model}"messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let response = post_json(server.port, "/v1/chat/completions", &body, "");
+        assert_eq!(response.status, 200, "{body}");
+        // vLLM reports its first served name, whichever the request used.
+        assert_eq!(response.json()["model"], "tiny", "{body}");
+    }
+    let stream = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"model":"alias2","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        "",
+    );
+    assert!(
+        sse_data(&stream.body)
+            .iter()
+            .all(|chunk| chunk["model"] == "tiny")
+    );
+    let response = post_json(
+        server.port,
+        "/v1/responses",
+        r#"{"model":"alias2","input":"hi"}"#,
+        "",
+    );
+    assert_eq!(response.status, 200);
+}
+
+/// Regression: the 404's keys came out sorted and without the served names. vLLM 0.32's body,
+/// recorded while it served `tiny` alone, comes out byte for byte.
+#[test]
+fn an_unknown_model_gets_vllms_404_naming_the_valid_aliases() {
+    let server = mock_vllm_serving("/models/tiny-llama", &["--served-model-name", "tiny"]);
+    let request = fixture("vllm-0.32-tiny-error-unknown-model.request.json");
+    let request = String::from_utf8(request).expect("a UTF-8 request");
+    let response = post_json(server.port, "/v1/responses", &request, "");
+    assert_eq!(response.status, 404);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert_eq!(
+        String::from_utf8_lossy(&response.body),
+        String::from_utf8_lossy(&fixture("vllm-0.32-tiny-error-unknown-model.json"))
+    );
+
+    let server = mock_vllm_serving(
+        "/models/tiny-llama",
+        &["--served-model-name", "tiny", "alias2"],
+    );
+    let response = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#,
+        "",
+    );
+    assert_eq!(response.status, 404);
+    assert_eq!(
+        String::from_utf8_lossy(&response.body),
+        "{\"error\":{\"message\":\"The model `nope` does not exist. Valid aliases: tiny, alias2.\",\
+         \"type\":\"NotFoundError\",\"param\":\"model\",\"code\":404}}"
+    );
+}
+
+/// Regression: only the first of `--api-key k1 k2` was accepted.
+#[test]
+fn any_of_several_api_keys_is_accepted() {
+    let server = mock_vllm_serving("m", &["--api-key", "k1", "k2", "--enforce-eager"]);
+    for key in ["k1", "k2"] {
+        let head = format!("GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {key}");
+        assert_eq!(raw_request(server.port, &head, b"").status, 200, "{key}");
+    }
+    let wrong = "GET /v1/models HTTP/1.1\r\nAuthorization: Bearer k3";
+    assert_eq!(raw_request(server.port, wrong, b"").status, 401);
+}
+
+/// Checked against vLLM 0.32: uvicorn names itself on every answer, and its CORS middleware adds
+/// `vary: Origin` to every answer but the key check's 401, which is sent before it.
+#[test]
+fn answers_carry_uvicorns_server_header_and_vary_origin_except_the_401() {
+    let server = mock_vllm_serving("m", &["--api-key", "k"]);
+    let authorized = |path: &str| format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer k");
+    let answers = [
+        raw_request(server.port, &authorized("/v1/models"), b""),
+        raw_request(server.port, "GET /health HTTP/1.1", b""),
+        raw_request(server.port, &authorized("/v1/nothing"), b""),
+        post_json(
+            server.port,
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+            "\r\nAuthorization: Bearer k",
+        ),
+    ];
+    for answer in &answers {
+        assert_eq!(
+            answer.header("server"),
+            Some("uvicorn"),
+            "{}",
+            answer.status
+        );
+        assert_eq!(answer.header("vary"), Some("Origin"), "{}", answer.status);
+    }
+    let unauthorized = raw_request(server.port, "GET /v1/models HTTP/1.1", b"");
+    assert_eq!(unauthorized.status, 401);
+    assert_eq!(unauthorized.header("server"), Some("uvicorn"));
+    assert_eq!(unauthorized.header("vary"), None);
+}
+
+/// vLLM exits 2 on a `--max-model-len` it cannot read, with argparse's message.
+#[test]
+fn a_bad_max_model_len_exits_2_with_argparses_message() {
+    let args = ["serve", "m", "--port", "0", "--max-model-len", "lots"].map(String::from);
+    let mut server = spawn(MOCK_VLLM, &args, &[], 0);
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(2));
+    assert!(
+        server
+            .log_text()
+            .contains("argument --max-model-len: invalid human_readable_int_or_auto value: 'lots'"),
+        "{}",
+        server.log_text()
     );
 }

@@ -52,11 +52,8 @@ pub(crate) async fn create_chat_completion(
     let completion = ChatCompletion {
         id: format!("chatcmpl-{:016x}", state.next_id()),
         created: unix_now(),
-        model: request
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or(&state.served_model)
-            .to_owned(),
+        // vLLM reports its first served name, whichever one the request used.
+        model: state.served_model.clone(),
         prompt_tokens: count_words(messages),
         pieces,
         include_usage,

@@ -6,42 +6,55 @@
 //!
 //! # Command line
 //!
-//! `mock-vllm serve <model> [--host H] [--port P] [--api-key K] [other vLLM options]`
+//! `mock-vllm serve <model> [--host H] [--port P] [--api-key K [K ...]] [other vLLM options]`
 //!
 //! - `--host` defaults to `0.0.0.0` and `--port` to `8000`, as in vLLM; port 0 picks a free port,
 //!   which the "Uvicorn running on" line then reports.
-//! - `--api-key` falls back to the `VLLM_API_KEY` environment variable, as in vLLM.
-//! - `--model M` is accepted in place of the positional model and `--served-model-name N` renames
-//!   the model that `/v1/models` lists, as in vLLM.
+//! - `--api-key` takes one or more keys, any of which a request may carry, and falls back to the
+//!   `VLLM_API_KEY` environment variable, as in vLLM; empty keys are dropped.
+//! - `--model M` is accepted in place of the positional model. `--served-model-name N [N ...]`
+//!   serves the model under one or more names, as in vLLM: `/v1/models` lists a card per name,
+//!   each with the model as given for `root`; a request may name any of them, or none, and
+//!   answers report the first.
+//! - `--max-model-len N` is the `max_model_len` `/v1/models` reports (8192 without it), in vLLM's
+//!   forms (`1024`, `1k` for 1000, `1K` for 1024, `auto`); a value vLLM would refuse exits with
+//!   code 2 and argparse's message, as vLLM does.
 //! - Every other option is accepted and ignored, with its value when the next argument does not
 //!   start with `--` (or in the `--flag=value` form), so a supervisor can pass real vLLM arguments.
 //! - `--help` lists the options and every knob below; `--version` prints the version.
 //!
-//! A missing or unknown subcommand, a missing model and a bad knob all exit with code 2.
+//! A missing or unknown subcommand, a missing model, a bad `--port` or `--max-model-len` and a
+//! bad knob all exit with code 2.
 //!
 //! # Endpoints
 //!
 //! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them; `/health` answers
 //!   503 once the engine died.
+//! - Every answer carries uvicorn's `server: uvicorn` and, but for the key check's 401, the
+//!   `vary: Origin` of vLLM's CORS middleware, as vLLM 0.32's do.
 //! - Once the engine died, `/v1/responses` and `/v1/chat/completions` (streaming or not) answer
 //!   vLLM's 500 `InternalServerError` with `EngineDeadError`'s message, after the model check
 //!   and before anything is generated, and the server then shuts down without waiting out the
 //!   rest of the death linger, as vLLM's handler of that error makes uvicorn exit.
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
 //!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
-//!   served one gets vLLM's 404 "The model `x` does not exist.", as on every generation endpoint.
+//!   served names gets vLLM's 404, as on every generation endpoint (below).
 //!   A `max_output_tokens` below the answer's length (the stream's 128 text deltas, one token
 //!   each; the JSON answer's recorded 36 tokens) cuts it as vLLM does: `status: "incomplete"`,
 //!   `incomplete_details: {"reason": "max_output_tokens"}`, the limit echoed and the usage of the
 //!   tokens sent; a cut stream ends with vLLM's `response.completed` event carrying that
 //!   response, and a cut JSON answer keeps only the start of its reasoning (a function call goes
 //!   out only whole). A limit below 1 is vLLM's 400.
+//! - The model check of both generation endpoints is vLLM's: a missing or empty `model` means the
+//!   served model, and a name not served gets vLLM 0.32's 404, byte for byte: "The model `x` does not
+//!   exist. Valid aliases: a, b." (the served names), `param: "model"`.
 //! - `GET /metrics`: a few of vLLM's Prometheus metrics (`vllm:num_requests_running`,
 //!   `vllm:num_requests_waiting`, `vllm:request_success_total`), with vLLM's names and labels,
 //!   counting this process's `/v1` requests.
 //! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm." (five
 //!   tokens), streamed as chunks ending in `data: [DONE]` when asked to; `max_tokens` (or
-//!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`.
+//!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`. Its `model` is
+//!   the first served name, whichever name the request used, as in vLLM.
 //! - A stream in flight when the server begins to stop (a stop signal, or the end of the death
 //!   linger) is aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk
 //!   (and the usage chunk when asked for) and `[DONE]`, a Responses stream with
@@ -50,8 +63,8 @@
 //!   Python's `json.dumps` spacing) and `[DONE]`; a Responses stream is cut off, the connection
 //!   closed without the chunked body's end. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay
 //!   stalled.
-//! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With an API key set, every
-//!   `/v1` path needs `Authorization: Bearer <key>` and otherwise answers vLLM's 401.
+//! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With API keys set, every
+//!   `/v1` path needs `Authorization: Bearer <one of the keys>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
 //! - Connections are HTTP/1.1, as uvicorn serves them: kept alive, and closed without a word once
 //!   idle for `MOCK_VLLM_KEEP_ALIVE_TIMEOUT` (5 s, vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`) after
@@ -150,7 +163,8 @@
 //! - `process`: the grandchild, the pid file and the output flood.
 //! - `log`: uvicorn-style output through the log writer thread; exits that flush it.
 //! - `state`: `AppState`, the counters and the per-request outcome.
-//! - `middleware`: `/v1` counting and key check, access log, `x-request-id`.
+//! - `middleware`: `/v1` counting and key check, access log, `x-request-id`, the `server` and
+//!   `vary` headers.
 //! - `openai`: vLLM's wire formats, error bodies and request checks.
 //! - `ordered`: JSON that keeps its key order, for changing recorded answers.
 //! - `models`, `metrics`, `responses`, `chat`, `control`: the handlers, one file per surface.

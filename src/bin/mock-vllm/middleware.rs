@@ -1,5 +1,5 @@
 //! Layers around every request: `/v1` counting, recording and key check; uvicorn's access log;
-//! `x-request-id` echo.
+//! `x-request-id` echo; the headers uvicorn and vLLM's CORS middleware add to every answer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -19,6 +19,11 @@ use crate::state::{AppState, Outcome, TrackedBody};
 pub(crate) const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What uvicorn names itself in every response's `server` header.
+const UVICORN: HeaderValue = HeaderValue::from_static("uvicorn");
+
+const ORIGIN: HeaderValue = HeaderValue::from_static("Origin");
 
 /// Counts and records `/v1` requests, checks the API key as vLLM does, and settles each request's
 /// outcome when its response body ends or is dropped.
@@ -83,5 +88,21 @@ pub(crate) async fn echo_request_id(request: Request, next: Next) -> Response {
     if let Some(request_id) = request_id {
         response.headers_mut().insert(X_REQUEST_ID, request_id);
     }
+    response
+}
+
+/// Adds `server: uvicorn`, which uvicorn sends on every response of vLLM's.
+pub(crate) async fn add_server_header(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(header::SERVER, UVICORN);
+    response
+}
+
+/// Adds `vary: Origin`, as vLLM's CORS middleware does to every answer that passes through it,
+/// whether or not the request has an `Origin`. It sits inside the key check, as in vLLM, so a
+/// 401 for a missing key goes out without it.
+pub(crate) async fn add_vary_origin(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    response.headers_mut().append(header::VARY, ORIGIN);
     response
 }

@@ -13,9 +13,6 @@ use crate::cli::VERSION;
 use crate::openai::{ModelCard, ModelList};
 use crate::state::{AppState, unix_now};
 
-/// The context length `/v1/models` advertises, a common vLLM setting.
-pub(crate) const MAX_MODEL_LEN: u64 = 8192;
-
 pub(crate) async fn health(State(state): State<Arc<AppState>>) -> StatusCode {
     if state.stats.health_hung.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
@@ -30,20 +27,26 @@ pub(crate) async fn version() -> Json<Value> {
     Json(json!({ "version": VERSION }))
 }
 
+/// One card per served name, each rooted at the model as given, as vLLM lists them.
 pub(crate) async fn list_models(State(state): State<Arc<AppState>>) -> Response {
-    let card = ModelCard {
-        id: &state.served_model,
-        object: "model",
-        created: unix_now(),
-        owned_by: "vllm",
-        root: &state.served_model,
-        parent: None,
-        max_model_len: MAX_MODEL_LEN,
-        permission: Vec::new(),
-    };
+    let created = unix_now();
+    let cards = state
+        .served_model_names
+        .iter()
+        .map(|name| ModelCard {
+            id: name,
+            object: "model",
+            created,
+            owned_by: "vllm",
+            root: &state.model,
+            parent: None,
+            max_model_len: state.max_model_len,
+            permission: Vec::new(),
+        })
+        .collect();
     Json(ModelList {
         object: "list",
-        data: vec![card],
+        data: cards,
     })
     .into_response()
 }

@@ -30,7 +30,8 @@ pub(crate) struct ErrorInfo {
     pub(crate) message: String,
     #[serde(rename = "type")]
     pub(crate) kind: String,
-    pub(crate) param: Null,
+    /// The request field at fault, which vLLM names only for an unknown model.
+    pub(crate) param: Option<&'static str>,
     pub(crate) code: u16,
 }
 
@@ -203,20 +204,24 @@ pub(crate) fn engine_dead(state: &AppState) -> Option<Response> {
     ))
 }
 
-/// vLLM's answer to a request for a model it does not serve (a `model` it does not list).
+/// vLLM's answer to a request for a model it does not serve (a `model` it does not list); like
+/// vLLM, it takes a missing or empty `model` for the served one.
 pub(crate) fn unknown_model(state: &AppState, request: &Map<String, Value>) -> Option<Response> {
     let model = request.get("model")?.as_str()?;
-    if model == state.served_model {
+    if model.is_empty() || state.served_model_names.iter().any(|name| name == model) {
         return None;
     }
-    let body = json!({
-        "error": {
-            "message": format!("The model `{model}` does not exist."),
-            "type": "NotFoundError",
-            "param": "model",
-            "code": 404,
-        }
-    });
+    let body = ErrorBody {
+        error: ErrorInfo {
+            message: format!(
+                "The model `{model}` does not exist. Valid aliases: {}.",
+                state.served_model_names.join(", ")
+            ),
+            kind: "NotFoundError".to_owned(),
+            param: Some("model"),
+            code: StatusCode::NOT_FOUND.as_u16(),
+        },
+    };
     Some((StatusCode::NOT_FOUND, Json(body)).into_response())
 }
 

@@ -26,7 +26,9 @@ use crate::engine;
 use crate::knobs::Knobs;
 use crate::log::{complain, exit_now, say};
 use crate::metrics::metrics;
-use crate::middleware::{echo_request_id, log_access, track_api_request};
+use crate::middleware::{
+    add_server_header, add_vary_origin, echo_request_id, log_access, track_api_request,
+};
 use crate::models::{health, list_models, version};
 use crate::openai::{method_not_allowed, not_found};
 use crate::process::{append_pid_line, spawn_grandchild, start_flood};
@@ -57,8 +59,8 @@ pub(crate) async fn start(cli: Cli, knobs: Knobs) -> Result<(), String> {
     ));
     say(format_args!(
         "INFO:     mock-vllm {VERSION} serving model {:?}{}",
-        cli.served_model,
-        if cli.api_key.is_some() {
+        cli.served_model(),
+        if !cli.api_keys.is_empty() {
             " (API key required)"
         } else {
             ""
@@ -178,12 +180,14 @@ pub(crate) fn app(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // The tracking middleware has already bounded and buffered the body.
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(add_vary_origin))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             track_api_request,
         ))
         .layer(middleware::from_fn(log_access))
         .layer(middleware::from_fn(echo_request_id))
+        .layer(middleware::from_fn(add_server_header))
         .with_state(state)
 }
 

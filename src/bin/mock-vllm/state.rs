@@ -1,4 +1,4 @@
-//! `AppState`, shared by every handler: the served model, the key, the knobs, the counters
+//! `AppState`, shared by every handler: the served model names, the keys, the knobs, the counters
 //! `/_mock/stats` reports, and the per-request outcome that keeps them consistent.
 
 use std::collections::BTreeMap;
@@ -22,8 +22,17 @@ use crate::stream::Pacing;
 
 /// State shared by every request handler.
 pub(crate) struct AppState {
+    /// The name answers report as their model, whichever name the request used: the first
+    /// served name, as in vLLM.
     pub(crate) served_model: String,
-    pub(crate) api_key: Option<String>,
+    /// Every name the model is served under, in the command line's order.
+    pub(crate) served_model_names: Vec<String>,
+    /// The model as given on the command line, which each model card reports as its `root`.
+    pub(crate) model: String,
+    /// The context length `/v1/models` reports.
+    pub(crate) max_model_len: u64,
+    /// The keys a `/v1` request may carry, any of them; empty when none is needed.
+    pub(crate) api_keys: Vec<String>,
     pub(crate) knobs: Knobs,
     /// The recorded Responses API traffic, parsed once.
     pub(crate) recording: Arc<Recording>,
@@ -95,8 +104,11 @@ impl AppState {
     ) -> Self {
         let seed = u64::from(std::process::id()) ^ u64::from(unix_nanos());
         AppState {
-            served_model: cli.served_model.clone(),
-            api_key: cli.api_key.clone(),
+            served_model: cli.served_model().to_owned(),
+            served_model_names: cli.served_model_names.clone(),
+            model: cli.model.clone(),
+            max_model_len: cli.max_model_len,
+            api_keys: cli.api_keys.clone(),
             knobs,
             recording: Arc::new(
                 Recording::parse().expect("the embedded recordings parse, as a unit test checks"),
@@ -163,12 +175,9 @@ impl AppState {
     }
 
     /// vLLM's check: OPTIONS passes, otherwise the scheme must be bearer (in any case) and the
-    /// token must be the key.
+    /// token must be one of the keys.
     pub(crate) fn is_authorized(&self, parts: &Parts) -> bool {
-        let Some(key) = &self.api_key else {
-            return true;
-        };
-        if parts.method == Method::OPTIONS {
+        if self.api_keys.is_empty() || parts.method == Method::OPTIONS {
             return true;
         }
         let Some(authorization) = parts
@@ -179,7 +188,7 @@ impl AppState {
             return false;
         };
         let (scheme, token) = authorization.split_once(' ').unwrap_or((authorization, ""));
-        scheme.eq_ignore_ascii_case("bearer") && token == key
+        scheme.eq_ignore_ascii_case("bearer") && self.api_keys.iter().any(|key| key == token)
     }
 }
 
