@@ -87,11 +87,11 @@ const REQUEST_TIMEOUT: &[u8] =
 /// How often the same accept trouble is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// How long a connection that has not begun its first request when the drain begins is given to
-/// begin it: a client sends its request right after it connects, so this covers one on its way,
-/// while a connection opened ahead of need (a client's pool, a browser's preconnect) holds the
-/// drain up no longer.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// How long a connection with no request in progress when the drain begins is given to begin its
+/// next one: a client sends its first request right after it connects, and a client in a loop
+/// its next right after an answer, so this covers one on its way, while a connection held open
+/// ahead of need (a client's pool, a browser's preconnect) holds the drain up no longer.
+const NEXT_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a worker with more connections open than another lets it go first at a new
 /// connection: long enough for a busy worker's runtime to come round to its accept.
@@ -248,7 +248,8 @@ impl ClientTimeouts {
 
 /// Accepts and serves connections until `draining` is cancelled, then stops accepting (dropping
 /// this worker's copy of the listening socket) and returns once every connection has finished:
-/// idle ones close at once, busy ones after their response. The caller cuts the wait short.
+/// busy ones after their response, idle ones after the answer to a request begun within
+/// [`NEXT_REQUEST_GRACE`], or then. The caller cuts the wait short.
 ///
 /// A request that reached the gateway before the drain is still served: connections already
 /// waiting in the backlog are taken in, and each connection reads what it was sent before it is
@@ -484,10 +485,11 @@ impl Future for Never {
 impl hyper::rt::Sleep for Never {}
 
 /// One connection, served until it closes; once `draining` is cancelled it finishes the request
-/// in progress (without keep-alive) and closes. A connection that has not begun its first request
-/// when the drain begins (accepted just before it, or from the backlog during it) is served that
-/// one first if it begins within [`FIRST_REQUEST_GRACE`]: told to finish at once, hyper would
-/// close it with the request still on its way.
+/// in progress (without keep-alive) and closes. A connection with no request in progress when the
+/// drain begins (accepted just before it or from the backlog during it, or kept alive between
+/// two requests) is served its next one first if it begins within [`NEXT_REQUEST_GRACE`]: told
+/// to finish at once, hyper would close it with the request still on its way, which the client
+/// sees as a reset or a connection closed without an answer.
 fn serve_connection(
     tcp: TcpStream,
     surface: &Surface,
@@ -528,14 +530,17 @@ fn serve_connection(
             biased;
             result = connection.as_mut() => result,
             () = WhenWoken::new(drain) => {
-                // Until its first request has begun, or the grace is over. (Boxed: only a drain
-                // needs it, and every connection's task would hold it.)
-                let mut grace = Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE));
+                // A request in progress is finished; an idle connection is given its next
+                // request, until the grace is over. (Boxed: only a drain needs it, and every
+                // connection's task would hold it.)
+                let started = activity.started.load(Ordering::Relaxed);
+                let idle = started == activity.finished.load(Ordering::Relaxed);
+                let mut grace = idle.then(|| Box::pin(tokio::time::sleep(NEXT_REQUEST_GRACE)));
                 let ended = std::future::poll_fn(|cx| match connection.as_mut().poll(cx) {
                     Poll::Ready(result) => Poll::Ready(Some(result)),
                     Poll::Pending
-                        if activity.started.load(Ordering::Relaxed) > 0
-                            || grace.as_mut().poll(cx).is_ready() =>
+                        if activity.started.load(Ordering::Relaxed) != started
+                            || grace.as_mut().is_none_or(|grace| grace.as_mut().poll(cx).is_ready()) =>
                     {
                         Poll::Ready(None)
                     }
