@@ -33,7 +33,7 @@ use crate::proxy::state::{AppState, LiveConfig};
 use crate::proxy::workers::{self, Workers};
 use crate::reload::UpgradeRequest;
 use crate::signals::{self, Shutdown};
-use crate::status::{ExternalHealth, UpstreamStatus};
+use crate::status::{ExternalHealth, UpstreamStatus, VllmReads};
 use crate::supervisor::{self, Inherited, SupervisorHandle};
 use crate::telemetry;
 use crate::upgrade::handover::{self, HandedChild, Handover};
@@ -100,6 +100,7 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         status_rx,
         metrics,
         shutdown.graceful.clone(),
+        VllmReads::default(),
     )?);
     let workers = start_workers(&listener, &state)?;
     // The workers hold their own copies, which they let go when the drain begins; keeping this
@@ -136,11 +137,14 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         listen = %socket.local_addr()?,
         "listen address reserved; connections are accepted once vLLM is ready"
     );
+    // Counted by the proxy's workers, weighed by the supervisor against a failed probe.
+    let reads = VllmReads::default();
     let (supervisor, supervised) = supervisor::start(
         serve,
         config.upstream.base.clone(),
         config.health,
         inherited,
+        reads.clone(),
     );
     let status_rx = supervisor.status();
     // Open from the start: probes get their answers while the model loads.
@@ -183,6 +187,7 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
             metrics,
             supervisor: &supervisor,
             health: health.as_ref(),
+            reads,
         };
         serve_child(socket, serving, &mut upgrades).await
     } else {
@@ -246,6 +251,8 @@ struct Serving<'a> {
     supervisor: &'a SupervisorHandle,
     /// The health listener, to hand over with the main socket.
     health: Option<&'a HealthListener>,
+    /// The proxy's reads from vLLM, which the supervisor weighs.
+    reads: VllmReads,
 }
 
 /// Under `serve`, once vLLM is ready: opens the listener and proxies until the drain before the
@@ -271,6 +278,7 @@ async fn serve_child(
             serving.status_rx.clone(),
             serving.metrics.clone(),
             draining.clone(),
+            serving.reads.clone(),
         )?);
         let workers = start_workers(listener, &state)?;
         if std::mem::take(&mut first) {
@@ -425,6 +433,7 @@ impl HealthListener {
             status.clone(),
             metrics.clone(),
             shutdown.graceful.clone(),
+            VllmReads::default(),
         )?);
         let health = HealthListener {
             listener,

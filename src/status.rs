@@ -1,7 +1,12 @@
 //! The upstream's state as the proxy, the health endpoints and the notifier see it: one value on a
 //! `tokio::sync::watch` channel. In standalone mode the health poller writes it; under `serve` the
 //! supervisor does. Readers only ever borrow it.
+//!
+//! Beside it, [`VllmReads`]: how many reads from vLLM brought the proxy's workers data, which the
+//! supervisor weighs against a failed `/health` probe.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -152,5 +157,51 @@ impl UpstreamStatus {
                 last_exit: child.last_exit,
             },
         }
+    }
+}
+
+/// How many reads from vLLM have brought data to the proxy's workers (response heads and bodies,
+/// not the gateway's own probes): when the total moves on between two `/health` probes, vLLM is
+/// answering requests, however slowly its `/health` does. One count per worker, which only that
+/// worker writes.
+#[derive(Clone, Default)]
+pub struct VllmReads {
+    workers: Arc<Mutex<Vec<Arc<ReadCount>>>>,
+}
+
+impl VllmReads {
+    /// A count for one worker's connections. Made on the worker's thread, it lands among that
+    /// worker's memory.
+    pub fn worker(&self) -> Arc<ReadCount> {
+        let count = Arc::new(ReadCount::default());
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&count));
+        count
+    }
+
+    /// Every worker's reads so far, those of workers that have ended included.
+    pub fn total(&self) -> u64 {
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|count| count.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// One worker's reads from vLLM, on a cache line of its own: a count that two workers wrote
+/// would move between their CPUs at every read.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct ReadCount(AtomicU64);
+
+impl ReadCount {
+    /// One more. Only the worker that owns it writes it, so a load and a store do.
+    pub fn count(&self) {
+        self.0
+            .store(self.0.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 }

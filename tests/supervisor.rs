@@ -257,6 +257,65 @@ fn a_hung_health_endpoint_gets_the_child_killed_and_restarted() {
     );
 }
 
+/// Regression: a `/health` that failed while vLLM kept answering requests (its event loop busy
+/// with a flood of them) got vLLM declared hung and restarted: the model reloaded and every
+/// stream cut. A probe that fails while responses keep coming is not counted; once they stop,
+/// the hang is a hang.
+#[test]
+fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (gateway, vllm_port) = gateway_serve(
+        &[
+            "--health-interval",
+            "100ms",
+            "--health-timeout",
+            "100ms",
+            "--health-failures",
+            "2",
+            "--stop-timeout",
+            "1s",
+        ],
+        &[
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+            // 141 events, one every 20 ms: about 3 s of answering.
+            ("MOCK_VLLM_STREAM_DELAY", "20ms"),
+        ],
+    );
+    wait_ready(&gateway);
+    let first = wait_for_starts(&pids, 1)[0].0;
+    let stream = start_stream(&gateway);
+    let response = raw_request(vllm_port, "POST /_mock/hang-health HTTP/1.1", b"");
+    assert_eq!(response.status, 200);
+
+    let streamed = stream.join().expect("stream thread");
+    assert_eq!(streamed.status, 200);
+    let body = String::from_utf8_lossy(&streamed.body);
+    assert!(
+        body.trim_end()
+            .ends_with("\"sequence_number\":140,\"type\":\"response.completed\"}"),
+        "the stream ran to its end: {}",
+        &body[body.len().saturating_sub(300)..]
+    );
+    assert_eq!(
+        read_pid_file(&pids).len(),
+        1,
+        "vLLM was not restarted while it answered: {}",
+        gateway.log_text()
+    );
+    assert!(
+        gateway
+            .log_text()
+            .contains("vLLM /health failed, but vLLM is answering requests: not counted"),
+        "{}",
+        gateway.log_text()
+    );
+
+    // Nothing comes from vLLM any more: the hang is a hang.
+    let starts = wait_for_starts(&pids, 2);
+    assert_ne!(starts[1].0, first);
+    assert!(gateway.log_text().contains("vLLM is hung"));
+}
+
 #[test]
 fn a_start_that_exceeds_startup_timeout_is_stopped_and_counts_as_failed() {
     let (_dir, pids, pids_text) = pid_file();

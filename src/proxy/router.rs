@@ -149,7 +149,7 @@ mod tests {
     use crate::config::{self, Flags, Mode};
     use crate::lifecycle::state::{ChildState, ExitInfo};
     use crate::proxy::state::live_config;
-    use crate::status::{ChildStatus, ExternalHealth, Probe, UpstreamStatus};
+    use crate::status::{ChildStatus, ExternalHealth, Probe, UpstreamStatus, VllmReads};
 
     /// The router over `status`, for a standalone gateway whose upstream is never reached.
     fn router(
@@ -166,6 +166,7 @@ mod tests {
             status_rx,
             None,
             draining.clone(),
+            VllmReads::default(),
         )
         .expect("state");
         (app(Arc::new(state)), status_tx, draining)

@@ -16,7 +16,7 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 use crate::config::{Config, Cors, ProxyConfig};
 use crate::proxy::admission::Admission;
 use crate::proxy::upstream::Upstream;
-use crate::status::UpstreamStatus;
+use crate::status::{ReadCount, UpstreamStatus, VllmReads};
 
 /// The configuration as the last reload left it (the start-up one until then), with what requests
 /// derive from it prepared once. Keys a reload may not change keep their start-up values here
@@ -179,6 +179,8 @@ pub struct AppState {
     pub give_up: CancellationToken,
     /// The concurrency limit and its queue, one for every worker.
     pub admission: Arc<Admission>,
+    /// The proxy's reads from vLLM, one count per worker, which the supervisor reads.
+    pub reads: VllmReads,
 }
 
 impl AppState {
@@ -189,6 +191,7 @@ impl AppState {
         status: watch::Receiver<UpstreamStatus>,
         metrics: Option<PrometheusHandle>,
         draining: CancellationToken,
+        reads: VllmReads,
     ) -> anyhow::Result<Self> {
         let upstream_auth = match &config.upstream.api_key {
             Some(key) => {
@@ -202,7 +205,7 @@ impl AppState {
         let upstream_uri: http::Uri = config.upstream.base.parse()?;
         let upstream_path = upstream_uri.path().trim_end_matches('/').to_string();
         Ok(AppState {
-            upstream: Arc::new(upstream(config, usize::MAX)?),
+            upstream: Arc::new(upstream(config, usize::MAX, reads.worker())?),
             client: upstream_client(&config.proxy, usize::MAX)?,
             upstream_base: config.upstream.base.clone(),
             upstream_path,
@@ -218,6 +221,7 @@ impl AppState {
             give_up: draining.child_token(),
             draining,
             admission: Arc::new(Admission::new(config.proxy.max_concurrent_requests)),
+            reads,
         })
     }
 }
@@ -234,7 +238,7 @@ impl AppState {
         // The pool's settings are restart-only keys: the live ones are the start-up ones.
         let live = self.live.load();
         Ok(AppState {
-            upstream: Arc::new(upstream(&live.config, max_idle)?),
+            upstream: Arc::new(upstream(&live.config, max_idle, self.reads.worker())?),
             client: upstream_client(&live.config.proxy, max_idle)?,
             draining: self.draining.child_token(),
             closing: self.closing.child_token(),
@@ -247,12 +251,13 @@ impl AppState {
 
 /// The connections for proxied requests: idle ones are dropped before the upstream would close
 /// them (uvicorn: 5 s), so a request never lands on a connection that is being closed.
-fn upstream(config: &Config, max_idle: usize) -> anyhow::Result<Upstream> {
+fn upstream(config: &Config, max_idle: usize, reads: Arc<ReadCount>) -> anyhow::Result<Upstream> {
     Upstream::new(
         &config.upstream.base.parse()?,
         config.proxy.connect_timeout,
         config.proxy.pool_idle_timeout,
         max_idle,
+        reads,
     )
 }
 

@@ -49,6 +49,7 @@ use tokio::time::Instant;
 use crate::proxy::body::LimitedBody;
 use crate::proxy::headers;
 use crate::proxy::timer::Timer;
+use crate::status::ReadCount;
 
 /// A connection's first read buffer: under a page, so that quiet streams' buffers share pages.
 const READ_START: usize = 1024;
@@ -99,15 +100,19 @@ pub struct Upstream {
     pub host_header: HeaderValue,
     connect_timeout: Duration,
     pool: Arc<Pool>,
+    /// This worker's reads, which its connections count.
+    reads: Arc<ReadCount>,
 }
 
 impl Upstream {
-    /// `base` is the upstream URL (`http://host:port[/prefix]`, checked by the configuration).
+    /// `base` is the upstream URL (`http://host:port[/prefix]`, checked by the configuration);
+    /// `reads` counts the reads that bring data.
     pub fn new(
         base: &http::Uri,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
+        reads: Arc<ReadCount>,
     ) -> anyhow::Result<Upstream> {
         let authority = base
             .authority()
@@ -134,6 +139,7 @@ impl Upstream {
                 idle_timeout,
                 max_idle,
             }),
+            reads,
         })
     }
 
@@ -212,6 +218,7 @@ impl Upstream {
             next_read: READ_START,
             reused: false,
             timer: Timer::default(),
+            reads: Arc::clone(&self.reads),
         })
     }
 }
@@ -228,6 +235,8 @@ struct Connection {
     /// only when it fires early (see [`Timer`]): a sleep made, registered with the runtime's timer
     /// wheel and taken out again for each request cost 340 instructions a request more.
     timer: Timer,
+    /// Where its reads are counted.
+    reads: Arc<ReadCount>,
 }
 
 impl Connection {
@@ -244,6 +253,9 @@ impl Connection {
         ))?;
         if read == room && self.next_read < READ_MAX {
             self.next_read *= 2;
+        }
+        if read > 0 {
+            self.reads.count();
         }
         Poll::Ready(Ok(read))
     }
@@ -1442,7 +1454,14 @@ mod tests {
     /// An upstream on loopback at `port`.
     fn upstream_at(port: u16) -> Upstream {
         let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
-        Upstream::new(&base, Duration::from_secs(5), Duration::from_secs(5), 8).expect("upstream")
+        Upstream::new(
+            &base,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            8,
+            Arc::default(),
+        )
+        .expect("upstream")
     }
 
     /// `GET /v1/models` through `upstream`, answered by `deadline`, and the whole response.

@@ -35,7 +35,7 @@ use crate::lifecycle::schedule::{self, AfterProbe, Timers, after_probe};
 use crate::lifecycle::state::{ChildState, ExitInfo, StopReason, transition};
 use crate::probe::ProbeError;
 use crate::resources::Exhausted;
-use crate::status::{ChildStatus, UpstreamStatus};
+use crate::status::{ChildStatus, UpstreamStatus, VllmReads};
 use crate::upgrade::handover::HandedState;
 
 /// Messages to the supervisor.
@@ -169,12 +169,14 @@ impl SupervisorHandle {
 
 /// Starts the supervisor task, which starts vLLM at once (or adopts the one `inherited` names)
 /// and runs until it is stopped or the restart policy ends it. The task returns how supervision
-/// ended.
+/// ended. `reads` are the proxy's reads from vLLM: a probe that fails while they move on is not
+/// counted.
 pub fn start(
     serve: ServeConfig,
     upstream_base: String,
     health: HealthConfig,
     inherited: Option<Inherited>,
+    reads: VllmReads,
 ) -> (SupervisorHandle, JoinHandle<Outcome>) {
     let now = Instant::now();
     let (restarts, history, adopted) = match inherited {
@@ -238,6 +240,8 @@ pub fn start(
         kill_at: None,
         history,
         probe_client: crate::probe::probe_client(),
+        reads,
+        reads_at_probe: 0,
     };
     let handle = SupervisorHandle {
         control: control_tx,
@@ -285,6 +289,9 @@ struct Supervisor {
     history: History,
     /// Probes never reuse connections (see `probe`).
     probe_client: reqwest::Client,
+    /// The proxy's reads from vLLM, and their total when the last probe ended.
+    reads: VllmReads,
+    reads_at_probe: u64,
 }
 
 /// The shortest wait before retrying a start that failed for lack of the gateway's own resources.
@@ -775,6 +782,11 @@ impl Supervisor {
             Err(ProbeError::Upstream(reason)) => Err(reason),
             Ok(()) => Ok(()),
         };
+        // Responses kept coming from vLLM since the last probe: a /health that failed then is
+        // slow (an event loop busy with a flood of requests), not hung, and a restart would
+        // throw away a model that serves.
+        let reads = self.reads.total();
+        let answering = std::mem::replace(&mut self.reads_at_probe, reads) != reads;
         match (&self.status.state, result) {
             (ChildState::Starting { .. }, Ok(()))
                 if let Err(reason) = port::group_owns_listener(pid, self.serve.vllm_port) =>
@@ -811,6 +823,14 @@ impl Supervisor {
                     tracing::info!(pid, "vLLM /health answers again");
                     self.set_state(ChildState::Ready { pid, since: now });
                 }
+            }
+            (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err(reason)) if answering => {
+                self.next_probe = now + self.health.interval;
+                tracing::warn!(
+                    pid,
+                    %reason,
+                    "vLLM /health failed, but vLLM is answering requests: not counted"
+                );
             }
             (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err(reason)) => {
                 self.next_probe = now + self.health.interval;
