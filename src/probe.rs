@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthConfig;
 use crate::resources::Exhausted;
-use crate::status::{ExternalHealth, Probe, UpstreamStatus};
+use crate::status::{ExternalHealth, Probe, UpstreamStatus, VllmReads};
 
 /// A client for probes: no pooling, so every probe opens a fresh connection.
 pub fn probe_client() -> reqwest::Client {
@@ -76,28 +76,41 @@ pub async fn probe(
     }
 }
 
-/// Standalone mode: probes the upstream every interval and publishes the outcome.
+/// Standalone mode: probes the upstream every interval and publishes the outcome. A probe that
+/// fails while the proxy's reads from the upstream (`reads`) have moved on since the last one
+/// counts as passed: the upstream answers requests, its `/health` is only slow.
 pub async fn poll_upstream(
     base: String,
     health: HealthConfig,
     status: watch::Sender<UpstreamStatus>,
     cancel: CancellationToken,
+    reads: VllmReads,
 ) {
     let client = probe_client();
     let mut interval = tokio::time::interval(health.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_ok = None;
+    let mut reads_at_probe = reads.total();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             () = cancel.cancelled() => return,
         }
         let outcome = probe(&client, &base, health.timeout).await;
-        let ok = outcome.is_ok();
+        let total = reads.total();
+        let answering = std::mem::replace(&mut reads_at_probe, total) != total;
+        if let Err(reason) = &outcome
+            && answering
+        {
+            tracing::warn!(upstream = %base, %reason, "upstream /health failed, but the upstream is answering requests: still ready");
+        }
+        let ok = outcome.is_ok() || answering;
         if was_ok != Some(ok) {
             match &outcome {
-                Ok(()) => tracing::info!(upstream = %base, "upstream is healthy"),
-                Err(reason) => tracing::warn!(upstream = %base, %reason, "upstream is not healthy"),
+                Err(reason) if !ok => {
+                    tracing::warn!(upstream = %base, %reason, "upstream is not healthy");
+                }
+                _ => tracing::info!(upstream = %base, "upstream is healthy"),
             }
             was_ok = Some(ok);
         }
@@ -106,6 +119,7 @@ pub async fn poll_upstream(
             at: Instant::now(),
             detail: outcome
                 .err()
+                .filter(|_| !ok)
                 .map(|error| error.to_string())
                 .unwrap_or_default(),
         };

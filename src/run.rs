@@ -87,11 +87,13 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
     // The bound address, not the configured one: with port 0 the kernel picks the port.
     let address = listener.local_addr()?;
     let tracker = TaskTracker::new();
+    let reads = VllmReads::default();
     tracker.spawn(probe::poll_upstream(
         config.upstream.base.clone(),
         config.health,
         status_tx,
         shutdown.graceful.clone(),
+        reads.clone(),
     ));
     let health = HealthListener::open(health, &config, &live, &status_rx, &metrics, &shutdown)?;
     let state = Arc::new(AppState::new(
@@ -100,7 +102,7 @@ async fn run_standalone(config: Config, socket: TcpSocket, context: Context) -> 
         status_rx,
         metrics,
         shutdown.graceful.clone(),
-        VllmReads::default(),
+        reads,
     )?);
     let workers = start_workers(&listener, &state)?;
     // The workers hold their own copies, which they let go when the drain begins; keeping this

@@ -607,6 +607,38 @@ fn readiness_follows_the_upstream_and_liveness_stays_up() {
     );
 }
 
+/// A `/health` that fails while vLLM answers requests (slowed by a flood of them) keeps the
+/// standalone gateway ready: taken out of its Service, it would shed the load vLLM is serving.
+/// Once nothing comes from vLLM, readiness follows `/health` again.
+#[test]
+fn a_failing_health_endpoint_while_vllm_answers_requests_keeps_the_gateway_ready() {
+    let mock = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "20ms")]);
+    let gateway = gateway(
+        mock.port,
+        &["--health-interval", "200ms", "--health-timeout", "200ms"],
+        &[],
+    );
+    wait_until("readyz 200", DEADLINE, || {
+        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 200)
+    });
+    let stream = start_stream(&gateway);
+    let response = raw_request(mock.port, "POST /_mock/hang-health HTTP/1.1", b"");
+    assert_eq!(response.status, 200);
+    let kept = "upstream /health failed, but the upstream is answering requests: still ready";
+    wait_until("a failed probe to be weighed", DEADLINE, || {
+        gateway.log_text().matches(kept).count() >= 2
+    });
+    assert_eq!(
+        get(&gateway.url("/readyz")).map(|(status, _)| status),
+        Some(200),
+        "ready while vLLM answers"
+    );
+    assert_eq!(stream.join().expect("stream thread").status, 200);
+    wait_until("readyz 503 once vLLM is quiet", DEADLINE, || {
+        get(&gateway.url("/readyz")).is_some_and(|(status, _)| status == 503)
+    });
+}
+
 #[test]
 fn sigterm_lets_an_inflight_stream_finish_then_exits_0() {
     let mock = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "5ms")]);

@@ -267,9 +267,9 @@ fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
     let (gateway, vllm_port) = gateway_serve(
         &[
             "--health-interval",
-            "100ms",
+            "200ms",
             "--health-timeout",
-            "100ms",
+            "200ms",
             "--health-failures",
             "2",
             "--stop-timeout",
