@@ -107,15 +107,19 @@ impl Reloader {
     /// what may change, telling systemd.
     pub async fn reload(&mut self) {
         let reloading = notify::reloading();
+        // Read first: an upgrade may have to be refused for what the file says.
+        let read = self.read().await;
         if let Some(path) = self.replaced_binary() {
-            let reason = self.upgrade(&path).await;
+            let reason = match self.upstream_key_changed(&read) {
+                Some(reason) => reason,
+                None => self.upgrade(&path).await,
+            };
             tracing::warn!(
                 new_binary = %path.display(),
                 %reason,
                 "not upgrading in place; this binary keeps serving, and the configuration is reloaded"
             );
         }
-        let read = self.read().await;
         match read.and_then(|new| self.refuse_emptied(new)) {
             Ok(new) => {
                 self.apply(new);
@@ -175,6 +179,21 @@ impl Reloader {
                 ))
             }
         }
+    }
+
+    /// Why an upgrade must wait for a restart: the upstream key was changed in the file since
+    /// vLLM started. It goes with vLLM's own key (`--api-key`, `VLLM_API_KEY`), which the
+    /// running vLLM keeps until its next start; the new image would send the new key to it, and
+    /// every request would get 401.
+    fn upstream_key_changed(&self, read: &Result<Config, String>) -> Option<String> {
+        let new = read.as_ref().ok()?;
+        (self.running.serve.is_some() && new.upstream.api_key != self.running.upstream.api_key)
+            .then(|| {
+                "`upstream_api_key` has changed since vLLM started, and a new image would send \
+                 the new key to the vLLM that runs with the old one: restart the gateway to apply \
+                 it (the model reloads), or put the running key back to upgrade in place"
+                    .into()
+            })
     }
 
     /// The path of the executable, if another file is there now than at start.

@@ -615,6 +615,56 @@ fn sighup_with_the_binary_unchanged_only_reloads_the_configuration() {
     assert!(ready(&gateway));
 }
 
+/// Regression: a key rotation in the file (vLLM's `--api-key` and `upstream_api_key` together)
+/// waits for a restart, as the reload says; but a later upgrade's new image read the new upstream
+/// key and sent it to the vLLM still running with the old one, and every request got 401. Such
+/// an upgrade is now refused, and the running image keeps serving with the key in force.
+#[test]
+fn an_upgrade_is_refused_while_a_changed_upstream_key_waits_for_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    let write = |key: &str| {
+        let aside = config.with_extension("next");
+        std::fs::write(
+            &aside,
+            format!("upstream_api_key = \"{key}\"\nvllm_args = [\"--api-key\", \"{key}\"]\n"),
+        )
+        .expect("write config");
+        std::fs::rename(&aside, &config).expect("replace config");
+    };
+    write("sk-old");
+    let binary = Binary::copy();
+    let gateway = serve_from(&binary, &["--config", config.to_str().expect("utf-8")], &[]);
+    let vllm = vllm_pid(&gateway);
+    let before = running_identity(gateway.pid());
+    let status = || post_json(gateway.port, "/v1/responses", RESPONSES_JSON, "").status;
+    assert_eq!(status(), 200);
+
+    write("sk-new");
+    binary.replace();
+    gateway.signal(Signal::SIGHUP);
+    wait_until("the upgrade to be refused", DEADLINE, || {
+        lines_with_message(
+            &gateway,
+            "not upgrading in place; this binary keeps serving, and the configuration is reloaded",
+        )
+        .iter()
+        .any(|line| {
+            line["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("`upstream_api_key` has changed"))
+        })
+    });
+    assert_eq!(
+        running_identity(gateway.pid()),
+        before,
+        "the old image runs"
+    );
+    assert_eq!(vllm_pid(&gateway), vllm);
+    assert_eq!(status(), 200, "the key in force still reaches vLLM");
+    assert!(!gateway.log_text().contains("sk-new"), "no key in the log");
+}
+
 #[test]
 fn a_vllm_started_by_the_new_image_stops_at_the_first_sigterm() {
     let binary = Binary::copy();
