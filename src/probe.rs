@@ -28,8 +28,12 @@ pub fn probe_client() -> reqwest::Client {
 /// Why a probe failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeError {
-    /// The upstream did not answer 200 in time: this counts against it.
+    /// The upstream answered something other than 200, or could not be reached: this counts
+    /// against it.
     Upstream(String),
+    /// The upstream did not answer within the timeout: this counts against it, unless it is
+    /// answering requests meanwhile (then it is slow, not down).
+    Slow(String),
     /// The gateway could not even send the probe, for lack of a resource of its own (descriptors,
     /// memory): this says nothing about the upstream.
     Local(Exhausted),
@@ -38,7 +42,7 @@ pub enum ProbeError {
 impl std::fmt::Display for ProbeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ProbeError::Upstream(reason) => f.write_str(reason),
+            ProbeError::Upstream(reason) | ProbeError::Slow(reason) => f.write_str(reason),
             ProbeError::Local(exhausted) => {
                 write!(
                     f,
@@ -64,7 +68,7 @@ pub async fn probe(
         ))),
         Err(error) => Err(match Exhausted::in_chain(&error) {
             Some(exhausted) => ProbeError::Local(exhausted),
-            None if error.is_timeout() => ProbeError::Upstream(format!(
+            None if error.is_timeout() => ProbeError::Slow(format!(
                 "upstream /health did not answer within {}",
                 humantime::format_duration(timeout)
             )),
@@ -77,7 +81,7 @@ pub async fn probe(
 }
 
 /// Standalone mode: probes the upstream every interval and publishes the outcome. A probe that
-/// fails while the proxy's reads from the upstream (`reads`) have moved on since the last one
+/// timed out while the proxy's reads from the upstream (`reads`) have moved on since the last one
 /// counts as passed: the upstream answers requests, its `/health` is only slow.
 pub async fn poll_upstream(
     base: String,
@@ -99,12 +103,11 @@ pub async fn poll_upstream(
         let outcome = probe(&client, &base, health.timeout).await;
         let total = reads.total();
         let answering = std::mem::replace(&mut reads_at_probe, total) != total;
-        if let Err(reason) = &outcome
-            && answering
-        {
-            tracing::warn!(upstream = %base, %reason, "upstream /health failed, but the upstream is answering requests: still ready");
+        let slow = matches!(outcome, Err(ProbeError::Slow(_)));
+        if slow && answering {
+            tracing::warn!(upstream = %base, reason = %outcome.as_ref().err().map(ToString::to_string).unwrap_or_default(), "upstream /health is slow, but the upstream is answering requests: still ready");
         }
-        let ok = outcome.is_ok() || answering;
+        let ok = outcome.is_ok() || (slow && answering);
         if was_ok != Some(ok) {
             match &outcome {
                 Err(reason) if !ok => {

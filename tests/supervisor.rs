@@ -3,6 +3,9 @@
 mod common;
 
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -305,7 +308,7 @@ fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
     assert!(
         gateway
             .log_text()
-            .contains("vLLM /health failed, but vLLM is answering requests: not counted"),
+            .contains("vLLM /health is slow, but vLLM is answering requests: not counted"),
         "{}",
         gateway.log_text()
     );
@@ -314,6 +317,49 @@ fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
     let starts = wait_for_starts(&pids, 2);
     assert_ne!(starts[1].0, first);
     assert!(gateway.log_text().contains("vLLM is hung"));
+}
+
+/// Only a probe that timed out is weighed against vLLM's answers: vLLM's own 503 (its engine
+/// died, and the server lingers, answering every request with an error) counts however many
+/// requests it answers meanwhile.
+#[test]
+fn a_health_endpoint_that_answers_503_counts_while_vllm_answers_requests() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (gateway, _) = gateway_serve(
+        &[
+            "--health-interval",
+            "200ms",
+            "--health-timeout",
+            "200ms",
+            "--health-failures",
+            "2",
+            "--stop-timeout",
+            "1s",
+        ],
+        &[
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+            ("MOCK_VLLM_ENGINE_DIE_AFTER", "1s"),
+            ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+        ],
+    );
+    wait_ready(&gateway);
+    let first = wait_for_starts(&pids, 1)[0].0;
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (stop, port) = (Arc::clone(&stop), gateway.port);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = raw_request(port, "GET /v1/models HTTP/1.1", b"");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let starts = wait_for_starts(&pids, 2);
+    stop.store(true, Ordering::SeqCst);
+    poller.join().expect("poller");
+    assert_ne!(starts[1].0, first);
+    assert!(gateway.log_text().contains("vLLM is hung"));
+    assert!(!gateway.log_text().contains("not counted"));
 }
 
 #[test]

@@ -779,14 +779,16 @@ impl Supervisor {
                     };
                 return;
             }
-            Err(ProbeError::Upstream(reason)) => Err(reason),
+            Err(ProbeError::Upstream(reason)) => Err((reason, false)),
+            Err(ProbeError::Slow(reason)) => Err((reason, true)),
             Ok(()) => Ok(()),
         };
-        // Responses kept coming from vLLM since the last probe: a /health that failed then is
+        // Responses kept coming from vLLM since the last probe: a /health that timed out then is
         // slow (an event loop busy with a flood of requests), not hung, and a restart would
-        // throw away a model that serves.
+        // throw away a model that serves. (Any other failure, vLLM's own 503 included, counts.)
         let reads = self.reads.total();
         let answering = std::mem::replace(&mut self.reads_at_probe, reads) != reads;
+        let result = result.map_err(|(reason, slow)| (reason, slow && answering));
         match (&self.status.state, result) {
             (ChildState::Starting { .. }, Ok(()))
                 if let Err(reason) = port::group_owns_listener(pid, self.serve.vllm_port) =>
@@ -811,7 +813,7 @@ impl Supervisor {
                 self.next_probe = now + self.health.interval;
                 self.set_state(ChildState::Ready { pid, since: now });
             }
-            (ChildState::Starting { .. }, Err(reason)) => {
+            (ChildState::Starting { .. }, Err((reason, _))) => {
                 tracing::debug!(pid, %reason, "vLLM not ready yet");
                 self.next_probe = now + self.serve.startup_poll_interval;
             }
@@ -824,15 +826,15 @@ impl Supervisor {
                     self.set_state(ChildState::Ready { pid, since: now });
                 }
             }
-            (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err(reason)) if answering => {
+            (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err((reason, true))) => {
                 self.next_probe = now + self.health.interval;
                 tracing::warn!(
                     pid,
                     %reason,
-                    "vLLM /health failed, but vLLM is answering requests: not counted"
+                    "vLLM /health is slow, but vLLM is answering requests: not counted"
                 );
             }
-            (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err(reason)) => {
+            (ChildState::Ready { .. } | ChildState::Unhealthy { .. }, Err((reason, _))) => {
                 self.next_probe = now + self.health.interval;
                 match after_probe(&self.status.state, false, self.serve.health_failures) {
                     AfterProbe::Hung { failures } => {
