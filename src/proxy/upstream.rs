@@ -219,6 +219,7 @@ impl Upstream {
             reused: false,
             timer: Timer::default(),
             reads: Arc::clone(&self.reads),
+            drained: true,
         })
     }
 }
@@ -235,8 +236,11 @@ struct Connection {
     /// only when it fires early (see [`Timer`]): a sleep made, registered with the runtime's timer
     /// wheel and taken out again for each request cost 340 instructions a request more.
     timer: Timer,
-    /// Where its reads are counted.
+    /// Where its reads of what vLLM wrote lately are counted.
     reads: Arc<ReadCount>,
+    /// Whether the socket held nothing more after the last read (or a request has just been
+    /// written): what the next read brings, vLLM wrote since.
+    drained: bool,
 }
 
 impl Connection {
@@ -254,9 +258,13 @@ impl Connection {
         if read == room && self.next_read < READ_MAX {
             self.next_read *= 2;
         }
-        if read > 0 {
+        // Only data vLLM wrote since the socket was last found empty shows that it still
+        // writes: a vLLM that froze leaves behind what it wrote, which a slow client's stream
+        // may take minutes to read.
+        if read > 0 && self.drained {
             self.reads.count();
         }
+        self.drained = read < room;
         Poll::Ready(Ok(read))
     }
 
@@ -419,6 +427,8 @@ async fn exchange(
     let streamed = matches!(body, RequestBody::Streamed(_));
     // Out of the connection while it waits on the connection's socket; back in with the answer.
     let mut timer = std::mem::take(&mut connection.timer);
+    // Whatever comes now, vLLM wrote for this request.
+    connection.drained = true;
     match within(&mut timer, deadline, connection.tcp.write_all(head)).await {
         Err(timeout) => return Err(failed(timeout, false)),
         Ok(Err(error)) => return Err(failed(error.into(), true)),
@@ -1490,6 +1500,74 @@ mod tests {
     async fn fetch(port: u16) -> Result<(Response<()>, Bytes), UpstreamError> {
         let deadline = Instant::now() + Duration::from_secs(5);
         get_models(&upstream_at(port), deadline).await
+    }
+
+    /// Only what vLLM wrote since the socket was last found empty counts as its sign of life: a
+    /// backlog it wrote before it went quiet (a frozen vLLM, a slow client's stream) is counted
+    /// once however many reads it takes, and what it writes afterwards counts again.
+    #[tokio::test]
+    async fn reads_of_a_backlog_count_once_and_fresh_writes_again() {
+        const BACKLOG: usize = 100_000;
+        let (listener, port) = listen().await;
+        let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+        let (more_tx, more_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", BACKLOG + 1).into_bytes();
+            answer.resize(answer.len() + BACKLOG, b'x');
+            socket.write_all(&answer).await.expect("write");
+            let _ = written_tx.send(());
+            let _ = more_rx.await;
+            socket.write_all(b"y").await.expect("write");
+            let _ = socket.read(&mut request).await;
+        });
+        let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
+        let reads = crate::status::VllmReads::default();
+        let upstream = Upstream::new(
+            &base,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            8,
+            reads.worker(),
+        )
+        .expect("upstream");
+        let count = || reads.total();
+        let headers = HeaderMap::new();
+        let request_id = HeaderValue::from_static("1");
+        let request = Head {
+            method: &Method::GET,
+            target: "/v1/models",
+            headers: &headers,
+            host: &upstream.host_header,
+            request_id: &request_id,
+            authorization: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut body = upstream
+            .send(request, RequestBody::Empty, deadline)
+            .await
+            .expect("answer")
+            .into_body();
+        written_rx.await.expect("the backlog written");
+        let (mut taken, mut frames) = (0, 0);
+        while taken < BACKLOG {
+            let frame = body.frame().await.expect("a frame").expect("data");
+            taken += frame.into_data().expect("data").len();
+            frames += 1;
+        }
+        assert!(frames >= 5, "the backlog took {frames} reads");
+        let backlog = count();
+        assert!(
+            (1..=2).contains(&backlog),
+            "{backlog} counted for {frames} reads"
+        );
+        more_tx.send(()).expect("ask for more");
+        let last = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(&last.into_data().expect("data")[..], b"y");
+        assert_eq!(count(), backlog + 1, "a fresh write counts");
     }
 
     #[tokio::test]
