@@ -303,17 +303,18 @@ pub(super) fn merge(
     // Whatever the table did not take is unknown.
     for name in table.keys() {
         // A name no key could have is not shown: it may be a secret pasted in the wrong place.
-        let plausible = name.len() <= 32
+        // Every key is lowercase words joined by `_`, with no digits, as no generated secret is.
+        let plausible = name.len() <= 40
             && name
                 .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+                .all(|byte| byte.is_ascii_lowercase() || byte == b'_' || byte == b'-');
         errors.push(ConfigError {
             origin: Origin::File(path.clone().unwrap_or_default()),
             key: plausible.then(|| name.clone()),
             message: if plausible {
                 "unknown key (see config.example.toml for the keys there are)".into()
             } else {
-                "unknown key, not shown (too long, or with characters no key has: a value in the wrong place?)".into()
+                "unknown key, not shown (too long, or with characters no key has: digits, capitals, ...; a value in the wrong place?)".into()
             },
         });
     }
