@@ -110,9 +110,14 @@ impl Reloader {
         // Read first: an upgrade may have to be refused for what the file says.
         let read = self.read().await;
         if let Some(path) = self.replaced_binary() {
-            let reason = match self.upstream_key_changed(&read) {
-                Some(reason) => reason,
-                None => self.upgrade(&path).await,
+            // A file that does not load would fail the new binary's trial run too (after as
+            // long again, should its read block).
+            let reason = match &read {
+                Err(_) => "the configuration does not load (the errors follow)".into(),
+                Ok(new) => match self.upstream_key_changed(new) {
+                    Some(reason) => reason,
+                    None => self.upgrade(&path).await,
+                },
             };
             tracing::warn!(
                 new_binary = %path.display(),
@@ -185,8 +190,7 @@ impl Reloader {
     /// vLLM started. It goes with vLLM's own key (`--api-key`, `VLLM_API_KEY`), which the
     /// running vLLM keeps until its next start; the new image would send the new key to it, and
     /// every request would get 401.
-    fn upstream_key_changed(&self, read: &Result<Config, String>) -> Option<String> {
-        let new = read.as_ref().ok()?;
+    fn upstream_key_changed(&self, new: &Config) -> Option<String> {
         (self.running.serve.is_some() && new.upstream.api_key != self.running.upstream.api_key)
             .then(|| {
                 "`upstream_api_key` has changed since vLLM started, and a new image would send \
