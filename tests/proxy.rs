@@ -692,6 +692,42 @@ fn a_connection_opened_before_sigterm_gets_the_answer_to_its_first_request() {
     assert_eq!(gateway.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// Regression: a kept-alive connection that had begun its next request's head when the drain's
+/// second of grace ran out was closed without an answer. A head under way now has until its own
+/// deadline, `client_header_timeout`.
+#[test]
+fn a_request_head_begun_in_the_drains_grace_gets_its_answer_however_slowly_it_comes() {
+    let mock = mock_vllm(&[]);
+    let mut gateway = gateway(mock.port, &[], &[]);
+    let mut kept = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let request = format!(
+        "POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{RESPONSES_JSON}",
+        RESPONSES_JSON.len()
+    );
+    kept.write_all(request.as_bytes()).expect("write");
+    assert_eq!(read_response(&mut kept).status, 200, "kept alive");
+
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_until("the drain", Duration::from_secs(10), || {
+        !lines_with_message(&gateway, "draining in-flight requests").is_empty()
+    });
+    let (start, rest) = request.split_at(20);
+    kept.write_all(start.as_bytes())
+        .expect("write the head's start");
+    // The rest comes after the second of grace a connection gets for its next request.
+    std::thread::sleep(Duration::from_millis(1500));
+    kept.write_all(rest.as_bytes()).expect("write the rest");
+    let mut raw = Vec::new();
+    kept.read_to_end(&mut raw).expect("read the answer");
+    let answer = parse_response(&raw);
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert_eq!(gateway.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
 #[test]
 fn a_connection_that_never_sends_a_request_does_not_hold_up_a_stop() {
     let mock = mock_vllm(&[]);

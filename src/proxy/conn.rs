@@ -36,7 +36,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -248,8 +248,8 @@ impl ClientTimeouts {
 
 /// Accepts and serves connections until `draining` is cancelled, then stops accepting (dropping
 /// this worker's copy of the listening socket) and returns once every connection has finished:
-/// busy ones after their response, idle ones after the answer to a request begun within
-/// [`NEXT_REQUEST_GRACE`], or then. The caller cuts the wait short.
+/// busy ones after their response, idle ones after the answer to a request begun within a second
+/// (a head begun by then has until its own deadline), or then. The caller cuts the wait short.
 ///
 /// A request that reached the gateway before the drain is still served: connections already
 /// waiting in the backlog are taken in, and each connection reads what it was sent before it is
@@ -531,16 +531,22 @@ fn serve_connection(
             result = connection.as_mut() => result,
             () = WhenWoken::new(drain) => {
                 // A request in progress is finished; an idle connection is given its next
-                // request, until the grace is over. (Boxed: only a drain needs it, and every
-                // connection's task would hold it.)
+                // request, until the grace is over, or, once part of its head has come, until
+                // the head's own deadline (`client_header_timeout`, then 408). (Boxed: only a
+                // drain needs it, and every connection's task would hold it.)
                 let started = activity.started.load(Ordering::Relaxed);
                 let idle = started == activity.finished.load(Ordering::Relaxed);
                 let mut grace = idle.then(|| Box::pin(tokio::time::sleep(NEXT_REQUEST_GRACE)));
                 let ended = std::future::poll_fn(|cx| match connection.as_mut().poll(cx) {
                     Poll::Ready(result) => Poll::Ready(Some(result)),
+                    Poll::Pending if activity.started.load(Ordering::Relaxed) != started => {
+                        Poll::Ready(None)
+                    }
                     Poll::Pending
-                        if activity.started.load(Ordering::Relaxed) != started
-                            || grace.as_mut().is_none_or(|grace| grace.as_mut().poll(cx).is_ready()) =>
+                        if grace.as_mut().is_none_or(|grace| {
+                            grace.as_mut().poll(cx).is_ready()
+                                && !activity.head_begun.load(Ordering::Relaxed)
+                        }) =>
                     {
                         Poll::Ready(None)
                     }
@@ -585,10 +591,13 @@ fn count_timeout(kind: &'static str) {
 
 /// What the socket side needs to know of a connection's requests: a request is being served
 /// while `started` and `finished` differ; `finished` moving on means a response just ended.
+/// And what the drain needs to know of the socket: whether part of a request head has come that
+/// is not a request yet.
 #[derive(Default)]
 struct Activity {
     started: AtomicU32,
     finished: AtomicU32,
+    head_begun: AtomicBool,
 }
 
 /// The HTTP surface as a hyper service, counting requests in and responses out for [`ClientIo`].
@@ -734,9 +743,13 @@ impl ClientIo {
         }
         let finished = self.activity.finished.load(Ordering::Relaxed);
         if self.activity.started.load(Ordering::Relaxed) != finished {
+            if !matches!(self.reading, Reading::Busy) {
+                self.activity.head_begun.store(false, Ordering::Relaxed);
+            }
             self.reading = Reading::Busy;
         } else if finished != self.seen_finished {
             self.seen_finished = finished;
+            self.activity.head_begun.store(false, Ordering::Relaxed);
             self.reading = Reading::Idle {
                 deadline: Instant::now() + self.timeouts.idle,
             };
@@ -746,12 +759,16 @@ impl ClientIo {
     fn bytes_arrived(&mut self) {
         match &mut self.reading {
             Reading::Idle { .. } => {
+                self.activity.head_begun.store(true, Ordering::Relaxed);
                 self.reading = Reading::Head {
                     deadline: None,
                     begun: true,
                 };
             }
-            Reading::Head { begun, .. } => *begun = true,
+            Reading::Head { begun, .. } => {
+                self.activity.head_begun.store(true, Ordering::Relaxed);
+                *begun = true;
+            }
             Reading::Busy | Reading::TimedOut => {}
         }
     }
