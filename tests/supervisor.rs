@@ -260,14 +260,10 @@ fn a_hung_health_endpoint_gets_the_child_killed_and_restarted() {
     );
 }
 
-/// Regression: a `/health` that failed while vLLM kept answering requests (its event loop busy
-/// with a flood of them) got vLLM declared hung and restarted: the model reloaded and every
-/// stream cut. A probe that fails while responses keep coming is not counted; once they stop,
-/// the hang is a hang.
-#[test]
-fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
-    let (_dir, pids, pids_text) = pid_file();
-    let (gateway, vllm_port) = gateway_serve(
+/// `gateway serve` with mock-vllm, whose `/health` is probed every 200 ms (for 200 ms) and which
+/// is declared hung after two failures in a row.
+fn serve_probed_every_200ms(env: &[(&str, &str)]) -> (Proc, u16) {
+    gateway_serve(
         &[
             "--health-interval",
             "200ms",
@@ -278,12 +274,22 @@ fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
             "--stop-timeout",
             "1s",
         ],
-        &[
-            ("MOCK_VLLM_PID_FILE", &pids_text),
-            // 141 events, one every 20 ms: about 3 s of answering.
-            ("MOCK_VLLM_STREAM_DELAY", "20ms"),
-        ],
-    );
+        env,
+    )
+}
+
+/// Regression: a `/health` that failed while vLLM kept answering requests (its event loop busy
+/// with a flood of them) got vLLM declared hung and restarted: the model reloaded and every
+/// stream cut. A probe that fails while responses keep coming is not counted; once they stop,
+/// the hang is a hang.
+#[test]
+fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (gateway, vllm_port) = serve_probed_every_200ms(&[
+        ("MOCK_VLLM_PID_FILE", &pids_text),
+        // 141 events, one every 20 ms: about 3 s of answering.
+        ("MOCK_VLLM_STREAM_DELAY", "20ms"),
+    ]);
     wait_ready(&gateway);
     let first = wait_for_starts(&pids, 1)[0].0;
     let stream = start_stream(&gateway);
@@ -325,23 +331,11 @@ fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
 #[test]
 fn a_health_endpoint_that_answers_503_counts_while_vllm_answers_requests() {
     let (_dir, pids, pids_text) = pid_file();
-    let (gateway, _) = gateway_serve(
-        &[
-            "--health-interval",
-            "200ms",
-            "--health-timeout",
-            "200ms",
-            "--health-failures",
-            "2",
-            "--stop-timeout",
-            "1s",
-        ],
-        &[
-            ("MOCK_VLLM_PID_FILE", &pids_text),
-            ("MOCK_VLLM_ENGINE_DIE_AFTER", "1s"),
-            ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
-        ],
-    );
+    let (gateway, _) = serve_probed_every_200ms(&[
+        ("MOCK_VLLM_PID_FILE", &pids_text),
+        ("MOCK_VLLM_ENGINE_DIE_AFTER", "1s"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
     wait_ready(&gateway);
     let first = wait_for_starts(&pids, 1)[0].0;
     let stop = Arc::new(AtomicBool::new(false));

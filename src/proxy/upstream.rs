@@ -1463,22 +1463,27 @@ mod tests {
 
     /// An upstream on loopback at `port`.
     fn upstream_at(port: u16) -> Upstream {
+        counted_upstream_at(port, Arc::default())
+    }
+
+    /// An upstream on loopback at `port` whose reads are counted in `reads`.
+    fn counted_upstream_at(port: u16, reads: Arc<ReadCount>) -> Upstream {
         let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
         Upstream::new(
             &base,
             Duration::from_secs(5),
             Duration::from_secs(5),
             8,
-            Arc::default(),
+            reads,
         )
         .expect("upstream")
     }
 
-    /// `GET /v1/models` through `upstream`, answered by `deadline`, and the whole response.
-    async fn get_models(
+    /// `GET /v1/models` through `upstream`, its head answered by `deadline`.
+    async fn send_get_models(
         upstream: &Upstream,
         deadline: Instant,
-    ) -> Result<(Response<()>, Bytes), UpstreamError> {
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
         let headers = HeaderMap::new();
         let request_id = HeaderValue::from_static("1");
         let request = Head {
@@ -1489,10 +1494,15 @@ mod tests {
             request_id: &request_id,
             authorization: None,
         };
-        let (head, body) = upstream
-            .send(request, RequestBody::Empty, deadline)
-            .await?
-            .into_parts();
+        upstream.send(request, RequestBody::Empty, deadline).await
+    }
+
+    /// `GET /v1/models` through `upstream`, answered by `deadline`, and the whole response.
+    async fn get_models(
+        upstream: &Upstream,
+        deadline: Instant,
+    ) -> Result<(Response<()>, Bytes), UpstreamError> {
+        let (head, body) = send_get_models(upstream, deadline).await?.into_parts();
         let bytes = body.collect().await?.to_bytes();
         Ok((Response::from_parts(head, ()), bytes))
     }
@@ -1524,30 +1534,11 @@ mod tests {
             socket.write_all(b"y").await.expect("write");
             let _ = socket.read(&mut request).await;
         });
-        let base: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
         let reads = crate::status::VllmReads::default();
-        let upstream = Upstream::new(
-            &base,
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-            8,
-            reads.worker(),
-        )
-        .expect("upstream");
+        let upstream = counted_upstream_at(port, reads.worker());
         let count = || reads.total();
-        let headers = HeaderMap::new();
-        let request_id = HeaderValue::from_static("1");
-        let request = Head {
-            method: &Method::GET,
-            target: "/v1/models",
-            headers: &headers,
-            host: &upstream.host_header,
-            request_id: &request_id,
-            authorization: None,
-        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut body = upstream
-            .send(request, RequestBody::Empty, deadline)
+        let mut body = send_get_models(&upstream, deadline)
             .await
             .expect("answer")
             .into_body();
