@@ -119,6 +119,18 @@ impl UpstreamStatus {
         }
     }
 
+    /// The upstream's state in words, for the reasons the gateway gives.
+    pub fn describe(&self) -> String {
+        match self {
+            UpstreamStatus::External(health) => match &health.last_probe {
+                Some(probe) if !probe.ok => probe.detail.clone(),
+                Some(_) => "ready".into(),
+                None => "upstream /health not probed yet".into(),
+            },
+            UpstreamStatus::Child(child) => child.state.describe(),
+        }
+    }
+
     pub fn report(&self, ready: bool, draining: bool) -> StatusReport {
         let status = if draining {
             "draining"

@@ -179,6 +179,14 @@ fn a_start_that_fails_ends_the_waiting_stream_with_the_error_event() {
     assert_eq!(data["status"], 503, "{data}");
     assert_eq!(data["code"], "upstream_not_ready", "{data}");
     assert_eq!(data["error"]["code"], "upstream_not_ready", "{data}");
+    // Which state vLLM is in, as /readyz says it.
+    let message = data["message"].as_str().expect("a message");
+    assert!(
+        message
+            .strip_prefix("the model server is not ready: ")
+            .is_some_and(|state| state.starts_with("restart ")),
+        "{data}"
+    );
     assert_eq!(waiting_streams(&gateway, "failed"), Some(1.0));
 }
 

@@ -23,8 +23,9 @@ pub enum ProxyError {
     NotImplemented(&'static str),
     #[error("not found: {0}")]
     NotFound(&'static str),
-    #[error("the model server is not ready")]
-    NotReady { retry_after_secs: u64 },
+    /// `why`: vLLM's state in words (`loading model: ... (42 s)`, `restart 2 in 4 s`).
+    #[error("the model server is not ready: {why}")]
+    NotReady { retry_after_secs: u64, why: String },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     /// A stream still running when `drain_timeout` expired (a stop, or an in-place upgrade).
@@ -235,7 +236,9 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         let retry_after_secs = match self {
-            ProxyError::NotReady { retry_after_secs } => Some(retry_after_secs),
+            ProxyError::NotReady {
+                retry_after_secs, ..
+            } => Some(retry_after_secs),
             // The queue moves as requests finish: soon, but no one knows when.
             ProxyError::TooManyRequests(_) => Some(1),
             _ => None,

@@ -491,8 +491,12 @@ pub async fn wait_until_ready(
     if state.status_copy.readiness().accepts_requests {
         return Ok(());
     }
-    let not_ready = || ProxyError::NotReady {
-        retry_after_secs: state.status.borrow().retry_after_secs(),
+    let not_ready = || {
+        let status = state.status.borrow();
+        ProxyError::NotReady {
+            retry_after_secs: status.retry_after_secs(),
+            why: status.describe(),
+        }
     };
     if wait.is_zero() || !state.status.borrow().may_become_ready() {
         return Err(not_ready());
