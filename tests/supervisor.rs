@@ -261,8 +261,8 @@ fn a_hung_health_endpoint_gets_the_child_killed_and_restarted() {
 }
 
 /// `gateway serve` with mock-vllm, whose `/health` is probed every 200 ms (for 200 ms) and which
-/// is declared hung after two failures in a row.
-fn serve_probed_every_200ms(env: &[(&str, &str)]) -> (Proc, u16) {
+/// is declared hung after two failures in a row, then stopped within `stop_timeout`.
+fn serve_probed_every_200ms(stop_timeout: &str, env: &[(&str, &str)]) -> (Proc, u16) {
     gateway_serve(
         &[
             "--health-interval",
@@ -272,7 +272,7 @@ fn serve_probed_every_200ms(env: &[(&str, &str)]) -> (Proc, u16) {
             "--health-failures",
             "2",
             "--stop-timeout",
-            "1s",
+            stop_timeout,
         ],
         env,
     )
@@ -285,11 +285,14 @@ fn serve_probed_every_200ms(env: &[(&str, &str)]) -> (Proc, u16) {
 #[test]
 fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
     let (_dir, pids, pids_text) = pid_file();
-    let (gateway, vllm_port) = serve_probed_every_200ms(&[
-        ("MOCK_VLLM_PID_FILE", &pids_text),
-        // 141 events, one every 20 ms: about 3 s of answering.
-        ("MOCK_VLLM_STREAM_DELAY", "20ms"),
-    ]);
+    let (gateway, vllm_port) = serve_probed_every_200ms(
+        "1s",
+        &[
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+            // 141 events, one every 20 ms: about 3 s of answering.
+            ("MOCK_VLLM_STREAM_DELAY", "20ms"),
+        ],
+    );
     wait_ready(&gateway);
     let first = wait_for_starts(&pids, 1)[0].0;
     let stream = start_stream(&gateway);
@@ -331,11 +334,14 @@ fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {
 #[test]
 fn a_health_endpoint_that_answers_503_counts_while_vllm_answers_requests() {
     let (_dir, pids, pids_text) = pid_file();
-    let (gateway, _) = serve_probed_every_200ms(&[
-        ("MOCK_VLLM_PID_FILE", &pids_text),
-        ("MOCK_VLLM_ENGINE_DIE_AFTER", "1s"),
-        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
-    ]);
+    let (gateway, _) = serve_probed_every_200ms(
+        "1s",
+        &[
+            ("MOCK_VLLM_PID_FILE", &pids_text),
+            ("MOCK_VLLM_ENGINE_DIE_AFTER", "1s"),
+            ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+        ],
+    );
     wait_ready(&gateway);
     let first = wait_for_starts(&pids, 1)[0].0;
     let stop = Arc::new(AtomicBool::new(false));
@@ -354,6 +360,23 @@ fn a_health_endpoint_that_answers_503_counts_while_vllm_answers_requests() {
     assert_ne!(starts[1].0, first);
     assert!(gateway.log_text().contains("vLLM is hung"));
     assert!(!gateway.log_text().contains("not counted"));
+}
+
+/// Regression: a vLLM stopped by SIGSTOP (or left stopped by a debugger) was declared hung and
+/// sent SIGTERM, which a stopped process takes only once it runs again: it went only at
+/// `stop_timeout`'s SIGKILL. It is now sent SIGCONT with the SIGTERM, and stops gracefully.
+#[test]
+fn a_stopped_vllm_is_continued_so_that_the_sigterm_of_its_restart_stops_it() {
+    let (_dir, pids, pids_text) = pid_file();
+    let (gateway, _) = serve_probed_every_200ms("1h", &[("MOCK_VLLM_PID_FILE", &pids_text)]);
+    wait_ready(&gateway);
+    let first = wait_for_starts(&pids, 1)[0].0;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGSTOP).expect("SIGSTOP");
+
+    let starts = wait_for_starts(&pids, 2);
+    assert_ne!(starts[1].0, first);
+    wait_until("the stopped vLLM to be gone", DEADLINE, || !alive(first));
+    assert!(gateway.log_text().contains("vLLM is hung"));
 }
 
 #[test]

@@ -922,6 +922,9 @@ impl Supervisor {
         let pid = child.pid;
         tracing::info!(pid, ?reason, "sending SIGTERM to vLLM's process group");
         child::signal_group_logged(pid, Signal::SIGTERM);
+        // A stopped process (SIGSTOP, a debugger let go of) takes its SIGTERM only once it runs
+        // again; without this it waits out stop_timeout for its SIGKILL. (systemd does the same.)
+        child::signal_group_logged(pid, Signal::SIGCONT);
         self.probe = None;
         // A shutdown during an earlier stop keeps the earlier kill deadline.
         if self.kill_at.is_none() || !matches!(self.status.state, ChildState::Stopping { .. }) {
