@@ -139,7 +139,7 @@ async fn run_serve(config: Config, socket: TcpSocket, context: Context) -> anyho
         listen = %socket.local_addr()?,
         "listen address reserved; connections are accepted once vLLM is ready"
     );
-    // Counted by the proxy's workers, weighed by the supervisor against a failed probe.
+    // Counted by the proxy's workers, weighed by the supervisor against a probe that timed out.
     let reads = VllmReads::default();
     let (supervisor, supervised) = supervisor::start(
         serve,

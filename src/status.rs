@@ -3,7 +3,7 @@
 //! supervisor does. Readers only ever borrow it.
 //!
 //! Beside it, [`VllmReads`]: how many reads from vLLM brought the proxy's workers data, which the
-//! supervisor weighs against a failed `/health` probe.
+//! supervisor (and the standalone poller) weighs against a `/health` probe that timed out.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -169,8 +169,8 @@ impl SupervisorHandle {
 
 /// Starts the supervisor task, which starts vLLM at once (or adopts the one `inherited` names)
 /// and runs until it is stopped or the restart policy ends it. The task returns how supervision
-/// ended. `reads` are the proxy's reads from vLLM: a probe that fails while they move on is not
-/// counted.
+/// ended. `reads` are the proxy's reads from vLLM: a probe that times out while they move on is
+/// not counted.
 pub fn start(
     serve: ServeConfig,
     upstream_base: String,
@@ -788,6 +788,7 @@ impl Supervisor {
         // throw away a model that serves. (Any other failure, vLLM's own 503 included, counts.)
         let reads = self.reads.total();
         let answering = std::mem::replace(&mut self.reads_at_probe, reads) != reads;
+        // The failure, and whether it is excused.
         let result = result.map_err(|(reason, slow)| (reason, slow && answering));
         match (&self.status.state, result) {
             (ChildState::Starting { .. }, Ok(()))
