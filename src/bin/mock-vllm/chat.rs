@@ -53,7 +53,7 @@ pub(crate) async fn create_chat_completion(
         id: format!("chatcmpl-{:016x}", state.next_id()),
         created: unix_now(),
         // vLLM reports its first served name, whichever one the request used.
-        model: state.served_model.clone(),
+        model: state.served_model().to_owned(),
         prompt_tokens: count_words(messages),
         pieces,
         include_usage,

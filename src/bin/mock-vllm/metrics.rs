@@ -16,7 +16,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let completed = stats.completed.load(Ordering::SeqCst);
     let disconnects = stats.disconnects.load(Ordering::SeqCst);
     let running = requests.saturating_sub(completed + disconnects);
-    let labels = format!("engine=\"0\",model_name=\"{}\"", state.served_model);
+    let labels = format!("engine=\"0\",model_name=\"{}\"", state.served_model());
     let body = format!(
         "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
          # TYPE vllm:num_requests_running gauge\n\

@@ -22,9 +22,6 @@ use crate::stream::Pacing;
 
 /// State shared by every request handler.
 pub(crate) struct AppState {
-    /// The name answers report as their model, whichever name the request used: the first
-    /// served name, as in vLLM.
-    pub(crate) served_model: String,
     /// Every name the model is served under, in the command line's order.
     pub(crate) served_model_names: Vec<String>,
     /// The model as given on the command line, which each model card reports as its `root`.
@@ -104,7 +101,6 @@ impl AppState {
     ) -> Self {
         let seed = u64::from(std::process::id()) ^ u64::from(unix_nanos());
         AppState {
-            served_model: cli.served_model().to_owned(),
             served_model_names: cli.served_model_names.clone(),
             model: cli.model.clone(),
             max_model_len: cli.max_model_len,
@@ -124,6 +120,12 @@ impl AppState {
             engine_died: CancellationToken::new(),
             end_death_linger: CancellationToken::new(),
         }
+    }
+
+    /// The name answers report as their model, whichever name the request used: the first
+    /// served name, as in vLLM.
+    pub(crate) fn served_model(&self) -> &str {
+        self.served_model_names.first().unwrap_or(&self.model)
     }
 
     pub(crate) fn pacing(&self) -> Pacing {
