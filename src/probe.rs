@@ -101,13 +101,15 @@ pub async fn poll_upstream(
             () = cancel.cancelled() => return,
         }
         let outcome = probe(&client, &base, health.timeout).await;
-        let total = reads.total();
-        let answering = std::mem::replace(&mut reads_at_probe, total) != total;
-        let slow = matches!(outcome, Err(ProbeError::Slow(_)));
-        if slow && answering {
-            tracing::warn!(upstream = %base, reason = %outcome.as_ref().err().map(ToString::to_string).unwrap_or_default(), "upstream /health is slow, but the upstream is answering requests: still ready");
-        }
-        let ok = outcome.is_ok() || (slow && answering);
+        let answering = reads.moved_since(&mut reads_at_probe);
+        let excused = match &outcome {
+            Err(reason @ ProbeError::Slow(_)) if answering => {
+                tracing::warn!(upstream = %base, %reason, "upstream /health is slow, but the upstream is answering requests: still ready");
+                true
+            }
+            _ => false,
+        };
+        let ok = outcome.is_ok() || excused;
         if was_ok != Some(ok) {
             match &outcome {
                 Err(reason) if !ok => {

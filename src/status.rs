@@ -193,6 +193,12 @@ impl VllmReads {
         count
     }
 
+    /// Whether any worker has read since `seen` (the total the last call saw), which it updates.
+    pub fn moved_since(&self, seen: &mut u64) -> bool {
+        let total = self.total();
+        std::mem::replace(seen, total) != total
+    }
+
     /// Every worker's reads so far, those of workers that have ended included.
     pub fn total(&self) -> u64 {
         self.workers

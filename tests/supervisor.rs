@@ -280,7 +280,7 @@ fn serve_probed_every_200ms(stop_timeout: &str, env: &[(&str, &str)]) -> (Proc, 
 
 /// Regression: a `/health` that failed while vLLM kept answering requests (its event loop busy
 /// with a flood of them) got vLLM declared hung and restarted: the model reloaded and every
-/// stream cut. A probe that fails while responses keep coming is not counted; once they stop,
+/// stream cut. A probe that times out while responses keep coming is not counted; once they stop,
 /// the hang is a hang.
 #[test]
 fn a_failing_health_endpoint_while_vllm_answers_requests_is_not_a_hang() {

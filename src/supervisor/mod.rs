@@ -786,8 +786,7 @@ impl Supervisor {
         // Responses kept coming from vLLM since the last probe: a /health that timed out then is
         // slow (an event loop busy with a flood of requests), not hung, and a restart would
         // throw away a model that serves. (Any other failure, vLLM's own 503 included, counts.)
-        let reads = self.reads.total();
-        let answering = std::mem::replace(&mut self.reads_at_probe, reads) != reads;
+        let answering = self.reads.moved_since(&mut self.reads_at_probe);
         // The failure, and whether it is excused.
         let result = result.map_err(|(reason, slow)| (reason, slow && answering));
         match (&self.status.state, result) {
