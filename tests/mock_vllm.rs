@@ -639,15 +639,9 @@ fn the_gateway_stops_an_orphaned_engine_before_it_starts_vllm_again() {
     );
 }
 
-/// Starts mock-vllm on port 0 serving `model` with these further vLLM options.
-fn mock_vllm_serving(model: &str, options: &[&str]) -> Proc {
-    let mut args: Vec<String> = ["serve", model, "--host", "127.0.0.1", "--port", "0"]
-        .map(String::from)
-        .into();
-    args.extend(options.iter().map(|option| option.to_string()));
-    let mut server = spawn(MOCK_VLLM, &args, &[("MOCK_VLLM_ENGINE_PROCESSES", "0")], 0);
-    server.port = server.expect_report("the port it listens on", reported_uvicorn_port);
-    server
+/// mock-vllm serving `model` with these further vLLM options, without engine processes.
+fn serving(model: &str, options: &[&str]) -> Proc {
+    mock_vllm_serving(model, options, &[("MOCK_VLLM_ENGINE_PROCESSES", "0")])
 }
 
 /// Regression: only the first of `--served-model-name tiny alias2` was kept, each card's `root`
@@ -655,7 +649,7 @@ fn mock_vllm_serving(model: &str, options: &[&str]) -> Proc {
 /// rooted at the model as given, with the flag's context length.
 #[test]
 fn every_served_name_gets_a_model_card_rooted_at_the_model_as_given() {
-    let server = mock_vllm_serving(
+    let server = serving(
         "/models/tiny-llama",
         &[
             "--served-model-name",
@@ -677,7 +671,7 @@ fn every_served_name_gets_a_model_card_rooted_at_the_model_as_given() {
 
 #[test]
 fn a_request_for_any_served_name_is_answered_as_the_first_name() {
-    let server = mock_vllm_serving(
+    let server = serving(
         "/models/tiny-llama",
         &["--served-model-name", "tiny", "alias2"],
     );
@@ -712,7 +706,7 @@ fn a_request_for_any_served_name_is_answered_as_the_first_name() {
 /// recorded while it served `tiny` alone, comes out byte for byte.
 #[test]
 fn an_unknown_model_gets_vllms_404_naming_the_valid_aliases() {
-    let server = mock_vllm_serving("/models/tiny-llama", &["--served-model-name", "tiny"]);
+    let server = serving("/models/tiny-llama", &["--served-model-name", "tiny"]);
     let request = fixture("vllm-0.32-tiny-error-unknown-model.request.json");
     let request = String::from_utf8(request).expect("a UTF-8 request");
     let response = post_json(server.port, "/v1/responses", &request, "");
@@ -723,7 +717,7 @@ fn an_unknown_model_gets_vllms_404_naming_the_valid_aliases() {
         String::from_utf8_lossy(&fixture("vllm-0.32-tiny-error-unknown-model.json"))
     );
 
-    let server = mock_vllm_serving(
+    let server = serving(
         "/models/tiny-llama",
         &["--served-model-name", "tiny", "alias2"],
     );
@@ -744,7 +738,7 @@ fn an_unknown_model_gets_vllms_404_naming_the_valid_aliases() {
 /// Regression: only the first of `--api-key k1 k2` was accepted.
 #[test]
 fn any_of_several_api_keys_is_accepted() {
-    let server = mock_vllm_serving("m", &["--api-key", "k1", "k2", "--enforce-eager"]);
+    let server = serving("m", &["--api-key", "k1", "k2", "--enforce-eager"]);
     for key in ["k1", "k2"] {
         let head = format!("GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {key}");
         assert_eq!(raw_request(server.port, &head, b"").status, 200, "{key}");
@@ -757,7 +751,7 @@ fn any_of_several_api_keys_is_accepted() {
 /// `vary: Origin` to every answer but the key check's 401, which is sent before it.
 #[test]
 fn answers_carry_uvicorns_server_header_and_vary_origin_except_the_401() {
-    let server = mock_vllm_serving("m", &["--api-key", "k"]);
+    let server = serving("m", &["--api-key", "k"]);
     let authorized = |path: &str| format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer k");
     let answers = [
         raw_request(server.port, &authorized("/v1/models"), b""),

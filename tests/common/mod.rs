@@ -621,7 +621,20 @@ pub fn mock_vllm_own_group(env: &[(&str, &str)]) -> Proc {
 /// Starts mock-vllm on port 0 through a wrapper that execs it (see [`spawn_wrapped`]), such as
 /// `setsid` or `nohup`, and waits until it reports the port it listens on.
 pub fn mock_vllm_wrapped(wrapper: &[&str], env: &[(&str, &str)]) -> Proc {
-    let args = ["serve", "mock-model", "--host", "127.0.0.1", "--port", "0"].map(String::from);
+    launch_mock_vllm(wrapper, "mock-model", &[], env)
+}
+
+/// Starts mock-vllm on port 0 serving `model` with these further vLLM `options`
+/// (`--served-model-name`, `--api-key`, ...), and waits until it reports the port it listens on.
+pub fn mock_vllm_serving(model: &str, options: &[&str], env: &[(&str, &str)]) -> Proc {
+    launch_mock_vllm(&[], model, options, env)
+}
+
+fn launch_mock_vllm(wrapper: &[&str], model: &str, options: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut args: Vec<String> = ["serve", model, "--host", "127.0.0.1", "--port", "0"]
+        .map(String::from)
+        .into();
+    args.extend(options.iter().map(|option| option.to_string()));
     let mut proc = spawn_wrapped(wrapper, MOCK_VLLM, &args, env, 0);
     proc.port = proc.expect_report("the port it listens on", reported_uvicorn_port);
     proc
