@@ -132,6 +132,7 @@ fn the_openai_python_sdk_reads_a_stream_kept_alive_while_vllm_loads() {
     let gateway = slow_loading_gateway("4s");
     kill_vllm(&gateway);
     let result = run_sdk_client("stream_client.py", &gateway.url("/v1"));
+    assert_eq!(result["error"], serde_json::Value::Null);
     assert_eq!(result["first"], "response.created");
     assert_eq!(result["last"], "response.completed");
     assert_eq!(result["text"], "HELLO");

@@ -461,6 +461,49 @@ fn upstream_death_mid_stream_ends_with_an_error_event() {
     );
 }
 
+/// An upstream that answers an event stream whose second event, a chunk as vLLM writes each one,
+/// is cut off halfway by the upstream's death.
+fn upstream_dying_mid_event() -> (u16, std::thread::JoinHandle<()>) {
+    let whole = CUT_STREAM_FIRST_EVENT;
+    let half = "event: response.output_text.delta\ndata: {\"type\":\"response.output_te";
+    upstream_answering(format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
+         transfer-encoding: chunked\r\n\r\n{:x}\r\n{whole}\r\n{:x}\r\n{half}",
+        whole.len(),
+        half.len() + 60,
+    ))
+}
+
+const CUT_STREAM_FIRST_EVENT: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"created_at\":1,\"model\":\"mock-model\",\"output\":[],\"status\":\"in_progress\"}}\n\n";
+
+#[test]
+fn an_event_cut_off_by_the_upstreams_death_is_not_passed_on() {
+    let (port, _upstream) = upstream_dying_mid_event();
+    let gateway = gateway(port, &["--health-interval", "1h"], &[]);
+    let response = post_json(gateway.port, "/v1/responses", RESPONSES_STREAM, "");
+    assert_eq!(response.status, 200);
+    let text = String::from_utf8(response.body).expect("utf-8");
+    let rest = text
+        .strip_prefix(CUT_STREAM_FIRST_EVENT)
+        .unwrap_or_else(|| panic!("the whole event first: {text}"));
+    assert!(
+        rest.starts_with("event: error\ndata: {") && rest.ends_with("}\n\n"),
+        "then only the error event: {text}"
+    );
+    assert_eq!(rest.matches("\n\n").count(), 1, "{text}");
+    assert!(rest.contains("\"code\":\"upstream_unavailable\""), "{text}");
+}
+
+#[test]
+fn the_openai_sdk_gets_an_api_error_when_the_upstream_dies_mid_event() {
+    let (port, _upstream) = upstream_dying_mid_event();
+    let gateway = gateway(port, &["--health-interval", "1h"], &[]);
+    let result = run_sdk_client("stream_client.py", &gateway.url("/v1"));
+    assert_eq!(result["first"], "response.created");
+    assert_eq!(result["count"], 1);
+    assert_eq!(result["error"]["code"], "upstream_unavailable", "{result}");
+}
+
 #[test]
 fn client_disconnect_mid_stream_reaches_the_upstream() {
     let mock = mock_vllm(&[("MOCK_VLLM_STREAM_DELAY", "100ms")]);

@@ -17,7 +17,8 @@
 //! `httparse` a line at a time, a line equal to the one at its place in the worker's last head
 //! taken as it was parsed then (1xx heads are skipped); the body is framed by `Content-Length`,
 //! by chunked transfer coding (extensions and trailers are read and dropped; a length beside it
-//! goes, and any other coding is refused), or by the end of the connection, and HEAD requests and
+//! goes, and any other coding is refused; a chunk is given out whole, unless it is longer than
+//! `READ_MAX`), or by the end of the connection, and HEAD requests and
 //! 204 and 304 answers have none. The client gets the head in HTTP/1.1. A connection is kept for
 //! another request only after an HTTP/1.1 answer without `Connection: close` whose body was read
 //! to its framed end with nothing after it.
@@ -54,7 +55,8 @@ use crate::status::ReadCount;
 /// A connection's first read buffer: under a page, so that quiet streams' buffers share pages.
 const READ_START: usize = 1024;
 
-/// The most a read buffer grows to, and the largest response head accepted.
+/// The most a read buffer grows to, the largest response head accepted, and the largest chunk
+/// held back until it is whole.
 const READ_MAX: usize = 64 * 1024;
 
 /// The most response header lines accepted (as hyper's client).
@@ -942,13 +944,19 @@ impl Body for ResponseBody {
                         Ok(httparse::Status::Partial) if buffer.len() < MAX_LINE => {}
                         _ => return this.broken(UpstreamError::Protocol("invalid chunk size")),
                     },
-                    Chunk::Data(left) => {
+                    // vLLM writes each event of a stream as one chunk: passed on whole, a chunk
+                    // cut off by vLLM's death leaves no half event ahead of the error event that
+                    // ends the stream, which a client's parser would take for a whole one.
+                    Chunk::Data(left)
+                        if *left <= buffer.len() as u64 || *left > READ_MAX as u64 =>
+                    {
                         let data = take_counted(buffer, left);
                         if *left == 0 {
                             *chunk = Chunk::DataEnd;
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
+                    Chunk::Data(_) => {}
                     Chunk::DataEnd => {
                         if buffer.len() >= 2 {
                             if &buffer[..2] != b"\r\n" {
@@ -1577,6 +1585,63 @@ mod tests {
         let (head, body) = fetch(port).await.expect("response");
         assert_eq!(head.status(), StatusCode::OK);
         assert_eq!(&body[..], b"hello");
+    }
+
+    /// A chunk comes out as one frame however the reads split it, so a stream cut off halfway
+    /// through one gives out only whole events; one longer than `READ_MAX` comes out as it is read.
+    #[tokio::test]
+    async fn chunks_are_given_out_whole_up_to_the_read_limit() {
+        static LONG: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut long = format!("{:x}\r\n", READ_MAX + 1).into_bytes();
+            long.resize(long.len() + READ_MAX + 1, b'x');
+            long.extend_from_slice(b"\r\n0\r\n\r\n");
+            long
+        });
+        let port = upstream(
+            vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                b"9\r\ndata: ",
+                b"1\n\n",
+                b"\r\n9\r\ndata: 2\n\n\r\n",
+                b"9\r\ndata: 3",
+            ],
+            true,
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut body = send_get_models(&upstream_at(port), deadline)
+            .await
+            .expect("response")
+            .into_body();
+        let mut frames = Vec::new();
+        let end = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => frames.push(frame.into_data().expect("data")),
+                Some(Err(error)) => break error,
+                None => panic!("a body cut short ends with an error"),
+            }
+        };
+        assert_eq!(frames, [&b"data: 1\n\n"[..], &b"data: 2\n\n"[..]]);
+        assert!(matches!(end, UpstreamError::Io(_)), "{end}");
+
+        let port = upstream(
+            vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                LONG.as_slice(),
+            ],
+            false,
+        )
+        .await;
+        let mut body = send_get_models(&upstream_at(port), deadline)
+            .await
+            .expect("response")
+            .into_body();
+        let mut sizes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            sizes.push(frame.expect("a frame").into_data().expect("data").len());
+        }
+        assert!(sizes.len() > 1, "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), READ_MAX + 1);
     }
 
     /// A deadline that passed while its connection sat in the pool does not cut the connection's
