@@ -83,7 +83,8 @@ demo:
 bench:
 	bash tests/bench/run.sh
 
-# Instructions a forwarded request costs, under callgrind (steadier than CPU time; see the script).
+# Instructions a forwarded request costs the gateway (and HAProxy: INSTR_TARGETS="gateway haproxy"),
+# under callgrind: steadier than CPU time; see the script.
 bench-instructions:
 	bash tests/bench/instructions.sh
 

@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# How many instructions a forwarded JSON request costs the gateway, counted by valgrind's callgrind.
+# How many instructions a forwarded request costs the gateway, and a peer proxy beside it,
+# counted by valgrind's callgrind.
 #
 # CPU time on a shared machine moves by several percent from run to run, more than most single
 # changes to the request path; instructions counted in user space move by a few tenths of a
 # percent, so a change of one percent shows. (They leave out the kernel and what a cache miss
 # costs: a change that moves them is then confirmed with `make bench`.)
 #
-# The upstream is the bench's nginx answering the 4 KB Responses body at once (as `json` in
-# run.sh); the gateway runs its release build under callgrind; oha sends INSTR_WARMUP requests,
-# then the counters are zeroed, INSTR_REQUESTS are sent and the counters dumped. Prints the
-# instructions a request, and keeps the dump for `callgrind_annotate`.
+# Two kinds of request, each against the upstream `make bench` uses for it:
+#   json     the bench's nginx answers the 4 KB Responses body at once; oha sends the requests
+#            over INSTR_CONNECTIONS keep-alive connections.
+#   streams  streams.py's event stream, one event and its end at once, under real vLLM's head;
+#            the requests go one after another on one connection (streams.py ttfb), as in the
+#            bench's time to first byte.
+# Each target runs under callgrind (the gateway's release build; HAProxy with the bench's
+# configuration, threads and all); INSTR_WARMUP requests are sent, the counters zeroed,
+# INSTR_REQUESTS sent and the counters dumped. Prints the instructions a request of each target,
+# and keeps the dumps for `callgrind_annotate`.
 #
 # Settings (environment):
-#   INSTR_REQUESTS=3000   requests counted
-#   INSTR_WARMUP=2000     requests before the count
-#   INSTR_CONNECTIONS=8   keep-alive connections
-#   INSTR_OUT=            where the dump goes (default: target/bench-instructions)
-#   GATEWAY_BIN=          use this gateway binary, skip cargo build
-#   GATEWAY_EXTRA_ARGS=   more arguments for the gateway
+#   INSTR_KIND=json        json or streams
+#   INSTR_TARGETS=gateway  targets, among gateway and haproxy (e.g. "gateway haproxy")
+#   INSTR_REQUESTS=3000    requests counted
+#   INSTR_WARMUP=2000      requests before the count
+#   INSTR_CONNECTIONS=8    keep-alive connections (json)
+#   INSTR_OUT=             where the dumps go (default: target/bench-instructions)
+#   GATEWAY_BIN=           use this gateway binary, skip cargo build
+#   GATEWAY_EXTRA_ARGS=    more arguments for the gateway
 #
 # Usage: make bench-instructions   (or: bash tests/bench/instructions.sh)
 
@@ -25,6 +34,8 @@ set -euo pipefail
 
 # shellcheck source=tests/bench/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+KIND="${INSTR_KIND:-json}"
+read -r -a TARGETS <<<"${INSTR_TARGETS:-gateway}"
 REQUESTS="${INSTR_REQUESTS:-3000}"
 WARMUP="${INSTR_WARMUP:-2000}"
 CONNECTIONS="${INSTR_CONNECTIONS:-8}"
@@ -33,30 +44,50 @@ OUT="${INSTR_OUT:-$TARGET_DIR/bench-instructions}"
 for n in "$REQUESTS" "$WARMUP" "$CONNECTIONS"; do
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "INSTR_REQUESTS/WARMUP/CONNECTIONS must be positive integers (got '$n')"
 done
+[[ "$KIND" == json || "$KIND" == streams ]] || die "INSTR_KIND must be json or streams (got '$KIND')"
+(( ${#TARGETS[@]} > 0 )) || die "INSTR_TARGETS names no target"
+for target in "${TARGETS[@]}"; do
+    [[ "$target" == gateway || "$target" == haproxy ]] || die "unknown target '$target' (gateway, haproxy)"
+done
 
 want=()
 command -v valgrind >/dev/null || want+=(valgrind)
-command -v nginx >/dev/null || want+=(nginx-light)
 command -v curl >/dev/null || want+=(curl)
+[[ "$KIND" != json ]] || command -v nginx >/dev/null || want+=(nginx-light)
+[[ " ${TARGETS[*]} " != *" haproxy "* ]] || command -v haproxy >/dev/null || want+=(haproxy)
 (( ${#want[@]} == 0 )) || apt_install "${want[@]}"
-install_oha || die "oha is needed"
-build_gateway || die "cargo build failed"
+[[ "$KIND" != json ]] || install_oha || die "oha is needed"
+[[ " ${TARGETS[*]} " != *" gateway "* ]] || build_gateway || die "cargo build failed"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gateway-instructions.XXXXXX")"
-NGINX_PID="" GATEWAY_PID=""
+PIDS=()
 cleanup() {
-    [[ -z "$GATEWAY_PID" ]] || kill "$GATEWAY_PID" 2>/dev/null || true
-    [[ -z "$NGINX_PID" ]] || kill "$NGINX_PID" 2>/dev/null || true
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 stage_upstream "$WORK"
 mkdir -p "$OUT"
-read -r UP_JSON UP_SSE GATEWAY_PORT <<<"$(free_ports 3)"
-sed -e "s|@WORK@|$WORK|g" -e "s|@UP_JSON_PORT@|$UP_JSON|g" -e "s|@UP_SSE_PORT@|$UP_SSE|g" \
-    "$BENCH_DIR/upstream.nginx.conf.in" >"$WORK/upstream.nginx.conf"
-grep -q '@[A-Z_]*@' "$WORK/upstream.nginx.conf" && die "unfilled placeholder in the nginx config"
+# The proxy under test listens on the kind's port; HAProxy's frontends for the other kinds (it
+# refuses port 0) take the others.
+read -r UP_JSON UP_SSE UP_STREAMS PROXY_JSON PROXY_SSE PROXY_STREAMS <<<"$(free_ports 6)"
+PROXY_PORT="$PROXY_JSON"
+[[ "$KIND" == json ]] || PROXY_PORT="$PROXY_STREAMS"
+
+if [[ "$KIND" == json ]]; then
+    UPSTREAM_PORT="$UP_JSON"
+    sed -e "s|@WORK@|$WORK|g" -e "s|@UP_JSON_PORT@|$UP_JSON|g" -e "s|@UP_SSE_PORT@|$UP_SSE|g" \
+        "$BENCH_DIR/upstream.nginx.conf.in" >"$WORK/upstream.nginx.conf"
+    nginx -c "$WORK/upstream.nginx.conf" -p "$WORK" >"$WORK/upstream.log" 2>&1 &
+else
+    UPSTREAM_PORT="$UP_STREAMS"
+    printf '{"model":"m","input":"hello","stream":true,"bench_events":1,"bench_interval":0}' \
+        >"$WORK/request.json"
+    python3 "$BENCH_DIR/streams.py" upstream "$UP_STREAMS" >"$WORK/upstream.log" 2>&1 &
+fi
+PIDS+=($!)
 
 post() {
     curl -s -o /dev/null -w '%{http_code}' --max-time 5 -X POST -H 'content-type: application/json' \
@@ -70,34 +101,64 @@ wait_for() {
         sleep 0.2
     done
 }
+wait_for "$UPSTREAM_PORT" 10 "the upstream"
 
-nginx -c "$WORK/upstream.nginx.conf" -p "$WORK" >"$WORK/nginx.log" 2>&1 &
-NGINX_PID=$!
-wait_for "$UP_JSON" 10 "the nginx upstream"
-
-rm -f "$OUT"/callgrind.out*
-# shellcheck disable=SC2086
-valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
-    "$GATEWAY" --llm-api-base "http://127.0.0.1:$UP_JSON" --host 127.0.0.1 --port "$GATEWAY_PORT" \
-    --log-format json ${GATEWAY_EXTRA_ARGS:-} >"$WORK/gateway.log" 2>&1 &
-GATEWAY_PID=$!
-wait_for "$GATEWAY_PORT" 120 "the gateway under callgrind"
-
+# load COUNT: COUNT requests through the proxy under test; fails unless all of them answered.
 load() {
-    "$OHA" -n "$1" -c "$CONNECTIONS" --no-tui -m POST -H 'content-type: application/json' \
-        -D "$WORK/request.json" "http://127.0.0.1:$GATEWAY_PORT/v1/responses" >"$WORK/oha.txt" 2>&1 \
-        || die "oha failed: $(tail -3 "$WORK/oha.txt")"
+    if [[ "$KIND" == json ]]; then
+        "$OHA" -n "$1" -c "$CONNECTIONS" --no-tui -m POST -H 'content-type: application/json' \
+            -D "$WORK/request.json" "http://127.0.0.1:$PROXY_PORT/v1/responses" >"$WORK/load.txt" 2>&1 \
+            || die "oha failed: $(tail -3 "$WORK/load.txt")"
+        grep -Eq 'Success rate:[[:space:]]+100' "$WORK/load.txt" \
+            || die "some requests failed: $(grep -i 'success' "$WORK/load.txt")"
+    else
+        timeout 600 python3 "$BENCH_DIR/streams.py" ttfb "http://127.0.0.1:$PROXY_PORT/v1/responses" "$1" \
+            >"$WORK/load.txt" 2>&1 || die "streams.py failed: $(tail -3 "$WORK/load.txt")"
+        [[ "$(awk '{ print $3 }' "$WORK/load.txt")" == "$1" ]] \
+            || die "some streams failed: $(cat "$WORK/load.txt")"
+    fi
 }
-log "$WARMUP requests of warm-up, then $REQUESTS counted"
-load "$WARMUP"
-callgrind_control -z "$GATEWAY_PID" >/dev/null 2>&1
-load "$REQUESTS"
-callgrind_control -d "$GATEWAY_PID" >/dev/null 2>&1
-grep -Eq 'Success rate:[[:space:]]+100' "$WORK/oha.txt" || die "some requests failed: $(grep -i 'success' "$WORK/oha.txt")"
 
-dump="$(grep -l '^desc: Trigger: dump' "$OUT"/callgrind.out* | head -1)"
-[[ -n "$dump" ]] || die "callgrind wrote no dump"
-total="$(sed -n 's/^summary: *//p' "$dump")"
-[[ "$total" =~ ^[0-9]+$ ]] || die "no instruction count in $dump"
-printf '%s instructions a request (%s requests, %s connections; %s: callgrind_annotate %s)\n' \
-    "$((total / REQUESTS))" "$REQUESTS" "$CONNECTIONS" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')" "$dump"
+# count TARGET: runs TARGET under callgrind and prints its instructions a request.
+count() {
+    local target="$1" pid dump total
+    local prefix="$OUT/callgrind.$KIND.$target.out"
+    rm -f "$prefix"*
+    case "$target" in
+        gateway)
+            # shellcheck disable=SC2086
+            valgrind --tool=callgrind --callgrind-out-file="$prefix" \
+                "$GATEWAY" --llm-api-base "http://127.0.0.1:$UPSTREAM_PORT" --host 127.0.0.1 \
+                --port "$PROXY_PORT" --log-format json ${GATEWAY_EXTRA_ARGS:-} >"$WORK/$target.log" 2>&1 &
+            ;;
+        haproxy)
+            sed -e "s|@WORK@|$WORK|g" -e "s|@UP_JSON_PORT@|$UP_JSON|g" -e "s|@UP_SSE_PORT@|$UP_SSE|g" \
+                -e "s|@UP_STREAMS_PORT@|$UP_STREAMS|g" -e "s|@HAPROXY_JSON_PORT@|$PROXY_JSON|g" \
+                -e "s|@HAPROXY_SSE_PORT@|$PROXY_SSE|g" -e "s|@HAPROXY_STREAMS_PORT@|$PROXY_STREAMS|g" \
+                "$BENCH_DIR/haproxy.cfg.in" >"$WORK/haproxy.cfg"
+            ! grep -q '@[A-Z_]*@' "$WORK/haproxy.cfg" || die "unfilled placeholder in the HAProxy config"
+            valgrind --tool=callgrind --callgrind-out-file="$prefix" \
+                haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/$target.log" 2>&1 &
+            ;;
+    esac
+    pid=$!
+    PIDS+=("$pid")
+    wait_for "$PROXY_PORT" 120 "$target under callgrind"
+    log "$target ($KIND): $WARMUP requests of warm-up, then $REQUESTS counted"
+    load "$WARMUP"
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    load "$REQUESTS"
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+
+    dump="$(grep -l '^desc: Trigger: dump' "$prefix"* | head -1)"
+    [[ -n "$dump" ]] || die "callgrind wrote no dump for $target"
+    total="$(sed -n 's/^summary: *//p' "$dump")"
+    [[ "$total" =~ ^[0-9]+$ ]] || die "no instruction count in $dump"
+    printf '%-8s %s instructions a request (%s: callgrind_annotate %s)\n' \
+        "$target" "$((total / REQUESTS))" "$KIND" "$dump"
+}
+
+log "$KIND: $REQUESTS requests counted a target ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+for target in "${TARGETS[@]}"; do count "$target"; done
