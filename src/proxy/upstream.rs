@@ -808,13 +808,18 @@ fn framing(
     {
         return Ok(Framing::Length(0));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
         // The client's framing is hyper's: only chunked can be taken off (and a line that names
-        // no coding at all frames nothing).
-        let names_one = headers::tokens(headers, header::TRANSFER_ENCODING)
-            .next()
-            .is_some();
-        return if names_one && headers::chunked_only(headers) {
+        // no coding at all frames nothing). vLLM's one line, `chunked`, is told without taking
+        // the lines apart.
+        let chunked = (first.as_bytes().eq_ignore_ascii_case(b"chunked")
+            && codings.next().is_none())
+            || (headers::tokens(headers, header::TRANSFER_ENCODING)
+                .next()
+                .is_some()
+                && headers::chunked_only(headers));
+        return if chunked {
             Ok(Framing::Chunked(Chunk::Size))
         } else {
             Err(UpstreamError::Protocol("unsupported transfer coding"))
