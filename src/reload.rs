@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::config::{self, Config, ConfigErrors, Source};
+use crate::config::{self, Config, ConfigErrors, Origin, Source};
 use crate::notify;
 use crate::proxy::{Live, LiveConfig, live_config};
 use crate::supervisor::child;
@@ -256,11 +256,26 @@ impl Reloader {
         tracing::info!(
             applied = ?reconciled.applied,
             needs_restart = ?reconciled.needs_restart,
+            overridden = ?overridden(&reconciled.running),
             "configuration reloaded"
         );
         self.loaded = reconciled.loaded;
         self.running = reconciled.running;
     }
+}
+
+/// The keys the file sets that a flag or a variable overrides, each with what overrides it
+/// (`stream_idle_timeout (--stream-idle-timeout)`): an edit of them in the file changes nothing.
+fn overridden(config: &Config) -> Vec<String> {
+    config
+        .overridden
+        .iter()
+        .map(|(key, origin)| match origin {
+            Origin::Flag(flag) => format!("{key} ({flag})"),
+            Origin::Env(name) => format!("{key} (${name})"),
+            Origin::File(_) | Origin::Default => (*key).to_string(),
+        })
+        .collect()
 }
 
 /// Counts a reload, applied or refused, for `/metrics`.

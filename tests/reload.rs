@@ -293,6 +293,36 @@ fn the_standalone_proxy_reloads_its_client_keys_too() {
     assert!(alive(vllm.pid()));
 }
 
+/// A key the command line or the environment sets is not the file's to change: the reload says
+/// which ones, and by what, where its list of applied keys would otherwise just leave them out.
+#[test]
+fn a_reload_names_the_file_keys_a_flag_or_a_variable_overrides() {
+    let vllm = mock_vllm(&[]);
+    let file = ConfigFile::new("stream_idle_timeout = \"1m\"\nqueue_timeout = \"10s\"\n");
+    let gateway = gateway(
+        vllm.port,
+        &["--config", file.path(), "--stream-idle-timeout", "5m"],
+        &[("GATEWAY_QUEUE_TIMEOUT", "20s")],
+    );
+    file.write(
+        "stream_idle_timeout = \"2m\"\nqueue_timeout = \"15s\"\nclient_idle_timeout = \"1m\"\n",
+    );
+    gateway.signal(Signal::SIGHUP);
+    let reloaded = || {
+        gateway_lines(&gateway)
+            .into_iter()
+            .find(|line| line["message"] == "configuration reloaded")
+    };
+    wait_until("the reload", DEADLINE, || reloaded().is_some());
+    let line = reloaded().expect("reloaded");
+    assert_eq!(line["applied"], "[\"client_idle_timeout\"]", "{line}");
+    assert_eq!(
+        line["overridden"],
+        "[\"stream_idle_timeout (--stream-idle-timeout)\", \"queue_timeout ($GATEWAY_QUEUE_TIMEOUT)\"]",
+        "{line}"
+    );
+}
+
 /// The status of a Responses request sent with `x-request-id: id`.
 fn request_with_id(gateway: &Proc, id: &str) -> u16 {
     post_json(

@@ -214,6 +214,9 @@ pub(super) struct Values {
     pub(super) file: Option<PathBuf>,
     /// How many keys the file set, known or not.
     pub(super) file_keys: usize,
+    /// The keys the file sets to a value other than the one a flag or a variable gives, which
+    /// wins, with where that came from.
+    pub(super) overridden: Vec<(&'static str, Origin)>,
     pub(super) errors: Vec<ConfigError>,
 }
 
@@ -253,6 +256,7 @@ pub(super) fn merge(
     };
     let file_keys = table.len();
     let mut values = BTreeMap::new();
+    let mut overridden = Vec::new();
     for key in KEYS {
         // The file's value is parsed whatever overrides it.
         let file_value = table.remove(key.name).and_then(|raw| {
@@ -289,6 +293,11 @@ pub(super) fn merge(
                 .flatten()
                 .map(|value| (value, origin))
         });
+        if let (Some((value, origin)), Some((in_file, _))) = (&given, &file_value)
+            && value != in_file
+        {
+            overridden.push((key.name, origin.clone()));
+        }
         let chosen = given.or(file_value).or_else(|| {
             let default = key.default?;
             let value = parse_texts(key, &[default.to_string()]).ok().flatten()?;
@@ -322,6 +331,7 @@ pub(super) fn merge(
         values,
         file: path,
         file_keys,
+        overridden,
         errors,
     })
 }

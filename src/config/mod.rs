@@ -35,6 +35,9 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// How many keys the file set (a reload refuses a file emptied since).
     pub file_keys: usize,
+    /// The keys the file sets to another value than a flag or an environment variable that wins
+    /// (a reload names them: an edit of the file changes nothing there).
+    pub overridden: Vec<(&'static str, Origin)>,
     pub listen: SocketAddr,
     /// The port of the listener that serves only the gateway's own endpoints (on the host of
     /// `listen`); `None`: there is none.
@@ -534,6 +537,25 @@ mod tests {
         let env: HashMap<&str, &str> = env.iter().copied().collect();
         let result = load(&args, mode, &|name| env.get(name).map(|v| v.to_string()));
         (path, result)
+    }
+
+    #[test]
+    fn file_keys_a_flag_or_variable_overrides_with_another_value_are_named() {
+        let (_, result) = load_with(
+            "llm_api_base = \"http://a:1\"\nhost = \"127.0.0.1\"\ndrain_timeout = \"5s\"\nport = 8080\n",
+            &[("host", "127.0.0.1"), ("drain_timeout", "10s")],
+            &[("GATEWAY_PORT", "9090"), ("GATEWAY_QUEUE_TIMEOUT", "1s")],
+            Mode::Standalone,
+        );
+        let config = result.expect("valid");
+        // The same value on both sides overrides nothing; a key the file leaves out neither.
+        assert_eq!(
+            config.overridden,
+            [
+                ("port", Origin::Env("GATEWAY_PORT".into())),
+                ("drain_timeout", Origin::Flag("--drain-timeout".into())),
+            ]
+        );
     }
 
     #[test]

@@ -239,6 +239,7 @@ pub(super) fn build(values: Values, mode: Mode) -> Result<Config, ConfigErrors> 
     let mut config = Config {
         file: values.file.clone(),
         file_keys: values.file_keys,
+        overridden: values.overridden.clone(),
         listen: SocketAddr::new(ip, port),
         health_port: None,
         upstream: UpstreamConfig {
