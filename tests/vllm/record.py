@@ -3,9 +3,10 @@
 Usage: record.py GATEWAY_URL VLLM_URL OUTDIR [GATEWAY_PID]
 
 GATEWAY_URL is the gateway in front of the tiny model (served as `tiny`), VLLM_URL vLLM itself
-(for its own /metrics and /health). With GATEWAY_PID, the engine core under that gateway is killed
-last, with two streams in flight, and vLLM's answers while its engine is dead are recorded: how the
-streams end, /health, then a generation request.
+(for the paths outside /v1: /metrics, /health, /ping, /tokenize and /detokenize). With GATEWAY_PID,
+the engine core under that gateway is killed last, with three streams in flight, and vLLM's answers
+while its engine is dead are recorded: how the streams end, /health, /ping, /tokenize, then a
+generation request.
 Run by record.sh.
 """
 
@@ -33,12 +34,27 @@ def exchange(base: str, method: str, path: str, body: dict | None = None):
     return response.status, response.getheader("content-type"), data
 
 
-def record(out: Path, name: str, base: str, path: str, body: dict, suffix: str, want: int) -> None:
+def record(out: Path, name: str, base: str, path: str, body: dict, suffix: str, want: int) -> bytes:
     status, content_type, data = exchange(base, "POST", path, body)
     assert status == want, (name, status, data[:300])
     (out / f"{PREFIX}{name}.request.json").write_text(json.dumps(body, indent=2) + "\n")
     (out / f"{PREFIX}{name}.{suffix}").write_bytes(data)
     print(f"{PREFIX}{name}.{suffix}: {status} {content_type} {len(data)} bytes")
+    return data
+
+
+def write_with_head(out: Path, name: str, status: int, content_type: str | None, data: bytes) -> None:
+    """Writes an answer whose status and content type matter as much as its body: the status
+    line and the content type (when there is one), a blank line, then the body."""
+    head = f"HTTP {status}\n" + (f"content-type: {content_type}\n" if content_type else "")
+    (out / f"{PREFIX}{name}.txt").write_bytes(head.encode() + b"\n" + data)
+    print(f"{PREFIX}{name}.txt: {status} {content_type} {len(data)} bytes")
+
+
+def record_with_head(out: Path, name: str, base: str, method: str, path: str, want: int) -> None:
+    status, content_type, data = exchange(base, method, path)
+    assert status == want, (name, status, data[:300])
+    write_with_head(out, name, status, content_type, data)
 
 
 def open_stream(base: str, path: str, body: dict) -> http.client.HTTPResponse:
@@ -102,10 +118,24 @@ def main() -> None:
     record(out, "chat-stream", v1, "/chat/completions",
            {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
             "stream": True}, "sse", 200)
+    record(out, "completions", v1, "/completions",
+           {"model": "tiny", "prompt": "Hello", "max_tokens": 16}, "json", 200)
+    record(out, "completions-stream", v1, "/completions",
+           {"model": "tiny", "prompt": "Hello", "max_tokens": 16, "stream": True}, "sse", 200)
+    record(out, "completions-stream-usage", v1, "/completions",
+           {"model": "tiny", "prompt": "Hello", "max_tokens": 16, "stream": True,
+            "stream_options": {"include_usage": True}}, "sse", 200)
     record(out, "error-unknown-model", v1, "/responses",
            {"model": "no-such-model", "input": "Hello"}, "json", 404)
     record(out, "error-too-long", v1, "/responses",
            {"model": "tiny", "input": "hello " * 2000, "max_output_tokens": 8}, "json", 400)
+
+    # The paths outside /v1 are vLLM's own, asked of vLLM itself.
+    tokens = json.loads(record(out, "tokenize", vllm, "/tokenize",
+                               {"model": "tiny", "prompt": "Hello world"}, "json", 200))["tokens"]
+    record(out, "detokenize", vllm, "/detokenize", {"model": "tiny", "tokens": tokens}, "json", 200)
+    record_with_head(out, "ping-get", vllm, "GET", "/ping", 200)
+    record_with_head(out, "ping-post", vllm, "POST", "/ping", 200)
 
     status, content_type, data = exchange(vllm, "GET", "/metrics")
     assert status == 200, status
@@ -113,7 +143,7 @@ def main() -> None:
     print(f"{PREFIX}metrics.txt: {status} {content_type} {len(data)} bytes")
 
     if len(sys.argv) > 4:
-        # Two long streams, sent to vLLM itself, are under way when the engine dies.
+        # Three long streams, sent to vLLM itself, are under way when the engine dies.
         v1_vllm = vllm.rstrip("/") + "/v1"
         streams = [
             ("chat-stream-engine-dead", "/chat/completions",
@@ -121,6 +151,9 @@ def main() -> None:
               "max_tokens": 1000, "ignore_eos": True, "stream": True}),
             ("responses-stream-engine-dead", "/responses",
              {"model": "tiny", "input": "Hello", "max_output_tokens": 1000, "ignore_eos": True,
+              "stream": True}),
+            ("completions-stream-engine-dead", "/completions",
+             {"model": "tiny", "prompt": "Hello", "n": 16, "max_tokens": 1000, "ignore_eos": True,
               "stream": True}),
         ]
         opened = []
@@ -142,9 +175,11 @@ def main() -> None:
             except OSError:
                 raise SystemExit("vLLM exited before its /health answered 503")
             if status == 503:
-                head = f"HTTP {status}\n" + (f"content-type: {content_type}\n" if content_type else "")
-                (out / f"{PREFIX}health-engine-dead.txt").write_bytes(head.encode() + b"\n" + data)
-                print(f"{PREFIX}health-engine-dead.txt: {status} {content_type} {len(data)} bytes")
+                write_with_head(out, "health-engine-dead", status, content_type, data)
+                # /ping is /health under another name; /tokenize needs no engine.
+                record_with_head(out, "ping-engine-dead", vllm, "GET", "/ping", 503)
+                record(out, "tokenize-engine-dead", vllm, "/tokenize",
+                       {"model": "tiny", "prompt": "Hello world"}, "json", 200)
                 # A generation request meanwhile meets the dead engine (and makes vLLM stop).
                 record(out, "error-engine-dead", vllm.rstrip("/") + "/v1", "/responses",
                        {"model": "tiny", "input": "Hello", "max_output_tokens": 8}, "json", 500)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Re-records the vLLM 0.32 fixtures in tests/fixtures (see its README): starts `gateway serve` on
 # the tiny model of the setup in DIR (default target/vllm, made by `make vllm-setup`), runs
-# record.py through it, and ends by killing vLLM's engine to record /health and a generation
-# request while it is dead.
+# record.py through it (and, for the paths outside /v1, at vLLM itself), and ends by killing vLLM's
+# engine to record how streams end, /health, /ping, /tokenize and a generation request while it is
+# dead.
 #
 #   tests/vllm/record.sh [DIR]
 set -euo pipefail
