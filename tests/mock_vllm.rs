@@ -3,7 +3,9 @@
 //! while, then exit 0" with generation requests refused meanwhile, idle kept-alive connections are
 //! closed, SIGHUP kills it, a token limit gives an incomplete answer, and a stop
 //! signal ends an in-flight stream cleanly, and several served names, several keys, the context
-//! length and the response head come out as vLLM's.
+//! length and the response head come out as vLLM's. Its legacy completions (whole and streamed),
+//! `/ping`, `/tokenize` and `/detokenize` have the shapes vLLM 0.32 gave them in the recorded
+//! fixtures, honour the knobs the chat endpoint does, and the OpenAI SDK parses them.
 
 mod common;
 
@@ -491,24 +493,24 @@ fn start_raw_stream_on(
     stream
 }
 
-#[test]
-fn a_chat_stream_in_flight_when_the_engine_dies_ends_with_vllms_error_chunk() {
+/// Starts a stream of `body` at `path`, kills the engine core under it, and checks that the
+/// stream ends as vLLM's did in `recording`: with its error chunk and `[DONE]`, byte for byte.
+fn assert_engine_death_ends_stream_as_recorded(
+    path: &'static str,
+    body: &'static str,
+    recording: &str,
+) {
     let server = mock_vllm_own_group(&[
         ("MOCK_VLLM_STREAM_DELAY", "1s"),
         ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
     ]);
     let _cleanup = KillGroup(server.pid());
     let (engine, _) = engine_processes(&server);
-    let stream = start_raw_stream_on(
-        &server,
-        "/v1/chat/completions",
-        r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
-    );
+    let stream = start_raw_stream_on(&server, path, body);
     kill(Pid::from_raw(engine), Signal::SIGKILL).expect("kill the engine core");
     let response = parse_response(&stream.join().expect("the stream thread"));
     assert_eq!(response.status, 200);
-    // vLLM's stream ends with its error chunk and `[DONE]`, byte for byte, and nothing else.
-    let recorded = fixture("vllm-0.32-tiny-chat-stream-engine-dead.sse");
+    let recorded = fixture(recording);
     let error_start = b"data: {\"error\"";
     let error_at = recorded
         .windows(error_start.len())
@@ -522,6 +524,15 @@ fn a_chat_stream_in_flight_when_the_engine_dies_ends_with_vllms_error_chunk() {
     assert!(
         !body.contains("finish_reason\":\"stop"),
         "cut short: {body}"
+    );
+}
+
+#[test]
+fn a_chat_stream_in_flight_when_the_engine_dies_ends_with_vllms_error_chunk() {
+    assert_engine_death_ends_stream_as_recorded(
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        "vllm-0.32-tiny-chat-stream-engine-dead.sse",
     );
 }
 
@@ -792,4 +803,600 @@ fn a_bad_max_model_len_exits_2_with_argparses_message() {
         "{}",
         server.log_text()
     );
+}
+
+/// The options vLLM 0.32 served the tiny model with when the `vllm-0.32-tiny-*` fixtures were
+/// recorded.
+const TINY: &[&str] = &["--served-model-name", "tiny", "--max-model-len", "1024"];
+
+/// mock-vllm serving the tiny model as it was recorded, with these knobs, without engine
+/// processes.
+fn tiny_with(env: &[(&str, &str)]) -> Proc {
+    let mut env = env.to_vec();
+    env.push(("MOCK_VLLM_ENGINE_PROCESSES", "0"));
+    mock_vllm_serving("/models/tiny-llama", TINY, &env)
+}
+
+fn fixture_text(name: &str) -> String {
+    String::from_utf8(fixture(name)).expect("a UTF-8 fixture")
+}
+
+/// A JSON text's shape: each object's keys in their order with their values' shapes, and the
+/// kind of each plain value; a run of list items of one shape counts once. Two answers of one
+/// shape differ only in their values (the model's words, ids, times, counts).
+fn json_shape(text: &[u8]) -> String {
+    let shape: Shape = serde_json::from_slice(text)
+        .unwrap_or_else(|error| panic!("not JSON ({error}): {}", String::from_utf8_lossy(text)));
+    shape.0
+}
+
+struct Shape(String);
+
+impl<'de> serde::Deserialize<'de> for Shape {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape("bool".into()))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape("num".into()))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape("num".into()))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape("num".into()))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape("str".into()))
+    }
+
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape("null".into()))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut items: Vec<String> = Vec::new();
+        while let Some(Shape(item)) = seq.next_element()? {
+            if items.last() != Some(&item) {
+                items.push(item);
+            }
+        }
+        Ok(Shape(format!("[{}]", items.join(","))))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut fields = Vec::new();
+        while let Some((key, Shape(value))) = map.next_entry::<String, Shape>()? {
+            fields.push(format!("{key}:{value}"));
+        }
+        Ok(Shape(format!("{{{}}}", fields.join(","))))
+    }
+}
+
+/// The shape of each event of a stream of one-line `data:` events, `[DONE]` as itself; a run
+/// of events of one shape counts once.
+fn sse_shapes(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    assert!(text.ends_with("\n\n"), "whole events: {text}");
+    let mut shapes: Vec<String> = Vec::new();
+    for event in text.split_terminator("\n\n") {
+        let data = event
+            .strip_prefix("data: ")
+            .filter(|data| !data.contains('\n'))
+            .unwrap_or_else(|| panic!("a one-line data event: {event:?}"));
+        let shape = match data {
+            "[DONE]" => data.to_owned(),
+            json => json_shape(json.as_bytes()),
+        };
+        if shapes.last() != Some(&shape) {
+            shapes.push(shape);
+        }
+    }
+    shapes
+}
+
+/// A recorded answer whose head matters as much as its body (`HTTP <status>`, the content type
+/// when there was one, a blank line, the body): its status, content type and body.
+fn recorded_with_head(name: &str) -> (u16, Option<String>, Vec<u8>) {
+    let recorded = fixture(name);
+    let split = recorded
+        .windows(2)
+        .position(|pair| pair == b"\n\n")
+        .expect("a blank line after the head");
+    let head = String::from_utf8_lossy(&recorded[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.strip_prefix("HTTP "))
+        .and_then(|status| status.parse().ok())
+        .expect("a status line");
+    let content_type = lines
+        .find_map(|line| line.strip_prefix("content-type: "))
+        .map(str::to_owned);
+    (status, content_type, recorded[split + 2..].to_vec())
+}
+
+fn completion_text(chunks: &[serde_json::Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["text"].as_str())
+        .collect()
+}
+
+#[test]
+fn a_completion_has_the_shape_vllm_gave_it() {
+    let server = tiny_with(&[]);
+    let request = fixture_text("vllm-0.32-tiny-completions.request.json");
+    let response = post_json(server.port, "/v1/completions", &request, "");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    let recorded = fixture("vllm-0.32-tiny-completions.json");
+    assert_eq!(json_shape(&response.body), json_shape(&recorded));
+    let json = response.json();
+    let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("JSON");
+    for field in ["object", "model"] {
+        assert_eq!(json[field], recorded[field], "{field}");
+    }
+    assert!(
+        json["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("cmpl-"))
+    );
+    assert!(
+        json["system_fingerprint"]
+            .as_str()
+            .is_some_and(|fingerprint| fingerprint.starts_with("vllm-")),
+        "{json}"
+    );
+    let choice = &json["choices"][0];
+    assert_eq!(choice["text"], "Hello from mock-vllm.");
+    assert_eq!(choice["finish_reason"], "stop");
+    // One word, one token, as the tiny model's tokenizer counted "Hello" too.
+    assert_eq!(
+        json["usage"]["prompt_tokens"],
+        recorded["usage"]["prompt_tokens"]
+    );
+    assert_eq!(json["usage"]["completion_tokens"], 5);
+    assert_eq!(json["usage"]["total_tokens"], 6);
+}
+
+#[test]
+fn a_completion_stream_has_the_shape_vllm_gave_it_with_and_without_a_usage_chunk() {
+    let server = tiny_with(&[]);
+    for name in [
+        "vllm-0.32-tiny-completions-stream",
+        "vllm-0.32-tiny-completions-stream-usage",
+    ] {
+        let request = fixture_text(&format!("{name}.request.json"));
+        let response = post_json(server.port, "/v1/completions", &request, "");
+        assert_eq!(response.status, 200, "{name}");
+        assert_eq!(
+            response.header("content-type"),
+            Some("text/event-stream; charset=utf-8"),
+            "{name}"
+        );
+        assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(
+            sse_shapes(&response.body),
+            sse_shapes(&fixture(&format!("{name}.sse"))),
+            "{name}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
+        assert!(response.body.ends_with(b"data: [DONE]\n\n"));
+        let chunks = sse_data(&response.body);
+        assert_eq!(completion_text(&chunks), "Hello from mock-vllm.");
+        // A whole answer ends as vLLM's does when the model ends its text: an empty chunk.
+        let finish = chunks
+            .iter()
+            .find(|chunk| !chunk["choices"][0]["finish_reason"].is_null())
+            .expect("a finishing chunk");
+        assert_eq!(finish["choices"][0]["text"], "");
+        assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
+fn a_completion_cut_by_max_tokens_finishes_with_length_on_its_last_token() {
+    let server = tiny_with(&[]);
+    let whole = post_json(
+        server.port,
+        "/v1/completions",
+        r#"{"prompt":"hi","max_tokens":2}"#,
+        "",
+    );
+    let json = whole.json();
+    assert_eq!(json["choices"][0]["text"], "Hello from");
+    assert_eq!(json["choices"][0]["finish_reason"], "length");
+    assert_eq!(json["usage"]["completion_tokens"], 2);
+
+    let stream = post_json(
+        server.port,
+        "/v1/completions",
+        r#"{"prompt":"hi","max_tokens":2,"stream":true,"stream_options":{"include_usage":true}}"#,
+        "",
+    );
+    let chunks = sse_data(&stream.body);
+    assert_eq!(chunks.len(), 3, "two tokens and the usage chunk");
+    assert_eq!(chunks[1]["choices"][0]["text"], " from");
+    assert_eq!(chunks[1]["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks[2]["choices"], serde_json::json!([]));
+    assert_eq!(
+        chunks[2]["usage"],
+        serde_json::json!({"prompt_tokens": 1, "total_tokens": 3, "completion_tokens": 2})
+    );
+}
+
+/// vLLM 0.32 names a completion after the request's `x-request-id` (the gateway sends one, so
+/// its recordings' ids are 32 hex digits long).
+#[test]
+fn a_completion_is_named_after_the_request_id() {
+    let server = tiny_with(&[]);
+    let header = "\r\nX-Request-Id: job-382";
+    let whole = post_json(server.port, "/v1/completions", r#"{"prompt":"hi"}"#, header);
+    assert_eq!(whole.json()["id"], "cmpl-job-382");
+    assert_eq!(whole.header("x-request-id"), Some("job-382"));
+    let stream = post_json(
+        server.port,
+        "/v1/completions",
+        r#"{"prompt":"hi","stream":true}"#,
+        header,
+    );
+    let chunks = sse_data(&stream.body);
+    assert!(!chunks.is_empty());
+    assert!(chunks.iter().all(|chunk| chunk["id"] == "cmpl-job-382"));
+}
+
+/// Checked against vLLM 0.32: its bodies, byte for byte.
+#[test]
+fn completions_refuse_a_missing_prompt_a_bad_token_limit_and_an_unknown_model_as_vllm_does() {
+    let server = tiny_with(&[]);
+    let missing = post_json(server.port, "/v1/completions", r#"{"model":"tiny"}"#, "");
+    assert_eq!(missing.status, 400);
+    assert_eq!(
+        String::from_utf8_lossy(&missing.body),
+        "{\"error\":{\"message\":\"Either prompt or prompt_embeds must be provided and non-empty. \
+         (parameter=prompt)\",\"type\":\"BadRequestError\",\"param\":\"prompt\",\"code\":400}}"
+    );
+    let limit = post_json(
+        server.port,
+        "/v1/completions",
+        r#"{"model":"tiny","prompt":"x","max_tokens":0}"#,
+        "",
+    );
+    assert_eq!(limit.status, 400);
+    assert_eq!(
+        String::from_utf8_lossy(&limit.body),
+        "{\"error\":{\"message\":\"max_tokens must be at least 1, got 0. \
+         (parameter=max_tokens, value=0)\",\"type\":\"BadRequestError\",\"param\":\"max_tokens\",\
+         \"code\":400}}"
+    );
+    let unknown = post_json(
+        server.port,
+        "/v1/completions",
+        r#"{"model":"no-such-model","prompt":"Hello"}"#,
+        "",
+    );
+    assert_eq!(unknown.status, 404);
+    assert_eq!(
+        unknown.body,
+        fixture("vllm-0.32-tiny-error-unknown-model.json")
+    );
+}
+
+#[test]
+fn the_fail_status_knob_fails_completions_too() {
+    let server = tiny_with(&[("MOCK_VLLM_FAIL_STATUS", "503")]);
+    let response = post_json(server.port, "/v1/completions", r#"{"prompt":"hi"}"#, "");
+    assert_eq!(response.status, 503);
+    assert_eq!(response.json()["error"]["type"], "ServiceUnavailableError");
+}
+
+#[test]
+fn a_completions_stream_dies_after_as_many_events_as_the_die_knob_says() {
+    let mut server = tiny_with(&[("MOCK_VLLM_DIE_MID_STREAM", "2")]);
+    let stream = start_raw_stream_on(
+        &server,
+        "/v1/completions",
+        r#"{"prompt":"hi","stream":true}"#,
+    );
+    let raw = stream.join().expect("the stream thread");
+    let response = parse_response(&raw);
+    assert_eq!(response.status, 200);
+    let events = sse_data(&response.body);
+    assert_eq!(
+        events.len(),
+        2,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert!(!raw.ends_with(b"0\r\n\r\n"), "the body never ends");
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(1));
+}
+
+#[test]
+fn a_completions_stream_sends_nothing_after_as_many_events_as_the_stall_knob_says() {
+    let server = tiny_with(&[("MOCK_VLLM_STALL_MID_STREAM", "2")]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    let body = r#"{"prompt":"hi","stream":true}"#;
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: vllm\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    let events = |raw: &[u8]| raw.windows(2).filter(|pair| pair == b"\n\n").count();
+    while events(&raw) < 2 {
+        let n = stream.read(&mut buffer).expect("the first two events");
+        assert!(n > 0, "the stream ended early");
+        raw.extend_from_slice(&buffer[..n]);
+    }
+    // Without a delay the rest would follow at once; nothing does, and the stream stays open.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .expect("timeout");
+    let read = stream.read(&mut buffer);
+    assert!(
+        matches!(&read, Err(error) if error.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing more: {read:?}"
+    );
+    assert_eq!(events(&raw), 2);
+    let stats = mock_stats_on(server.port);
+    assert_eq!(
+        (stats["completed"].as_u64(), stats["disconnects"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[test]
+fn sigterm_ends_an_in_flight_completions_stream_with_finish_reason_abort() {
+    let mut server = tiny_with(&[("MOCK_VLLM_STREAM_DELAY", "1s")]);
+    let stream = start_stream_on(
+        &server,
+        "/v1/completions",
+        r#"{"prompt":"hi","stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    server.signal(Signal::SIGTERM);
+    let response = stream.join().expect("the stream thread");
+    assert!(response.body.ends_with(b"data: [DONE]\n\n"), "a clean end");
+    let chunks = sse_data(&response.body);
+    let abort = &chunks[chunks.len() - 2];
+    assert_eq!(abort["choices"][0]["finish_reason"], "abort");
+    assert_eq!(abort["choices"][0]["text"], "");
+    let text = completion_text(&chunks);
+    assert!(text.len() < "Hello from mock-vllm.".len(), "{text:?}");
+    let tokens = chunks.len() - 2;
+    assert_eq!(
+        chunks[chunks.len() - 1]["usage"]["completion_tokens"],
+        tokens
+    );
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+#[test]
+fn a_completions_stream_in_flight_when_the_engine_dies_ends_with_vllms_error_chunk() {
+    assert_engine_death_ends_stream_as_recorded(
+        "/v1/completions",
+        r#"{"prompt":"hi","stream":true}"#,
+        "vllm-0.32-tiny-completions-stream-engine-dead.sse",
+    );
+}
+
+/// Checked against vLLM 0.32: once its engine died, `/ping` answers 503 as `/health` does,
+/// `/tokenize` (which needs no engine) still answers, and a completion gets the 500.
+#[test]
+fn a_dead_engine_makes_ping_answer_503_and_completions_500_while_tokenize_still_answers() {
+    let mut server = tiny_with(&[
+        ("MOCK_VLLM_ENGINE_DIE_AFTER", "100ms"),
+        ("MOCK_VLLM_ENGINE_DEATH_LINGER", "1h"),
+    ]);
+    wait_until("/health to answer 503", DEADLINE, || {
+        health_status(&server) == Some(503)
+    });
+    let (status, content_type, body) = recorded_with_head("vllm-0.32-tiny-ping-engine-dead.txt");
+    let ping = raw_request(server.port, "GET /ping HTTP/1.1", b"");
+    assert_eq!(ping.status, status);
+    assert_eq!(ping.header("content-type").map(str::to_owned), content_type);
+    assert_eq!(ping.body, body);
+    let request = fixture_text("vllm-0.32-tiny-tokenize-engine-dead.request.json");
+    let tokenize = post_json(server.port, "/tokenize", &request, "");
+    assert_eq!(tokenize.status, 200);
+    assert_eq!(
+        json_shape(&tokenize.body),
+        json_shape(&fixture("vllm-0.32-tiny-tokenize-engine-dead.json"))
+    );
+    let completion = post_json(server.port, "/v1/completions", r#"{"prompt":"hi"}"#, "");
+    assert_eq!(completion.status, 500);
+    assert_eq!(completion.body, fixture(ENGINE_DEAD_FIXTURE));
+    assert_eq!(server.wait_exit(DEADLINE).code(), Some(0));
+}
+
+/// vLLM 0.32 serves `/ping`, SageMaker's health route, for GET and POST.
+#[test]
+fn ping_answers_get_and_post_as_vllm_does() {
+    let server = tiny_with(&[]);
+    for (head, name) in [
+        ("GET /ping HTTP/1.1", "vllm-0.32-tiny-ping-get.txt"),
+        ("POST /ping HTTP/1.1", "vllm-0.32-tiny-ping-post.txt"),
+    ] {
+        let (status, content_type, body) = recorded_with_head(name);
+        let ping = raw_request(server.port, head, b"");
+        assert_eq!(ping.status, status, "{head}");
+        assert_eq!(
+            ping.header("content-type").map(str::to_owned),
+            content_type,
+            "{head}"
+        );
+        assert_eq!(ping.body, body, "{head}");
+        assert_eq!(ping.header("server"), Some("uvicorn"));
+    }
+}
+
+#[test]
+fn tokenize_and_detokenize_have_vllms_shapes_and_give_back_the_prompt() {
+    let server = tiny_with(&[]);
+    let request = fixture_text("vllm-0.32-tiny-tokenize.request.json");
+    let tokenize = post_json(server.port, "/tokenize", &request, "");
+    assert_eq!(tokenize.status, 200);
+    assert_eq!(tokenize.header("content-type"), Some("application/json"));
+    let recorded = fixture("vllm-0.32-tiny-tokenize.json");
+    assert_eq!(json_shape(&tokenize.body), json_shape(&recorded));
+    let json = tokenize.json();
+    let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("JSON");
+    assert_eq!(json["max_model_len"], recorded["max_model_len"]);
+    let tokens = json["tokens"].as_array().expect("tokens");
+    assert_eq!(json["count"], tokens.len());
+
+    // The ids the mock handed out give back the prompt, as vLLM's gave back "Hello world".
+    let detokenize_request = serde_json::json!({"model": "tiny", "tokens": tokens}).to_string();
+    let detokenize = post_json(server.port, "/detokenize", &detokenize_request, "");
+    assert_eq!(detokenize.status, 200);
+    assert_eq!(detokenize.header("content-type"), Some("application/json"));
+    assert_eq!(detokenize.body, fixture("vllm-0.32-tiny-detokenize.json"));
+
+    // The same words get the same ids, and a completion counts as many prompt tokens.
+    let again = post_json(
+        server.port,
+        "/tokenize",
+        r#"{"prompt":"world Hello","return_token_strs":true}"#,
+        "",
+    )
+    .json();
+    assert_eq!(again["tokens"], serde_json::json!([tokens[1], tokens[0]]));
+    assert_eq!(again["token_strs"], serde_json::json!(["world", "Hello"]));
+    let completion = post_json(
+        server.port,
+        "/v1/completions",
+        r#"{"prompt":"Hello world"}"#,
+        "",
+    );
+    assert_eq!(completion.json()["usage"]["prompt_tokens"], json["count"]);
+}
+
+#[test]
+fn tokenize_and_detokenize_check_the_model_and_their_fields_as_vllm_does() {
+    let server = tiny_with(&[]);
+    let unknown_model = fixture("vllm-0.32-tiny-error-unknown-model.json");
+    for (path, body) in [
+        ("/tokenize", r#"{"model":"no-such-model","prompt":"Hello"}"#),
+        ("/detokenize", r#"{"model":"no-such-model","tokens":[1]}"#),
+    ] {
+        let response = post_json(server.port, path, body, "");
+        assert_eq!(response.status, 404, "{path}");
+        assert_eq!(response.body, unknown_model, "{path}");
+    }
+    // Checked against vLLM 0.32: pydantic's errors, as vLLM words them.
+    let missing = post_json(server.port, "/tokenize", r#"{"model":"tiny"}"#, "");
+    assert_eq!(missing.status, 400);
+    assert_eq!(
+        String::from_utf8_lossy(&missing.body),
+        "{\"error\":{\"message\":\"2 validation errors:\\n  {'type': 'missing', 'loc': \
+         'body.prompt', 'msg': 'Field required', 'input': '<dict of 1 items>'}\\n  {'type': \
+         'missing', 'loc': 'body.messages', 'msg': 'Field required', 'input': '<dict of 1 \
+         items>'}\",\"type\":\"Bad Request\",\"param\":\"body.prompt\",\"code\":400}}"
+    );
+    let negative = post_json(
+        server.port,
+        "/detokenize",
+        r#"{"model":"tiny","tokens":[-1]}"#,
+        "",
+    );
+    assert_eq!(negative.status, 400);
+    assert_eq!(
+        String::from_utf8_lossy(&negative.body),
+        "{\"error\":{\"message\":\"1 validation error:\\n  {'type': 'greater_than_equal', \
+         'loc': 'body.tokens.0', 'msg': 'Input should be greater than or equal to 0', 'input': \
+         '-1', 'ctx': {'ge': 0}}\",\"type\":\"Bad Request\",\"param\":\"body.tokens.0\",\
+         \"code\":400}}"
+    );
+    // An id never handed out gives nothing, as an id outside vLLM's vocabulary does.
+    let unknown_id = post_json(server.port, "/detokenize", r#"{"tokens":[99999999]}"#, "");
+    assert_eq!(
+        String::from_utf8_lossy(&unknown_id.body),
+        r#"{"prompt":""}"#
+    );
+}
+
+/// As in vLLM, the key guards only `/v1` paths.
+#[test]
+fn completions_need_the_api_key_but_tokenize_detokenize_and_ping_do_not() {
+    let server = mock_vllm_serving(
+        "/models/tiny-llama",
+        &["--served-model-name", "tiny", "--api-key", "k"],
+        &[("MOCK_VLLM_ENGINE_PROCESSES", "0")],
+    );
+    let without = post_json(server.port, "/v1/completions", r#"{"prompt":"hi"}"#, "");
+    assert_eq!(without.status, 401);
+    assert_eq!(without.body, br#"{"error":"Unauthorized"}"#);
+    let with = post_json(
+        server.port,
+        "/v1/completions",
+        r#"{"prompt":"hi"}"#,
+        "\r\nAuthorization: Bearer k",
+    );
+    assert_eq!(with.status, 200);
+    let tokenize = post_json(server.port, "/tokenize", r#"{"prompt":"hi"}"#, "");
+    assert_eq!(tokenize.status, 200);
+    let detokenize = post_json(server.port, "/detokenize", r#"{"tokens":[0]}"#, "");
+    assert_eq!(detokenize.status, 200);
+    assert_eq!(
+        raw_request(server.port, "GET /ping HTTP/1.1", b"").status,
+        200
+    );
+}
+
+#[test]
+fn the_openai_sdk_parses_completions_whole_and_streamed() {
+    let server = tiny_with(&[]);
+    let summary = run_sdk_client("completions_client.py", &server.url("/v1"));
+    let plain = &summary["plain"];
+    assert!(
+        plain["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("cmpl-"))
+    );
+    assert_eq!(plain["object"], "text_completion");
+    assert_eq!(plain["model"], "tiny");
+    assert_eq!(plain["text"], "Hello from mock-vllm.");
+    assert_eq!(plain["finish_reason"], "stop");
+    assert!(
+        plain["system_fingerprint"]
+            .as_str()
+            .is_some_and(|fingerprint| fingerprint.starts_with("vllm-"))
+    );
+    assert_eq!(
+        plain["usage"],
+        serde_json::json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7})
+    );
+    let streamed = &summary["streamed"];
+    assert_eq!(streamed["count"], 3, "two tokens and the usage chunk");
+    assert_eq!(streamed["ids"].as_array().map(Vec::len), Some(1), "one id");
+    assert_eq!(streamed["text"], "Hello from");
+    assert_eq!(streamed["finish_reasons"], serde_json::json!(["length"]));
+    assert_eq!(streamed["last_choices"], 0);
+    assert_eq!(
+        streamed["last_usage"],
+        serde_json::json!({"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4})
+    );
+    assert_eq!(streamed["last_fingerprint"], plain["system_fingerprint"]);
 }

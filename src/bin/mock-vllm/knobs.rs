@@ -24,12 +24,14 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
     (
         "MOCK_VLLM_HEADERS_DELAY",
         "1s",
-        "duration: wait before answering /v1/responses and /v1/chat/completions (default 0)",
+        "duration: wait before answering /v1/responses, /v1/chat/completions and /v1/completions \
+         (default 0)",
     ),
     (
         "MOCK_VLLM_FAIL_STATUS",
         "503",
-        "400-599: answer /v1/responses and /v1/chat/completions with this status and an error body",
+        "400-599: answer /v1/responses, /v1/chat/completions and /v1/completions with this status \
+         and an error body",
     ),
     (
         "MOCK_VLLM_DIE_MID_STREAM",
@@ -59,7 +61,7 @@ pub(crate) const KNOBS: &[(&str, &str, &str)] = &[
     (
         "MOCK_VLLM_HANG_HEALTH_AFTER",
         "5s",
-        "duration: this long after listening, /health stops answering",
+        "duration: this long after listening, /health (and /ping) stops answering",
     ),
     (
         "MOCK_VLLM_IGNORE_SIGTERM",

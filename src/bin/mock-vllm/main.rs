@@ -29,13 +29,15 @@
 //! # Endpoints
 //!
 //! - `GET /health`, `GET /version`, `GET /v1/models`: as vLLM answers them; `/health` answers
-//!   503 once the engine died.
+//!   503 once the engine died. `GET /ping` and `POST /ping` (SageMaker's name for it, which
+//!   vLLM serves) answer as `/health` does, hanging with it too.
 //! - Every answer carries uvicorn's `server: uvicorn` and, but for the key check's 401, the
 //!   `vary: Origin` of vLLM's CORS middleware, as vLLM 0.32's do.
-//! - Once the engine died, `/v1/responses` and `/v1/chat/completions` (streaming or not) answer
-//!   vLLM's 500 `InternalServerError` with `EngineDeadError`'s message, after the model check
-//!   and before anything is generated, and the server then shuts down without waiting out the
-//!   rest of the death linger, as vLLM's handler of that error makes uvicorn exit.
+//! - Once the engine died, the generation endpoints (`/v1/responses`, `/v1/chat/completions`,
+//!   `/v1/completions`, streaming or not) answer vLLM's 500 `InternalServerError` with
+//!   `EngineDeadError`'s message, after the model check and before anything is generated, and
+//!   the server then shuts down without waiting out the rest of the death linger, as vLLM's
+//!   handler of that error makes uvicorn exit.
 //! - `POST /v1/responses`: replays a stream (`"stream": true`) or a response recorded from vLLM
 //!   serving gpt-oss-20b, byte for byte, whatever the request asks for; a `model` other than the
 //!   served names gets vLLM's 404, as on every generation endpoint (below).
@@ -45,9 +47,12 @@
 //!   tokens sent; a cut stream ends with vLLM's `response.completed` event carrying that
 //!   response, and a cut JSON answer keeps only the start of its reasoning (a function call goes
 //!   out only whole). A limit below 1 is vLLM's 400.
-//! - The model check of both generation endpoints is vLLM's: a missing or empty `model` means the
-//!   served model, and a name not served gets vLLM 0.32's 404, byte for byte: "The model `x` does not
-//!   exist. Valid aliases: a, b." (the served names), `param: "model"`.
+//! - The model check of the generation endpoints, `/tokenize` and `/detokenize` is vLLM's: a
+//!   missing or empty `model` means the served model, and a name not served gets vLLM 0.32's 404,
+//!   byte for byte: "The model `x` does not exist. Valid aliases: a, b." (the served names),
+//!   `param: "model"`. A token limit below 1 gets vLLM's 400 naming `max_tokens` (whatever the
+//!   endpoint calls it), and a chat request without `messages` (or a Responses request without
+//!   `input`) pydantic's error as vLLM words it.
 //! - `GET /metrics`: a few of vLLM's Prometheus metrics (`vllm:num_requests_running`,
 //!   `vllm:num_requests_waiting`, `vllm:request_success_total`), with vLLM's names and labels,
 //!   counting this process's `/v1` requests.
@@ -55,14 +60,30 @@
 //!   tokens), streamed as chunks ending in `data: [DONE]` when asked to; `max_tokens` (or
 //!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`. Its `model` is
 //!   the first served name, whichever name the request used, as in vLLM.
+//! - `POST /v1/completions`: the same answer as a text completion, in vLLM 0.32's shapes: one
+//!   choice, `system_fingerprint` (`vllm-<version>-<hash of the options>`), usage with `null`
+//!   details; streamed (`"stream": true`) as a chunk per token with no role chunk, the cut
+//!   answer's last token saying `length`, a whole answer ending with an empty chunk saying
+//!   `stop`, the fingerprint on that last chunk or on the usage chunk when
+//!   `stream_options.include_usage` asks for one, then `data: [DONE]`. The id is
+//!   `cmpl-<x-request-id>` when the request has that header, as vLLM names it. A missing or empty
+//!   `prompt` gets vLLM's 400; the prompt's tokens are its words (or token ids), counted across
+//!   a list of prompts.
+//! - `POST /tokenize` and `POST /detokenize`: vLLM's bodies, from a stand-in tokenizer (the mock
+//!   has none): a token is a whitespace-separated word of the `prompt` (or of the `messages`'
+//!   text, with no chat template), so a prompt's `count` is its completion's `prompt_tokens`;
+//!   ids come from a vocabulary of the words seen, and `/detokenize` joins the words of the ids
+//!   it knows with spaces, leaving out the others as vLLM leaves out ids outside its vocabulary.
+//!   `return_token_strs` returns the words. Missing fields and negative ids get pydantic's errors
+//!   as vLLM words them. As in vLLM they need no key, and they answer while the engine is dead.
 //! - A stream in flight when the server begins to stop (a stop signal, or the end of the death
-//!   linger) is aborted as vLLM aborts it: a chat stream ends with a `finish_reason: "abort"` chunk
-//!   (and the usage chunk when asked for) and `[DONE]`, a Responses stream with
-//!   `response.completed` carrying `status: "cancelled"`. A stream in flight when the engine dies
-//!   ends as vLLM's does: a chat stream with vLLM's error chunk (`EngineDeadError`'s message, in
-//!   Python's `json.dumps` spacing) and `[DONE]`; a Responses stream is cut off, the connection
-//!   closed without the chunked body's end. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay
-//!   stalled.
+//!   linger) is aborted, with what vLLM reports for an aborted request: a chat or completions
+//!   stream ends with a `finish_reason: "abort"` chunk (and the usage chunk when asked for) and
+//!   `[DONE]`, a Responses stream with `response.completed` carrying `status: "cancelled"`. A
+//!   stream in flight when the engine dies ends as vLLM's does: a chat or completions stream with
+//!   vLLM's error chunk (`EngineDeadError`'s message, in Python's `json.dumps` spacing) and
+//!   `[DONE]`; a Responses stream is cut off, the connection closed without the chunked body's
+//!   end. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay stalled.
 //! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With API keys set, every
 //!   `/v1` path needs `Authorization: Bearer <one of the keys>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
@@ -79,7 +100,8 @@
 //!   the names of the signals received, whether `/health` hangs, the engine core's pid (`null`
 //!   without engine processes), whether the engine died, and how many connections were closed
 //!   for being idle (`keep_alive_closes`).
-//! - `POST /_mock/hang-health` and `POST /_mock/unhang-health`: make `/health` hang or answer again.
+//! - `POST /_mock/hang-health` and `POST /_mock/unhang-health`: make `/health` (and `/ping`) hang
+//!   or answer again.
 //! - `POST /_mock/exit?code=N`: answer 200, then exit with code N (default 0).
 //!   `&linger=DURATION` stops listening at once but exits only after the duration, like vLLM's
 //!   API server shutting down after its engine died (connections are refused meanwhile).
@@ -106,16 +128,17 @@
 //! - `MOCK_VLLM_STARTUP_DELAY`: hold the port but refuse connections this long, like vLLM loading
 //!   its weights, before listening.
 //! - `MOCK_VLLM_STREAM_DELAY`: pause between stream events.
-//! - `MOCK_VLLM_HEADERS_DELAY`: wait this long before answering `/v1/responses` and
-//!   `/v1/chat/completions`, so response headers come late.
-//! - `MOCK_VLLM_FAIL_STATUS`: answer those two endpoints with this status (400-599) and an
+//! - `MOCK_VLLM_HEADERS_DELAY`: wait this long before answering the generation endpoints
+//!   (`/v1/responses`, `/v1/chat/completions`, `/v1/completions`), so response headers come late.
+//! - `MOCK_VLLM_FAIL_STATUS`: answer the generation endpoints with this status (400-599) and an
 //!   OpenAI-style error body.
 //! - `MOCK_VLLM_DIE_MID_STREAM=N`: once a stream has sent N events, exit with code 1.
 //! - `MOCK_VLLM_STALL_MID_STREAM=N`: once a stream has sent N events, send nothing more, forever.
 //! - `MOCK_VLLM_CRASH_AFTER`: this long after listening, exit with `MOCK_VLLM_EXIT_CODE`.
 //! - `MOCK_VLLM_EXIT_CODE`: the code for `MOCK_VLLM_CRASH_AFTER` (default 1).
 //! - `MOCK_VLLM_EXIT_AT_START=N`: exit with code N before binding, like vLLM rejecting an argument.
-//! - `MOCK_VLLM_HANG_HEALTH_AFTER`: this long after listening, `/health` stops answering.
+//! - `MOCK_VLLM_HANG_HEALTH_AFTER`: this long after listening, `/health` (and `/ping`) stops
+//!   answering.
 //! - `MOCK_VLLM_IGNORE_SIGTERM`: log and ignore SIGTERM and SIGINT, so only SIGQUIT or SIGKILL end
 //!   the process.
 //! - `MOCK_VLLM_IGNORE_SIGHUP`: log and ignore SIGHUP, which otherwise kills the process as it
@@ -167,7 +190,10 @@
 //!   `vary` headers.
 //! - `openai`: vLLM's wire formats, error bodies and request checks.
 //! - `ordered`: JSON that keeps its key order, for changing recorded answers.
-//! - `models`, `metrics`, `responses`, `chat`, `control`: the handlers, one file per surface.
+//! - `tokens`: the stand-in tokenizer: the synthetic answer's tokens, prompt counts, the
+//!   vocabulary.
+//! - `models`, `metrics`, `responses`, `chat`, `completions`, `tokenize`, `control`: the handlers,
+//!   one file per surface.
 //! - `stream`: server-sent events, paced, dying or stalling where the knobs say.
 //!
 //! # Invariants
@@ -194,6 +220,7 @@
 
 mod chat;
 mod cli;
+mod completions;
 mod conn;
 mod control;
 mod engine;
@@ -210,6 +237,8 @@ mod server;
 mod signals;
 mod state;
 mod stream;
+mod tokenize;
+mod tokens;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! `/health`, `/version` and `/v1/models`, as vLLM answers them.
+//! `/health` (and `/ping`, its SageMaker name), `/version` and `/v1/models`, as vLLM answers them.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

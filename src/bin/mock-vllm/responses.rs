@@ -4,13 +4,11 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
 
-use crate::openai::{
-    engine_dead, generation_preamble, openai_error, parse_json_object, token_limit, unknown_model,
-    wants_stream,
-};
+use crate::openai::{FieldError, admit_generation, validation_error, wants_stream};
 use crate::ordered::Json;
 use crate::state::AppState;
 use crate::stream::{AbortTail, DeathEnding, event_stream};
@@ -28,28 +26,14 @@ pub(crate) static RESPONSES_JSON: &[u8] = include_bytes!(concat!(
 ));
 
 pub(crate) async fn create_response(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    if let Some(response) = generation_preamble(&state).await {
-        return response;
-    }
-    let request = match parse_json_object(&body) {
-        Ok(request) => request,
-        Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
-    };
-    if !request.contains_key("input") {
-        return openai_error(StatusCode::BAD_REQUEST, "Field required: input");
-    }
-    if let Some(response) = unknown_model(&state, &request) {
-        return response;
-    }
-    if let Some(response) = engine_dead(&state) {
-        return response;
-    }
-    let limit = match token_limit(&request, &["max_output_tokens"]) {
-        Ok(limit) => limit,
-        Err(message) => return openai_error(StatusCode::BAD_REQUEST, message),
-    };
+    let generation =
+        match admit_generation(&state, &body, check_input, &["max_output_tokens"]).await {
+            Ok(generation) => generation,
+            Err(response) => return response,
+        };
+    let limit = generation.limit;
     let recording = &state.recording;
-    if wants_stream(&request) {
+    if wants_stream(&generation.request) {
         let events = match limit.filter(|limit| *limit < recording.stream_tokens()) {
             Some(limit) => recording.stream_cut_at(limit).into(),
             None => Arc::clone(&recording.events),
@@ -72,6 +56,24 @@ pub(crate) async fn create_response(State(state): State<Arc<AppState>>, body: By
         )
             .into_response()
     }
+}
+
+/// A Responses request needs its `input`. Before pydantic checks the fields, vLLM sets
+/// `tool_choice` to `none` in a request that gives no tools, so the body its error counts may
+/// have one field more than the request.
+fn check_input(request: &Map<String, Value>) -> Option<Response> {
+    if request.contains_key("input") {
+        return None;
+    }
+    let has_tools = request
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|tools| !tools.is_empty());
+    let added = usize::from(!has_tools && !request.contains_key("tool_choice"));
+    Some(validation_error(&[FieldError {
+        input: format!("<dict of {} items>", request.len() + added),
+        ..FieldError::missing(request, "input")
+    }]))
 }
 
 /// How a shortened answer ends.

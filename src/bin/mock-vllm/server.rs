@@ -20,6 +20,7 @@ use tokio::time::sleep;
 
 use crate::chat::create_chat_completion;
 use crate::cli::{Cli, VERSION};
+use crate::completions::create_completion;
 use crate::conn::serve;
 use crate::control::{exit_on_request, hang_health, last_request, stats, unhang_health};
 use crate::engine;
@@ -35,6 +36,7 @@ use crate::process::{append_pid_line, spawn_grandchild, start_flood};
 use crate::responses::create_response;
 use crate::signals::handle_signals;
 use crate::state::AppState;
+use crate::tokenize::{detokenize, tokenize};
 
 /// uvicorn's listen backlog, which vLLM keeps.
 pub(crate) const LISTEN_BACKLOG: u32 = 1024;
@@ -166,11 +168,16 @@ pub(crate) async fn run(
 pub(crate) fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
+        // SageMaker's name for `/health`, which vLLM serves for GET and POST alike.
+        .route("/ping", get(health).post(health))
         .route("/version", get(version))
         .route("/v1/models", get(list_models))
         .route("/metrics", get(metrics))
         .route("/v1/responses", post(create_response))
         .route("/v1/chat/completions", post(create_chat_completion))
+        .route("/v1/completions", post(create_completion))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/_mock/last-request", get(last_request))
         .route("/_mock/stats", get(stats))
         .route("/_mock/hang-health", post(hang_health))

@@ -1,5 +1,6 @@
-//! `AppState`, shared by every handler: the served model names, the keys, the knobs, the counters
-//! `/_mock/stats` reports, and the per-request outcome that keeps them consistent.
+//! `AppState`, shared by every handler: the served model names, the keys, the knobs, the
+//! tokenizer's vocabulary, the counters `/_mock/stats` reports, and the per-request outcome that
+//! keeps them consistent.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -15,10 +16,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, VERSION};
 use crate::knobs::Knobs;
 use crate::responses::Recording;
 use crate::stream::Pacing;
+use crate::tokens::Vocabulary;
 
 /// State shared by every request handler.
 pub(crate) struct AppState {
@@ -26,8 +28,13 @@ pub(crate) struct AppState {
     pub(crate) served_model_names: Vec<String>,
     /// The model as given on the command line, which each model card reports as its `root`.
     pub(crate) model: String,
-    /// The context length `/v1/models` reports.
+    /// The context length `/v1/models` and `/tokenize` report.
     pub(crate) max_model_len: u64,
+    /// What completions report as their `system_fingerprint`: vLLM's version and a hash of its
+    /// configuration, which stays the same for as long as the server runs.
+    pub(crate) system_fingerprint: String,
+    /// The ids `/tokenize` handed out, which `/detokenize` turns back into words.
+    pub(crate) vocabulary: Mutex<Vocabulary>,
     /// The keys a `/v1` request may carry, any of them; empty when none is needed.
     pub(crate) api_keys: Vec<String>,
     pub(crate) knobs: Knobs,
@@ -104,6 +111,8 @@ impl AppState {
             served_model_names: cli.served_model_names.clone(),
             model: cli.model.clone(),
             max_model_len: cli.max_model_len,
+            system_fingerprint: system_fingerprint(cli),
+            vocabulary: Mutex::new(Vocabulary::default()),
             api_keys: cli.api_keys.clone(),
             knobs,
             recording: Arc::new(
@@ -248,6 +257,21 @@ impl Drop for TrackedBody {
             self.outcome.complete();
         }
     }
+}
+
+/// `vllm-<version>-<hash>`, as vLLM writes its fingerprint, with a hash of the options that make
+/// this server's configuration (FNV-1a, where vLLM hashes its whole configuration).
+fn system_fingerprint(cli: &Cli) -> String {
+    let configuration = format!(
+        "{}\0{}\0{}",
+        cli.model,
+        cli.served_model_names.join("\0"),
+        cli.max_model_len
+    );
+    let hash = configuration.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    format!("vllm-{VERSION}-{hash:08x}")
 }
 
 pub(crate) fn unix_now() -> u64 {
