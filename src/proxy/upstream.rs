@@ -18,10 +18,10 @@
 //! taken as it was parsed then (1xx heads are skipped); the body is framed by `Content-Length`,
 //! by chunked transfer coding (extensions and trailers are read and dropped; a length beside it
 //! goes, and any other coding is refused; a chunk is given out whole, unless it is longer than
-//! `READ_MAX`), or by the end of the connection, and HEAD requests and
-//! 204 and 304 answers have none. The client gets the head in HTTP/1.1. A connection is kept for
-//! another request only after an HTTP/1.1 answer without `Connection: close` whose body was read
-//! to its framed end with nothing after it.
+//! `READ_MAX`), or by the end of the connection, and HEAD requests and 204 and 304 answers have
+//! none. The client gets the head in HTTP/1.1. A connection is kept for another request only
+//! after an HTTP/1.1 answer without `Connection: close` whose body was read to its framed end with
+//! nothing after it.
 //!
 //! [`Upstream`] owns one worker's pool: connections go back to it when their response body has
 //! been read to its end, and leave it when they are found closed, when they have been idle for
