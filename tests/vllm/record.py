@@ -3,7 +3,8 @@
 Usage: record.py GATEWAY_URL VLLM_URL OUTDIR [GATEWAY_PID]
 
 GATEWAY_URL is the gateway in front of the tiny model (served as `tiny`), VLLM_URL vLLM itself
-(for the paths outside /v1: /metrics, /health, /ping, /tokenize and /detokenize). With GATEWAY_PID,
+(for the paths outside /v1: /metrics, /health, /ping, /tokenize and /detokenize; and for a body
+that is not labelled JSON, so that its label reaches vLLM as sent). With GATEWAY_PID,
 the engine core under that gateway is killed last, with three streams in flight, and vLLM's answers
 while its engine is dead are recorded: how the streams end, /health, /ping, /tokenize, then a
 generation request.
@@ -22,20 +23,26 @@ from urllib.parse import urlsplit
 PREFIX = "vllm-0.32-tiny-"
 
 
-def exchange(base: str, method: str, path: str, body: dict | None = None):
+def exchange(base: str, method: str, path: str, body: dict | None = None,
+             content_type: str = "application/json", with_allow: bool = False):
+    """Sends a request (a body as JSON, labelled `content_type`); returns the answer's status,
+    content type and body, and with `with_allow` its `allow` header too."""
     url = urlsplit(base)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     payload = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if body is not None else {}
+    headers = {"Content-Type": content_type} if body is not None else {}
     connection.request(method, url.path.rstrip("/") + path, body=payload, headers=headers)
     response = connection.getresponse()
     data = response.read()
     connection.close()
+    if with_allow:
+        return response.status, response.getheader("content-type"), response.getheader("allow"), data
     return response.status, response.getheader("content-type"), data
 
 
-def record(out: Path, name: str, base: str, path: str, body: dict, suffix: str, want: int) -> bytes:
-    status, content_type, data = exchange(base, "POST", path, body)
+def record(out: Path, name: str, base: str, path: str, body: dict, suffix: str, want: int,
+           content_type: str = "application/json") -> bytes:
+    status, content_type, data = exchange(base, "POST", path, body, content_type)
     assert status == want, (name, status, data[:300])
     (out / f"{PREFIX}{name}.request.json").write_text(json.dumps(body, indent=2) + "\n")
     (out / f"{PREFIX}{name}.{suffix}").write_bytes(data)
@@ -43,18 +50,21 @@ def record(out: Path, name: str, base: str, path: str, body: dict, suffix: str, 
     return data
 
 
-def write_with_head(out: Path, name: str, status: int, content_type: str | None, data: bytes) -> None:
+def write_with_head(out: Path, name: str, status: int, content_type: str | None, data: bytes,
+                    allow: str | None = None) -> None:
     """Writes an answer whose status and content type matter as much as its body: the status
-    line and the content type (when there is one), a blank line, then the body."""
+    line, the content type and the `allow` header (each when there is one), a blank line, then
+    the body."""
     head = f"HTTP {status}\n" + (f"content-type: {content_type}\n" if content_type else "")
+    head += f"allow: {allow}\n" if allow else ""
     (out / f"{PREFIX}{name}.txt").write_bytes(head.encode() + b"\n" + data)
     print(f"{PREFIX}{name}.txt: {status} {content_type} {len(data)} bytes")
 
 
 def record_with_head(out: Path, name: str, base: str, method: str, path: str, want: int) -> None:
-    status, content_type, data = exchange(base, method, path)
+    status, content_type, allow, data = exchange(base, method, path, with_allow=True)
     assert status == want, (name, status, data[:300])
-    write_with_head(out, name, status, content_type, data)
+    write_with_head(out, name, status, content_type, data, allow)
 
 
 def open_stream(base: str, path: str, body: dict) -> http.client.HTTPResponse:
@@ -118,6 +128,12 @@ def main() -> None:
     record(out, "chat-stream", v1, "/chat/completions",
            {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
             "stream": True}, "sse", 200)
+    record(out, "chat", v1, "/chat/completions",
+           {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16},
+           "json", 200)
+    record(out, "chat-stream-usage", v1, "/chat/completions",
+           {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+            "stream": True, "stream_options": {"include_usage": True}}, "sse", 200)
     record(out, "completions", v1, "/completions",
            {"model": "tiny", "prompt": "Hello", "max_tokens": 16}, "json", 200)
     record(out, "completions-stream", v1, "/completions",
@@ -136,6 +152,13 @@ def main() -> None:
     record(out, "detokenize", vllm, "/detokenize", {"model": "tiny", "tokens": tokens}, "json", 200)
     record_with_head(out, "ping-get", vllm, "GET", "/ping", 200)
     record_with_head(out, "ping-post", vllm, "POST", "/ping", 200)
+    # FastAPI routes answer no HEAD, not even where they answer GET.
+    record_with_head(out, "health-head", vllm, "HEAD", "/health", 405)
+    record_with_head(out, "ping-head", vllm, "HEAD", "/ping", 405)
+    # A JSON endpoint refuses a body labelled as anything but JSON, whatever the body.
+    record(out, "error-content-type", vllm.rstrip("/") + "/v1", "/chat/completions",
+           {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}]}, "json", 400,
+           content_type="text/plain")
 
     status, content_type, data = exchange(vllm, "GET", "/metrics")
     assert status == 200, status
