@@ -3,9 +3,10 @@
 //! while, then exit 0" with generation requests refused meanwhile, idle kept-alive connections are
 //! closed, SIGHUP kills it, a token limit gives an incomplete answer, and a stop
 //! signal ends an in-flight stream cleanly, and several served names, several keys, the context
-//! length and the response head come out as vLLM's. Its legacy completions (whole and streamed),
-//! `/ping`, `/tokenize` and `/detokenize` have the shapes vLLM 0.32 gave them in the recorded
-//! fixtures, honour the knobs the chat endpoint does, and the OpenAI SDK parses them.
+//! length and the response head come out as vLLM's. Its chat and legacy completions (whole and
+//! streamed), `/ping`, `/tokenize` and `/detokenize` have the shapes vLLM 0.32 gave them in the
+//! recorded fixtures, honour the same knobs, and the OpenAI SDK parses them; like vLLM, it refuses
+//! a body not labelled JSON and a HEAD of its health routes.
 
 mod common;
 
@@ -1366,37 +1367,267 @@ fn completions_need_the_api_key_but_tokenize_detokenize_and_ping_do_not() {
 }
 
 #[test]
-fn the_openai_sdk_parses_completions_whole_and_streamed() {
+fn the_openai_sdk_parses_chat_and_text_completions_whole_and_streamed() {
     let server = tiny_with(&[]);
     let summary = run_sdk_client("completions_client.py", &server.url("/v1"));
-    let plain = &summary["plain"];
-    assert!(
-        plain["id"]
-            .as_str()
-            .is_some_and(|id| id.starts_with("cmpl-"))
+    let usage = |completion_tokens: u64| {
+        serde_json::json!({
+            "prompt_tokens": 2,
+            "completion_tokens": completion_tokens,
+            "total_tokens": 2 + completion_tokens,
+        })
+    };
+    for (api, id_prefix, object, chunks, pieces) in [
+        (
+            "chat",
+            "chatcmpl-",
+            "chat.completion",
+            4,
+            serde_json::json!([
+                {"role": "assistant", "text": ""},
+                {"role": null, "text": "Hello"},
+                {"role": null, "text": " from"},
+            ]),
+        ),
+        (
+            "text",
+            "cmpl-",
+            "text_completion",
+            3,
+            serde_json::json!([{"text": "Hello"}, {"text": " from"}]),
+        ),
+    ] {
+        let plain = &summary[api]["plain"];
+        assert!(
+            plain["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(id_prefix)),
+            "{api}: {plain}"
+        );
+        assert_eq!(plain["object"], object);
+        assert_eq!(plain["model"], "tiny");
+        assert_eq!(plain["text"], "Hello from mock-vllm.", "{api}");
+        assert_eq!(plain["finish_reason"], "stop", "{api}");
+        assert!(
+            plain["system_fingerprint"]
+                .as_str()
+                .is_some_and(|fingerprint| fingerprint.starts_with("vllm-")),
+            "{api}: {plain}"
+        );
+        assert_eq!(plain["usage"], usage(5), "{api}");
+        // Two tokens, then the usage chunk, whose fingerprint is the answer's.
+        let streamed = &summary[api]["streamed"];
+        assert_eq!(streamed["count"], chunks, "{api}: {streamed}");
+        assert_eq!(streamed["pieces"], pieces, "{api}");
+        assert_eq!(streamed["ids"].as_array().map(Vec::len), Some(1), "one id");
+        assert_eq!(streamed["finish_reasons"], serde_json::json!(["length"]));
+        assert_eq!(streamed["last_choices"], 0, "{api}");
+        assert_eq!(streamed["last_usage"], usage(2), "{api}");
+        assert_eq!(streamed["last_fingerprint"], plain["system_fingerprint"]);
+    }
+    let chat = &summary["chat"]["plain"];
+    assert_eq!(chat["role"], "assistant");
+    assert_eq!(chat["tool_calls"], serde_json::Value::Null);
+}
+
+fn chat_request(name: &str) -> String {
+    fixture_text(&format!("vllm-0.32-tiny-{name}.request.json"))
+}
+
+/// Regression: the message had `tool_calls` and `reasoning_content` where vLLM 0.32 has
+/// `reasoning`, and the body lacked the fingerprint and vLLM's fields after `usage`.
+#[test]
+fn a_chat_completion_has_the_shape_vllm_gave_it() {
+    let server = tiny_with(&[]);
+    let response = post_json(
+        server.port,
+        "/v1/chat/completions",
+        &chat_request("chat"),
+        "",
     );
-    assert_eq!(plain["object"], "text_completion");
-    assert_eq!(plain["model"], "tiny");
-    assert_eq!(plain["text"], "Hello from mock-vllm.");
-    assert_eq!(plain["finish_reason"], "stop");
-    assert!(
-        plain["system_fingerprint"]
-            .as_str()
-            .is_some_and(|fingerprint| fingerprint.starts_with("vllm-"))
-    );
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    let recorded = fixture("vllm-0.32-tiny-chat.json");
     assert_eq!(
-        plain["usage"],
-        serde_json::json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7})
+        json_shape(&response.body),
+        json_shape(&recorded),
+        "{}",
+        String::from_utf8_lossy(&response.body)
     );
-    let streamed = &summary["streamed"];
-    assert_eq!(streamed["count"], 3, "two tokens and the usage chunk");
-    assert_eq!(streamed["ids"].as_array().map(Vec::len), Some(1), "one id");
-    assert_eq!(streamed["text"], "Hello from");
-    assert_eq!(streamed["finish_reasons"], serde_json::json!(["length"]));
-    assert_eq!(streamed["last_choices"], 0);
+    let json = response.json();
+    let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("JSON");
+    for field in ["object", "model"] {
+        assert_eq!(json[field], recorded[field], "{field}");
+    }
+    assert!(
+        json["system_fingerprint"]
+            .as_str()
+            .is_some_and(|fingerprint| fingerprint.starts_with("vllm-")),
+        "{json}"
+    );
+    let choice = &json["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], "Hello from mock-vllm.");
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(json["usage"]["completion_tokens"], 5);
+}
+
+/// Regression: the mock sent a separate finish chunk where vLLM 0.32 puts the finish reason on
+/// the last token's chunk with its fingerprint; its role and content chunks lacked vLLM's fields;
+/// and its usage chunk had a `null` that vLLM leaves out.
+#[test]
+fn a_chat_stream_has_the_shape_vllm_gave_it_with_and_without_a_usage_chunk() {
+    let server = tiny_with(&[]);
+    for name in ["chat-stream", "chat-stream-usage"] {
+        let response = post_json(server.port, "/v1/chat/completions", &chat_request(name), "");
+        assert_eq!(response.status, 200, "{name}");
+        assert_eq!(
+            response.header("content-type"),
+            Some("text/event-stream; charset=utf-8"),
+            "{name}"
+        );
+        let recorded = fixture(&format!("vllm-0.32-tiny-{name}.sse"));
+        assert_eq!(
+            sse_shapes(&response.body),
+            sse_shapes(&recorded),
+            "{name}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
+        let chunks = sse_data(&response.body);
+        assert_eq!(chat_content(&chunks), "Hello from mock-vllm.");
+        let finish = chunks
+            .iter()
+            .find(|chunk| !chunk["choices"][0]["finish_reason"].is_null())
+            .expect("a finishing chunk");
+        assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    }
+    // Cut by the limit, the stream ends as the recording does: `length` on the last token.
+    let cut = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"stream":true}"#,
+        "",
+    );
+    let chunks = sse_data(&cut.body);
+    assert_eq!(chunks.len(), 3, "the role chunk and two tokens");
+    let last = &chunks[2];
+    assert_eq!(last["choices"][0]["delta"]["content"], " from");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert!(last["system_fingerprint"].is_string(), "{last}");
+}
+
+/// vLLM 0.32 names a chat completion after the request's `x-request-id`, as it names a text
+/// completion.
+#[test]
+fn a_chat_completion_is_named_after_the_request_id() {
+    let server = tiny_with(&[]);
+    let header = "\r\nX-Request-Id: job-382";
+    let chat = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    let whole = post_json(server.port, "/v1/chat/completions", chat, header);
+    assert_eq!(whole.json()["id"], "chatcmpl-job-382");
+    let stream = post_json(
+        server.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        header,
+    );
+    let chunks = sse_data(&stream.body);
+    assert!(!chunks.is_empty());
+    assert!(chunks.iter().all(|chunk| chunk["id"] == "chatcmpl-job-382"));
+    // Without the header, vLLM makes up an id.
+    let unnamed = post_json(server.port, "/v1/chat/completions", chat, "").json();
+    assert!(
+        unnamed["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("chatcmpl-") && id != "chatcmpl-job-382"),
+        "{unnamed}"
+    );
+}
+
+/// Sends `body` to `path` labelled with `content_type` (no label when `None`).
+fn post_labelled(port: u16, path: &str, body: &str, content_type: Option<&str>) -> RawResponse {
+    let label = content_type.map_or_else(String::new, |label| format!("\r\nContent-Type: {label}"));
+    raw_request(
+        port,
+        &format!("POST {path} HTTP/1.1{label}"),
+        body.as_bytes(),
+    )
+}
+
+/// Checked against vLLM 0.32: its JSON endpoints refuse a body labelled as anything else, even a
+/// well-formed one, before they look at it.
+#[test]
+fn a_body_not_labelled_json_gets_vllms_400_on_every_json_endpoint() {
+    let server = tiny_with(&[]);
+    let recorded = fixture("vllm-0.32-tiny-error-content-type.json");
+    let chat = chat_request("error-content-type");
+    for (path, body) in [
+        ("/v1/chat/completions", chat.as_str()),
+        ("/v1/completions", r#"{"prompt":"Hello"}"#),
+        ("/v1/responses", r#"{"input":"Hello"}"#),
+        ("/tokenize", r#"{"prompt":"Hello"}"#),
+        ("/detokenize", r#"{"tokens":[1]}"#),
+    ] {
+        for content_type in [Some("text/plain"), Some("application/jsonx"), None] {
+            let response = post_labelled(server.port, path, body, content_type);
+            assert_eq!(response.status, 400, "{path} {content_type:?}");
+            assert_eq!(response.header("content-type"), Some("application/json"));
+            assert_eq!(
+                String::from_utf8_lossy(&response.body),
+                String::from_utf8_lossy(&recorded),
+                "{path} {content_type:?}"
+            );
+        }
+        // JSON in any case and with parameters passes the check.
+        for content_type in ["APPLICATION/JSON", "application/json; charset=utf-8"] {
+            let response = post_labelled(server.port, path, body, Some(content_type));
+            assert_eq!(response.status, 200, "{path} {content_type}");
+        }
+    }
+    // `/ping` takes any body.
     assert_eq!(
-        streamed["last_usage"],
-        serde_json::json!({"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4})
+        post_labelled(server.port, "/ping", "x", Some("text/plain")).status,
+        200
     );
-    assert_eq!(streamed["last_fingerprint"], plain["system_fingerprint"]);
+}
+
+/// Checked against vLLM 0.32: FastAPI's routes answer no HEAD, not even the health routes, which
+/// answer GET.
+#[test]
+fn head_of_health_and_ping_is_refused_with_405_allowing_get_as_vllm_does() {
+    let server = tiny_with(&[]);
+    for (path, name) in [
+        ("/health", "vllm-0.32-tiny-health-head.txt"),
+        ("/ping", "vllm-0.32-tiny-ping-head.txt"),
+    ] {
+        let recorded = fixture_text(name);
+        let head = raw_request(server.port, &format!("HEAD {path} HTTP/1.1"), b"");
+        let (status, content_type, _) = recorded_with_head(name);
+        assert_eq!(head.status, status, "{path}");
+        assert_eq!(
+            head.header("content-type").map(str::to_owned),
+            content_type,
+            "{path}"
+        );
+        let allow = recorded
+            .lines()
+            .find_map(|line| line.strip_prefix("allow: "))
+            .expect("the recording has an allow header");
+        assert_eq!(head.header("allow"), Some(allow), "{path}");
+        assert!(head.body.is_empty(), "{path}");
+    }
+    // So vLLM 0.32 answered other methods too: the 405 allows GET alone, HEAD not being served
+    // (and `/ping`'s GET route coming before its POST one).
+    for head in ["PUT /health HTTP/1.1", "DELETE /ping HTTP/1.1"] {
+        let refused = raw_request(server.port, head, b"");
+        assert_eq!(refused.status, 405, "{head}");
+        assert_eq!(refused.header("allow"), Some("GET"), "{head}");
+        assert_eq!(
+            refused.body, br#"{"detail":"Method Not Allowed"}"#,
+            "{head}"
+        );
+    }
+    // `/metrics`, an app of its own in vLLM, answers HEAD.
+    let metrics = raw_request(server.port, "HEAD /metrics HTTP/1.1", b"");
+    assert_eq!(metrics.status, 200);
 }

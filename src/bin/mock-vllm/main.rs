@@ -57,9 +57,15 @@
 //!   `vllm:num_requests_waiting`, `vllm:request_success_total`), with vLLM's names and labels,
 //!   counting this process's `/v1` requests.
 //! - `POST /v1/chat/completions`: a synthetic completion saying "Hello from mock-vllm." (five
-//!   tokens), streamed as chunks ending in `data: [DONE]` when asked to; `max_tokens` (or
+//!   tokens), in vLLM 0.32's shapes: the message with `reasoning` and no `tool_calls`,
+//!   `system_fingerprint`, usage with `null` details and vLLM's fields after it; streamed
+//!   (`"stream": true`) as a role chunk (with `prompt_token_ids` and `prompt_text`), a chunk per
+//!   token, the cut answer's last token saying `length`, a whole answer ending with an empty
+//!   chunk saying `stop`, the fingerprint on that last chunk or on the usage chunk (no `null`s)
+//!   when `stream_options.include_usage` asks for one, then `data: [DONE]`. `max_tokens` (or
 //!   `max_completion_tokens`) below five cuts it with `finish_reason: "length"`. Its `model` is
-//!   the first served name, whichever name the request used, as in vLLM.
+//!   the first served name, whichever name the request used, and its id
+//!   `chatcmpl-<x-request-id>` when the request has that header, as in vLLM.
 //! - `POST /v1/completions`: the same answer as a text completion, in vLLM 0.32's shapes: one
 //!   choice, `system_fingerprint` (`vllm-<version>-<hash of the options>`), usage with `null`
 //!   details; streamed (`"stream": true`) as a chunk per token with no role chunk, the cut
@@ -84,8 +90,12 @@
 //!   vLLM's error chunk (`EngineDeadError`'s message, in Python's `json.dumps` spacing) and
 //!   `[DONE]`; a Responses stream is cut off, the connection closed without the chunked body's
 //!   end. Stalled streams (`MOCK_VLLM_STALL_MID_STREAM`) stay stalled.
-//! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies. With API keys set, every
-//!   `/v1` path needs `Authorization: Bearer <one of the keys>` and otherwise answers vLLM's 401.
+//! - The JSON endpoints (generation, `/tokenize`, `/detokenize`) refuse a body whose media type is
+//!   not `application/json` (or that has none) with vLLM's 400, whatever the body, once the route
+//!   matched and the key passed.
+//! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies; as vLLM's, `/health`
+//!   and `/ping` answer HEAD with 405 too, and allow GET alone. With API keys set, every `/v1`
+//!   path needs `Authorization: Bearer <one of the keys>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
 //! - Connections are HTTP/1.1, as uvicorn serves them: kept alive, and closed without a word once
 //!   idle for `MOCK_VLLM_KEEP_ALIVE_TIMEOUT` (5 s, vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`) after

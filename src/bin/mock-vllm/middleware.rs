@@ -1,5 +1,6 @@
 //! Layers around every request: `/v1` counting, recording and key check; uvicorn's access log;
-//! `x-request-id` echo; the headers uvicorn and vLLM's CORS middleware add to every answer.
+//! `x-request-id` echo; the headers uvicorn and vLLM's CORS middleware add to every answer; and
+//! around the JSON endpoints, vLLM's check of their content type.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use crate::log::say;
-use crate::openai::{openai_error, unauthorized};
+use crate::openai::{openai_error, unauthorized, unsupported_media_type};
 use crate::state::{AppState, Outcome, TrackedBody};
 
 /// Request bodies are read whole to record their length; this bounds the memory one request takes.
@@ -105,4 +106,26 @@ pub(crate) async fn add_vary_origin(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     response.headers_mut().append(header::VARY, ORIGIN);
     response
+}
+
+/// vLLM's check of a JSON endpoint's content type (`validate_json_request`), a dependency of the
+/// route: it runs once the route and method matched and the key passed, before the body is read,
+/// and refuses any media type but `application/json` (in any case, parameters after `;` ignored),
+/// a missing one included.
+pub(crate) async fn require_json(request: Request, next: Next) -> Response {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map_or(Some(""), |value| value.to_str().ok());
+    let is_json = content_type.is_some_and(|content_type| {
+        content_type
+            .split(';')
+            .next()
+            .is_some_and(|media_type| media_type.eq_ignore_ascii_case("application/json"))
+    });
+    if is_json {
+        next.run(request).await
+    } else {
+        unsupported_media_type()
+    }
 }

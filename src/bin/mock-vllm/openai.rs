@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -70,6 +70,7 @@ pub(crate) struct Usage {
     pub(crate) completion_tokens_details: Option<Null>,
 }
 
+/// vLLM's `ChatCompletionResponse`, the JSON answer of `/v1/chat/completions`.
 #[derive(Serialize)]
 pub(crate) struct ChatCompletionBody<'a> {
     pub(crate) id: &'a str,
@@ -78,10 +79,14 @@ pub(crate) struct ChatCompletionBody<'a> {
     pub(crate) model: &'a str,
     pub(crate) choices: Vec<ChatChoice>,
     pub(crate) service_tier: Null,
-    pub(crate) system_fingerprint: Null,
+    pub(crate) system_fingerprint: &'a str,
     pub(crate) usage: Usage,
     pub(crate) prompt_logprobs: Null,
+    pub(crate) prompt_token_ids: Null,
+    pub(crate) prompt_text: Null,
     pub(crate) kv_transfer_params: Null,
+    pub(crate) ec_transfer_params: Null,
+    pub(crate) metrics: Null,
 }
 
 #[derive(Serialize)]
@@ -91,8 +96,11 @@ pub(crate) struct ChatChoice {
     pub(crate) logprobs: Null,
     pub(crate) finish_reason: &'static str,
     pub(crate) stop_reason: Null,
+    pub(crate) token_ids: Null,
+    pub(crate) routed_experts: Null,
 }
 
+/// vLLM's `ChatMessage`, which leaves out `tool_calls` when there are none.
 #[derive(Serialize)]
 pub(crate) struct ChatMessage {
     pub(crate) role: &'static str,
@@ -101,10 +109,11 @@ pub(crate) struct ChatMessage {
     pub(crate) annotations: Null,
     pub(crate) audio: Null,
     pub(crate) function_call: Null,
-    pub(crate) tool_calls: Vec<()>,
-    pub(crate) reasoning_content: Null,
+    pub(crate) reasoning: Null,
 }
 
+/// vLLM's `ChatCompletionStreamResponse`, one chunk of a `/v1/chat/completions` stream, which
+/// vLLM writes with only the fields it set; hence the options left out when `None`.
 #[derive(Serialize)]
 pub(crate) struct ChatChunk<'a> {
     pub(crate) id: &'a str,
@@ -115,25 +124,37 @@ pub(crate) struct ChatChunk<'a> {
     /// Only the extra last chunk that `stream_options.include_usage` asks for has it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) usage: Option<Usage>,
+    /// Only the last chunk has it: the finishing chunk, or the usage chunk when one follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) system_fingerprint: Option<&'a str>,
+    /// Only the role chunk has it, `null`, hence the double option.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) prompt_token_ids: Option<Null>,
+    /// Only the role chunk has it, `null`, hence the double option.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) prompt_text: Option<Null>,
 }
 
+/// One choice of a chat chunk. vLLM sends `"stop_reason": null` on the finishing chunk only, and
+/// `"token_ids": null` on every chunk but the role chunk; hence the double options.
 #[derive(Serialize)]
 pub(crate) struct ChunkChoice {
     pub(crate) index: u32,
     pub(crate) delta: Delta,
     pub(crate) logprobs: Null,
     pub(crate) finish_reason: Option<&'static str>,
-    /// vLLM sends `"stop_reason": null` on the finish chunk only, hence the double option.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) stop_reason: Option<Null>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) token_ids: Option<Null>,
 }
 
 #[derive(Serialize)]
 pub(crate) struct Delta {
+    /// Only the role chunk has it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) content: Option<&'static str>,
+    pub(crate) content: &'static str,
 }
 
 /// vLLM's `CompletionResponse`, the JSON answer of `/v1/completions`.
@@ -285,13 +306,18 @@ impl Usage {
 }
 
 impl ChunkChoice {
-    pub(crate) fn delta(role: Option<&'static str>, content: Option<&'static str>) -> Self {
+    /// A choice carrying `content`, as every chunk after the role chunk has it.
+    pub(crate) fn content(content: &'static str, finish_reason: Option<&'static str>) -> Self {
         ChunkChoice {
             index: 0,
-            delta: Delta { role, content },
+            delta: Delta {
+                role: None,
+                content,
+            },
             logprobs: None,
-            finish_reason: None,
-            stop_reason: None,
+            finish_reason,
+            stop_reason: finish_reason.map(|_| None),
+            token_ids: Some(None),
         }
     }
 }
@@ -426,6 +452,22 @@ pub(crate) fn validation_error(errors: &[FieldError]) -> Response {
         status.canonical_reason().unwrap_or("").to_owned(),
         message,
         errors.first().map(|error| error.loc.clone()),
+    )
+}
+
+/// What vLLM's check of a JSON endpoint's content type (`validate_json_request`) raises, which its
+/// validation handler reports as it reports pydantic's errors, here with no field to name.
+const UNSUPPORTED_MEDIA_TYPE: &str =
+    "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed";
+
+/// vLLM's 400 for a body labelled as anything but `application/json`.
+pub(crate) fn unsupported_media_type() -> Response {
+    let status = StatusCode::BAD_REQUEST;
+    error_response(
+        status,
+        status.canonical_reason().unwrap_or("").to_owned(),
+        UNSUPPORTED_MEDIA_TYPE.to_owned(),
+        None,
     )
 }
 
@@ -571,6 +613,16 @@ pub(crate) async fn method_not_allowed() -> Response {
         Json(json!({ "detail": "Method Not Allowed" })),
     )
         .into_response()
+}
+
+/// FastAPI's 405 for a route that serves only GET, which lists GET alone in `allow` (where axum
+/// would add HEAD).
+pub(crate) async fn only_get_allowed() -> Response {
+    let mut response = method_not_allowed().await;
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+    response
 }
 
 /// The request's output token limit, from the first of `names` it sets, or the value refused: a

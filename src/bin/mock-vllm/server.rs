@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::net::TcpSocket;
@@ -28,10 +29,11 @@ use crate::knobs::Knobs;
 use crate::log::{complain, exit_now, say};
 use crate::metrics::metrics;
 use crate::middleware::{
-    add_server_header, add_vary_origin, echo_request_id, log_access, track_api_request,
+    add_server_header, add_vary_origin, echo_request_id, log_access, require_json,
+    track_api_request,
 };
 use crate::models::{health, list_models, version};
-use crate::openai::{method_not_allowed, not_found};
+use crate::openai::{method_not_allowed, not_found, only_get_allowed};
 use crate::process::{append_pid_line, spawn_grandchild, start_flood};
 use crate::responses::create_response;
 use crate::signals::handle_signals;
@@ -166,18 +168,22 @@ pub(crate) async fn run(
 
 /// The whole HTTP surface, without sockets, so that it can be driven directly.
 pub(crate) fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        // SageMaker's name for `/health`, which vLLM serves for GET and POST alike.
-        .route("/ping", get(health).post(health))
-        .route("/version", get(version))
-        .route("/v1/models", get(list_models))
-        .route("/metrics", get(metrics))
+    let json_routes = Router::new()
         .route("/v1/responses", post(create_response))
         .route("/v1/chat/completions", post(create_chat_completion))
         .route("/v1/completions", post(create_completion))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn(require_json));
+    Router::new()
+        .route("/health", get_only(health))
+        // SageMaker's name for `/health`, which vLLM serves for GET and POST alike (as two
+        // routes, the GET one first, so that a 405 allows only GET).
+        .route("/ping", get_only(health).post(health))
+        .route("/version", get(version))
+        .route("/v1/models", get(list_models))
+        .route("/metrics", get(metrics))
+        .merge(json_routes)
         .route("/_mock/last-request", get(last_request))
         .route("/_mock/stats", get(stats))
         .route("/_mock/hang-health", post(hang_health))
@@ -196,6 +202,20 @@ pub(crate) fn app(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn(echo_request_id))
         .layer(middleware::from_fn(add_server_header))
         .with_state(state)
+}
+
+/// A health route of vLLM's, served as FastAPI serves a GET route: unlike axum, FastAPI answers no
+/// HEAD for it, and its 405 allows GET alone. vLLM answers a HEAD of `/version` and `/v1/models`
+/// so too, but here they still answer HEAD, which the gateway's tests use for a bodyless answer;
+/// `/metrics`, an app of its own mounted in vLLM's, does answer HEAD.
+fn get_only<H, T>(handler: H) -> MethodRouter<Arc<AppState>>
+where
+    H: Handler<T, Arc<AppState>>,
+    T: 'static,
+{
+    get(handler)
+        .head(only_get_allowed)
+        .fallback(only_get_allowed)
 }
 
 /// Starts the timers that crash the process or hang `/health` some time after listening.
