@@ -6,7 +6,7 @@
 //! length and the response head come out as vLLM's. Its chat and legacy completions (whole and
 //! streamed), `/ping`, `/tokenize` and `/detokenize` have the shapes vLLM 0.32 gave them in the
 //! recorded fixtures, honour the same knobs, and the OpenAI SDK parses them; like vLLM, it refuses
-//! a body not labelled JSON and a HEAD of its health routes.
+//! a body not labelled JSON and a HEAD of its GET routes.
 
 mod common;
 
@@ -1594,7 +1594,7 @@ fn a_body_not_labelled_json_gets_vllms_400_on_every_json_endpoint() {
 /// Checked against vLLM 0.32: FastAPI's routes answer no HEAD, not even the health routes, which
 /// answer GET.
 #[test]
-fn head_of_health_and_ping_is_refused_with_405_allowing_get_as_vllm_does() {
+fn head_of_vllms_get_routes_is_refused_with_405_allowing_get_as_vllm_does() {
     let server = tiny_with(&[]);
     for (path, name) in [
         ("/health", "vllm-0.32-tiny-health-head.txt"),
@@ -1626,6 +1626,12 @@ fn head_of_health_and_ping_is_refused_with_405_allowing_get_as_vllm_does() {
             refused.body, br#"{"detail":"Method Not Allowed"}"#,
             "{head}"
         );
+    }
+    // As it answered a HEAD of its other GET routes.
+    for path in ["/version", "/v1/models"] {
+        let head = raw_request(server.port, &format!("HEAD {path} HTTP/1.1"), b"");
+        assert_eq!(head.status, 405, "{path}");
+        assert_eq!(head.header("allow"), Some("GET"), "{path}");
     }
     // `/metrics`, an app of its own in vLLM, answers HEAD.
     let metrics = raw_request(server.port, "HEAD /metrics HTTP/1.1", b"");

@@ -93,8 +93,9 @@
 //! - The JSON endpoints (generation, `/tokenize`, `/detokenize`) refuse a body whose media type is
 //!   not `application/json` (or that has none) with vLLM's 400, whatever the body, once the route
 //!   matched and the key passed.
-//! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies; as vLLM's, `/health`
-//!   and `/ping` answer HEAD with 405 too, and allow GET alone. With API keys set, every `/v1`
+//! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies; as vLLM's, its GET
+//!   routes (`/health`, `/ping`, `/version`, `/v1/models`) answer HEAD with 405 too, and allow GET
+//!   alone. With API keys set, every `/v1`
 //!   path needs `Authorization: Bearer <one of the keys>` and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
 //! - Connections are HTTP/1.1, as uvicorn serves them: kept alive, and closed without a word once

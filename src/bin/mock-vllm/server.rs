@@ -180,8 +180,8 @@ pub(crate) fn app(state: Arc<AppState>) -> Router {
         // SageMaker's name for `/health`, which vLLM serves for GET and POST alike (as two
         // routes, the GET one first, so that a 405 allows only GET).
         .route("/ping", get_only(health).post(health))
-        .route("/version", get(version))
-        .route("/v1/models", get(list_models))
+        .route("/version", get_only(version))
+        .route("/v1/models", get_only(list_models))
         .route("/metrics", get(metrics))
         .merge(json_routes)
         .route("/_mock/last-request", get(last_request))
@@ -204,10 +204,9 @@ pub(crate) fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// A health route of vLLM's, served as FastAPI serves a GET route: unlike axum, FastAPI answers no
-/// HEAD for it, and its 405 allows GET alone. vLLM answers a HEAD of `/version` and `/v1/models`
-/// so too, but here they still answer HEAD, which the gateway's tests use for a bodyless answer;
-/// `/metrics`, an app of its own mounted in vLLM's, does answer HEAD.
+/// A GET route of vLLM's (`/health`, `/ping`, `/version`, `/v1/models`), served as FastAPI serves
+/// one: unlike axum, FastAPI answers no HEAD for it, and its 405 allows GET alone. `/metrics`, an
+/// app of its own mounted in vLLM's, does answer HEAD.
 fn get_only<H, T>(handler: H) -> MethodRouter<Arc<AppState>>
 where
     H: Handler<T, Arc<AppState>>,
