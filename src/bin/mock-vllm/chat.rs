@@ -47,7 +47,6 @@ pub(crate) async fn create_chat_completion(
     };
     let completion = ChatCompletion {
         answer: Answer::new(&state, &generation, id, count_words(messages)),
-        system_fingerprint: state.system_fingerprint.clone(),
     };
     if wants_stream(request) {
         let chunks: Arc<[Bytes]> = completion.chunks().into();
@@ -73,8 +72,6 @@ fn check_messages(request: &Map<String, Value>) -> Option<Response> {
 /// A synthetic chat completion, whole or as the chunks of its stream.
 pub(crate) struct ChatCompletion {
     pub(crate) answer: Answer,
-    /// vLLM's fingerprint of its configuration, on the body and on a stream's last chunk.
-    pub(crate) system_fingerprint: String,
 }
 
 impl ChatCompletion {
@@ -103,7 +100,7 @@ impl ChatCompletion {
                 routed_experts: None,
             }],
             service_tier: None,
-            system_fingerprint: &self.system_fingerprint,
+            system_fingerprint: &self.answer.system_fingerprint,
             usage: Usage::counts(self.answer.prompt_tokens, self.answer.pieces).with_null_details(),
             prompt_logprobs: None,
             prompt_token_ids: None,
@@ -160,7 +157,7 @@ impl ChatCompletion {
         if self.answer.include_usage {
             chunks.push(data_event(&ChatChunk {
                 usage: Some(Usage::counts(self.answer.prompt_tokens, pieces)),
-                system_fingerprint: Some(&self.system_fingerprint),
+                system_fingerprint: Some(&self.answer.system_fingerprint),
                 ..self.frame(Vec::new())
             }));
         }
@@ -192,7 +189,7 @@ impl ChatCompletion {
         // vLLM stamps its fingerprint on the finishing chunk, unless a usage chunk follows to
         // carry it.
         let system_fingerprint = (finish_reason.is_some() && !self.answer.include_usage)
-            .then_some(self.system_fingerprint.as_str());
+            .then_some(self.answer.system_fingerprint.as_str());
         data_event(&ChatChunk {
             system_fingerprint,
             ..self.frame(vec![ChunkChoice::content(content, finish_reason)])
@@ -221,15 +218,7 @@ mod tests {
 
     fn completion(pieces: usize, include_usage: bool) -> ChatCompletion {
         ChatCompletion {
-            answer: Answer {
-                id: "chatcmpl-0".to_owned(),
-                created: 0,
-                model: "m".to_owned(),
-                prompt_tokens: 1,
-                pieces,
-                include_usage,
-            },
-            system_fingerprint: "vllm-0-0".to_owned(),
+            answer: Answer::sample("chatcmpl-0", pieces, include_usage),
         }
     }
 

@@ -41,7 +41,6 @@ pub(crate) async fn create_completion(
             id,
             request.get("prompt").map_or(0, prompt_tokens),
         ),
-        system_fingerprint: state.system_fingerprint.clone(),
     };
     if wants_stream(request) {
         let chunks: Arc<[Bytes]> = completion.chunks().into();
@@ -69,8 +68,6 @@ fn check_prompt(request: &Map<String, Value>) -> Option<Response> {
 /// A synthetic text completion, whole or as the chunks of its stream.
 pub(crate) struct TextCompletion {
     pub(crate) answer: Answer,
-    /// vLLM's fingerprint of its configuration, on the body and on a stream's last chunk.
-    pub(crate) system_fingerprint: String,
 }
 
 impl TextCompletion {
@@ -92,7 +89,7 @@ impl TextCompletion {
                 routed_experts: None,
             }],
             service_tier: None,
-            system_fingerprint: &self.system_fingerprint,
+            system_fingerprint: &self.answer.system_fingerprint,
             usage: Usage::counts(self.answer.prompt_tokens, self.answer.pieces).with_null_details(),
             kv_transfer_params: None,
             ec_transfer_params: None,
@@ -152,7 +149,7 @@ impl TextCompletion {
                 model: &self.answer.model,
                 choices: Vec::new(),
                 usage: Some(Usage::counts(self.answer.prompt_tokens, pieces)),
-                system_fingerprint: Some(&self.system_fingerprint),
+                system_fingerprint: Some(&self.answer.system_fingerprint),
             }));
         }
         chunks.push(done_event());
@@ -163,7 +160,7 @@ impl TextCompletion {
         // vLLM stamps its fingerprint on the finishing chunk, unless a usage chunk follows to
         // carry it.
         let system_fingerprint = (finish_reason.is_some() && !self.answer.include_usage)
-            .then_some(self.system_fingerprint.as_str());
+            .then_some(self.answer.system_fingerprint.as_str());
         data_event(&CompletionChunk {
             id: &self.answer.id,
             object: "text_completion",
@@ -190,15 +187,7 @@ mod tests {
 
     fn completion(pieces: usize, include_usage: bool) -> TextCompletion {
         TextCompletion {
-            answer: Answer {
-                id: "cmpl-0".to_owned(),
-                created: 0,
-                model: "m".to_owned(),
-                prompt_tokens: 1,
-                pieces,
-                include_usage,
-            },
-            system_fingerprint: "vllm-0-0".to_owned(),
+            answer: Answer::sample("cmpl-0", pieces, include_usage),
         }
     }
 

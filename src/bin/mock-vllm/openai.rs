@@ -247,6 +247,8 @@ pub(crate) struct Answer {
     pub(crate) pieces: usize,
     /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
     pub(crate) include_usage: bool,
+    /// vLLM's fingerprint of its configuration, on the body and on a stream's last chunk.
+    pub(crate) system_fingerprint: String,
 }
 
 impl Answer {
@@ -267,6 +269,21 @@ impl Answer {
                 .limit
                 .map_or(ANSWER_PIECES.len(), |limit| limit.min(ANSWER_PIECES.len())),
             include_usage: include_usage(&generation.request),
+            system_fingerprint: state.system_fingerprint.clone(),
+        }
+    }
+
+    /// An answer of `pieces` for the unit tests of its forms.
+    #[cfg(test)]
+    pub(crate) fn sample(id: &str, pieces: usize, include_usage: bool) -> Answer {
+        Answer {
+            id: id.to_owned(),
+            created: 0,
+            model: "m".to_owned(),
+            prompt_tokens: 1,
+            pieces,
+            include_usage,
+            system_fingerprint: "vllm-0-0".to_owned(),
         }
     }
 }
