@@ -913,6 +913,28 @@ fn sse_shapes(body: &[u8]) -> Vec<String> {
     shapes
 }
 
+/// Sends the recorded request `tests/fixtures/{recording}.request.json` to `path` and checks that
+/// the answer is 200 JSON shaped as vLLM's, `{recording}.json`: the answer and vLLM's, parsed.
+fn answer_shaped_as_recorded(
+    server: &Proc,
+    path: &str,
+    recording: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let request = fixture_text(&format!("{recording}.request.json"));
+    let response = post_json(server.port, path, &request, "");
+    assert_eq!(response.status, 200, "{path}");
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    let recorded = fixture(&format!("{recording}.json"));
+    assert_eq!(
+        json_shape(&response.body),
+        json_shape(&recorded),
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let recorded = serde_json::from_slice(&recorded).expect("JSON");
+    (response.json(), recorded)
+}
+
 /// A recorded answer whose head matters as much as its body (`HTTP <status>`, the content type
 /// when there was one, a blank line, the body): its status, content type and body.
 fn recorded_with_head(name: &str) -> (u16, Option<String>, Vec<u8>) {
@@ -944,14 +966,8 @@ fn completion_text(chunks: &[serde_json::Value]) -> String {
 #[test]
 fn a_completion_has_the_shape_vllm_gave_it() {
     let server = tiny_with(&[]);
-    let request = fixture_text("vllm-0.32-tiny-completions.request.json");
-    let response = post_json(server.port, "/v1/completions", &request, "");
-    assert_eq!(response.status, 200);
-    assert_eq!(response.header("content-type"), Some("application/json"));
-    let recorded = fixture("vllm-0.32-tiny-completions.json");
-    assert_eq!(json_shape(&response.body), json_shape(&recorded));
-    let json = response.json();
-    let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("JSON");
+    let (json, recorded) =
+        answer_shaped_as_recorded(&server, "/v1/completions", "vllm-0.32-tiny-completions");
     for field in ["object", "model"] {
         assert_eq!(json[field], recorded[field], "{field}");
     }
@@ -1256,14 +1272,8 @@ fn ping_answers_get_and_post_as_vllm_does() {
 #[test]
 fn tokenize_and_detokenize_have_vllms_shapes_and_give_back_the_prompt() {
     let server = tiny_with(&[]);
-    let request = fixture_text("vllm-0.32-tiny-tokenize.request.json");
-    let tokenize = post_json(server.port, "/tokenize", &request, "");
-    assert_eq!(tokenize.status, 200);
-    assert_eq!(tokenize.header("content-type"), Some("application/json"));
-    let recorded = fixture("vllm-0.32-tiny-tokenize.json");
-    assert_eq!(json_shape(&tokenize.body), json_shape(&recorded));
-    let json = tokenize.json();
-    let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("JSON");
+    let (json, recorded) =
+        answer_shaped_as_recorded(&server, "/tokenize", "vllm-0.32-tiny-tokenize");
     assert_eq!(json["max_model_len"], recorded["max_model_len"]);
     let tokens = json["tokens"].as_array().expect("tokens");
     assert_eq!(json["count"], tokens.len());
@@ -1439,23 +1449,8 @@ fn chat_request(name: &str) -> String {
 #[test]
 fn a_chat_completion_has_the_shape_vllm_gave_it() {
     let server = tiny_with(&[]);
-    let response = post_json(
-        server.port,
-        "/v1/chat/completions",
-        &chat_request("chat"),
-        "",
-    );
-    assert_eq!(response.status, 200);
-    assert_eq!(response.header("content-type"), Some("application/json"));
-    let recorded = fixture("vllm-0.32-tiny-chat.json");
-    assert_eq!(
-        json_shape(&response.body),
-        json_shape(&recorded),
-        "{}",
-        String::from_utf8_lossy(&response.body)
-    );
-    let json = response.json();
-    let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("JSON");
+    let (json, recorded) =
+        answer_shaped_as_recorded(&server, "/v1/chat/completions", "vllm-0.32-tiny-chat");
     for field in ["object", "model"] {
         assert_eq!(json[field], recorded[field], "{field}");
     }
