@@ -215,6 +215,7 @@ impl ChatCompletion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::{event_chunk, streamed_text};
 
     fn completion(pieces: usize, include_usage: bool) -> ChatCompletion {
         ChatCompletion {
@@ -222,32 +223,22 @@ mod tests {
         }
     }
 
-    fn data(chunk: &Bytes) -> Value {
-        serde_json::from_slice(&chunk[b"data: ".len()..]).expect("chunks are JSON")
-    }
-
-    fn content(chunks: &[Bytes]) -> String {
-        chunks
-            .iter()
-            .filter(|chunk| chunk[..] != done_event()[..])
-            .filter_map(|chunk| {
-                data(chunk)["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect()
-    }
-
     #[test]
     fn a_whole_stream_ends_with_an_empty_stop_chunk_then_usage_and_done() {
         let chunks = completion(ANSWER_PIECES.len(), true).chunks();
         assert_eq!(chunks.len(), ANSWER_PIECES.len() + 4);
-        assert_eq!(data(&chunks[0])["choices"][0]["delta"]["role"], "assistant");
-        assert_eq!(content(&chunks), "Hello from mock-vllm.");
-        let stop = data(&chunks[ANSWER_PIECES.len() + 1]);
+        assert_eq!(
+            event_chunk(&chunks[0])["choices"][0]["delta"]["role"],
+            "assistant"
+        );
+        assert_eq!(
+            streamed_text(&chunks, "/choices/0/delta/content"),
+            "Hello from mock-vllm."
+        );
+        let stop = event_chunk(&chunks[ANSWER_PIECES.len() + 1]);
         assert_eq!(stop["choices"][0]["delta"]["content"], "");
         assert_eq!(stop["choices"][0]["finish_reason"], "stop");
-        let usage = data(&chunks[ANSWER_PIECES.len() + 2]);
+        let usage = event_chunk(&chunks[ANSWER_PIECES.len() + 2]);
         assert_eq!(usage["usage"]["completion_tokens"], ANSWER_PIECES.len());
         assert_eq!(chunks.last(), Some(&done_event()));
     }
@@ -256,7 +247,7 @@ mod tests {
     fn a_cut_stream_says_length_on_its_last_token() {
         let chunks = completion(2, false).chunks();
         assert_eq!(chunks.len(), 4);
-        let last = data(&chunks[2]);
+        let last = event_chunk(&chunks[2]);
         assert_eq!(last["choices"][0]["delta"]["content"], " from");
         assert_eq!(last["choices"][0]["finish_reason"], "length");
         assert_eq!(last["system_fingerprint"], "vllm-0-0");
@@ -266,10 +257,10 @@ mod tests {
     fn an_abort_ends_with_an_empty_abort_chunk_and_the_usage_of_what_was_sent() {
         // The role chunk and two pieces went out.
         let tail = completion(ANSWER_PIECES.len(), true).abort_tail(3);
-        let abort = data(&tail[0]);
+        let abort = event_chunk(&tail[0]);
         assert_eq!(abort["choices"][0]["finish_reason"], "abort");
         assert_eq!(abort["choices"][0]["delta"]["content"], "");
-        assert_eq!(data(&tail[1])["usage"]["completion_tokens"], 2);
+        assert_eq!(event_chunk(&tail[1])["usage"]["completion_tokens"], 2);
         assert_eq!(tail.len(), 3);
         // Once the finishing chunk went out, only what follows it is left.
         let rest = completion(2, false).abort_tail(3);

@@ -447,9 +447,8 @@ pub(crate) fn invalid_parameter(message: &str, param: &str, value: Option<&Value
     )
 }
 
-/// vLLM's 400 for a body that does not validate: pydantic's errors in Python's repr, the type
-/// named by the status's phrase (`Bad Request`, not an error class) and the first error's
-/// location as the parameter.
+/// vLLM's 400 for a body that does not validate ([`bad_request`]): pydantic's errors in Python's
+/// repr, and the first error's location as the parameter.
 pub(crate) fn validation_error(errors: &[FieldError]) -> Response {
     let plural = if errors.len() == 1 { "" } else { "s" };
     let mut message = format!("{} validation error{plural}:", errors.len());
@@ -463,13 +462,7 @@ pub(crate) fn validation_error(errors: &[FieldError]) -> Response {
         }
         message.push('}');
     }
-    let status = StatusCode::BAD_REQUEST;
-    error_response(
-        status,
-        status.canonical_reason().unwrap_or("").to_owned(),
-        message,
-        errors.first().map(|error| error.loc.clone()),
-    )
+    bad_request(message, errors.first().map(|error| error.loc.clone()))
 }
 
 /// What vLLM's check of a JSON endpoint's content type (`validate_json_request`) raises, which its
@@ -479,12 +472,18 @@ const UNSUPPORTED_MEDIA_TYPE: &str =
 
 /// vLLM's 400 for a body labelled as anything but `application/json`.
 pub(crate) fn unsupported_media_type() -> Response {
+    bad_request(UNSUPPORTED_MEDIA_TYPE.to_owned(), None)
+}
+
+/// vLLM's 400 for a request its validation refused, the type named by the status's phrase (`Bad
+/// Request`, not an error class).
+fn bad_request(message: String, param: Option<String>) -> Response {
     let status = StatusCode::BAD_REQUEST;
     error_response(
         status,
         status.canonical_reason().unwrap_or("").to_owned(),
-        UNSUPPORTED_MEDIA_TYPE.to_owned(),
-        None,
+        message,
+        param,
     )
 }
 
@@ -558,6 +557,27 @@ pub(crate) fn data_event(chunk: &impl Serialize) -> Bytes {
     let json = serde_json::to_string(chunk)
         .expect("a chunk has only string keys and plain values, so it always serializes");
     Bytes::from(format!("data: {json}\n\n"))
+}
+
+/// The chunk a [`data_event`] carries, for the unit tests of the streams.
+#[cfg(test)]
+pub(crate) fn event_chunk(event: &Bytes) -> Value {
+    serde_json::from_slice(&event[b"data: ".len()..]).expect("chunks are JSON")
+}
+
+/// The strings at `pointer` in the chunks of a stream's events, joined: the text a stream carries.
+#[cfg(test)]
+pub(crate) fn streamed_text(events: &[Bytes], pointer: &str) -> String {
+    events
+        .iter()
+        .filter(|event| event[..] != done_event()[..])
+        .filter_map(|event| {
+            event_chunk(event)
+                .pointer(pointer)?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// vLLM's answer to a generation request once its engine is dead: its engine checks
