@@ -1,5 +1,6 @@
 # What run.sh and instructions.sh share: where things are, messages, packages, the load
-# generator, the gateway's build, free ports and the canned upstream's files. Sourced, not run.
+# generator, the gateway's build, free ports, filling in config templates and the canned
+# upstream's files. Sourced, not run.
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$BENCH_DIR/../.." && pwd)"
@@ -61,6 +62,17 @@ build_gateway() {
     GATEWAY=""
     (cd "$ROOT" && cargo build --release --bin gateway) || return 1
     GATEWAY="$TARGET_DIR/release/gateway"
+}
+
+# fill TEMPLATE OUT NAME=VALUE...: TEMPLATE with each @NAME@ replaced by its VALUE, into OUT; a
+# placeholder left unfilled is an error.
+fill() {
+    local template="$1" out="$2" pair
+    shift 2
+    local -a edits=()
+    for pair in "$@"; do edits+=(-e "s|@${pair%%=*}@|${pair#*=}|g"); done
+    sed "${edits[@]}" "$template" >"$out"
+    if grep -q '@[A-Z_]*@' "$out"; then die "unfilled placeholder in $out"; fi
 }
 
 # free_ports N: N loopback ports free right now, on one line.

@@ -78,8 +78,8 @@ PROXY_PORT="$PROXY_JSON"
 
 if [[ "$KIND" == json ]]; then
     UPSTREAM_PORT="$UP_JSON"
-    sed -e "s|@WORK@|$WORK|g" -e "s|@UP_JSON_PORT@|$UP_JSON|g" -e "s|@UP_SSE_PORT@|$UP_SSE|g" \
-        "$BENCH_DIR/upstream.nginx.conf.in" >"$WORK/upstream.nginx.conf"
+    fill "$BENCH_DIR/upstream.nginx.conf.in" "$WORK/upstream.nginx.conf" \
+        WORK="$WORK" UP_JSON_PORT="$UP_JSON" UP_SSE_PORT="$UP_SSE"
     nginx -c "$WORK/upstream.nginx.conf" -p "$WORK" >"$WORK/upstream.log" 2>&1 &
 else
     UPSTREAM_PORT="$UP_STREAMS"
@@ -132,11 +132,10 @@ count() {
                 --port "$PROXY_PORT" --log-format json ${GATEWAY_EXTRA_ARGS:-} >"$WORK/$target.log" 2>&1 &
             ;;
         haproxy)
-            sed -e "s|@WORK@|$WORK|g" -e "s|@UP_JSON_PORT@|$UP_JSON|g" -e "s|@UP_SSE_PORT@|$UP_SSE|g" \
-                -e "s|@UP_STREAMS_PORT@|$UP_STREAMS|g" -e "s|@HAPROXY_JSON_PORT@|$PROXY_JSON|g" \
-                -e "s|@HAPROXY_SSE_PORT@|$PROXY_SSE|g" -e "s|@HAPROXY_STREAMS_PORT@|$PROXY_STREAMS|g" \
-                "$BENCH_DIR/haproxy.cfg.in" >"$WORK/haproxy.cfg"
-            ! grep -q '@[A-Z_]*@' "$WORK/haproxy.cfg" || die "unfilled placeholder in the HAProxy config"
+            fill "$BENCH_DIR/haproxy.cfg.in" "$WORK/haproxy.cfg" WORK="$WORK" \
+                UP_JSON_PORT="$UP_JSON" UP_SSE_PORT="$UP_SSE" UP_STREAMS_PORT="$UP_STREAMS" \
+                HAPROXY_JSON_PORT="$PROXY_JSON" HAPROXY_SSE_PORT="$PROXY_SSE" \
+                HAPROXY_STREAMS_PORT="$PROXY_STREAMS"
             valgrind --tool=callgrind --callgrind-out-file="$prefix" \
                 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/$target.log" 2>&1 &
             ;;

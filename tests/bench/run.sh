@@ -223,18 +223,13 @@ allocate_ports() {
 
 # render TEMPLATE OUT: fill in @WORK@ and the @*_PORT@ placeholders.
 render() {
-    sed -e "s|@WORK@|$WORK|g" \
-        -e "s|@UP_JSON_PORT@|${PORT[direct_json]}|g" \
-        -e "s|@UP_SSE_PORT@|${PORT[direct_sse]}|g" \
-        -e "s|@UP_STREAMS_PORT@|${PORT[direct_streams]}|g" \
-        -e "s|@NGINX_JSON_PORT@|${PORT[nginx_json]}|g" \
-        -e "s|@NGINX_SSE_PORT@|${PORT[nginx_sse]}|g" \
-        -e "s|@NGINX_STREAMS_PORT@|${PORT[nginx_streams]}|g" \
-        -e "s|@HAPROXY_JSON_PORT@|${PORT[haproxy_json]}|g" \
-        -e "s|@HAPROXY_SSE_PORT@|${PORT[haproxy_sse]}|g" \
-        -e "s|@HAPROXY_STREAMS_PORT@|${PORT[haproxy_streams]}|g" \
-        "$1" >"$2"
-    if grep -q '@[A-Z_]*@' "$2"; then die "unfilled placeholder in $2"; fi
+    fill "$1" "$2" WORK="$WORK" \
+        UP_JSON_PORT="${PORT[direct_json]}" UP_SSE_PORT="${PORT[direct_sse]}" \
+        UP_STREAMS_PORT="${PORT[direct_streams]}" \
+        NGINX_JSON_PORT="${PORT[nginx_json]}" NGINX_SSE_PORT="${PORT[nginx_sse]}" \
+        NGINX_STREAMS_PORT="${PORT[nginx_streams]}" \
+        HAPROXY_JSON_PORT="${PORT[haproxy_json]}" HAPROXY_SSE_PORT="${PORT[haproxy_sse]}" \
+        HAPROXY_STREAMS_PORT="${PORT[haproxy_streams]}"
 }
 
 prepare_workdir() {
