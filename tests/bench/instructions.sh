@@ -112,7 +112,7 @@ load() {
         grep -Eq 'Success rate:[[:space:]]+100' "$WORK/load.txt" \
             || die "some requests failed: $(grep -i 'success' "$WORK/load.txt")"
     else
-        timeout 600 python3 "$BENCH_DIR/streams.py" ttfb "http://127.0.0.1:$PROXY_PORT/v1/responses" "$1" \
+        timeout 600 python3 "$BENCH_DIR/streams.py" ttfb "$1" "http://127.0.0.1:$PROXY_PORT/v1/responses" \
             >"$WORK/load.txt" 2>&1 || die "streams.py failed: $(tail -3 "$WORK/load.txt")"
         [[ "$(awk '{ print $3 }' "$WORK/load.txt")" == "$1" ]] \
             || die "some streams failed: $(cat "$WORK/load.txt")"

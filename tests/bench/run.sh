@@ -26,7 +26,9 @@
 #     sse      the same with a canned 31 KB event-stream body sent in one piece.
 #     streams  an event-stream upstream (streams.py) that sends 10 events 1 s
 #              apart. Added time to first byte: 300 sequential requests per
-#              target and round, p50 minus the direct p50. Memory: the proxy's
+#              target and round, the targets taking turns request by request
+#              (a drifting machine then slows all alike), p50 minus the direct
+#              p50. Memory: the proxy's
 #              RSS (with its child processes) idle, with 1,000 and with 8,000
 #              streams open at once, and how many of those streams arrived whole.
 #
@@ -570,22 +572,33 @@ streams_tool() {
 }
 
 bench_streams() {
-    local kind=streams target round line count pids
+    local kind=streams target round line count pids i p50 p90 ok
     start_own_targets "$kind"
     local -a targets=()
     for target in "${TARGETS[@]}"; do [[ "$target" == gateway-nolog ]] || targets+=("$target"); done
     for target in "${targets[@]}"; do verify "$target" "$kind"; done
-    log "measuring ($kind): time to first byte, $ROUNDS round(s) x $TTFB_REQUESTS sequential requests"
+    log "measuring ($kind): time to first byte, $ROUNDS round(s) x $TTFB_REQUESTS sequential requests a target, the targets taking turns"
+    local -a turn urls lines
     for ((round = 1; round <= ROUNDS; round++)); do
+        turn=() urls=()
         for target in "${targets[@]}"; do
-            usable "$target" "$kind" || { echo "ttfb $target $round fail -" >>"$WORK/streams.tsv"; continue; }
-            if line="$(streams_tool ttfb "$(url "$target" "$kind")" "$TTFB_REQUESTS")" \
-                && read -r p50 p90 ok <<<"$line" && [[ "$ok" == "$TTFB_REQUESTS" ]]; then
+            if usable "$target" "$kind"; then
+                turn+=("$target") urls+=("$(url "$target" "$kind")")
+            else
+                echo "ttfb $target $round fail -" >>"$WORK/streams.tsv"
+            fi
+        done
+        (( ${#turn[@]} > 0 )) || continue
+        line="$(streams_tool ttfb "$TTFB_REQUESTS" "${urls[@]}")" || warn "ttfb round $round: streams.py failed"
+        mapfile -t lines <<<"$line"
+        for i in "${!turn[@]}"; do
+            target="${turn[$i]}"
+            if read -r p50 p90 ok <<<"${lines[$i]:-}" && [[ "$ok" == "$TTFB_REQUESTS" ]]; then
                 awk -v r="$round" -v t="$target" -v a="$p50" -v b="$p90" \
                     'BEGIN { printf "   ttfb round %d  %-13s p50 %.3fms  p90 %.3fms\n", r, t, a * 1e3, b * 1e3 }' >&2
                 echo "ttfb $target $round ok $p50" >>"$WORK/streams.tsv"
             else
-                warn "$target ($kind) ttfb round $round failed: ${line:-no output}"
+                warn "$target ($kind) ttfb round $round failed: ${lines[$i]:-no output}"
                 echo "ttfb $target $round fail -" >>"$WORK/streams.tsv"
             fi
         done

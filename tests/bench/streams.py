@@ -10,10 +10,13 @@ processes hold and use.
       unknown headers.) The head has the lines vLLM's uvicorn writes for a stream, in its order:
       date, server, content-type, vary, transfer-encoding. GET /health and /v1/models answer 200.
 
-  streams.py ttfb URL COUNT
-      COUNT sequential requests (one event each) on one keep-alive connection. Prints
-      "<p50 seconds> <p90 seconds> <ok count>": time from sending the request to the first whole
-      event (`\\n\\n`) of the body.
+  streams.py ttfb COUNT URL...
+      COUNT sequential requests (one event each) to each URL, each URL on its own keep-alive
+      connection, the URLs taking turns in an order shuffled every turn: a machine whose speed
+      drifts from one second to the next then slows every URL alike. Prints a line per URL, in
+      the order given, "<p50 seconds> <p90 seconds> <ok count>": time from sending the request to
+      the first whole event (`\\n\\n`) of the body. A URL that fails is left out of the turns
+      from then on, and its line counts what it answered before.
 
   streams.py hold URL COUNT EVENTS INTERVAL PIDS
       Opens COUNT streams (EVENTS events INTERVAL seconds apart, 256 connecting at a time) and, when
@@ -35,6 +38,7 @@ hang.
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -163,30 +167,64 @@ async def read_response(reader, on_event=None):
     return status, bytes(body), reusable
 
 
-async def ttfb(url, count):
-    parts, request = request_bytes(url, 1, 0)
-    samples = []
-    conn = None
+async def ttfb(count, urls):
+    clients = [TtfbClient(url) for url in urls]
+    order = list(range(len(clients)))
+    shuffle = random.Random(0).shuffle
     for _ in range(count):
-        if conn is None:
-            conn = await asyncio.open_connection(parts.hostname, parts.port)
-        reader, writer = conn
-        start = time.perf_counter()
-        first = []
-        writer.write(request)
-        status, body, reusable = await asyncio.wait_for(
-            read_response(reader, lambda: first.append(time.perf_counter())), 10
-        )
+        shuffle(order)
+        for i in order:
+            await clients[i].request()
+    for client in clients:
+        client.close()
+        print(client.summary())
+
+
+class TtfbClient:
+    """One URL's keep-alive connection and time-to-first-event samples."""
+
+    def __init__(self, url):
+        self.url = url
+        self.parts, self.request_bytes = request_bytes(url, 1, 0)
+        self.samples = []
+        self.conn = None
+        self.failed = False
+
+    async def request(self):
+        if self.failed:
+            return
+        try:
+            if self.conn is None:
+                self.conn = await asyncio.open_connection(self.parts.hostname, self.parts.port)
+            reader, writer = self.conn
+            start = time.perf_counter()
+            first = []
+            writer.write(self.request_bytes)
+            status, body, reusable = await asyncio.wait_for(
+                read_response(reader, lambda: first.append(time.perf_counter())), 10
+            )
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, ValueError) as error:
+            print(f"ttfb: {self.url}: {error!r}", file=sys.stderr)
+            self.failed = True
+            self.close()
+            return
         if status == 200 and first and body.endswith(b"data: [DONE]\n\n"):
-            samples.append(first[0] - start)
+            self.samples.append(first[0] - start)
         if not reusable:
-            writer.close()
-            conn = None
-    if not samples:
-        print("nan nan 0")
-        return
-    samples.sort()
-    print(f"{statistics.median(samples):.6f} {samples[int(len(samples) * 0.9)]:.6f} {len(samples)}")
+            self.close()
+
+    def close(self):
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+    def summary(self):
+        if not self.samples:
+            return "nan nan 0"
+        samples = sorted(self.samples)
+        p90 = samples[int(len(samples) * 0.9)]
+        return f"{statistics.median(samples):.6f} {p90:.6f} {len(samples)}"
 
 
 def stat_fields(pid):
@@ -301,7 +339,7 @@ def main():
     if mode == "upstream":
         asyncio.run(upstream(int(sys.argv[2])))
     elif mode == "ttfb":
-        asyncio.run(ttfb(sys.argv[2], int(sys.argv[3])))
+        asyncio.run(ttfb(int(sys.argv[2]), sys.argv[3:]))
     elif mode == "hold":
         pids = [int(p) for p in sys.argv[6].split(",") if p]
         asyncio.run(hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), pids))
