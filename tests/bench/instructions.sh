@@ -16,7 +16,10 @@
 # Each target runs under callgrind (the gateway's release build; HAProxy with the bench's
 # configuration, threads and all); INSTR_WARMUP requests are sent, the counters zeroed,
 # INSTR_REQUESTS sent and the counters dumped. Prints the instructions a request of each target,
-# and keeps the dumps for `callgrind_annotate`.
+# and how much code they run (footprint.py: the 64-byte lines and the 4 KiB pages holding an
+# instruction executed once a request or more; what a request pays for when other processes have
+# run since its last turn and the caches and TLBs hold their code), and keeps the dumps for
+# `callgrind_annotate`.
 #
 # Settings (environment):
 #   INSTR_KIND=json        json or streams
@@ -121,13 +124,13 @@ load() {
 
 # count TARGET: runs TARGET under callgrind and prints its instructions a request.
 count() {
-    local target="$1" pid dump total
+    local target="$1" pid dump total lines pages
     local prefix="$OUT/callgrind.$KIND.$target.out"
     rm -f "$prefix"*
     case "$target" in
         gateway)
             # shellcheck disable=SC2086
-            valgrind --tool=callgrind --callgrind-out-file="$prefix" \
+            valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$prefix" \
                 "$GATEWAY" --llm-api-base "http://127.0.0.1:$UPSTREAM_PORT" --host 127.0.0.1 \
                 --port "$PROXY_PORT" --log-format json ${GATEWAY_EXTRA_ARGS:-} >"$WORK/$target.log" 2>&1 &
             ;;
@@ -136,7 +139,7 @@ count() {
                 UP_JSON_PORT="$UP_JSON" UP_SSE_PORT="$UP_SSE" UP_STREAMS_PORT="$UP_STREAMS" \
                 HAPROXY_JSON_PORT="$PROXY_JSON" HAPROXY_SSE_PORT="$PROXY_SSE" \
                 HAPROXY_STREAMS_PORT="$PROXY_STREAMS"
-            valgrind --tool=callgrind --callgrind-out-file="$prefix" \
+            valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$prefix" \
                 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/$target.log" 2>&1 &
             ;;
     esac
@@ -155,8 +158,9 @@ count() {
     [[ -n "$dump" ]] || die "callgrind wrote no dump for $target"
     total="$(sed -n 's/^summary: *//p' "$dump")"
     [[ "$total" =~ ^[0-9]+$ ]] || die "no instruction count in $dump"
-    printf '%-8s %s instructions a request (%s: callgrind_annotate %s)\n' \
-        "$target" "$((total / REQUESTS))" "$KIND" "$dump"
+    read -r lines pages <<<"$(python3 "$BENCH_DIR/footprint.py" "$dump" "$REQUESTS")"
+    printf '%-8s %s instructions a request, in %s lines of code (%s KiB) on %s pages (%s: callgrind_annotate %s)\n' \
+        "$target" "$((total / REQUESTS))" "$lines" "$((lines * 64 / 1024))" "$pages" "$KIND" "$dump"
 }
 
 log "$KIND: $REQUESTS requests counted a target ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
