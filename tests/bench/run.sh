@@ -28,9 +28,9 @@
 #              apart. Added time to first byte: 300 sequential requests per
 #              target and round, the targets taking turns request by request
 #              (a drifting machine then slows all alike), p50 minus the direct
-#              p50. Memory: the proxy's
-#              RSS (with its child processes) idle, with 1,000 and with 8,000
-#              streams open at once, and how many of those streams arrived whole.
+#              p50. Memory: the proxy's RSS (with its child processes) idle,
+#              with 1,000 and with 8,000 streams open at once, and how many of
+#              those streams arrived whole.
 #
 #   Everything (load generator, proxy, upstream) shares this machine's cores,
 #   so absolute numbers are machine-specific: compare the ratios within a run.
