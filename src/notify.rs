@@ -9,9 +9,9 @@
 //! the first READY=1 and STOPPING=1 ([`reloading`]): before, its READY=1 would pass for the start's.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -61,7 +61,7 @@ static STOPPING_SENT: AtomicBool = AtomicBool::new(false);
 static READY_ORDER: Mutex<()> = Mutex::new(());
 
 pub fn ready(status: &str) {
-    let _order = READY_ORDER.lock().unwrap_or_else(PoisonError::into_inner);
+    let _order = READY_ORDER.lock();
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
     READY_SENT.store(true, Ordering::Relaxed);
 }
@@ -80,7 +80,7 @@ pub struct Reloading {
 /// Begins a reload: RELOADING=1 with MONOTONIC_USEC= (which systemd requires with it). Nothing is
 /// sent before the gateway is ready or once it is stopping.
 pub fn reloading() -> Reloading {
-    let _order = READY_ORDER.lock().unwrap_or_else(PoisonError::into_inner);
+    let _order = READY_ORDER.lock();
     let announced = READY_SENT.load(Ordering::Relaxed) && !STOPPING_SENT.load(Ordering::Relaxed);
     if announced {
         match NotifyState::monotonic_usec_now() {

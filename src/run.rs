@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use nix::sys::signal::Signal;
+use parking_lot::Mutex;
 use tokio::net::TcpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -406,7 +407,7 @@ struct HealthListener {
     listener: std::net::TcpListener,
     state: Arc<AppState>,
     /// The accept loop while it runs, and what stops it.
-    serving: std::sync::Mutex<Option<(CancellationToken, HealthServed)>>,
+    serving: Mutex<Option<(CancellationToken, HealthServed)>>,
 }
 
 type HealthServed = tokio::task::JoinHandle<std::io::Result<()>>;
@@ -440,7 +441,7 @@ impl HealthListener {
         let health = HealthListener {
             listener,
             state,
-            serving: std::sync::Mutex::default(),
+            serving: Mutex::default(),
         };
         health.serve()?;
         tracing::info!(health_listen = %address, "health listener open: /livez, /readyz, /health, /metrics");
@@ -455,14 +456,14 @@ impl HealthListener {
             Arc::clone(&self.state),
             done.clone(),
         ));
-        *self.lock() = Some((done, served));
+        *self.serving.lock() = Some((done, served));
         Ok(())
     }
 
     /// Stops the accept loop and gives open connections [`Self::CLOSE_WAIT`] to finish; the socket
     /// stays open, and new connections wait in its backlog (for an upgrade's new image).
     async fn pause(&self) {
-        let Some((done, mut served)) = self.lock().take() else {
+        let Some((done, mut served)) = self.serving.lock().take() else {
             return;
         };
         done.cancel();
@@ -477,12 +478,6 @@ impl HealthListener {
         if let Some(health) = health {
             health.pause().await;
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(CancellationToken, HealthServed)>> {
-        self.serving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -5,10 +5,11 @@
 //! Beside it, [`VllmReads`]: how many reads from vLLM brought the proxy's workers data, which the
 //! supervisor (and the standalone poller) weighs against a `/health` probe that timed out.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -186,10 +187,7 @@ impl VllmReads {
     /// worker's memory.
     pub fn worker(&self) -> Arc<ReadCount> {
         let count = Arc::new(ReadCount::default());
-        self.workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::clone(&count));
+        self.workers.lock().push(Arc::clone(&count));
         count
     }
 
@@ -203,7 +201,6 @@ impl VllmReads {
     pub fn total(&self) -> u64 {
         self.workers
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .map(|count| count.0.load(Ordering::Relaxed))
             .sum()

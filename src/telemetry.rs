@@ -16,12 +16,13 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use foldhash::HashMap;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::filter::filter_fn;
@@ -165,15 +166,12 @@ impl<T: Default> PerThread<T> {
         }
     }
 
-    /// Runs `work` on this thread's part (kept in `local`); `None` when the part's lock is
-    /// poisoned. A thread already past its thread-locals gets a part for this once, visited like
-    /// the others.
+    /// Runs `work` on this thread's part (kept in `local`) and returns `Some` of its result
+    /// (always `Some`: the option only carries `work` to whichever of the two ways runs). A thread
+    /// already past its thread-locals gets a part for this once, visited like the others.
     fn with<R>(&self, local: &'static ThreadPart<T>, work: impl FnOnce(&mut T) -> R) -> Option<R> {
         let mut work = Some(work);
-        let mut run = |part: &Mutex<T>| {
-            let mut value = part.lock().ok()?;
-            work.take().map(|work| work(&mut value))
-        };
+        let mut run = |part: &Mutex<T>| work.take().map(|work| work(&mut part.lock()));
         local
             .try_with(|part| run(part.get_or_init(|| self.new_part())))
             .unwrap_or_else(|_| run(&self.new_part()))
@@ -181,21 +179,14 @@ impl<T: Default> PerThread<T> {
 
     fn new_part(&self) -> Arc<Mutex<T>> {
         let part = Arc::default();
-        if let Ok(mut parts) = self.parts.lock() {
-            parts.push(Arc::clone(&part));
-        }
+        self.parts.lock().push(Arc::clone(&part));
         part
     }
 
     /// Runs `visit` on every part, and forgets the parts of threads that have ended.
     fn visit(&self, mut visit: impl FnMut(&mut T)) {
-        let Ok(mut parts) = self.parts.lock() else {
-            return;
-        };
-        parts.retain(|part| {
-            if let Ok(mut value) = part.lock() {
-                visit(&mut value);
-            }
+        self.parts.lock().retain(|part| {
+            visit(&mut part.lock());
             Arc::strong_count(part) > 1
         });
     }
@@ -336,9 +327,7 @@ fn access_log() -> AccessLog {
         });
     match spawned {
         Ok(handle) => {
-            if let Ok(mut slot) = ACCESS_WRITER.lock() {
-                *slot = Some(handle);
-            }
+            *ACCESS_WRITER.lock() = Some(handle);
         }
         // Without its thread the queue fills and the lines are counted as dropped.
         Err(error) => eprintln!("gateway: cannot start the access log writer: {error}"),
@@ -397,7 +386,7 @@ pub fn flush_logs() {
         return;
     };
     queue.closing.store(true, Ordering::Release);
-    let writer = ACCESS_WRITER.lock().ok().and_then(|mut slot| slot.take());
+    let writer = ACCESS_WRITER.lock().take();
     if let Some(writer) = writer {
         writer.thread().unpark();
         let _ = writer.join();

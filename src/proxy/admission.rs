@@ -12,14 +12,15 @@
 //! back, so requests already served finish undisturbed.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use metrics::{counter, gauge, histogram};
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -85,7 +86,7 @@ impl Admission {
     /// Brings the semaphore to `limit` permits, however many are held now.
     fn resize(&self, limit: u32) {
         let limit = limit.min(Semaphore::MAX_PERMITS as u32);
-        let mut total = self.total.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut total = self.total.lock();
         // Another worker's request may have resized it meanwhile.
         if limit == *total {
             self.limit.store(limit, Ordering::Release);

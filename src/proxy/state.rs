@@ -3,12 +3,13 @@
 //! it), and [`Live`], the part of the configuration a reload may change, swapped whole and read
 //! once per request from the worker's [`LiveCopy`].
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
@@ -66,7 +67,7 @@ impl LiveCopy {
     /// The configuration as the last reload left it.
     pub fn load(&self) -> Arc<Live> {
         let current = self.shared.load();
-        let mut copy = self.copy.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut copy = self.copy.lock();
         if !Arc::ptr_eq(&copy.0, &current) {
             let fresh = Arc::new(Live::clone(&current));
             *copy = (arc_swap::Guard::into_inner(current), fresh);
@@ -118,7 +119,7 @@ impl StatusCopy {
 
     /// vLLM's readiness as the supervisor last set it.
     pub fn readiness(&self) -> Readiness {
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = self.seen.lock();
         let (status, readiness) = &mut *seen;
         // Once the supervisor is gone (an error), the status is read each time, as it stands.
         if status.has_changed().unwrap_or(true) {
@@ -131,12 +132,7 @@ impl StatusCopy {
 impl Clone for StatusCopy {
     /// A copy of its own, for another worker.
     fn clone(&self) -> StatusCopy {
-        let status = self
-            .seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .0
-            .clone();
+        let status = self.seen.lock().0.clone();
         StatusCopy::new(status)
     }
 }

@@ -35,7 +35,7 @@ use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -43,6 +43,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -1042,15 +1043,11 @@ struct Idle {
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// The warmest idle connection still open. Those that closed or idled too long are dropped
     /// on the way.
     fn take(&self) -> Option<Connection> {
         let now = Instant::now();
-        let mut idle = self.lock();
+        let mut idle = self.idle.lock();
         while let Some((connection, since)) = idle.connections.pop() {
             if now.saturating_duration_since(since) < self.idle_timeout && !connection.is_closed() {
                 return Some(connection);
@@ -1060,7 +1057,7 @@ impl Pool {
     }
 
     fn put(self: &Arc<Self>, connection: Connection) {
-        let mut idle = self.lock();
+        let mut idle = self.idle.lock();
         if idle.connections.len() >= self.max_idle {
             return;
         }
@@ -1077,7 +1074,7 @@ impl Pool {
         loop {
             tokio::time::sleep(self.idle_timeout).await;
             let now = Instant::now();
-            let mut idle = self.lock();
+            let mut idle = self.idle.lock();
             idle.connections.retain(|(connection, since)| {
                 now.saturating_duration_since(*since) < self.idle_timeout && !connection.is_closed()
             });

@@ -7,12 +7,13 @@
 //! child that dies instantly cannot be reaped before its waiter is known.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 
 use futures_util::StreamExt;
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use parking_lot::{Mutex, MutexGuard};
 use signal_hook::consts::signal::SIGCHLD;
 use tokio::sync::oneshot;
 
@@ -28,9 +29,7 @@ fn waiters() -> &'static Mutex<Waiters> {
 
 /// Locks the waiter table. Spawning holds this lock from fork to registration.
 pub fn lock() -> MutexGuard<'static, Waiters> {
-    waiters()
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    waiters().lock()
 }
 
 /// Registers interest in `pid`'s exit. Call with the lock from [`lock`] held since the fork.
