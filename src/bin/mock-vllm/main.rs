@@ -95,8 +95,8 @@
 //!   matched and the key passed.
 //! - Unknown paths answer 404 and wrong methods 405 with FastAPI's bodies; as vLLM's, its GET
 //!   routes (`/health`, `/ping`, `/version`, `/v1/models`) answer HEAD with 405 too, and allow GET
-//!   alone. With API keys set, every `/v1`
-//!   path needs `Authorization: Bearer <one of the keys>` and otherwise answers vLLM's 401.
+//!   alone. With API keys set, every `/v1` path needs `Authorization: Bearer <one of the keys>`
+//!   and otherwise answers vLLM's 401.
 //! - Every response echoes the request's `x-request-id` header.
 //! - Connections are HTTP/1.1, as uvicorn serves them: kept alive, and closed without a word once
 //!   idle for `MOCK_VLLM_KEEP_ALIVE_TIMEOUT` (5 s, vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`) after
