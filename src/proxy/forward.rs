@@ -536,8 +536,6 @@ fn classify(error: &UpstreamError, limit: u64, record: &RequestRecord) -> ProxyE
     }
 }
 
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-
 /// The client's `x-request-id` when it is sane (bounded length, URL-safe characters), else a new one.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(value) = headers.get(&X_REQUEST_ID) {
@@ -551,14 +549,27 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return value.clone();
         }
     }
-    // Two hex digits a byte (shifting a u128 for each digit cost 150 instructions a request).
+    // Eight digits at a time (a digit at a time, shifting a u128, cost 150 instructions a
+    // request; a table lookup a digit, unrolled, 700 bytes of code).
     let mut buffer = [0u8; 32];
-    let id = fastrand::u128(..).to_be_bytes();
-    for (digits, byte) in buffer.chunks_exact_mut(2).zip(id) {
-        digits[0] = HEX_DIGITS[usize::from(byte >> 4)];
-        digits[1] = HEX_DIGITS[usize::from(byte & 0xf)];
+    let id = fastrand::u128(..);
+    for (index, digits) in buffer.chunks_exact_mut(8).enumerate() {
+        digits.copy_from_slice(&hex_digits((id >> (96 - 32 * index)) as u32));
     }
     HeaderValue::from_bytes(&buffer).expect("hex digits are a valid header value")
+}
+
+/// The eight lowercase hex digits of `value`, the first the highest, worked out in the eight
+/// bytes of one integer at once.
+fn hex_digits(value: u32) -> [u8; 8] {
+    // Each nibble to a byte of its own, the highest in the highest byte.
+    let spread = u64::from(value);
+    let spread = (spread | spread << 16) & 0x0000_ffff_0000_ffff;
+    let spread = (spread | spread << 8) & 0x00ff_00ff_00ff_00ff;
+    let nibbles = (spread | spread << 4) & 0x0f0f_0f0f_0f0f_0f0f;
+    // A byte of 10 or more gets the distance from '0' + 10 to 'a' added; no byte carries over.
+    let letters = ((nibbles + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (nibbles + 0x3030_3030_3030_3030 + letters * (b'a' - b'0' - 10) as u64).to_be_bytes()
 }
 
 #[cfg(test)]
@@ -589,6 +600,16 @@ mod tests {
         let generated = request_id(&HeaderMap::new());
         fastrand::seed(7);
         assert_eq!(generated, format!("{:032x}", fastrand::u128(..)));
+    }
+
+    #[test]
+    fn hex_digits_are_those_format_writes() {
+        let edges = [0, 9, 10, 15, 0x0123_4567, 0x89ab_cdef, u32::MAX];
+        let random = (0..1000).map(|_| fastrand::u32(..));
+        for value in edges.into_iter().chain(random) {
+            let digits = String::from_utf8(hex_digits(value).to_vec());
+            assert_eq!(digits, Ok(format!("{value:08x}")));
+        }
     }
 
     #[test]
