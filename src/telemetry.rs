@@ -1,7 +1,9 @@
 //! Logs and metrics: the tracing subscriber (text, JSON or journald), the Prometheus recorder,
-//! and [`RequestRecord`], which follows one proxied request to its end and then writes its access
-//! log line and its metrics exactly once, however the request ended (completed, failed, or dropped
-//! because the client went away).
+//! and [`RequestRecord`], which follows one proxied request to its end and then has its access
+//! log line and its metrics written exactly once, however the request ended (completed, failed, or
+//! dropped because the client went away): by its worker once the worker has written out what it
+//! had to write and is about to wait for more work ([`Deferred`]), not before the response's last
+//! bytes leave.
 //!
 //! On stderr the access log leaves the request path: its lines are formatted on the worker and
 //! appended to the worker's part of a bounded queue, which a writer thread writes out in one piece
@@ -379,9 +381,10 @@ where
         .with_writer(writer)
 }
 
-/// Writes out the access log lines still queued and stops the writer's thread. Called once,
-/// right before the process exits; later lines are written nowhere.
+/// Writes out the access log lines still deferred or queued and stops the writer's thread.
+/// Called once, right before the process exits; later lines are written nowhere.
 pub fn flush_logs() {
+    finish_all_deferred();
     let Some(queue) = ACCESS_QUEUE.get() else {
         return;
     };
@@ -557,9 +560,10 @@ fn thread_part() -> usize {
     PART.with(|part| *part)
 }
 
-/// Copies the live counts into their gauges, and hands every worker's pending request metrics to
-/// the registry; called right before `/metrics` renders.
+/// Copies the live counts into their gauges, and hands every worker's pending request metrics
+/// (deferred ones too) to the registry; called right before `/metrics` renders.
 pub fn publish_gauges() {
+    finish_all_deferred();
     hand_over_pending();
     gauge!("gateway_requests_in_flight").set(requests_in_flight() as f64);
     gauge!("gateway_streams_active").set(STREAMS_ACTIVE.get() as f64);
@@ -644,7 +648,10 @@ impl RequestRecord {
             let elapsed = self.started.elapsed();
             self.first_byte = Some(elapsed);
             if self.stream {
-                first_byte_metric(self.route, elapsed);
+                defer(Deferred::FirstByte {
+                    route: self.route,
+                    elapsed,
+                });
             }
         }
         self.bytes_out += len as u64;
@@ -652,59 +659,6 @@ impl RequestRecord {
 
     pub fn set_complete(&mut self) {
         self.complete = true;
-    }
-}
-
-impl RequestRecord {
-    /// The access line as the JSON log format writes it (the same fields, in the same order), made
-    /// without the formatter's per-event work: it is a tenth of the cost of a request.
-    fn write_json(&self, line: &mut Vec<u8>, status: u16, duration: Duration) {
-        fn string(line: &mut Vec<u8>, value: &str) {
-            // Ids, methods and routes have nothing JSON escapes (what serde_json escapes: quote,
-            // backslash, control characters), and are written as they are. (Every byte is looked
-            // at, without stopping at the first to escape, so that the loop vectorises.)
-            let escapes = value.bytes().fold(false, |escapes, byte| {
-                escapes | (byte < 0x20) | (byte == b'"') | (byte == b'\\')
-            });
-            if !escapes {
-                line.push(b'"');
-                line.extend_from_slice(value.as_bytes());
-                line.push(b'"');
-            } else {
-                // Writing into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut *line, value);
-            }
-        }
-        fn number(line: &mut Vec<u8>, value: impl serde::Serialize) {
-            let _ = serde_json::to_writer(&mut *line, &value);
-        }
-        line.extend_from_slice(b"{\"timestamp\":\"");
-        write_timestamp(line, std::time::SystemTime::now());
-        line.extend_from_slice(
-            b"\",\"level\":\"INFO\",\"message\":\"request finished\",\"request_id\":",
-        );
-        string(line, self.request_id());
-        line.extend_from_slice(b",\"method\":");
-        string(line, self.method);
-        line.extend_from_slice(b",\"route\":");
-        string(line, self.route);
-        line.extend_from_slice(b",\"status\":");
-        number(line, status);
-        line.extend_from_slice(b",\"duration_ms\":");
-        write_milliseconds(line, duration);
-        if let Some(first_byte) = self.first_byte {
-            line.extend_from_slice(b",\"ttfb_ms\":");
-            write_milliseconds(line, first_byte);
-        }
-        line.extend_from_slice(b",\"bytes_out\":");
-        number(line, self.bytes_out);
-        line.extend_from_slice(b",\"stream\":");
-        number(line, self.stream);
-        if let Some(error) = self.error_kind {
-            line.extend_from_slice(b",\"error\":");
-            string(line, error);
-        }
-        line.extend_from_slice(b",\"target\":\"gateway::access\"}\n");
     }
 }
 
@@ -855,11 +809,6 @@ fn hand_over_pending() {
     PENDING.visit(PendingMetrics::hand_over);
 }
 
-/// `gateway_time_to_first_byte_seconds` for one stream.
-fn first_byte_metric(route: &'static str, elapsed: Duration) {
-    PENDING.with(&PENDING_PART, |pending| pending.first_byte(route, elapsed));
-}
-
 /// `gateway_requests_total` and `gateway_request_duration_seconds` for one request.
 fn request_metrics(
     route: &'static str,
@@ -934,13 +883,124 @@ impl Drop for RequestRecord {
             // Dropped before the end and without an upstream error: the client went away.
             self.error_kind = Some("client_disconnect");
         }
-        let duration = self.started.elapsed();
         REQUESTS_IN_FLIGHT.add(-1);
         if self.stream && self.responding {
             STREAMS_ACTIVE.add(-1);
         }
-        let status = if self.status == 0 { 499 } else { self.status };
-        request_metrics(self.route, self.method, status, self.stream, duration);
+        let ended = Instant::now();
+        defer(Deferred::Finished(Finished {
+            request_id: std::mem::replace(&mut self.request_id, http::HeaderValue::from_static("")),
+            method: self.method,
+            route: self.route,
+            access_log: self.access_log,
+            status: if self.status == 0 { 499 } else { self.status },
+            stream: self.stream,
+            ended: ended.into_std(),
+            duration: ended - self.started,
+            first_byte: self.first_byte,
+            bytes_out: self.bytes_out,
+            error_kind: self.error_kind,
+        }));
+    }
+}
+
+/// A request's bookkeeping, done once its worker has nothing else to do: its access line and
+/// metrics when it ended, the stream's first-byte time when its first bytes went out.
+///
+/// A response's end (or a stream's first event) is read, and the response body dropped, before
+/// the server writes out what it was given: a record written at its drop would hold the
+/// response's last bytes (all of a short response) back by the time the access line and the
+/// metrics take, and when other work ran since the last request, that is their code to load
+/// again. Deferred, they are written when the worker is about to wait for more work
+/// ([`finish_deferred`], the worker runtime's park hook), after its writes; at the latest once
+/// [`DEFERRED_MAX`] are waiting, and by whoever renders `/metrics` or flushes the logs.
+enum Deferred {
+    Finished(Finished),
+    FirstByte {
+        route: &'static str,
+        elapsed: Duration,
+    },
+}
+
+/// What a [`RequestRecord`] leaves when it ends.
+struct Finished {
+    request_id: http::HeaderValue,
+    method: &'static str,
+    route: &'static str,
+    access_log: bool,
+    status: u16,
+    stream: bool,
+    /// When the request ended: the access line's timestamp, however much later it is written.
+    ended: std::time::Instant,
+    duration: Duration,
+    first_byte: Option<Duration>,
+    bytes_out: u64,
+    error_kind: Option<&'static str>,
+}
+
+impl Deferred {
+    fn finish(self) {
+        match self {
+            Deferred::Finished(finished) => finished.write(),
+            Deferred::FirstByte { route, elapsed } => {
+                PENDING.with(&PENDING_PART, |pending| pending.first_byte(route, elapsed));
+            }
+        }
+    }
+}
+
+/// The most deferred items a thread holds before it writes them (a worker busy for that long
+/// without waiting for work).
+const DEFERRED_MAX: usize = 64;
+
+/// Every thread's deferred bookkeeping.
+static DEFERRED: PerThread<Vec<Deferred>> = PerThread::new();
+
+thread_local! {
+    /// This thread's part of [`DEFERRED`], once it has deferred something.
+    static DEFERRED_PART: std::cell::OnceCell<Arc<Mutex<Vec<Deferred>>>> = const { std::cell::OnceCell::new() };
+    /// Whether this thread deferred something since it last wrote what it deferred: a worker
+    /// waits for work several times a request, mostly with nothing deferred.
+    static DEFERRED_SINCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn defer(item: Deferred) {
+    let full = DEFERRED.with(&DEFERRED_PART, |items| {
+        items.push(item);
+        items.len() >= DEFERRED_MAX
+    });
+    let _ = DEFERRED_SINCE.try_with(|since| since.set(true));
+    if full == Some(true) {
+        finish_deferred();
+    }
+}
+
+/// Writes what this thread's requests left to write ([`Deferred`]). A worker's runtime calls it
+/// before it waits for more work.
+pub fn finish_deferred() {
+    if DEFERRED_SINCE.try_with(|since| since.replace(false)) == Ok(false) {
+        return;
+    }
+    DEFERRED.with(&DEFERRED_PART, |items| {
+        items.drain(..).for_each(Deferred::finish);
+    });
+}
+
+/// Writes what every thread's requests left to write.
+fn finish_all_deferred() {
+    DEFERRED.visit(|items| items.drain(..).for_each(Deferred::finish));
+}
+
+impl Finished {
+    /// The access log line and the request metrics.
+    fn write(self) {
+        request_metrics(
+            self.route,
+            self.method,
+            self.status,
+            self.stream,
+            self.duration,
+        );
         if let Some(kind) = self.error_kind {
             counter!("gateway_upstream_errors_total", "kind" => kind).increment(1);
         }
@@ -949,7 +1009,7 @@ impl Drop for RequestRecord {
             && ACCESS_ENABLED.load(Ordering::Relaxed)
         {
             if let Some(queue) = ACCESS_QUEUE.get() {
-                queue.push_with(|lines| self.write_json(lines, status, duration));
+                queue.push_with(|lines| self.write_json(lines));
             }
         } else if self.access_log {
             tracing::info!(
@@ -957,8 +1017,8 @@ impl Drop for RequestRecord {
                 request_id = %self.request_id(),
                 method = self.method,
                 route = self.route,
-                status,
-                duration_ms = duration.as_secs_f64() * 1000.0,
+                status = self.status,
+                duration_ms = self.duration.as_secs_f64() * 1000.0,
                 ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
                 bytes_out = self.bytes_out,
                 stream = self.stream,
@@ -966,6 +1026,67 @@ impl Drop for RequestRecord {
                 "request finished"
             );
         }
+    }
+
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+
+    /// When the request ended, on the wall clock.
+    fn ended_at(&self) -> std::time::SystemTime {
+        let now = std::time::SystemTime::now();
+        now.checked_sub(self.ended.elapsed()).unwrap_or(now)
+    }
+
+    /// The access line as the JSON log format writes it (the same fields, in the same order), made
+    /// without the formatter's per-event work: it is a tenth of the cost of a request.
+    fn write_json(&self, line: &mut Vec<u8>) {
+        fn string(line: &mut Vec<u8>, value: &str) {
+            // Ids, methods and routes have nothing JSON escapes (what serde_json escapes: quote,
+            // backslash, control characters), and are written as they are. (Every byte is looked
+            // at, without stopping at the first to escape, so that the loop vectorises.)
+            let escapes = value.bytes().fold(false, |escapes, byte| {
+                escapes | (byte < 0x20) | (byte == b'"') | (byte == b'\\')
+            });
+            if !escapes {
+                line.push(b'"');
+                line.extend_from_slice(value.as_bytes());
+                line.push(b'"');
+            } else {
+                // Writing into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *line, value);
+            }
+        }
+        fn number(line: &mut Vec<u8>, value: impl serde::Serialize) {
+            let _ = serde_json::to_writer(&mut *line, &value);
+        }
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        write_timestamp(line, self.ended_at());
+        line.extend_from_slice(
+            b"\",\"level\":\"INFO\",\"message\":\"request finished\",\"request_id\":",
+        );
+        string(line, self.request_id());
+        line.extend_from_slice(b",\"method\":");
+        string(line, self.method);
+        line.extend_from_slice(b",\"route\":");
+        string(line, self.route);
+        line.extend_from_slice(b",\"status\":");
+        number(line, self.status);
+        line.extend_from_slice(b",\"duration_ms\":");
+        write_milliseconds(line, self.duration);
+        if let Some(first_byte) = self.first_byte {
+            line.extend_from_slice(b",\"ttfb_ms\":");
+            write_milliseconds(line, first_byte);
+        }
+        line.extend_from_slice(b",\"bytes_out\":");
+        number(line, self.bytes_out);
+        line.extend_from_slice(b",\"stream\":");
+        number(line, self.stream);
+        if let Some(error) = self.error_kind {
+            line.extend_from_slice(b",\"error\":");
+            string(line, error);
+        }
+        line.extend_from_slice(b",\"target\":\"gateway::access\"}\n");
     }
 }
 
@@ -1015,6 +1136,56 @@ mod tests {
                 "and the rest before a render"
             );
             assert_eq!(value(durations), PENDING_MAX as u64 + 10);
+        })
+        .join()
+        .expect("the recording thread");
+    }
+
+    #[test]
+    fn deferred_requests_are_counted_once_their_thread_writes_them_or_enough_wait() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let requests = move || -> u64 {
+            hand_over_pending();
+            handle
+                .render()
+                .lines()
+                .find(|line| line.starts_with("gateway_requests_total{"))
+                .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let finished = || {
+            Deferred::Finished(Finished {
+                request_id: http::HeaderValue::from_static("id"),
+                method: "POST",
+                route: "/v1/responses",
+                access_log: false,
+                status: 200,
+                stream: false,
+                ended: std::time::Instant::now(),
+                duration: Duration::from_millis(3),
+                first_byte: None,
+                bytes_out: 10,
+                error_kind: None,
+            })
+        };
+        std::thread::spawn(move || {
+            metrics::with_local_recorder(&recorder, || {
+                defer(finished());
+                assert_eq!(requests(), 0, "still deferred");
+                finish_deferred();
+                assert_eq!(requests(), 1, "written by its thread");
+                finish_deferred();
+                assert_eq!(requests(), 1, "and only once");
+                for _ in 0..DEFERRED_MAX {
+                    defer(finished());
+                }
+                assert_eq!(
+                    requests(),
+                    1 + DEFERRED_MAX as u64,
+                    "written once enough wait"
+                );
+            });
         })
         .join()
         .expect("the recording thread");
@@ -1083,18 +1254,21 @@ mod tests {
 
     #[test]
     fn access_lines_have_the_json_formats_fields_in_its_order() {
-        let mut record = RequestRecord::new(
-            http::HeaderValue::from_static("id-\"1"),
-            &http::Method::POST,
-            "/v1/responses",
-            false,
-        );
-        record.set_response(200, true);
-        record.add_bytes(10);
-        record.set_error(Some("reset_mid_stream"));
+        let finished = Finished {
+            request_id: http::HeaderValue::from_static("id-\"1"),
+            method: "POST",
+            route: "/v1/responses",
+            access_log: true,
+            status: 200,
+            stream: true,
+            ended: std::time::Instant::now(),
+            duration: Duration::from_micros(1500),
+            first_byte: Some(Duration::from_micros(700)),
+            bytes_out: 10,
+            error_kind: Some("reset_mid_stream"),
+        };
         let mut line = Vec::new();
-        record.write_json(&mut line, 200, Duration::from_micros(1500));
-        record.set_complete();
+        finished.write_json(&mut line);
         assert_eq!(line.last(), Some(&b'\n'));
         let text = String::from_utf8(line).expect("utf-8");
         let value: serde_json::Value = serde_json::from_str(&text).expect("one JSON object");

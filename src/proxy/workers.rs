@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::proxy::conn;
 use crate::proxy::router::Surface;
 use crate::proxy::state::{AppState, LiveConfig};
+use crate::telemetry;
 
 /// How many proxy workers to run: one per CPU the process may use (cgroup quotas and affinity
 /// count), at most `MAX_WORKERS`.
@@ -234,6 +235,8 @@ impl Worker {
     ) -> std::io::Result<Worker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // Requests' access lines and metrics, once their responses are written.
+            .on_thread_park(telemetry::finish_deferred)
             .build()?;
         let listener = {
             // Registers the socket with this worker's runtime, not the caller's.
@@ -291,6 +294,10 @@ impl Worker {
                 () = close.cancelled() => {}
             }
         });
+        // The requests its tasks still held end with the runtime; what they and the last ones
+        // served left to write is written now (see `telemetry::Deferred`), not at the exit.
+        drop(runtime);
+        telemetry::finish_deferred();
         Ok(())
     }
 }
