@@ -55,9 +55,9 @@
 //!   sockets, and the worker's pool of idle ones); `proxy::headers` holds the hop-by-hop
 //!   rules; `proxy::body` wraps bodies with limits and timeouts; `proxy::timer` arms the sleeps of
 //!   those, of the client-side deadlines and of the first-byte deadline only when something has
-//!   to wait; `proxy::wake` polls a shutdown token's wait (a connection's
-//!   drain, a stream's cut) only once it has woken; `proxy::errors` shapes every error as OpenAI
-//!   JSON or a final SSE `error` event.
+//!   to wait; `proxy::wake` polls a shutdown token's wait (a connection's drain) only once it has
+//!   woken, and gives requests the cut as a flag their connection sets; `proxy::errors` shapes
+//!   every error as OpenAI JSON or a final SSE `error` event.
 //! - `supervisor`: `gateway serve`, the actor that owns the child (one task); others hold a
 //!   `SupervisorHandle` (its `Control` sender and status receiver). `child` spawns and
 //!   stops process groups, `port` checks that `vllm_port` is free and that vLLM's group owns the

@@ -204,3 +204,52 @@ fn an_error_status_from_vllm_ends_the_waiting_stream_with_its_status_and_code() 
     assert_ne!(data["code"], "upstream_not_ready", "{data}");
     assert_eq!(waiting_streams(&gateway, "upstream_error"), Some(1.0));
 }
+
+#[test]
+fn a_relayed_stream_still_running_when_the_drain_times_out_ends_with_the_error_event() {
+    // vLLM comes back slowly, then pauses after its first event for longer than the drain.
+    let (mut gateway, _) = gateway_serve(
+        &[
+            "--stream-keepalive-after",
+            "500ms",
+            "--stream-keepalive-interval",
+            "200ms",
+            "--drain-timeout",
+            "1s",
+        ],
+        &[
+            ("MOCK_VLLM_STARTUP_DELAY", "2s"),
+            ("MOCK_VLLM_ENGINE_PROCESSES", "0"),
+            ("MOCK_VLLM_STREAM_DELAY", "30s"),
+        ],
+    );
+    wait_ready(&gateway);
+    kill_vllm(&gateway);
+    let mut stream = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    write!(
+        stream,
+        "POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{RESPONSES_STREAM}",
+        RESPONSES_STREAM.len()
+    )
+    .expect("write");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    // The wait is over and vLLM's events are being relayed when the stop begins.
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&raw).contains("event: response.created") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => panic!("no event from vLLM: {}", String::from_utf8_lossy(&raw)),
+            Ok(read) => raw.extend_from_slice(&buffer[..read]),
+        }
+    }
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    stream.read_to_end(&mut raw).expect("the stream ends");
+    let body = String::from_utf8_lossy(&parse_response(&raw).body).to_string();
+    assert!(
+        !body.contains("event: response.completed"),
+        "vLLM's stream was still running: {body}"
+    );
+    let data = error_event(&body);
+    assert_eq!(data["code"], "drain_timeout", "{data}");
+    assert_eq!(gateway.wait_exit(DEADLINE).code(), Some(0));
+}

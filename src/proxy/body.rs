@@ -18,11 +18,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::proxy::errors::{ProxyError, TimeoutKind, Unavailable};
 use crate::proxy::timer::Timer;
-use crate::proxy::wake::WhenWoken;
+use crate::proxy::wake::{Cut, CutFlag};
 use crate::telemetry::RequestRecord;
 
 /// The request body grew past the configured limit.
@@ -107,8 +106,8 @@ pub struct UpstreamBody<B> {
     deadline: Instant,
     /// Armed only when the body has to wait for vLLM: a body read at once never touches it.
     timer: Timer,
-    /// For a stream: fires when `drain_timeout` expires, which ends it with the error event.
-    cut: Option<WhenWoken<Pin<Box<WaitForCancellationFutureOwned>>>>,
+    /// For a stream: seen once `drain_timeout` expires, which ends it with the error event.
+    cut: Option<CutFlag>,
     /// Whether the bytes forwarded so far end on an SSE event boundary (`\n\n`), so a final
     /// error event can be framed correctly.
     at_boundary: bool,
@@ -118,12 +117,13 @@ pub struct UpstreamBody<B> {
 }
 
 impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
-    /// `cut` ends a stream with the SSE `error` event once cancelled (`AppState::cut`).
+    /// `cut` ends a stream with the SSE `error` event once seen (`AppState::cut`; whatever polls
+    /// the body wakes it then, see [`Cut`]).
     pub fn new(
         inner: B,
         timing: Timing,
         deadline: Instant,
-        cut: &CancellationToken,
+        cut: &Cut,
         record: RequestRecord,
     ) -> Self {
         let deadline = match timing {
@@ -137,7 +137,7 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
             record.set_complete();
         }
         let cut = match timing {
-            Timing::Stream { .. } => Some(WhenWoken::new(Box::pin(cut.clone().cancelled_owned()))),
+            Timing::Stream { .. } => Some(cut.flag()),
             Timing::Whole => None,
         };
         UpstreamBody {
@@ -190,9 +190,7 @@ where
         if this.done {
             return Poll::Ready(None);
         }
-        if let Some(cut) = &mut this.cut
-            && Pin::new(cut).poll(cx).is_ready()
-        {
+        if this.cut.as_ref().is_some_and(CutFlag::is_seen) {
             return this.fail(ProxyError::DrainTimeout);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {

@@ -518,6 +518,7 @@ fn serve_connection(
         activity: activity.clone(),
     };
     let draining = draining.clone();
+    let state = Arc::clone(surface.state());
     async move {
         let _open = OpenConnection::count();
         // Made in place rather than captured: a future captured and then pinned or awaited takes
@@ -530,6 +531,15 @@ fn serve_connection(
             biased;
             result = connection.as_mut() => result,
             () = WhenWoken::new(drain) => {
+                // From here on `drain_timeout` may expire: the connection's requests look at the
+                // cut's flag, which this task sets when the cut wakes it (see `Cut`), before it
+                // polls them again. (Boxed, as the grace below.)
+                let mut cut = WhenWoken::new(Box::pin(state.cut.token.cancelled()));
+                let mut see_cut = |cx: &mut Context<'_>| {
+                    if Pin::new(&mut cut).poll(cx).is_ready() {
+                        state.cut.see();
+                    }
+                };
                 // A request in progress is finished; an idle connection is given its next
                 // request, until the grace is over, or, once part of its head has come, until
                 // the head's own deadline (`client_header_timeout`, then 408). (Boxed: only a
@@ -537,27 +547,34 @@ fn serve_connection(
                 let started = activity.started.load(Ordering::Relaxed);
                 let idle = started == activity.finished.load(Ordering::Relaxed);
                 let mut grace = idle.then(|| Box::pin(tokio::time::sleep(NEXT_REQUEST_GRACE)));
-                let ended = std::future::poll_fn(|cx| match connection.as_mut().poll(cx) {
-                    Poll::Ready(result) => Poll::Ready(Some(result)),
-                    Poll::Pending if activity.started.load(Ordering::Relaxed) != started => {
-                        Poll::Ready(None)
+                let ended = std::future::poll_fn(|cx| {
+                    see_cut(cx);
+                    match connection.as_mut().poll(cx) {
+                        Poll::Ready(result) => Poll::Ready(Some(result)),
+                        Poll::Pending if activity.started.load(Ordering::Relaxed) != started => {
+                            Poll::Ready(None)
+                        }
+                        Poll::Pending
+                            if grace.as_mut().is_none_or(|grace| {
+                                grace.as_mut().poll(cx).is_ready()
+                                    && !activity.head_begun.load(Ordering::Relaxed)
+                            }) =>
+                        {
+                            Poll::Ready(None)
+                        }
+                        Poll::Pending => Poll::Pending,
                     }
-                    Poll::Pending
-                        if grace.as_mut().is_none_or(|grace| {
-                            grace.as_mut().poll(cx).is_ready()
-                                && !activity.head_begun.load(Ordering::Relaxed)
-                        }) =>
-                    {
-                        Poll::Ready(None)
-                    }
-                    Poll::Pending => Poll::Pending,
                 })
                 .await;
                 match ended {
                     Some(result) => result,
                     None => {
                         connection.as_mut().graceful_shutdown();
-                        connection.await
+                        std::future::poll_fn(|cx| {
+                            see_cut(cx);
+                            connection.as_mut().poll(cx)
+                        })
+                        .await
                     }
                 }
             }

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -333,12 +334,17 @@ async fn send(
     limit: u64,
     record: &RequestRecord,
 ) -> Result<http::Response<ResponseBody>, ProxyError> {
-    // The exchange first: polling the cut's wait takes its token's locks, and when the answer has
-    // come there is no need to.
-    let sent = tokio::select! {
-        biased;
-        sent = state.upstream.send(head, body, deadline) => sent,
-        () = state.cut.cancelled() => return Err(ProxyError::DrainTimeout),
+    // The exchange first: when the answer has come, the cut no longer matters. (Its connection's
+    // task polls this again when the cut comes: see `Cut`.)
+    let mut exchange = std::pin::pin!(state.upstream.send(head, body, deadline));
+    let sent = std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
+        Poll::Ready(sent) => Poll::Ready(Some(sent)),
+        Poll::Pending if state.cut.is_seen() => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    })
+    .await;
+    let Some(sent) = sent else {
+        return Err(ProxyError::DrainTimeout);
     };
     match sent {
         Err(UpstreamError::Timeout) => Err(ProxyError::Timeout(kind)),
@@ -401,7 +407,7 @@ fn has_dot_segment(path: &str) -> bool {
 
 /// Why a waiting request gives up: the drain before a stop began, or `drain_timeout` expired.
 fn gave_up(state: &AppState) -> ProxyError {
-    if state.cut.is_cancelled() {
+    if state.cut.token.is_cancelled() {
         ProxyError::DrainTimeout
     } else {
         ProxyError::ShuttingDown

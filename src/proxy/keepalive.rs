@@ -143,7 +143,7 @@ async fn relay(
                     }
                 }
                 () = sender.closed() => return "client_disconnect",
-                () = state.cut.cancelled() => break Err(ProxyError::DrainTimeout),
+                () = state.cut.token.cancelled() => break Err(ProxyError::DrainTimeout),
             }
         }
     };
@@ -178,7 +178,15 @@ async fn relay(
     }
     let deadline = sent_at + config.proxy.request_timeout;
     let mut body = UpstreamBody::new(body, timing, deadline, &state.cut, record);
-    while let Some(frame) = body.frame().await {
+    // This task is no connection's, so it watches the cut for its body itself (see `Cut`).
+    let mut cut = std::pin::pin!(state.cut.token.cancelled());
+    let mut next_frame = |cx: &mut Context<'_>| {
+        if !state.cut.is_seen() && cut.as_mut().poll(cx).is_ready() {
+            state.cut.see();
+        }
+        http_body::Body::poll_frame(Pin::new(&mut body), cx)
+    };
+    while let Some(frame) = std::future::poll_fn(&mut next_frame).await {
         let Ok(frame) = frame else {
             return "failed";
         };

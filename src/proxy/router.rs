@@ -90,6 +90,11 @@ impl Surface {
         }
     }
 
+    /// The state its requests are served with.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
     /// The response to `request`, on its way. The future is boxed here, one layer deep: a large
     /// future is copied whole each time it moves, and a forwarded request's is several KB.
     pub fn respond(self, request: http::Request<Incoming>) -> Responding {

@@ -17,6 +17,7 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 use crate::config::{Config, Cors, ProxyConfig};
 use crate::proxy::admission::Admission;
 use crate::proxy::upstream::Upstream;
+use crate::proxy::wake::Cut;
 use crate::status::{ReadCount, UpstreamStatus, VllmReads};
 
 /// The configuration as the last reload left it (the start-up one until then), with what requests
@@ -167,9 +168,9 @@ pub struct AppState {
     /// `draining`, or alone for an in-place upgrade (readiness and waiting requests stay as they
     /// are, and new connections wait in the listening socket's backlog for the new image).
     pub closing: CancellationToken,
-    /// Cancelled when `drain_timeout` expires: running streams end with the SSE `error` event,
-    /// and requests still waiting for vLLM's answer get 503 `drain_timeout`.
-    pub cut: CancellationToken,
+    /// When `drain_timeout` expires: running streams end with the SSE `error` event, and
+    /// requests still waiting for vLLM's answer get 503 `drain_timeout`.
+    pub cut: Cut,
     /// Cancelled when requests waiting for their turn or for vLLM give up with 503: when a stop's
     /// drain begins, and at the cut (an upgrade's drain holds them until then).
     pub give_up: CancellationToken,
@@ -213,7 +214,7 @@ impl AppState {
             probe_freshness: config.health.interval + config.health.timeout,
             metrics,
             closing: draining.child_token(),
-            cut: CancellationToken::new(),
+            cut: Cut::new(CancellationToken::new()),
             give_up: draining.child_token(),
             draining,
             admission: Arc::new(Admission::new(config.proxy.max_concurrent_requests)),
@@ -238,7 +239,7 @@ impl AppState {
             client: upstream_client(&live.config.proxy, max_idle)?,
             draining: self.draining.child_token(),
             closing: self.closing.child_token(),
-            cut: self.cut.child_token(),
+            cut: Cut::new(self.cut.token.child_token()),
             give_up: self.give_up.child_token(),
             ..self.clone()
         })

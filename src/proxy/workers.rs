@@ -140,7 +140,7 @@ impl Workers {
             close,
             draining: state.draining.clone(),
             closing: state.closing.clone(),
-            cut: state.cut.clone(),
+            cut: state.cut.token.clone(),
             give_up: state.give_up.clone(),
             live: Arc::clone(&state.live),
         })
