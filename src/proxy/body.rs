@@ -117,8 +117,8 @@ pub struct UpstreamBody<B> {
 }
 
 impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
-    /// `cut` ends a stream with the SSE `error` event once seen (`AppState::cut`; whatever polls
-    /// the body wakes it then, see [`Cut`]).
+    /// `cut` ends a stream with the SSE `error` event once seen (`AppState::cut`: whatever polls
+    /// the body is woken for it, see [`Cut`]).
     pub fn new(
         inner: B,
         timing: Timing,
