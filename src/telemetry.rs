@@ -2,7 +2,7 @@
 //! and [`RequestRecord`], which follows one proxied request to its end and then has its access
 //! log line and its metrics written exactly once, however the request ended (completed, failed, or
 //! dropped because the client went away): by its worker once the worker has written out what it
-//! had to write and is about to wait for more work ([`Deferred`]), not before the response's last
+//! had to write and is about to wait for more work (`Deferred`), not before the response's last
 //! bytes leave.
 //!
 //! On stderr the access log leaves the request path: its lines are formatted on the worker and
@@ -975,7 +975,7 @@ fn defer(item: Deferred) {
     }
 }
 
-/// Writes what this thread's requests left to write ([`Deferred`]). A worker's runtime calls it
+/// Writes what this thread's requests left to write (`Deferred`). A worker's runtime calls it
 /// before it waits for more work.
 pub fn finish_deferred() {
     if DEFERRED_SINCE.try_with(|since| since.replace(false)) == Ok(false) {
