@@ -168,15 +168,16 @@ impl<T: Default> PerThread<T> {
         }
     }
 
-    /// Runs `work` on this thread's part (kept in `local`) and returns `Some` of its result
-    /// (always `Some`: the option only carries `work` to whichever of the two ways runs). A thread
-    /// already past its thread-locals gets a part for this once, visited like the others.
-    fn with<R>(&self, local: &'static ThreadPart<T>, work: impl FnOnce(&mut T) -> R) -> Option<R> {
+    /// Runs `work` on this thread's part (kept in `local`). A thread already past its
+    /// thread-locals gets a part for this once, visited like the others.
+    fn with<R>(&self, local: &'static ThreadPart<T>, work: impl FnOnce(&mut T) -> R) -> R {
+        // `work` goes to whichever of the two ways runs (`try_with` runs its closure or fails).
         let mut work = Some(work);
         let mut run = |part: &Mutex<T>| work.take().map(|work| work(&mut part.lock()));
         local
             .try_with(|part| run(part.get_or_init(|| self.new_part())))
             .unwrap_or_else(|_| run(&self.new_part()))
+            .expect("`work` runs on one of the two ways")
     }
 
     fn new_part(&self) -> Arc<Mutex<T>> {
@@ -238,7 +239,7 @@ impl AccessQueue {
             }
             true
         });
-        if queued != Some(true) {
+        if !queued {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         } else if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::Relaxed) {
             // The part's lock orders this with the writer's look at the queue after it went
@@ -573,19 +574,44 @@ pub fn publish_gauges() {
 /// One proxied request, from arrival to the last byte. Dropping it writes the access log line and
 /// the request metrics; it lives in the response body, so for a stream that happens at stream end.
 pub struct RequestRecord {
+    facts: RequestFacts,
+    started: Instant,
+    complete: bool,
+    /// Set once the response headers went out; decides between "failed" and "client went away".
+    responding: bool,
+}
+
+/// What the access line and the request metrics tell of a request, gathered while it runs.
+struct RequestFacts {
     request_id: http::HeaderValue,
     method: &'static str,
     route: &'static str,
-    started: Instant,
     access_log: bool,
     status: u16,
     stream: bool,
     first_byte: Option<Duration>,
     bytes_out: u64,
     error_kind: Option<&'static str>,
-    complete: bool,
-    /// Set once the response headers went out; decides between "failed" and "client went away".
-    responding: bool,
+}
+
+impl RequestFacts {
+    /// No request's facts: where a record's begin, and what a record keeps once it has handed
+    /// its own on.
+    const EMPTY: RequestFacts = RequestFacts {
+        request_id: http::HeaderValue::from_static(""),
+        method: "",
+        route: "",
+        access_log: false,
+        status: 0,
+        stream: false,
+        first_byte: None,
+        bytes_out: 0,
+        error_kind: None,
+    };
+
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
 }
 
 impl RequestRecord {
@@ -597,16 +623,14 @@ impl RequestRecord {
     ) -> Self {
         REQUESTS_IN_FLIGHT.add(1);
         RequestRecord {
-            request_id,
-            method: method_label(method),
-            route: route_label(path),
+            facts: RequestFacts {
+                request_id,
+                method: method_label(method),
+                route: route_label(path),
+                access_log,
+                ..RequestFacts::EMPTY
+            },
             started: Instant::now(),
-            access_log,
-            status: 0,
-            stream: false,
-            first_byte: None,
-            bytes_out: 0,
-            error_kind: None,
             complete: false,
             responding: false,
         }
@@ -618,13 +642,13 @@ impl RequestRecord {
     }
 
     pub fn request_id(&self) -> &str {
-        self.request_id.to_str().unwrap_or("-")
+        self.facts.request_id()
     }
 
     /// The response headers are about to be sent.
     pub fn set_response(&mut self, status: u16, stream: bool) {
-        self.status = status;
-        self.stream = stream;
+        self.facts.status = status;
+        self.facts.stream = stream;
         self.responding = true;
         if stream {
             STREAMS_ACTIVE.add(1);
@@ -634,27 +658,27 @@ impl RequestRecord {
     /// The request failed before any response headers were sent, answered with `status`.
     /// `error_kind` is the `kind` label of `gateway_upstream_errors_total`, if the upstream failed.
     pub fn set_failed(&mut self, status: u16, error_kind: Option<&'static str>) {
-        self.status = status;
+        self.facts.status = status;
         self.set_error(error_kind);
         self.complete = true;
     }
 
     pub fn set_error(&mut self, error_kind: Option<&'static str>) {
-        self.error_kind = error_kind;
+        self.facts.error_kind = error_kind;
     }
 
     pub fn add_bytes(&mut self, len: usize) {
-        if self.first_byte.is_none() && len > 0 {
+        if self.facts.first_byte.is_none() && len > 0 {
             let elapsed = self.started.elapsed();
-            self.first_byte = Some(elapsed);
-            if self.stream {
+            self.facts.first_byte = Some(elapsed);
+            if self.facts.stream {
                 defer(Deferred::FirstByte {
-                    route: self.route,
+                    route: self.facts.route,
                     elapsed,
                 });
             }
         }
-        self.bytes_out += len as u64;
+        self.facts.bytes_out += len as u64;
     }
 
     pub fn set_complete(&mut self) {
@@ -879,27 +903,22 @@ fn write_second(line: &mut Vec<u8>, seconds: u64) {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
-        if !self.complete && self.error_kind.is_none() {
+        if !self.complete && self.facts.error_kind.is_none() {
             // Dropped before the end and without an upstream error: the client went away.
-            self.error_kind = Some("client_disconnect");
+            self.facts.error_kind = Some("client_disconnect");
+        }
+        if self.facts.status == 0 {
+            self.facts.status = 499;
         }
         REQUESTS_IN_FLIGHT.add(-1);
-        if self.stream && self.responding {
+        if self.facts.stream && self.responding {
             STREAMS_ACTIVE.add(-1);
         }
         let ended = Instant::now();
         defer(Deferred::Finished(Finished {
-            request_id: std::mem::replace(&mut self.request_id, http::HeaderValue::from_static("")),
-            method: self.method,
-            route: self.route,
-            access_log: self.access_log,
-            status: if self.status == 0 { 499 } else { self.status },
-            stream: self.stream,
+            facts: std::mem::replace(&mut self.facts, RequestFacts::EMPTY),
             ended: ended.into_std(),
             duration: ended - self.started,
-            first_byte: self.first_byte,
-            bytes_out: self.bytes_out,
-            error_kind: self.error_kind,
         }));
     }
 }
@@ -924,18 +943,10 @@ enum Deferred {
 
 /// What a [`RequestRecord`] leaves when it ends.
 struct Finished {
-    request_id: http::HeaderValue,
-    method: &'static str,
-    route: &'static str,
-    access_log: bool,
-    status: u16,
-    stream: bool,
+    facts: RequestFacts,
     /// When the request ended: the access line's timestamp, however much later it is written.
     ended: std::time::Instant,
     duration: Duration,
-    first_byte: Option<Duration>,
-    bytes_out: u64,
-    error_kind: Option<&'static str>,
 }
 
 impl Deferred {
@@ -970,7 +981,7 @@ fn defer(item: Deferred) {
         items.len() >= DEFERRED_MAX
     });
     let _ = DEFERRED_SINCE.try_with(|since| since.set(true));
-    if full == Some(true) {
+    if full {
         finish_deferred();
     }
 }
@@ -995,41 +1006,37 @@ impl Finished {
     /// The access log line and the request metrics.
     fn write(self) {
         request_metrics(
-            self.route,
-            self.method,
-            self.status,
-            self.stream,
+            self.facts.route,
+            self.facts.method,
+            self.facts.status,
+            self.facts.stream,
             self.duration,
         );
-        if let Some(kind) = self.error_kind {
+        if let Some(kind) = self.facts.error_kind {
             counter!("gateway_upstream_errors_total", "kind" => kind).increment(1);
         }
-        if self.access_log
+        if self.facts.access_log
             && ACCESS_JSON.load(Ordering::Relaxed)
             && ACCESS_ENABLED.load(Ordering::Relaxed)
         {
             if let Some(queue) = ACCESS_QUEUE.get() {
                 queue.push_with(|lines| self.write_json(lines));
             }
-        } else if self.access_log {
+        } else if self.facts.access_log {
             tracing::info!(
                 target: ACCESS_TARGET,
-                request_id = %self.request_id(),
-                method = self.method,
-                route = self.route,
-                status = self.status,
+                request_id = %self.facts.request_id(),
+                method = self.facts.method,
+                route = self.facts.route,
+                status = self.facts.status,
                 duration_ms = self.duration.as_secs_f64() * 1000.0,
-                ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-                bytes_out = self.bytes_out,
-                stream = self.stream,
-                error = self.error_kind,
+                ttfb_ms = self.facts.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+                bytes_out = self.facts.bytes_out,
+                stream = self.facts.stream,
+                error = self.facts.error_kind,
                 "request finished"
             );
         }
-    }
-
-    fn request_id(&self) -> &str {
-        self.request_id.to_str().unwrap_or("-")
     }
 
     /// When the request ended, on the wall clock.
@@ -1065,24 +1072,24 @@ impl Finished {
         line.extend_from_slice(
             b"\",\"level\":\"INFO\",\"message\":\"request finished\",\"request_id\":",
         );
-        string(line, self.request_id());
+        string(line, self.facts.request_id());
         line.extend_from_slice(b",\"method\":");
-        string(line, self.method);
+        string(line, self.facts.method);
         line.extend_from_slice(b",\"route\":");
-        string(line, self.route);
+        string(line, self.facts.route);
         line.extend_from_slice(b",\"status\":");
-        number(line, self.status);
+        number(line, self.facts.status);
         line.extend_from_slice(b",\"duration_ms\":");
         write_milliseconds(line, self.duration);
-        if let Some(first_byte) = self.first_byte {
+        if let Some(first_byte) = self.facts.first_byte {
             line.extend_from_slice(b",\"ttfb_ms\":");
             write_milliseconds(line, first_byte);
         }
         line.extend_from_slice(b",\"bytes_out\":");
-        number(line, self.bytes_out);
+        number(line, self.facts.bytes_out);
         line.extend_from_slice(b",\"stream\":");
-        number(line, self.stream);
-        if let Some(error) = self.error_kind {
+        number(line, self.facts.stream);
+        if let Some(error) = self.facts.error_kind {
             line.extend_from_slice(b",\"error\":");
             string(line, error);
         }
@@ -1156,17 +1163,19 @@ mod tests {
         };
         let finished = || {
             Deferred::Finished(Finished {
-                request_id: http::HeaderValue::from_static("id"),
-                method: "POST",
-                route: "/v1/responses",
-                access_log: false,
-                status: 200,
-                stream: false,
+                facts: RequestFacts {
+                    request_id: http::HeaderValue::from_static("id"),
+                    method: "POST",
+                    route: "/v1/responses",
+                    access_log: false,
+                    status: 200,
+                    stream: false,
+                    first_byte: None,
+                    bytes_out: 10,
+                    error_kind: None,
+                },
                 ended: std::time::Instant::now(),
                 duration: Duration::from_millis(3),
-                first_byte: None,
-                bytes_out: 10,
-                error_kind: None,
             })
         };
         std::thread::spawn(move || {
@@ -1255,17 +1264,19 @@ mod tests {
     #[test]
     fn access_lines_have_the_json_formats_fields_in_its_order() {
         let finished = Finished {
-            request_id: http::HeaderValue::from_static("id-\"1"),
-            method: "POST",
-            route: "/v1/responses",
-            access_log: true,
-            status: 200,
-            stream: true,
+            facts: RequestFacts {
+                request_id: http::HeaderValue::from_static("id-\"1"),
+                method: "POST",
+                route: "/v1/responses",
+                access_log: true,
+                status: 200,
+                stream: true,
+                first_byte: Some(Duration::from_micros(700)),
+                bytes_out: 10,
+                error_kind: Some("reset_mid_stream"),
+            },
             ended: std::time::Instant::now(),
             duration: Duration::from_micros(1500),
-            first_byte: Some(Duration::from_micros(700)),
-            bytes_out: 10,
-            error_kind: Some("reset_mid_stream"),
         };
         let mut line = Vec::new();
         finished.write_json(&mut line);
