@@ -20,9 +20,10 @@
 #              Responses body. oha (wrk as a fallback) runs BENCH_CONNECTIONS
 #              keep-alive connections POSTing
 #              {"model":"m","input":"hello","stream":false} for BENCH_DURATION
-#              seconds; the targets take turns round by round and the table
-#              shows medians, with the CPU time a request took the proxy's
-#              processes and the whole machine (from /proc).
+#              seconds; the targets take turns round by round, in an order
+#              shuffled each round, and the table shows medians, with the CPU
+#              time a request took the proxy's processes and the whole machine
+#              (from /proc).
 #     sse      the same with a canned 31 KB event-stream body sent in one piece.
 #     streams  an event-stream upstream (streams.py) that sends 10 events 1 s
 #              apart. Added time to first byte: 300 sequential requests per
@@ -542,6 +543,19 @@ measure() {
     fi
 }
 
+# round_order ROUND: the targets in the order they run in that round, shuffled (the same
+# for a round number from run to run), so that no target always follows the same one or
+# runs at the same point of a round.
+round_order() {
+    python3 - "$1" "${TARGETS[@]}" <<'EOF'
+import random, sys
+targets, rng = sys.argv[2:], random.Random(0)
+for _ in range(int(sys.argv[1])):
+    rng.shuffle(targets)
+print(*targets)
+EOF
+}
+
 bench_load() {
     local kind="$1" target round
     start_own_targets "$kind"
@@ -553,9 +567,14 @@ bench_load() {
             load_run "$target" "$kind" "$WARMUP" "$WORK/out/$kind-$target-warmup.txt" || true
         done
     fi
-    log "measuring ($kind): $ROUNDS round(s) x ${#TARGETS[@]} targets x ${DURATION}s"
+    log "measuring ($kind): $ROUNDS round(s) x ${#TARGETS[@]} targets x ${DURATION}s, in a shuffled order each round"
     for ((round = 1; round <= ROUNDS; round++)); do
-        for target in "${TARGETS[@]}"; do measure "$target" "$kind" "$round"; done
+        for target in $(round_order "$round"); do
+            # The gateway's access log, written to a file, would otherwise be written back to
+            # disk by the kernel during whichever target runs some 30 s later.
+            sync
+            measure "$target" "$kind" "$round"
+        done
     done
     stop_own_targets "$kind"
 }
