@@ -40,7 +40,7 @@
 #
 # Knobs (environment)
 #   BENCH_DURATION=5      seconds per measured run
-#   BENCH_ROUNDS=3        rounds (json, sse: load runs; streams: TTFB runs)
+#   BENCH_ROUNDS=9        rounds (json, sse: load runs; streams: TTFB runs)
 #   BENCH_CONNECTIONS=32  concurrent keep-alive connections
 #   BENCH_WARMUP=2        seconds of discarded load per target before round 1
 #   BENCH_KINDS="json streams"  kinds to run (json, sse, streams)
@@ -63,7 +63,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROUTER_VERSION=0.1.17
 
 DURATION="${BENCH_DURATION:-5}"
-ROUNDS="${BENCH_ROUNDS:-3}"
+ROUNDS="${BENCH_ROUNDS:-9}"
 CONNECTIONS="${BENCH_CONNECTIONS:-32}"
 WARMUP="${BENCH_WARMUP:-2}"
 KINDS="${BENCH_KINDS:-json streams}"
