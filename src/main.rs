@@ -22,16 +22,17 @@ use gateway::{commands, proxy, supervisor, telemetry};
 use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 
-/// jemalloc rather than glibc's malloc, for the memory each open stream holds (see README,
-/// Performance). jemalloc keeps buffers of one size class together, page-aligned, so a buffer
-/// written only at its start costs one page; and with no decay, a page freed as a stream gets
-/// under way (the request's read buffer, its head on the way up) goes back to the system at once
-/// instead of staying resident for 10 s. With no decay, though, a slab that empties is handed back
-/// at once, and the next request faults its pages in again (a page fault and a TLB shootdown).
-/// Under load, slabs of one request's buffers (hyper's 8 KB read buffer, the request's future)
-/// emptied whenever a thread cache gave back what it held: at its garbage collection, and when a
-/// burst of responses overflowed its 20 slots for a size. The caches are therefore collected once a
-/// gigabyte allocated instead of every 64 KB, and hold at least 64 of each small size.
+/// jemalloc rather than glibc's malloc, for the memory each open stream holds (measured in
+/// tests/bench/README.md, "How the figures came about"). jemalloc keeps buffers of one size class
+/// together, page-aligned, so a buffer written only at its start costs one page; and with no decay,
+/// a page freed as a stream gets under way (the request's read buffer, its head on the way up) goes
+/// back to the system at once instead of staying resident for 10 s. With no decay, though, a slab
+/// that empties is handed back at once, and the next request faults its pages in again (a page
+/// fault and a TLB shootdown). Under load, slabs of one request's buffers (hyper's 8 KB read
+/// buffer, the request's future) emptied whenever a thread cache gave back what it held: at its
+/// garbage collection, and when a burst of responses overflowed its 20 slots for a size. The caches
+/// are therefore collected once a gigabyte allocated instead of every 64 KB, and hold at least 64
+/// of each small size.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
