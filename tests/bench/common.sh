@@ -51,16 +51,22 @@ install_oha() {
     return 1
 }
 
-# build_gateway: GATEWAY is GATEWAY_BIN, or the release build, built now; fails if the build does.
+# build_gateway: GATEWAY is GATEWAY_BIN, or the release build, built now (`make build`: profile-
+# guided where it can be, see the Makefile); fails if the build does. GATEWAY_BUILD says which.
 build_gateway() {
     if [[ -n "${GATEWAY_BIN:-}" ]]; then
         GATEWAY="$GATEWAY_BIN"
+        GATEWAY_BUILD="GATEWAY_BIN"
         log "gateway: $GATEWAY (GATEWAY_BIN, not building)"
         return 0
     fi
-    log "cargo build --release --bin gateway"
+    GATEWAY_BUILD="release build"
+    if [[ "${PGO:-auto}" != 0 && -n "$(bash "$ROOT/tests/pgo/profdata.sh")" ]]; then
+        GATEWAY_BUILD="profile-guided release build"
+    fi
+    log "make build ($GATEWAY_BUILD)"
     GATEWAY=""
-    (cd "$ROOT" && cargo build --release --bin gateway) || return 1
+    make -C "$ROOT" --no-print-directory build >&2 || return 1
     GATEWAY="$TARGET_DIR/release/gateway"
 }
 

@@ -28,7 +28,7 @@
 #   INSTR_WARMUP=2000      requests before the count
 #   INSTR_CONNECTIONS=8    keep-alive connections (json)
 #   INSTR_OUT=             where the dumps go (default: target/bench-instructions)
-#   GATEWAY_BIN=           use this gateway binary, skip cargo build
+#   GATEWAY_BIN=           use this gateway binary, skip the build
 #   GATEWAY_EXTRA_ARGS=    more arguments for the gateway
 #
 # Usage: make bench-instructions   (or: bash tests/bench/instructions.sh)
@@ -60,7 +60,7 @@ command -v curl >/dev/null || want+=(curl)
 [[ " ${TARGETS[*]} " != *" haproxy "* ]] || command -v haproxy >/dev/null || want+=(haproxy)
 (( ${#want[@]} == 0 )) || apt_install "${want[@]}"
 [[ "$KIND" != json ]] || install_oha || die "oha is needed"
-[[ " ${TARGETS[*]} " != *" gateway "* ]] || build_gateway || die "cargo build failed"
+[[ " ${TARGETS[*]} " != *" gateway "* ]] || build_gateway || die "make build failed"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gateway-instructions.XXXXXX")"
 PIDS=()

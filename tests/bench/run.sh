@@ -49,7 +49,7 @@
 #   BENCH_TTFB_REQUESTS=300          sequential requests per TTFB run
 #   BENCH_STREAM_COUNTS="1000 8000"  open streams for the memory figures
 #   BENCH_STREAM_EVENTS=10 BENCH_STREAM_INTERVAL=1   events per stream, seconds apart
-#   GATEWAY_BIN=          use this gateway binary, skip cargo build
+#   GATEWAY_BIN=          use this gateway binary, skip the build
 #   GATEWAY_EXTRA_ARGS=   more arguments for both gateway targets
 #   BENCH_GATEWAY_START_TIMEOUT=30  seconds the gateway gets to answer 200
 #   BENCH_KEEP_WORKDIR=1  keep the temp dir (configs, logs, raw outputs)
@@ -420,7 +420,7 @@ print_versions() {
     fi
     local gwv=""
     [[ -z "$GATEWAY" ]] || gwv="$(timeout 3 "$GATEWAY" --version 2>/dev/null | head -n1 || true)"
-    echo "   gateway:  ${GATEWAY:-n/a}${gwv:+ ($gwv)}, $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "   gateway:  ${GATEWAY:-n/a}${gwv:+ ($gwv)}, $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?'), ${GATEWAY_BUILD:-n/a}"
     echo "   request:  POST /v1/responses $(cat "$WORK/request.json")"
 }
 
@@ -656,7 +656,7 @@ main() {
         [[ "$kind" == json || "$kind" == sse || "$kind" == streams ]] || die "BENCH_KINDS: unknown kind '$kind'"
     done
     install_deps
-    build_gateway || warn "cargo build failed: the gateway legs will be reported as n/a"
+    build_gateway || warn "make build failed: the gateway legs will be reported as n/a"
     prepare_workdir
     : >"$WORK/streams.tsv"
     start_upstream
