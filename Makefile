@@ -50,7 +50,8 @@ ifneq ($(if $(filter 0,$(PGO)),,$(LLVM_PROFDATA)),)
 		rm -rf $(PGO_DIR)/profiles && \
 		$(PYTHON) tests/pgo/train.py $(PGO_DIR)/target/release/gateway $(PGO_DIR)/target/release/mock-vllm && \
 		$(LLVM_PROFDATA) merge -o $(PGO_DIR)/merged.profdata.new $(PGO_DIR)/profiles && \
-		mv $(PGO_DIR)/merged.profdata.new $(PGO_DIR)/merged.profdata; \
+		mv $(PGO_DIR)/merged.profdata.new $(PGO_DIR)/merged.profdata || \
+		{ echo "the profile-guided build's training failed (make build PGO=0 builds without it)"; exit 1; }; \
 	fi
 	RUSTFLAGS="$(RUSTFLAGS) -Cprofile-use=$(PGO_DIR)/merged.profdata" $(RELEASE_CARGO)
 else

@@ -20,6 +20,7 @@ Only the standard library and loopback are used; every wait has a deadline.
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,20 +77,16 @@ def request_bytes(port, method, path, body):
 
 async def read_response(reader):
     """One response: (status, body). Reads chunked and content-length bodies."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip().lower()
-    if "chunked" in headers.get("transfer-encoding", ""):
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+    status = int(head.split(" ", 2)[1])
+    if "\r\ntransfer-encoding: chunked\r\n" in head:
         body = bytearray()
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
             body += (await reader.readexactly(size + 2))[:-2]
         await reader.readuntil(b"\r\n")
         return status, bytes(body)
-    return status, await reader.readexactly(int(headers.get("content-length", "0")))
+    length = re.search(r"\r\ncontent-length: *(\d+)\r\n", head)
+    return status, await reader.readexactly(int(length[1]) if length else 0)
 
 
 def check(path, body, status, answer):
