@@ -52,7 +52,8 @@ install_oha() {
 }
 
 # build_gateway: GATEWAY is GATEWAY_BIN, or the release build, built now (`make build`: profile-
-# guided where it can be, see the Makefile); fails if the build does. GATEWAY_BUILD says which.
+# guided where it can be, see the Makefile); fails if the build does. GATEWAY_BUILD says which,
+# as the build's own commands (`make -n`) tell it.
 build_gateway() {
     if [[ -n "${GATEWAY_BIN:-}" ]]; then
         GATEWAY="$GATEWAY_BIN"
@@ -61,7 +62,7 @@ build_gateway() {
         return 0
     fi
     GATEWAY_BUILD="release build"
-    if [[ "${PGO:-auto}" != 0 && -n "$(bash "$ROOT/tests/pgo/profdata.sh")" ]]; then
+    if make -C "$ROOT" --no-print-directory -n build 2>/dev/null | grep -q -- -Cprofile-use=; then
         GATEWAY_BUILD="profile-guided release build"
     fi
     log "make build ($GATEWAY_BUILD)"

@@ -105,6 +105,7 @@ def check(path, body, status, answer):
 
 
 async def connection(port, requests):
+    """Sends REQUESTS one after another on one connection; returns how many."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for method, path, body in requests:
@@ -113,13 +114,15 @@ async def connection(port, requests):
             check(path, body, status, answer)
     finally:
         writer.close()
+    return len(requests)
 
 
 async def traffic(port):
+    """The whole mix through the gateway on PORT; returns how many requests it answered."""
     mix = MIX * ROUNDS
     every = ("GET", "/v1/models", None), ("GET", "/health", None), ("GET", "/metrics", None)
-    await asyncio.gather(*(connection(port, mix + [every[n % 3]]) for n in range(CONNECTIONS)))
-    await connection(port, [MIX[n % len(MIX)] for n in range(SEQUENTIAL)])
+    sent = await asyncio.gather(*(connection(port, mix + [every[n % 3]]) for n in range(CONNECTIONS)))
+    return sum(sent) + await connection(port, [MIX[n % len(MIX)] for n in range(SEQUENTIAL)])
 
 
 def stop(process, name):
@@ -157,9 +160,7 @@ def main():
                        lambda: answers_200(f"http://127.0.0.1:{port}/readyz"), 30)
             ports.append(port)
         started = time.monotonic()
-        for port in ports:
-            asyncio.run(asyncio.wait_for(traffic(port), DEADLINE))
-        requests = len(ports) * (CONNECTIONS * (len(MIX) * ROUNDS + 1) + SEQUENTIAL)
+        requests = sum(asyncio.run(asyncio.wait_for(traffic(port), DEADLINE)) for port in ports)
         for process in processes[1:]:
             stop(process, "the gateway")
         stop(processes[0], "mock-vllm")
